@@ -1,0 +1,166 @@
+"""Typed shapes of the RunComfy Model API for google/nano-banana/pro/edit.
+
+The input model validates everything the API documents, so a bad request fails
+here, before a billed submit. Response models keep unknown fields: the server
+may add some, and dropping them would hide information from users.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+NANO_BANANA_EDIT_MODEL_ID = "google/nano-banana/pro/edit"
+DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+
+AspectRatio = Literal[
+    "auto", "21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16"
+]
+Resolution = Literal["1K", "2K", "4K"]
+OutputFormat = Literal["jpeg", "png", "webp"]
+RequestState = Literal["in_queue", "in_progress", "completed", "cancelled", "failed"]
+
+# Google's published pixel sizes for Nano Banana Pro; "auto" follows the input.
+OUTPUT_PIXEL_SIZES: dict[str, dict[str, tuple[int, int]]] = {
+    "1:1": {"1K": (1024, 1024), "2K": (2048, 2048), "4K": (4096, 4096)},
+    "2:3": {"1K": (848, 1264), "2K": (1696, 2528), "4K": (3392, 5056)},
+    "3:2": {"1K": (1264, 848), "2K": (2528, 1696), "4K": (5056, 3392)},
+    "3:4": {"1K": (896, 1200), "2K": (1792, 2400), "4K": (3584, 4800)},
+    "4:3": {"1K": (1200, 896), "2K": (2400, 1792), "4K": (4800, 3584)},
+    "4:5": {"1K": (928, 1152), "2K": (1856, 2304), "4K": (3712, 4608)},
+    "5:4": {"1K": (1152, 928), "2K": (2304, 1856), "4K": (4608, 3712)},
+    "9:16": {"1K": (768, 1376), "2K": (1536, 2752), "4K": (3072, 5504)},
+    "16:9": {"1K": (1376, 768), "2K": (2752, 1536), "4K": (5504, 3072)},
+    "21:9": {"1K": (1584, 672), "2K": (3168, 1344), "4K": (6336, 2688)},
+}
+
+TERMINAL_STATES: frozenset[str] = frozenset({"completed", "cancelled", "failed"})
+
+# Aliases seen in the provider's own clients.
+_STATUS_ALIASES = {"succeeded": "completed", "canceled": "cancelled"}
+
+
+def normalize_status(status: str | None) -> str:
+    """Map the provider's spelling variants onto the documented status names."""
+    value = (status or "").strip().lower()
+    return _STATUS_ALIASES.get(value, value)
+
+
+class _ServerModel(BaseModel):
+    """Base for responses: unknown server fields are kept, never rejected."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class NanoBananaEditInput(BaseModel):
+    """The documented input of google/nano-banana/pro/edit, checked before a paid submit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The edit instruction.")
+    image_urls: list[str] = Field(
+        min_length=1, max_length=20, description="1 to 20 publicly fetchable image URLs."
+    )
+    aspect_ratio: AspectRatio = Field(default="auto", description="Output aspect ratio.")
+    resolution: Resolution = Field(default="1K", description="Output resolution.")
+    output_format: OutputFormat = Field(default="png", description="Output image format.")
+    num_images: int = Field(default=1, ge=1, le=4, description="How many images to produce.")
+    sync_mode: bool = Field(
+        default=False, description="Return data URIs and keep nothing in request history."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    @field_validator("image_urls")
+    @classmethod
+    def _urls_not_blank(cls, image_urls: list[str]) -> list[str]:
+        for url in image_urls:
+            if not url or not url.strip():
+                raise ValueError("image_urls must not contain empty strings")
+        return image_urls
+
+
+class RequestHandle(_ServerModel):
+    """What a submit returns: the request id and where to follow it."""
+
+    request_id: str
+    status_url: str | None = None
+    result_url: str | None = None
+    cancel_url: str | None = None
+
+
+class RequestStatus(_ServerModel):
+    """A status poll; `status` is normalised (succeeded→completed, canceled→cancelled)."""
+
+    request_id: str
+    status: str
+    queue_position: int | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _normalize(cls, status: Any) -> str:
+        return normalize_status(status)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATES
+
+
+def collect_output_urls(output: Any) -> list[str]:
+    """Every media URL of an output in order: image, images, video, videos."""
+    if not isinstance(output, dict):
+        return []
+    urls: list[str] = []
+    for key in ("image", "images", "video", "videos"):
+        value = output.get(key)
+        if isinstance(value, str):
+            urls.append(value)
+        elif isinstance(value, list):
+            urls.extend(item for item in value if isinstance(item, str))
+    return urls
+
+
+class RequestResult(_ServerModel):
+    """A result fetch: the raw `output` plus the media URLs pulled out of it."""
+
+    request_id: str
+    status: str
+    output: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    cost: float | None = None
+    error: Any = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _normalize(cls, status: Any) -> str:
+        return normalize_status(status)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def output_urls(self) -> list[str]:
+        return collect_output_urls(self.output)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATES
+
+
+class CancelResult(_ServerModel):
+    """A cancel answer: `outcome` says whether the job was still queued."""
+
+    request_id: str
+    status: str | None = None
+    outcome: Literal["cancelled", "not_cancellable"]
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _normalize(cls, status: Any) -> str | None:
+        return None if status is None else normalize_status(status)

@@ -1,0 +1,99 @@
+"""The retry policy: which calls may be retried, after what, and how long to wait.
+
+This is the only place that decides. Reads (status, result, cancel) are retried
+on anything transient. A submit is billed and the API has no idempotency key, so
+it is retried only when the request provably never reached the server (the
+connection was never made, or HTTP 429); anything after the bytes left is
+`SubmitOutcomeUnknownError`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+import httpx
+
+from .errors import (
+    APIConnectionError,
+    RateLimitedError,
+    RunComfyError,
+    ServerError,
+    SubmitOutcomeUnknownError,
+)
+
+
+class CallKind(str, Enum):
+    READ = "read"
+    SUBMIT = "submit"
+
+
+# The request never left this machine: safe to repeat even a billed call.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, honouring `Retry-After` when sent."""
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to sleep before attempt `attempt + 1` (attempts count from 1)."""
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, self.max_delay)
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return random.uniform(0, ceiling)
+
+    def should_retry(self, kind: CallKind, error: RunComfyError, attempt: int) -> bool:
+        if attempt >= self.max_attempts:
+            return False
+        if kind is CallKind.SUBMIT:
+            return isinstance(error, RateLimitedError) or (
+                isinstance(error, APIConnectionError) and _was_not_sent(error)
+            )
+        return error.is_transient
+
+
+def _was_not_sent(error: RunComfyError) -> bool:
+    return isinstance(error.__cause__, _NOT_SENT)
+
+
+def transport_error(kind: CallKind, exc: httpx.TransportError, what: str) -> RunComfyError:
+    """Turn an httpx transport failure into our error, deciding if a submit's fate is unknown."""
+    if kind is CallKind.SUBMIT and not isinstance(exc, _NOT_SENT):
+        error: RunComfyError = SubmitOutcomeUnknownError(
+            f"{what}: the connection failed after the request was sent ({type(exc).__name__}); "
+            "the job may have been accepted and billed. It was NOT resubmitted. Check your "
+            "RunComfy request history before submitting again",
+        )
+    else:
+        error = APIConnectionError(f"{what}: could not reach RunComfy ({type(exc).__name__})")
+    error.__cause__ = exc
+    return error
+
+
+def submit_server_error(error: ServerError) -> SubmitOutcomeUnknownError:
+    """A 5xx on submit: the server may have queued the job before failing."""
+    unknown = SubmitOutcomeUnknownError(
+        f"Submit answered HTTP {error.status_code}: the job may have been accepted and billed. "
+        "It was NOT resubmitted. Check your RunComfy request history before submitting again",
+        status_code=error.status_code,
+        error_code=error.error_code,
+        request_id=error.request_id,
+        detail=error.detail,
+    )
+    unknown.__cause__ = error
+    return unknown
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
