@@ -1,62 +1,54 @@
 """The RunComfy Model API client: HTTP, models, errors, retry policy, polling schedule.
 
-Knows nothing of Prefect or S3.
+Knows nothing of Prefect or S3. Names resolve on first use (see `_lazy`).
 """
 
-from .client import AsyncRunComfyClient, RunComfyClient
-from .errors import (
-    APIConnectionError,
-    AuthenticationError,
-    InsufficientBalanceError,
-    InvalidRequestError,
-    JobCancelledError,
-    JobFailedError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitedError,
-    RunComfyError,
-    ServerError,
-    SubmitOutcomeUnknownError,
-    WaitTimeoutError,
-)
-from .models import (
-    DEFAULT_BASE_URL,
-    NANO_BANANA_EDIT_MODEL_ID,
-    OUTPUT_PIXEL_SIZES,
-    CancelResult,
-    NanoBananaEditInput,
-    RequestHandle,
-    RequestResult,
-    RequestStatus,
-)
-from .polling import PollingPolicy, RunDurationEstimator
-from .retry import RetryPolicy
+from .._lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_BASE_URL",
-    "NANO_BANANA_EDIT_MODEL_ID",
-    "OUTPUT_PIXEL_SIZES",
-    "APIConnectionError",
-    "AsyncRunComfyClient",
-    "AuthenticationError",
-    "CancelResult",
-    "InsufficientBalanceError",
-    "InvalidRequestError",
-    "JobCancelledError",
-    "JobFailedError",
-    "NanoBananaEditInput",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "PollingPolicy",
-    "RateLimitedError",
-    "RequestHandle",
-    "RequestResult",
-    "RequestStatus",
-    "RetryPolicy",
-    "RunComfyClient",
-    "RunComfyError",
-    "RunDurationEstimator",
-    "ServerError",
-    "SubmitOutcomeUnknownError",
-    "WaitTimeoutError",
-]
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["AsyncRunComfyClient", "RunComfyClient"], ".client"),
+    **dict.fromkeys(
+        [
+            "APIConnectionError",
+            "AuthenticationError",
+            "InsufficientBalanceError",
+            "InvalidRequestError",
+            "JobCancelledError",
+            "JobFailedError",
+            "NotFoundError",
+            "PermissionDeniedError",
+            "RateLimitedError",
+            "RunComfyError",
+            "ServerError",
+            "SubmitOutcomeUnknownError",
+            "WaitTimeoutError",
+        ],
+        ".errors",
+    ),
+    **dict.fromkeys(
+        [
+            "CancelResult",
+            "NanoBananaEditInput",
+            "RequestHandle",
+            "RequestResult",
+            "RequestStatus",
+        ],
+        ".models",
+    ),
+    **dict.fromkeys(
+        [
+            "DEFAULT_BASE_URL",
+            "NANO_BANANA_EDIT_MODEL_ID",
+            "OUTPUT_PIXEL_SIZES",
+            "AspectRatio",
+            "OutputFormat",
+            "Resolution",
+        ],
+        ".vocabulary",
+    ),
+    **dict.fromkeys(["PollingPolicy", "RunDurationEstimator"], ".polling"),
+    "RetryPolicy": ".retry",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -26,8 +26,6 @@ from .errors import (
     error_from_response,
 )
 from .models import (
-    DEFAULT_BASE_URL,
-    NANO_BANANA_EDIT_MODEL_ID,
     CancelResult,
     NanoBananaEditInput,
     RequestHandle,
@@ -36,10 +34,14 @@ from .models import (
 )
 from .polling import PollingPolicy, RunDurationEstimator
 from .retry import CallKind, RetryPolicy, parse_retry_after, submit_server_error, transport_error
+from .vocabulary import DEFAULT_BASE_URL, NANO_BANANA_EDIT_MODEL_ID
 from .waiting import StatusCallback, WaitTracker
 
 TOKEN_ENV_VAR = "RUNCOMFY_API_TOKEN"
 BASE_URL_ENV_VAR = "RUNCOMFY_BASE_URL"
+# Offline development: the emulator runs jobs faster than the real model, and the
+# polling schedule's expected run times must shrink with it.
+POLL_TIME_SCALE_ENV_VAR = "RUNCOMFY_POLL_TIME_SCALE"
 
 logger = logging.getLogger("prefect_nanobanana.client")
 
@@ -77,7 +79,9 @@ class _ClientCore:
         )
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy()
-        self.polling_policy = polling_policy or PollingPolicy()
+        self.polling_policy = polling_policy or PollingPolicy(
+            time_scale=float(os.environ.get(POLL_TIME_SCALE_ENV_VAR) or 1.0)
+        )
         self.duration_estimator = duration_estimator or RunDurationEstimator()
         self.logger = log or logger
 

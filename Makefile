@@ -1,0 +1,26 @@
+# The two quick-start commands: `make demo` and `make test`. Both build .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: install demo test lint bench
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/nanobanana demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench

@@ -1,0 +1,279 @@
+"""Narrow unit tests of the client's parsing and retry decisions (respx; no server).
+
+The behaviour against a real HTTP server is in test_client_emulator.py.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import respx
+from pydantic import ValidationError
+
+from prefect_nanobanana import (
+    AsyncRunComfyClient,
+    AuthenticationError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    NanoBananaEditInput,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestResult,
+    RequestStatus,
+    RetryPolicy,
+    RunComfyClient,
+    ServerError,
+    SubmitOutcomeUnknownError,
+)
+from prefect_nanobanana.client.polling import PollingPolicy, PollState, next_poll_delay
+
+BASE = "http://api.test"
+TOKEN = "sk-unit-secret-token"
+EDIT = {"prompt": "make it blue", "image_urls": ["https://example.com/a.png"]}
+SUBMIT_PATH = f"{BASE}/v1/models/google/nano-banana/pro/edit"
+FAST_RETRIES = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01)
+
+
+@pytest.fixture
+def client():
+    with RunComfyClient(api_token=TOKEN, base_url=BASE, retry_policy=FAST_RETRIES) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"image_urls": []},
+        {"image_urls": [f"https://e.com/{i}.png" for i in range(21)]},
+        {"num_images": 5},
+        {"num_images": 0},
+        {"aspect_ratio": "7:3"},
+        {"resolution": "8K"},
+        {"output_format": "gif"},
+        {"unknown_field": 1},
+    ],
+)
+def test_edit_input_rejects_what_the_schema_forbids(changes):
+    with pytest.raises(ValidationError):
+        NanoBananaEditInput(**{**EDIT, **changes})
+
+
+def test_edit_input_defaults_match_the_schema():
+    edit = NanoBananaEditInput(**EDIT)
+    assert edit.model_dump() == {
+        **EDIT,
+        "aspect_ratio": "auto",
+        "resolution": "1K",
+        "output_format": "png",
+        "num_images": 1,
+        "sync_mode": False,
+    }
+    NanoBananaEditInput(**{**EDIT, "image_urls": ["https://e.com/x.png"] * 20, "num_images": 4})
+
+
+def test_status_aliases_are_normalised_and_extra_fields_kept():
+    status = RequestStatus.model_validate(
+        {"request_id": "r1", "status": "Succeeded", "new_field": 7}
+    )
+    assert status.status == "completed"
+    assert status.is_terminal
+    assert status.model_extra == {"new_field": 7}
+    assert RequestStatus(request_id="r", status="canceled").status == "cancelled"
+
+
+def test_result_collects_every_output_url_in_order():
+    result = RequestResult.model_validate(
+        {
+            "request_id": "r1",
+            "status": "completed",
+            "output": {
+                "videos": ["https://v/2.mp4"],
+                "images": ["https://i/1.png", "data:image/png;base64,AAAA"],
+                "image": "https://i/0.png",
+                "video": "https://v/1.mp4",
+            },
+            "cost": 0.3,
+            "created_at": "2026-11-25T10:00:00Z",
+        }
+    )
+    assert result.output_urls == [
+        "https://i/0.png",
+        "https://i/1.png",
+        "data:image/png;base64,AAAA",
+        "https://v/1.mp4",
+        "https://v/2.mp4",
+    ]
+    assert result.model_dump()["output_urls"] == result.output_urls
+    assert result.cost == 0.3
+    assert result.created_at is not None and result.created_at.year == 2026
+
+
+@respx.mock
+def test_http_200_with_error_code_is_an_authentication_error(client):
+    respx.get(f"{BASE}/v1/requests/r1/status").respond(
+        200, json={"error_code": 400004, "error_message": "token revoked"}
+    )
+    with pytest.raises(AuthenticationError) as caught:
+        client.status("r1")
+    assert caught.value.error_code == 400004
+    assert caught.value.request_id == "r1"
+    assert TOKEN not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("http_status", "body", "error_class"),
+    [
+        (400, {"error_code": 400002, "error_message": "no money"}, InsufficientBalanceError),
+        (403, {"error_code": 403001}, PermissionDeniedError),
+        (404, {"error_code": 404001}, NotFoundError),
+        (400, {"error_code": 400001, "message": "bad model"}, InvalidRequestError),
+        (422, {"error_code": 422001, "detail": [{"loc": ["prompt"]}]}, InvalidRequestError),
+        (401, {"error": "unauthorised"}, AuthenticationError),
+    ],
+)
+@respx.mock
+def test_error_mapping_and_no_retry_for_permanent_errors(client, http_status, body, error_class):
+    route = respx.get(f"{BASE}/v1/requests/r1/result").respond(http_status, json=body)
+    with pytest.raises(error_class) as caught:
+        client.result("r1")
+    assert route.call_count == 1
+    assert caught.value.status_code == http_status
+    if "detail" in body:
+        assert caught.value.detail == body["detail"]
+        assert "prompt" in str(caught.value)
+
+
+@respx.mock
+def test_reads_are_retried_on_5xx_and_429_then_succeed(client):
+    route = respx.get(f"{BASE}/v1/requests/r1/status").mock(
+        side_effect=[
+            httpx.Response(500, json={"error_code": 500001}),
+            httpx.Response(429, headers={"Retry-After": "0"}),
+            httpx.ConnectError("refused"),
+            httpx.Response(200, json={"status": "in_queue", "queue_position": 2}),
+        ]
+    )
+    status = client.status("r1")
+    assert route.call_count == 4
+    assert status.status == "in_queue" and status.queue_position == 2
+
+
+@respx.mock
+def test_reads_give_up_after_max_attempts(client):
+    route = respx.get(f"{BASE}/v1/requests/r1/status").respond(503)
+    with pytest.raises(ServerError):
+        client.status("r1")
+    assert route.call_count == FAST_RETRIES.max_attempts
+
+
+@respx.mock
+def test_submit_5xx_is_outcome_unknown_and_never_resubmitted(client):
+    route = respx.post(SUBMIT_PATH).respond(500, json={"error_code": 500001})
+    with pytest.raises(SubmitOutcomeUnknownError) as caught:
+        client.submit_edit(EDIT)
+    assert route.call_count == 1
+    assert "NOT resubmitted" in str(caught.value)
+
+
+@respx.mock
+def test_submit_read_timeout_is_outcome_unknown(client):
+    route = respx.post(SUBMIT_PATH).mock(side_effect=httpx.ReadTimeout("slow"))
+    with pytest.raises(SubmitOutcomeUnknownError):
+        client.submit_edit(EDIT)
+    assert route.call_count == 1
+
+
+@respx.mock
+def test_submit_is_retried_when_provably_not_sent(client):
+    route = respx.post(SUBMIT_PATH).mock(
+        side_effect=[
+            httpx.ConnectError("refused"),
+            httpx.Response(429),
+            httpx.Response(200, json={"request_id": "r9", "status_url": "u"}),
+        ]
+    )
+    handle = client.submit_edit(EDIT)
+    assert handle.request_id == "r9"
+    assert route.call_count == 3
+
+
+@respx.mock
+def test_submit_sends_the_token_and_the_validated_body(client):
+    route = respx.post(SUBMIT_PATH).respond(200, json={"request_id": "r1"})
+    client.submit_edit(NanoBananaEditInput(**EDIT, num_images=2))
+    request = route.calls.last.request
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert b'"num_images":2' in request.content
+
+
+def test_bad_input_fails_before_any_request(client):
+    with respx.mock(assert_all_called=False) as router:
+        route = router.post(SUBMIT_PATH).respond(200, json={"request_id": "r1"})
+        with pytest.raises(ValidationError):
+            client.submit_edit({**EDIT, "num_images": 5})
+        assert route.call_count == 0
+
+
+def test_token_is_never_in_repr_and_env_fallback(monkeypatch):
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", "http://from-env.test/")
+    client = RunComfyClient()
+    assert client.base_url == "http://from-env.test"
+    assert TOKEN not in repr(client)
+    assert TOKEN not in repr(client._http.headers)
+    client.close()
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN")
+    with pytest.raises(AuthenticationError, match="RUNCOMFY_API_TOKEN"):
+        RunComfyClient(base_url=BASE)
+
+
+def test_retry_after_is_honoured_and_backoff_has_full_jitter():
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
+    assert policy.delay(1, retry_after=2.5) == 2.5
+    assert policy.delay(1, retry_after=100) == 8.0
+    delays = [policy.delay(4) for _ in range(200)]
+    assert all(0 <= delay <= 8.0 for delay in delays)
+    assert max(delays) > 4.0 and min(delays) < 4.0
+
+
+def test_poll_schedule_is_quiet_while_a_job_cannot_be_done_yet():
+    policy = PollingPolicy()
+    early = PollState("in_progress", 1, 1.0, expected_run_seconds=20.0)
+    assert next_poll_delay(early, policy) == pytest.approx(13.0)
+    late = PollState("in_progress", 2, 15.0, expected_run_seconds=20.0)
+    assert next_poll_delay(late, policy) == pytest.approx(1.2)
+    queued = [next_poll_delay(PollState("in_queue", n, 0.0), policy) for n in range(1, 12)]
+    assert queued == sorted(queued) and queued[0] == policy.initial_interval
+    assert queued[-1] == policy.max_interval
+
+
+async def test_async_client_retries_reads_like_the_sync_one():
+    async with AsyncRunComfyClient(
+        api_token=TOKEN, base_url=BASE, retry_policy=FAST_RETRIES
+    ) as client:
+        with respx.mock:
+            route = respx.get(f"{BASE}/v1/requests/r1/result").mock(
+                side_effect=[
+                    httpx.Response(502),
+                    httpx.Response(
+                        200, json={"status": "completed", "output": {"image": "https://x/0.png"}}
+                    ),
+                ]
+            )
+            result = await client.result("r1")
+    assert route.call_count == 2
+    assert result.output_urls == ["https://x/0.png"]
+
+
+async def test_async_submit_429_then_accepted():
+    async with AsyncRunComfyClient(
+        api_token=TOKEN, base_url=BASE, retry_policy=FAST_RETRIES
+    ) as client:
+        with respx.mock:
+            route = respx.post(SUBMIT_PATH).mock(
+                side_effect=[httpx.Response(429), httpx.Response(200, json={"request_id": "a1"})]
+            )
+            handle = await client.submit_edit(EDIT)
+    assert handle.request_id == "a1" and route.call_count == 2
