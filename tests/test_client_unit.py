@@ -277,3 +277,32 @@ async def test_async_submit_429_then_accepted():
             )
             handle = await client.submit_edit(EDIT)
     assert handle.request_id == "a1" and route.call_count == 2
+
+
+@respx.mock
+def test_a_429_pauses_every_call_of_the_client():
+    import threading
+    import time
+
+    client = RunComfyClient(api_token=TOKEN, base_url=BASE, retry_policy=RetryPolicy(max_delay=5))
+
+    first_attempt_seen = threading.Event()
+
+    def rate_limited_once(request):
+        if not first_attempt_seen.is_set():
+            first_attempt_seen.set()
+            return httpx.Response(429, headers={"Retry-After": "0.4"})
+        return httpx.Response(200, json={"status": "in_queue"})
+
+    respx.get(f"{BASE}/v1/requests/r1/status").mock(side_effect=rate_limited_once)
+    other = respx.get(f"{BASE}/v1/requests/r2/status").respond(200, json={"status": "in_queue"})
+    started = time.monotonic()
+    worker = threading.Thread(target=client.status, args=("r1",))
+    worker.start()
+    first_attempt_seen.wait(5)
+    time.sleep(0.05)  # let the worker record the 429 before the other call starts
+    client.status("r2")
+    waited = time.monotonic() - started
+    worker.join()
+    assert other.call_count == 1
+    assert waited >= 0.4

@@ -19,6 +19,7 @@ from pydantic import BaseModel, SecretStr
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
+    RateLimitedError,
     RunComfyError,
     ServerError,
     SubmitOutcomeUnknownError,
@@ -84,6 +85,9 @@ class _ClientCore:
         )
         self.duration_estimator = duration_estimator or RunDurationEstimator()
         self.logger = log or logger
+        # A 429 pauses every call of this client, not just the one that saw it, so
+        # a batch sharing one client slows down as a whole instead of hammering.
+        self._paused_until = 0.0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_token='**********')"
@@ -172,6 +176,8 @@ class _ClientCore:
         if not self.retry_policy.should_retry(kind, error, attempt):
             raise error
         delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
+        if isinstance(error, RateLimitedError):
+            self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
             "%s; retrying in %.2f s (attempt %d of %d)",
             error,
@@ -180,6 +186,9 @@ class _ClientCore:
             self.retry_policy.max_attempts,
         )
         return delay
+
+    def _pause_remaining(self) -> float:
+        return self._paused_until - time.monotonic()
 
     def _tracker(
         self,
@@ -240,6 +249,8 @@ class RunComfyClient(_ClientCore):
         attempt = 0
         while True:
             attempt += 1
+            if (pause := self._pause_remaining()) > 0:
+                time.sleep(pause)
             try:
                 response = self._http.request(method, path, json=json, params=params)
                 outcome = self._outcome(kind, response, request_id)
@@ -348,6 +359,8 @@ class AsyncRunComfyClient(_ClientCore):
         attempt = 0
         while True:
             attempt += 1
+            if (pause := self._pause_remaining()) > 0:
+                await asyncio.sleep(pause)
             try:
                 response = await self._http.request(method, path, json=json, params=params)
                 outcome = self._outcome(kind, response, request_id)
