@@ -22,6 +22,7 @@ from prefect_nanobanana import (
     RequestStatus,
     RetryPolicy,
     RunComfyClient,
+    RunDurationEstimator,
     ServerError,
     SubmitOutcomeUnknownError,
 )
@@ -240,13 +241,26 @@ def test_retry_after_is_honoured_and_backoff_has_full_jitter():
 
 def test_poll_schedule_is_quiet_while_a_job_cannot_be_done_yet():
     policy = PollingPolicy()
-    early = PollState("in_progress", 1, 1.0, expected_run_seconds=20.0)
-    assert next_poll_delay(early, policy) == pytest.approx(13.0)
-    late = PollState("in_progress", 2, 15.0, expected_run_seconds=20.0)
-    assert next_poll_delay(late, policy) == pytest.approx(1.2)
+    early = PollState("in_progress", 1, 1.0, earliest_run_seconds=12.0)
+    assert next_poll_delay(early, policy) == pytest.approx(11.0)
+    late = PollState("in_progress", 2, 11.9, earliest_run_seconds=12.0)
+    assert next_poll_delay(late, policy) == pytest.approx(policy.dense_interval)
     queued = [next_poll_delay(PollState("in_queue", n, 0.0), policy) for n in range(1, 12)]
     assert queued == sorted(queued) and queued[0] == policy.initial_interval
     assert queued[-1] == policy.max_interval
+    scaled = PollingPolicy(time_scale=0.01)
+    late_scaled = PollState("in_progress", 2, 0.1199, earliest_run_seconds=0.12)
+    assert next_poll_delay(late_scaled, scaled) == pytest.approx(policy.dense_interval * 0.01)
+
+
+def test_duration_estimator_learns_a_low_quantile_after_a_few_jobs():
+    policy = PollingPolicy()
+    estimator = RunDurationEstimator()
+    assert estimator.earliest_run("1K", policy) == policy.earliest_run_seconds["1K"]
+    for seconds in (20.0, 18.0, 22.0, 19.0, 21.0):
+        estimator.record("1K", seconds)
+    assert 18.0 <= estimator.earliest_run("1K", policy) < 19.0
+    assert estimator.earliest_run(None, policy) is None
 
 
 async def test_async_client_retries_reads_like_the_sync_one():

@@ -302,14 +302,16 @@ class RunComfyClient(_ClientCore):
     ) -> RequestResult:
         """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout."""
         tracker = self._tracker(request_id, timeout, resolution, on_status)
+        poll: RequestStatus | RequestResult = self.status(request_id)
         while True:
-            delay = tracker.observe(self.status(request_id))
+            delay = tracker.observe(poll)
             if delay is None:
-                result = self.result(request_id)
+                result = poll if isinstance(poll, RequestResult) else self.result(request_id)
                 if result.is_terminal:
                     return tracker.finish(result)
                 delay = tracker.result_not_ready()
             time.sleep(delay)
+            poll = self.result(request_id) if tracker.polls_result_next else self.status(request_id)
 
 
 class AsyncRunComfyClient(_ClientCore):
@@ -410,11 +412,15 @@ class AsyncRunComfyClient(_ClientCore):
         on_status: StatusCallback | None = None,
     ) -> RequestResult:
         tracker = self._tracker(request_id, timeout, resolution, on_status)
+        poll: RequestStatus | RequestResult = await self.status(request_id)
         while True:
-            delay = tracker.observe(await self.status(request_id))
+            delay = tracker.observe(poll)
             if delay is None:
-                result = await self.result(request_id)
+                result = poll if isinstance(poll, RequestResult) else await self.result(request_id)
                 if result.is_terminal:
                     return tracker.finish(result)
                 delay = tracker.result_not_ready()
             await asyncio.sleep(delay)
+            poll = await (
+                self.result(request_id) if tracker.polls_result_next else self.status(request_id)
+            )

@@ -1,11 +1,13 @@
 """When to poll next: a pure function of what the API has told us so far.
 
 A fixed interval either floods the API (0.1 s) or notices a finished job late
-(5 s). The schedule here polls quickly at first (short jobs, errors), then backs
-off, and once a job is running it uses the expected run time (from the
-resolution, or learned from jobs that already finished) to stay quiet while the
-job cannot be done yet and to poll densely around when it should finish.
-Benchmarks drive `next_poll_delay` directly with a simulated clock.
+(5 s). This schedule polls quickly at first (short jobs, early errors) and backs
+off while a job is queued. Once the job runs, it stays quiet while the job cannot
+be finished yet (the run time's low quantile: a prior per resolution, or learned
+from jobs of the same batch that already finished) and then polls at a short,
+fixed interval, so a finished job is noticed about as soon as with a 2 s poll at
+a fraction of the requests. Benchmarks drive `next_poll_delay` with a simulated
+clock.
 """
 
 from __future__ import annotations
@@ -15,28 +17,32 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-# Third-party reported latencies of Nano Banana Pro (typical run time, seconds).
-EXPECTED_RUN_SECONDS: dict[str, float] = {"1K": 17.5, "2K": 35.0, "4K": 60.0}
+# A run of Nano Banana Pro rarely ends sooner than this (seconds), from the
+# latencies third parties report (1K 15-20 s, 2K 30-40 s, 4K 50-70 s).
+EARLIEST_RUN_SECONDS: dict[str, float] = {"1K": 12.0, "2K": 25.0, "4K": 42.0}
 
 
 @dataclass(frozen=True)
 class PollingPolicy:
-    """Knobs of the adaptive schedule; `time_scale` shrinks priors for emulated clocks."""
+    """Knobs of the adaptive schedule, in seconds of the model's own clock.
+
+    `time_scale` shrinks every duration for an emulator that runs jobs faster than
+    the real model (the client reads it from RUNCOMFY_POLL_TIME_SCALE).
+    """
 
     initial_interval: float = 0.25
     max_interval: float = 5.0
     growth: float = 1.6
-    quiet_fraction: float = 0.7
-    dense_fraction: float = 0.06
-    expected_run_seconds: dict[str, float] = field(
-        default_factory=lambda: dict(EXPECTED_RUN_SECONDS)
+    dense_interval: float = 1.8
+    earliest_run_seconds: dict[str, float] = field(
+        default_factory=lambda: dict(EARLIEST_RUN_SECONDS)
     )
     time_scale: float = 1.0
 
-    def prior_run_seconds(self, resolution: str | None) -> float | None:
-        if resolution is None or resolution not in self.expected_run_seconds:
+    def prior_earliest_run(self, resolution: str | None) -> float | None:
+        if resolution not in self.earliest_run_seconds:
             return None
-        return self.expected_run_seconds[resolution] * self.time_scale
+        return self.earliest_run_seconds[resolution] * self.time_scale
 
 
 @dataclass(frozen=True)
@@ -47,44 +53,38 @@ class PollState:
     polls_in_status: int
     seconds_in_status: float
     queue_position: int | None = None
-    expected_run_seconds: float | None = None
+    earliest_run_seconds: float | None = None
 
 
 def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
     """Seconds to sleep before the next poll."""
-    backoff = min(
-        policy.max_interval,
-        policy.initial_interval * policy.growth ** max(0, state.polls_in_status - 1),
-    )
-    expected = state.expected_run_seconds
-    if state.status == "in_progress" and expected:
-        quiet_until = expected * policy.quiet_fraction
-        if state.seconds_in_status < quiet_until:
-            # The job cannot be done yet: sleep until it might be.
-            return max(policy.initial_interval, quiet_until - state.seconds_in_status)
-        dense = max(policy.initial_interval, expected * policy.dense_fraction)
-        return min(policy.max_interval, dense)
-    return backoff
+    initial = policy.initial_interval * policy.time_scale
+    if state.status == "in_progress" and state.earliest_run_seconds is not None:
+        quiet_left = state.earliest_run_seconds - state.seconds_in_status
+        if quiet_left > initial:
+            return quiet_left
+        return policy.dense_interval * policy.time_scale
+    backoff = initial * policy.growth ** max(0, state.polls_in_status - 1)
+    return min(policy.max_interval * policy.time_scale, backoff)
 
 
 class RunDurationEstimator:
-    """Learns how long jobs run from the ones that finished, shared across waits."""
+    """Learns how long jobs run from the ones that finished; shared by a batch's waits."""
 
-    def __init__(self, window: int = 50) -> None:
+    def __init__(self, window: int = 50, min_samples: int = 3) -> None:
         self._observed: dict[str, deque[float]] = {}
         self._window = window
+        self._min_samples = min_samples
         self._lock = threading.Lock()
 
     def record(self, resolution: str | None, seconds: float) -> None:
-        key = resolution or "?"
         with self._lock:
-            self._observed.setdefault(key, deque(maxlen=self._window)).append(seconds)
+            self._observed.setdefault(resolution or "?", deque(maxlen=self._window)).append(seconds)
 
-    def estimate(self, resolution: str | None, policy: PollingPolicy) -> float | None:
-        key = resolution or "?"
+    def earliest_run(self, resolution: str | None, policy: PollingPolicy) -> float | None:
+        """A run time few jobs beat: the learned 10th percentile, else the prior."""
         with self._lock:
-            observed = list(self._observed.get(key, ()))
-        if len(observed) >= 3:
-            # A low quantile: better to look a little early than to notice late.
-            return statistics.quantiles(observed, n=10)[0]
-        return policy.prior_run_seconds(resolution)
+            observed = list(self._observed.get(resolution or "?", ()))
+        if len(observed) >= self._min_samples:
+            return statistics.quantiles(observed, n=10, method="inclusive")[0]
+        return policy.prior_earliest_run(resolution)

@@ -49,9 +49,18 @@ class WaitTracker:
         self._polls_in_status = 0
         self.statuses_seen: list[str] = []
 
-    def observe(self, status: RequestStatus) -> float | None:
+    def observe(self, poll: RequestStatus | RequestResult) -> float | None:
         """Record a poll; the seconds to sleep before the next one, or None when terminal."""
         now = self._clock()
+        status = (
+            poll
+            if isinstance(poll, RequestStatus)
+            else RequestStatus(
+                request_id=poll.request_id,
+                status=poll.status,
+                queue_position=(poll.model_extra or {}).get("queue_position"),
+            )
+        )
         changed = (
             self._last is None
             or status.status != self._last.status
@@ -83,16 +92,22 @@ class WaitTracker:
                 polls_in_status=self._polls_in_status,
                 seconds_in_status=now - self._status_since,
                 queue_position=status.queue_position,
-                expected_run_seconds=self._estimator.estimate(self._resolution, self._policy),
+                earliest_run_seconds=self._estimator.earliest_run(self._resolution, self._policy),
             ),
             self._policy,
         )
         return self._within_deadline(delay, now)
 
+    @property
+    def polls_result_next(self) -> bool:
+        """A running job is polled through `result`: its last poll then carries the output."""
+        return self._last is not None and self._last.status == "in_progress"
+
     def result_not_ready(self) -> float:
         """The status said terminal but the result did not yet: poll again shortly."""
-        now = self._clock()
-        return self._within_deadline(self._policy.initial_interval, now)
+        return self._within_deadline(
+            self._policy.initial_interval * self._policy.time_scale, self._clock()
+        )
 
     def finish(self, result: RequestResult) -> RequestResult:
         if result.status == "completed":
