@@ -1,0 +1,54 @@
+"""The storage room: locations, staging, archive, ledger and manifests.
+
+Knows files, S3, HTTP downloads and checksums; knows nothing of RunComfy's
+client or of Prefect. Names resolve on first use (see `_lazy`), so importing the
+package does not import boto3.
+"""
+
+from .._lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ["LedgerError", "LocationError", "ManifestError", "StagingError", "StorageError"],
+        ".errors",
+    ),
+    **dict.fromkeys(
+        [
+            "HttpLocation",
+            "LocalLocation",
+            "Location",
+            "S3Location",
+            "is_loopback_host",
+            "parse_location",
+            "redact",
+            "redact_text",
+            "strip_signature",
+        ],
+        ".locations",
+    ),
+    **dict.fromkeys(["sniff_image_type"], ".media"),
+    **dict.fromkeys(["DEFAULT_ARCHIVE_URI", "make_s3_client", "require_bucket"], ".backends"),
+    **dict.fromkeys(
+        ["DEFAULT_EXPIRES_IN", "MAX_INPUT_BYTES", "StagedAsset", "stage_assets"], ".staging"
+    ),
+    **dict.fromkeys(["STAGING_TOKEN_ENV", "LoopbackObjectStore"], ".loopback"),
+    **dict.fromkeys(
+        [
+            "MAX_OUTPUT_BYTES",
+            "ArchiveError",
+            "ArchiveLayout",
+            "ArchiveRecord",
+            "ArchivedOutput",
+            "OutputFailure",
+            "archive_layout",
+            "archive_outputs",
+            "load_archive_record",
+        ],
+        ".archive",
+    ),
+    **dict.fromkeys(["Ledger", "LedgerEntry", "job_key_for"], ".ledger"),
+    **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

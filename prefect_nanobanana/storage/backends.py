@@ -1,0 +1,277 @@
+"""Where the archive, the ledger and manifests live: a local folder or an S3 prefix.
+
+Both backends speak in keys relative to a root and answer with *locations* (an
+absolute path or ``s3://bucket/key``), so the archive and the ledger are written
+once and run unchanged on a laptop or against a bucket. Local writes are atomic
+(temp file + rename) so a crash never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import LocationError, StorageError
+from .locations import HttpLocation, LocalLocation, join_key, parse_location
+
+# The archive's default root: a folder in the working directory, no cloud needed.
+DEFAULT_ARCHIVE_URI = "nanobanana-archive"
+
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def make_s3_client(**client_kwargs: Any) -> Any:
+    """An S3 client from boto3's default credential chain.
+
+    The endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
+    which boto3 honours natively, so MinIO, moto or LocalStack need no code here.
+    Callers with their own client (e.g. built from prefect-aws blocks) pass it instead.
+    """
+    import boto3
+
+    return boto3.session.Session().client("s3", **client_kwargs)
+
+
+def require_bucket(s3_client: Any, bucket: str) -> None:
+    """Fail clearly, and before anything is paid for, when ``bucket`` cannot be used."""
+    try:
+        s3_client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        raise LocationError(
+            f"bucket {bucket} does not exist or is not accessible ({_error_code(exc)})"
+        ) from exc
+    except BotoCoreError as exc:
+        raise LocationError(f"cannot check bucket {bucket}: {exc}") from exc
+
+
+def _error_code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+def is_missing(exc: ClientError) -> bool:
+    """True when an S3 error means "no such object" (HEAD answers a bare 404)."""
+    return _error_code(exc) in _MISSING_CODES
+
+
+class Backend(Protocol):
+    """A root (folder or S3 prefix) that stores files under relative keys."""
+
+    def location(self, key: str) -> str:
+        """The absolute location of ``key``: a path or ``s3://bucket/key``."""
+        ...
+
+    def check(self) -> None:
+        """Raise a clear error now if the root cannot be written (missing bucket, bad folder)."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
+        """Store small data (metadata, ledger entries) atomically; returns the location."""
+        ...
+
+    def temp_file(self, key: str) -> Path:
+        """An empty scratch file to fill before :meth:`commit_file` puts it at ``key``."""
+        ...
+
+    def commit_file(self, temp: Path, key: str, content_type: str) -> str:
+        """Move a filled scratch file to ``key`` (rename or multipart upload); its location."""
+        ...
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys directly under ``prefix``, sorted."""
+        ...
+
+
+class LocalBackend:
+    """A folder on this machine."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+
+    def _path(self, key: str) -> Path:
+        parts = PurePosixPath(key).parts
+        if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
+            raise LocationError(f"unsafe key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def location(self, key: str) -> str:
+        return str(self._path(key))
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocationError(f"cannot create folder {self.root}: {exc}") from exc
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
+        temp = self.temp_file(key)
+        try:
+            with temp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return self.commit_file(temp, key, content_type)
+
+    def temp_file(self, key: str) -> Path:
+        # Next to the destination, so the final rename stays on one filesystem (atomic).
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+        )
+        os.close(handle)
+        return Path(name)
+
+    def commit_file(self, temp: Path, key: str, content_type: str) -> str:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        return str(target)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self.root / prefix if prefix else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in folder.iterdir()
+            if path.is_file() and not path.name.startswith(".")
+        )
+
+
+class S3Backend:
+    """A prefix in an S3 bucket."""
+
+    def __init__(self, s3_client: Any, bucket: str, prefix: str = "") -> None:
+        self.s3 = s3_client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def object_key(self, key: str) -> str:
+        return join_key(self.prefix, key)
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.object_key(key)}"
+
+    def check(self) -> None:
+        require_bucket(self.s3, self.bucket)
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The object's HEAD answer (size, type), or None when it does not exist."""
+        try:
+            return self.s3.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise StorageError(f"cannot read {self.location(key)}: {_error_code(exc)}") from exc
+
+    def read_range(self, key: str, length: int) -> bytes:
+        """The first ``length`` bytes of an object, without downloading the rest."""
+        response = self.s3.get_object(
+            Bucket=self.bucket, Key=self.object_key(key), Range=f"bytes=0-{length - 1}"
+        )
+        return response["Body"].read()
+
+    def presign_get(self, key: str, expires_in: int) -> str:
+        """A pre-signed GET URL for ``key``, valid for ``expires_in`` seconds."""
+        return self.s3.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.object_key(key)},
+            ExpiresIn=expires_in,
+        )
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            response = self.s3.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise StorageError(f"cannot read {self.location(key)}: {_error_code(exc)}") from exc
+        return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
+        try:
+            self.s3.put_object(
+                Bucket=self.bucket, Key=self.object_key(key), Body=data, ContentType=content_type
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot write {self.location(key)}: {exc}") from exc
+        return self.location(key)
+
+    def temp_file(self, key: str) -> Path:
+        handle, name = tempfile.mkstemp(prefix="nanobanana-", suffix=".part")
+        os.close(handle)
+        return Path(name)
+
+    def put_file(self, path: Path, key: str, content_type: str) -> str:
+        """Upload a local file to ``key`` (the file stays); returns the location."""
+        try:
+            # upload_file goes multipart for large files and reads from disk, never all in memory.
+            self.s3.upload_file(
+                str(path),
+                self.bucket,
+                self.object_key(key),
+                ExtraArgs={"ContentType": content_type},
+            )
+        except Exception as exc:  # boto3's S3UploadFailedError is no ClientError subclass
+            raise StorageError(f"cannot upload to {self.location(key)}: {exc}") from exc
+        return self.location(key)
+
+    def commit_file(self, temp: Path, key: str, content_type: str) -> str:
+        try:
+            return self.put_file(temp, key, content_type)
+        finally:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full_prefix = join_key(self.prefix, prefix)
+        paginator = self.s3.get_paginator("list_objects_v2")
+        keys: list[str] = []
+        for page in paginator.paginate(
+            Bucket=self.bucket, Prefix=f"{full_prefix}/" if full_prefix else "", Delimiter="/"
+        ):
+            for item in page.get("Contents", []):
+                keys.append(item["Key"][len(self.prefix) :].lstrip("/"))
+        return sorted(keys)
+
+
+def open_backend(uri: str | os.PathLike[str], s3_client: Any = None) -> Backend:
+    """The backend for a folder or ``s3://bucket/prefix``; no network call yet (see ``check``)."""
+    location = parse_location(uri)
+    if isinstance(location, LocalLocation):
+        return LocalBackend(location.path)
+    if isinstance(location, HttpLocation):
+        raise LocationError(f"expected a local folder or s3://bucket/prefix, got {location}")
+    return S3Backend(s3_client or make_s3_client(), location.bucket, location.key)
+
+
+def open_object(location: str | os.PathLike[str], s3_client: Any = None) -> tuple[Backend, str]:
+    """A backend rooted at a single file's parent, and the file's key under it."""
+    parsed = parse_location(location)
+    if isinstance(parsed, LocalLocation):
+        path = parsed.path.absolute()
+        return LocalBackend(path.parent), path.name
+    if isinstance(parsed, HttpLocation):
+        raise LocationError(f"expected a local file or s3://bucket/key, got {parsed}")
+    if not parsed.key:
+        raise LocationError(f"s3://{parsed.bucket}/ names a bucket, not an object")
+    return S3Backend(s3_client or make_s3_client(), parsed.bucket), parsed.key

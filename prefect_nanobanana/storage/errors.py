@@ -1,0 +1,31 @@
+"""The storage room's errors: one base class, one subclass per job.
+
+Input problems (a missing file, a bad location, a malformed manifest) are also
+``ValueError``s, so callers that validate before a paid submit can catch them
+with the exception type they already expect for bad input.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class for everything the storage room raises on purpose."""
+
+
+class LocationError(StorageError, ValueError):
+    """A location string cannot be used: unknown scheme, non-HTTPS remote URL, bad bucket."""
+
+
+class StagingError(StorageError, ValueError):
+    """An asset cannot be staged; nothing has been submitted (paid for) yet.
+
+    Validation failures are raised before the first upload; upload failures name the file.
+    """
+
+
+class ManifestError(StorageError, ValueError):
+    """A batch manifest cannot be read; the message names the line."""
+
+
+class LedgerError(StorageError):
+    """The ledger has no entry for a job, or an entry cannot be read."""

@@ -1,0 +1,170 @@
+"""Location strings — local paths, ``file://``, ``s3://``, ``https://`` — and signature hygiene.
+
+Pre-signed URLs are bearer credentials: whoever holds one can read the object
+until it expires. Everything here that turns a URL into text meant for people or
+files (metadata, logs, error messages) goes through :func:`strip_signature` or
+:func:`redact`, so a signature never leaks beyond the request that needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pydantic import BaseModel
+
+from .errors import LocationError
+
+# S3's rules for bucket names, loosely: 3-63 lowercase letters, digits, dots and hyphens.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_URL_IN_TEXT_RE = re.compile(r"\bhttps?://[^\s\"'<>]+")
+_DATA_URI_IN_TEXT_RE = re.compile(r"\bdata:[^,\s\"'<>]*,[^\s\"'<>]*")
+
+
+@dataclass(frozen=True)
+class LocalLocation:
+    """A path on this machine (``~`` expanded, not resolved: globs stay globs)."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """An S3 object or prefix; ``key`` has no leading slash and may be empty (bucket root)."""
+
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class HttpLocation:
+    """An ``https://`` URL, or ``http://`` on a loopback host; ``url`` may carry a signature."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return strip_signature(self.url)
+
+
+Location = LocalLocation | S3Location | HttpLocation
+
+
+def parse_location(value: str | os.PathLike[str]) -> Location:
+    """Classify a location string; refuse plain-HTTP remote URLs and unknown schemes.
+
+    Plain HTTP is allowed only on loopback hosts (tests, the offline demo): across
+    a network it would expose pre-signed URLs and image bytes to anyone on the path.
+    """
+    if isinstance(value, os.PathLike):
+        return LocalLocation(Path(value).expanduser())
+    if not value:
+        raise LocationError("empty location")
+    if value.startswith("s3://"):
+        return _parse_s3(value)
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    # No scheme, or a one-letter "scheme" that is really a Windows drive letter.
+    if len(scheme) <= 1:
+        return LocalLocation(Path(value).expanduser())
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise LocationError(f"file:// URL names a remote host: {strip_signature(value)}")
+        return LocalLocation(Path(unquote(parts.path)))
+    if scheme in ("http", "https"):
+        host = parts.hostname
+        if not host:
+            raise LocationError(f"URL has no host: {strip_signature(value)}")
+        if scheme == "http" and not is_loopback_host(host):
+            raise LocationError(
+                f"refusing non-HTTPS URL {strip_signature(value)}: plain http is allowed only "
+                "on loopback hosts (127.0.0.0/8, localhost, ::1)"
+            )
+        return HttpLocation(value)
+    raise LocationError(
+        f"unsupported location {strip_signature(value)!r}: expected a local path, file://, "
+        "s3://bucket/key or an https:// URL"
+    )
+
+
+def _parse_s3(value: str) -> S3Location:
+    # Split by hand: S3 keys may contain '?' and '#', which urlsplit would cut off.
+    bucket, _, key = value[len("s3://") :].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise LocationError(f"invalid S3 bucket name {bucket!r} in {value!r}")
+    return S3Location(bucket, key.strip("/"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def join_key(*parts: str) -> str:
+    """Join S3 key segments with single slashes, skipping empty ones."""
+    return "/".join(part.strip("/") for part in parts if part and part.strip("/"))
+
+
+def strip_signature(url: str) -> str:
+    """The URL without query string, fragment or user info — safe to log and to store.
+
+    ``data:`` URIs shrink to ``data:<type>`` (their payload is the image itself);
+    local paths and ``s3://`` locations carry no signature and come back unchanged.
+    """
+    if url.startswith("data:"):
+        media_type = url[len("data:") :].split(",", 1)[0].split(";", 1)[0]
+        return f"data:{media_type}"
+    if url.startswith("s3://"):
+        return url
+    parts = urlsplit(url)
+    if len(parts.scheme) <= 1:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def redact_text(text: str) -> str:
+    """Text with every embedded http(s) URL signature-stripped and every data: URI shortened."""
+    text = _DATA_URI_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
+    return _URL_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
+
+
+def redact(value: Any) -> Any:
+    """A JSON-ready copy of ``value`` in which no string can carry a URL signature.
+
+    Callers hand metadata of every shape (datetimes, paths, pydantic models,
+    exceptions); converting and scrubbing in one walk means nothing reaches a file
+    through a ``default=str`` back door without being scrubbed.
+    """
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): redact(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        return [redact(item) for item in items]
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, BaseModel):
+        return redact(value.model_dump(mode="json"))
+    return redact_text(str(value))
