@@ -176,3 +176,16 @@ def test_malformed_manifests_name_the_line(
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(str(tmp_path / "nope.csv"))
+
+
+def test_submitting_marker_keeps_history_and_is_replaced_by_the_request(tmp_path):
+    ledger = Ledger(tmp_path / "archive")
+    key = job_key_for("p", ["https://example.com/a.png"], row_id="7")
+    ledger.record_submit(key, "req-old")
+    ledger.mark_failed(key, "job failed")
+    marker = ledger.record_submitting(key)
+    assert (marker.status, marker.request_id) == ("submitting", None)
+    assert ledger.lookup(key).previous_request_ids == ["req-old"]
+    entry = ledger.record_submit(key, "req-new")
+    assert (entry.status, entry.request_id) == ("submitted", "req-new")
+    assert entry.previous_request_ids == ["req-old"]

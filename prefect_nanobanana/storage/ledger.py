@@ -26,7 +26,7 @@ from .locations import LocalLocation, join_key, parse_location, redact, redact_t
 LEDGER_PREFIX = "_ledger"
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
-JobStatus = Literal["submitted", "archived", "failed"]
+JobStatus = Literal["submitting", "submitted", "archived", "failed"]
 
 
 class LedgerEntry(BaseModel):
@@ -37,7 +37,9 @@ class LedgerEntry(BaseModel):
     """
 
     job_key: str
-    request_id: str
+    request_id: str | None = Field(
+        default=None, description="None only while `submitting`: the outcome is not known yet."
+    )
     status: JobStatus
     submitted_at: dt.datetime
     updated_at: dt.datetime
@@ -101,6 +103,27 @@ class Ledger:
         """Where the entry for ``job_key`` is stored."""
         return self.backend.location(_entry_key(job_key))
 
+    def record_submitting(self, job_key: str) -> LedgerEntry:
+        """Mark ``job_key`` as being submitted; call right before the (billed) submit.
+
+        If the process dies between the submit and :meth:`record_submit`, a rerun
+        finds this marker without a request id and must not submit blindly again.
+        """
+        now = _now()
+        previous = self.lookup(job_key)
+        history = list(previous.previous_request_ids) if previous else []
+        if previous is not None and previous.request_id:
+            history.append(previous.request_id)
+        return self._write(
+            LedgerEntry(
+                job_key=job_key,
+                status="submitting",
+                submitted_at=now,
+                updated_at=now,
+                previous_request_ids=history,
+            )
+        )
+
     def record_submit(self, job_key: str, request_id: str, **facts: Any) -> LedgerEntry:
         """Record that ``job_key`` was submitted as ``request_id``; call right after the submit.
 
@@ -113,7 +136,7 @@ class Ledger:
         history = []
         if previous is not None:
             history = previous.previous_request_ids
-            if previous.request_id != request_id:
+            if previous.request_id and previous.request_id != request_id:
                 history = [*history, previous.request_id]
         entry = LedgerEntry(
             job_key=job_key,
