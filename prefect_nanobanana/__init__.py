@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     **{name: f".client{module}" for name, module in _CLIENT_EXPORTS.items()},
+    "RunComfyCredentials": ".credentials",
+    "NanoBananaEditJob": ".jobs",
+    "NanoBananaEditJobRun": ".jobs",
+    "EditImageResult": ".flows",
+    "edit_image": ".flows",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,158 @@
+"""The RunComfy credentials block: the one place a deployment keeps its API token."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect.blocks.abstract import CredentialsBlock
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from pydantic import Field, SecretStr
+
+from .client import AsyncRunComfyClient, RunComfyClient
+
+
+def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
+    """The current run's logger, or None outside a run so the client keeps its own.
+
+    Handing the run logger to the client sends its retry warnings and status-change
+    lines to the Prefect UI next to the task that caused them.
+    """
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return None
+
+
+class RunComfyCredentials(CredentialsBlock):
+    """
+    Block used to manage authentication with the RunComfy Model API.
+
+    Empty fields fall back to the `RUNCOMFY_API_TOKEN` and `RUNCOMFY_BASE_URL`
+    environment variables, so the same deployment runs against an emulator, a
+    proxy or the real API (https://model-api.runcomfy.net) without code changes.
+    The token is stored as a secret: it never appears in the block's repr, in the
+    UI or in logs.
+
+    Example:
+        Load stored RunComfy credentials and check a request's status:
+        ```python
+        from prefect_nanobanana import RunComfyCredentials
+
+        credentials = RunComfyCredentials.load("BLOCK_NAME")
+        with credentials.get_client() as client:
+            print(client.status("REQUEST_ID"))
+        ```
+    """
+
+    _block_type_name = "RunComfy Credentials"
+    _logo_url = "https://www.runcomfy.com/apple-touch-icon.png"
+    _documentation_url = "https://docs.runcomfy.com/model-apis/quickstart"
+    _description = (
+        "Authentication for the RunComfy Model API, which serves Google's Nano Banana Pro."
+    )
+    _code_example = """
+    ```python
+    from prefect_nanobanana import RunComfyCredentials
+
+    runcomfy_credentials_block = RunComfyCredentials.load("BLOCK_NAME")
+    ```
+    """
+
+    api_token: SecretStr | None = Field(
+        default=None,
+        title="API Token",
+        description=(
+            "The RunComfy API token (Authorization: Bearer). When empty, the "
+            "RUNCOMFY_API_TOKEN environment variable is used."
+        ),
+    )
+    base_url: str | None = Field(
+        default=None,
+        title="Base URL",
+        description=(
+            "The Model API's base URL. When empty, RUNCOMFY_BASE_URL is used, and "
+            "without it the real API at https://model-api.runcomfy.net."
+        ),
+    )
+    request_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds to wait for one HTTP answer from the API.",
+    )
+
+    def get_client(self) -> RunComfyClient:
+        """A blocking client; close it (or use it in a `with` block) when done."""
+        return RunComfyClient(
+            api_token=self.api_token,
+            base_url=self.base_url,
+            timeout=self.request_timeout,
+            logger=run_logger_or_none(),
+        )
+
+    def get_async_client(self) -> AsyncRunComfyClient:
+        """An async client; use it in an `async with` block or `await client.aclose()`."""
+        return AsyncRunComfyClient(
+            api_token=self.api_token,
+            base_url=self.base_url,
+            timeout=self.request_timeout,
+            logger=run_logger_or_none(),
+        )
+
+
+DEFAULT_CREDENTIALS_BLOCK = "default"
+
+
+def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
+    return RunComfyCredentials(
+        base_url=credentials.get("base_url"),
+        request_timeout=credentials.get("request_timeout") or 30.0,
+    )
+
+
+def resolve_credentials(
+    credentials: RunComfyCredentials | str | dict[str, Any] | None = DEFAULT_CREDENTIALS_BLOCK,
+) -> RunComfyCredentials:
+    """Turn what a flow was given for credentials into a block.
+
+    A `str` is the name of a saved block. The name "default" is allowed to be
+    missing: then the environment variables are used, so a demo runs with
+    nothing configured. A `dict` is the form flow-run parameters take when read
+    back from the API (a `$ref` to a saved block, or the fields of an unsaved
+    one, whose token the API only shows masked, so the environment's is used).
+    """
+    if isinstance(credentials, RunComfyCredentials):
+        return credentials
+    if credentials is None:
+        return RunComfyCredentials()
+    if isinstance(credentials, dict):
+        if "$ref" in credentials:
+            return RunComfyCredentials.load_from_ref(credentials["$ref"], _sync=True)
+        return _from_parameter_dict(credentials)
+    try:
+        return RunComfyCredentials.load(credentials, _sync=True)
+    except ValueError:
+        if credentials != DEFAULT_CREDENTIALS_BLOCK:
+            raise
+        return RunComfyCredentials()
+
+
+async def aresolve_credentials(
+    credentials: RunComfyCredentials | str | dict[str, Any] | None = DEFAULT_CREDENTIALS_BLOCK,
+) -> RunComfyCredentials:
+    """The async twin of `resolve_credentials`."""
+    if isinstance(credentials, RunComfyCredentials):
+        return credentials
+    if credentials is None:
+        return RunComfyCredentials()
+    if isinstance(credentials, dict):
+        if "$ref" in credentials:
+            return await RunComfyCredentials.aload_from_ref(credentials["$ref"])
+        return _from_parameter_dict(credentials)
+    try:
+        return await RunComfyCredentials.aload(credentials)
+    except ValueError:
+        if credentials != DEFAULT_CREDENTIALS_BLOCK:
+            raise
+        return RunComfyCredentials()

@@ -1,0 +1,156 @@
+"""The edit flow: one Nano Banana Pro edit, submitted at most once and followed to its end.
+
+The remote job follows the Prefect run. If the run stops for good while the
+request is still queued (cancelled from the UI or API, timed out, SIGTERM,
+Ctrl-C), the request is cancelled at RunComfy so nothing is billed; one already
+running cannot be cancelled and is reported with its request id so its output
+can still be collected. Two mechanisms make sure of it:
+
+- in the flow's process, the wait is wrapped so that an ending run withdraws
+  its request before the exception leaves the flow;
+- the `on_cancellation` hook, which Prefect's runner may call in its own process
+  after killing the flow's, reads the request ids the run recorded in its labels
+  from the API and does the same.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from prefect import flow
+from prefect.logging import get_run_logger
+from pydantic import BaseModel, Field
+
+from ..client import (
+    AspectRatio,
+    NanoBananaEditInput,
+    OutputFormat,
+    Resolution,
+    RunComfyError,
+    WaitTimeoutError,
+)
+from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
+from ..tasks import cancel_if_queued, cancel_recorded_requests, submit_edit, wait_for_request
+
+
+class EditImageResult(BaseModel):
+    """What one edit produced, and how it got there."""
+
+    request_id: str = Field(description="The RunComfy request id.")
+    job_key: str = Field(description="The key that makes the submit at-most-once.")
+    resumed: bool = Field(description="True when an earlier attempt of this run submitted it.")
+    statuses: list[str] = Field(description="The statuses seen while waiting, in order.")
+    output_urls: list[str] = Field(description="The edited images (data URIs in sync mode).")
+    cost: float | None = Field(default=None, description="The cost RunComfy reported.")
+    submitted_at: datetime | None = Field(default=None, description="When it was submitted.")
+    finished_at: datetime | None = Field(default=None, description="When RunComfy finished it.")
+    seconds: float | None = Field(
+        default=None, description="Seconds from RunComfy accepting the job to finishing it."
+    )
+
+
+def _abandons_request(error: BaseException) -> bool:
+    """Whether the run is ending for good, so nobody will collect the request.
+
+    Signals, cancellation and interrupts are not `Exception`s; timeouts are. Other
+    errors (say, the API down for a while) leave the request alone, so a retry of
+    the flow run can resume it.
+    """
+    return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
+
+
+@contextmanager
+def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) -> Iterator[None]:
+    """Wrap the wait for `request_id`: if the run ends for good inside, withdraw the request.
+
+    A queued request is cancelled at RunComfy; a running one is reported with its
+    request id. The exception always propagates: this only tidies up after it.
+    """
+    try:
+        yield
+    except BaseException as error:
+        if _abandons_request(error):
+            log = get_run_logger()
+            log.info(
+                "The run is stopping (%s); releasing request %s", type(error).__name__, request_id
+            )
+            try:
+                with credentials.get_client() as client:
+                    cancel_if_queued(client, request_id, log=log)
+            except RunComfyError as cancel_error:
+                log.warning("Could not cancel RunComfy request %s: %s", request_id, cancel_error)
+        raise
+
+
+@flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
+def edit_image(
+    prompt: str,
+    image_urls: list[str],
+    aspect_ratio: AspectRatio = "auto",
+    resolution: Resolution = "1K",
+    output_format: OutputFormat = "png",
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1,
+    sync_mode: bool = False,
+    credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
+    timeout_seconds: float = 600,
+) -> EditImageResult:
+    """Edit images with Google's Nano Banana Pro on the RunComfy Model API.
+
+    The inputs are validated before anything is paid for. The submit happens at
+    most once per flow run: a retry or a rerun after a crash resumes the same
+    request. If the run is cancelled, times out or is killed while the request is
+    queued, the request is cancelled at RunComfy.
+
+    Args:
+        prompt: The edit instruction.
+        image_urls: 1 to 20 image URLs RunComfy can fetch (public or pre-signed).
+        aspect_ratio: Output aspect ratio; "auto" follows the input image.
+        resolution: Output resolution.
+        output_format: Output image format.
+        num_images: How many images to produce (1 to 4).
+        sync_mode: Return data URIs and keep nothing in RunComfy's request history.
+        credentials: A `RunComfyCredentials` block or the name of a saved one. With
+            the name "default" and no block saved under it, the environment
+            variables RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL are used, so a demo
+            runs with nothing configured.
+        timeout_seconds: How long to wait for the edit before giving up (a queued
+            request is then cancelled).
+
+    Returns:
+        The request id, statuses seen, output URLs, cost and timings.
+    """
+    edit = NanoBananaEditInput(
+        prompt=prompt,
+        image_urls=image_urls,
+        aspect_ratio=aspect_ratio,
+        resolution=resolution,
+        output_format=output_format,
+        num_images=num_images,
+        sync_mode=sync_mode,
+    )
+    resolved = resolve_credentials(credentials)
+    submitted = submit_edit(edit, resolved)
+    with withdrawn_if_abandoned(resolved, submitted.request_id):
+        outcome = wait_for_request(
+            submitted.request_id,
+            resolved,
+            timeout_seconds=timeout_seconds,
+            resolution=resolution,
+        )
+    # Both ends from RunComfy's clock when it reports them: no skew against ours.
+    started = outcome.created_at or submitted.submitted_at
+    seconds = None
+    if started and outcome.finished_at:
+        seconds = (outcome.finished_at - started) / timedelta(seconds=1)
+    return EditImageResult(
+        request_id=submitted.request_id,
+        job_key=submitted.job_key,
+        resumed=submitted.resumed,
+        statuses=outcome.statuses,
+        output_urls=outcome.output_urls,
+        cost=outcome.cost,
+        submitted_at=submitted.submitted_at or outcome.created_at,
+        finished_at=outcome.finished_at,
+        seconds=seconds,
+    )

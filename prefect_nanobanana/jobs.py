@@ -1,0 +1,172 @@
+"""A Nano Banana Pro edit as a Prefect job block, configured once in the UI and triggered."""
+
+from __future__ import annotations
+
+from prefect._internal.compatibility.async_dispatch import async_dispatch
+from prefect.blocks.abstract import JobBlock, JobRun
+from pydantic import BaseModel, Field
+
+from . import observe
+from .client import (
+    NANO_BANANA_EDIT_MODEL_ID,
+    AspectRatio,
+    CancelResult,
+    NanoBananaEditInput,
+    OutputFormat,
+    RequestResult,
+    Resolution,
+)
+from .credentials import RunComfyCredentials
+
+
+class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
+    """One submitted edit: wait for it, fetch its result, or cancel it while queued.
+
+    Methods have async twins (`await_for_completion`, `afetch_result`, `acancel`);
+    the plain names dispatch to them when called from async code, as Prefect's own
+    blocks do.
+    """
+
+    request_id: str = Field(description="The RunComfy request id.")
+    credentials: RunComfyCredentials = Field(description="Credentials that submitted it.")
+    resolution: str | None = Field(
+        default=None, description="The edit's resolution, so polling can expect its run time."
+    )
+    timeout_seconds: float | None = Field(
+        default=None, description="How long `wait_for_completion` waits before giving up."
+    )
+    result_url: str | None = Field(default=None, description="Where its result can be fetched.")
+
+    async def await_for_completion(self) -> RequestResult:
+        """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
+        async with self.credentials.get_async_client() as client:
+            return await client.wait(
+                self.request_id, self.timeout_seconds, resolution=self.resolution
+            )
+
+    @async_dispatch(await_for_completion)
+    def wait_for_completion(self) -> RequestResult:
+        """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
+        with self.credentials.get_client() as client:
+            return client.wait(self.request_id, self.timeout_seconds, resolution=self.resolution)
+
+    async def afetch_result(self) -> RequestResult:
+        """The result as it stands (with the current status while unfinished)."""
+        async with self.credentials.get_async_client() as client:
+            return await client.result(self.request_id)
+
+    @async_dispatch(afetch_result)
+    def fetch_result(self) -> RequestResult:
+        """The result as it stands (with the current status while unfinished)."""
+        with self.credentials.get_client() as client:
+            return client.result(self.request_id)
+
+    async def acancel(self) -> CancelResult:
+        """Cancel the request if queued; a running one answers `not_cancellable`."""
+        async with self.credentials.get_async_client() as client:
+            result = await client.cancel(self.request_id)
+        observe.log_cancel_outcome(self.logger, self.request_id, result.outcome)
+        return result
+
+    @async_dispatch(acancel)
+    def cancel(self) -> CancelResult:
+        """Cancel the request if queued; a running one answers `not_cancellable`."""
+        with self.credentials.get_client() as client:
+            result = client.cancel(self.request_id)
+        observe.log_cancel_outcome(self.logger, self.request_id, result.outcome)
+        return result
+
+
+class NanoBananaEditJob(JobBlock):
+    """
+    A Nano Banana Pro image edit on the RunComfy Model API, saved with its settings.
+
+    Save it once (in the UI or in code) and every `trigger()` submits the same
+    edit. `trigger` submits directly, without the at-most-once record of the
+    `submit_edit` task: use that task inside flows that may be retried.
+
+    Example:
+        Run a saved edit and wait for its images:
+        ```python
+        from prefect import flow
+        from prefect_nanobanana import NanoBananaEditJob
+
+        @flow
+        def edit_once():
+            job = NanoBananaEditJob.load("BLOCK_NAME")
+            result = job.trigger().wait_for_completion()
+            return result.output_urls
+        ```
+    """
+
+    _block_type_name = "Nano Banana Edit Job"
+    _logo_url = RunComfyCredentials._logo_url
+    _documentation_url = "https://docs.runcomfy.com/model-apis/quickstart"
+    _description = "A Nano Banana Pro image edit on the RunComfy Model API, with its settings."
+    _code_example = """
+    ```python
+    from prefect_nanobanana import NanoBananaEditJob
+
+    nano_banana_edit_job_block = NanoBananaEditJob.load("BLOCK_NAME")
+    job_run = nano_banana_edit_job_block.trigger()
+    result = job_run.wait_for_completion()
+    ```
+    """
+
+    credentials: RunComfyCredentials = Field(
+        default_factory=RunComfyCredentials,
+        description="The RunComfy credentials to submit with.",
+    )
+    prompt: str = Field(min_length=1, description="The edit instruction.")
+    image_urls: list[str] = Field(
+        min_length=1,
+        max_length=20,
+        description="1 to 20 input image URLs that RunComfy can fetch (public or pre-signed).",
+    )
+    aspect_ratio: AspectRatio = Field(default="auto", description="Output aspect ratio.")
+    resolution: Resolution = Field(default="1K", description="Output resolution.")
+    output_format: OutputFormat = Field(default="png", description="Output image format.")
+    num_images: int = Field(default=1, ge=1, le=4, description="How many images to produce.")
+    sync_mode: bool = Field(
+        default=False,
+        description="Return images as data URIs and keep nothing in the request history.",
+    )
+    timeout_seconds: float | None = Field(
+        default=600.0,
+        gt=0,
+        description="How long waiting for completion may take; empty waits without limit.",
+    )
+
+    def edit_input(self) -> NanoBananaEditInput:
+        """The validated request body, checked before a paid submit."""
+        return NanoBananaEditInput(**self.model_dump(include=set(NanoBananaEditInput.model_fields)))
+
+    def _job_run(self, request_id: str, result_url: str | None) -> NanoBananaEditJobRun:
+        self.logger.info("Submitted RunComfy request %s", request_id)
+        observe.emit_request_event(
+            observe.EVENT_SUBMITTED, request_id, payload={"model_id": NANO_BANANA_EDIT_MODEL_ID}
+        )
+        return NanoBananaEditJobRun(
+            request_id=request_id,
+            credentials=self.credentials,
+            resolution=self.resolution,
+            timeout_seconds=self.timeout_seconds,
+            result_url=result_url,
+        )
+
+    async def atrigger(self) -> NanoBananaEditJobRun:
+        """Submit the edit (billed; never retried unless provably not received)."""
+        async with self.credentials.get_async_client() as client:
+            handle = await client.submit_edit(self.edit_input())
+        job_run = self._job_run(handle.request_id, handle.result_url)
+        await observe.alink_request(handle.request_id, handle.result_url)
+        return job_run
+
+    @async_dispatch(atrigger)
+    def trigger(self) -> NanoBananaEditJobRun:
+        """Submit the edit (billed; never retried unless provably not received)."""
+        with self.credentials.get_client() as client:
+            handle = client.submit_edit(self.edit_input())
+        job_run = self._job_run(handle.request_id, handle.result_url)
+        observe.link_request(handle.request_id, handle.result_url)
+        return job_run
