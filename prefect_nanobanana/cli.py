@@ -197,13 +197,11 @@ def _result(args: argparse.Namespace) -> int:
         from .storage import archive_outputs
 
         record = archive_outputs(
-            request_id=result.request_id,
-            output_urls=result.output_urls,
+            result.request_id,
+            result.output_urls,
+            date=result.created_at.date() if result.created_at else None,
             archive_uri=args.download,
-            date=(result.created_at or result.finished_at).date()
-            if (result.created_at or result.finished_at)
-            else None,
-            metadata={"request_id": result.request_id, "cost": result.cost},
+            metadata={"cost": result.cost, "created_at": result.created_at},
         )
         payload["saved"] = record.output_locations
         lines.extend(f"saved {location}" for location in record.output_locations)
@@ -214,13 +212,13 @@ def _result(args: argparse.Namespace) -> int:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from .runner import run_edit_command
+    from .commands import run_edit_command
 
     return run_edit_command(args)
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from .runner import run_batch_command
+    from .commands import run_batch_command
 
     return run_batch_command(args)
 

@@ -1,25 +1,89 @@
 """When to poll next: a pure function of what the API has told us so far.
 
 A fixed interval either floods the API (0.1 s) or notices a finished job late
-(5 s). This schedule polls quickly at first (short jobs, early errors) and backs
-off while a job is queued. Once the job runs, it stays quiet while the job cannot
-be finished yet (the run time's low quantile: a prior per resolution, or learned
-from jobs of the same batch that already finished) and then polls at a short,
-fixed interval, so a finished job is noticed about as soon as with a 2 s poll at
-a fraction of the requests. Benchmarks drive `next_poll_delay` with a simulated
-clock.
+(5 s). This schedule aims for the lag of a 2 s poll at a fraction of its requests:
+
+* Running: stay quiet while the job is unlikely to be done (the quiet window,
+  from the reported run times or learned from the batch's finished jobs), then
+  poll at a short, fixed interval.
+* Queued while jobs of our own batch run: a job at queue position p starts when
+  p of them have ended (FIFO). The shared estimator knows when they started and
+  how long runs take, so the wait sleeps until about when that happens, never past
+  the moment the job could have started and ended.
+* Otherwise (a lone job, a queue of strangers): poll quickly at first, then back off.
+
+`python -m bench polling` measures it with a simulated clock and the real emulator.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import statistics
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
-# A run of Nano Banana Pro rarely ends sooner than this (seconds), from the
-# latencies third parties report (1K 15-20 s, 2K 30-40 s, 4K 50-70 s).
-EARLIEST_RUN_SECONDS: dict[str, float] = {"1K": 12.0, "2K": 25.0, "4K": 42.0}
+# Run times of Nano Banana Pro that third parties report, (mean, p95) seconds: 1K
+# 15-20 s (p95 25 s), 2K 30-40 s (p95 50 s), 4K 50-70 s (p95 90 s). The prior of a
+# run's length is the lognormal with these two figures (the emulator's too).
+REPORTED_RUN_SECONDS: dict[str, tuple[float, float]] = {
+    "1K": (17.5, 25.0),
+    "2K": (35.0, 50.0),
+    "4K": (60.0, 90.0),
+}
+DEFAULT_OVERSHOOT_BUDGET = 0.15
+_PRIOR_POINTS = 40  # the prior distribution as this many evenly spaced quantiles
+_Z95 = NormalDist().inv_cdf(0.95)
+
+
+def _lognormal_quantiles(mean: float, p95: float, points: int = _PRIOR_POINTS) -> list[float]:
+    """Evenly spaced quantiles of the lognormal with this mean and 95th percentile.
+
+    Solving mean = exp(mu + sigma²/2) and p95 = exp(mu + z95·sigma) for sigma gives
+    the smaller root of a quadratic.
+    """
+    sigma = _Z95 - math.sqrt(max(0.0, _Z95**2 - 2 * math.log(p95 / mean)))
+    normal = NormalDist(math.log(mean) - sigma**2 / 2, sigma)
+    return [math.exp(normal.inv_cdf((i + 0.5) / points)) for i in range(points)]
+
+
+def _quiet_window(runs: Sequence[float], budget: float, uncertainty: float = 0.0) -> float:
+    """The longest wait w whose mean overshoot E[(w - run - u)+] stays within `budget`.
+
+    The mean is over `runs`; u, the error of the start the wait counts from, is
+    uniform on ±`uncertainty`. A wait past a run's end is lag the user pays.
+    """
+
+    def overshoot(wait: float) -> float:
+        total = 0.0
+        for run in runs:
+            late = wait - run
+            if late >= uncertainty:
+                total += late
+            elif late > -uncertainty:
+                total += (late + uncertainty) ** 2 / (4 * uncertainty)
+        return total / len(runs)
+
+    low, high = 0.0, max(runs) + uncertainty + budget
+    for _ in range(40):
+        middle = (low + high) / 2
+        if overshoot(middle) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+# The quiet window by resolution (13, 23.5 and 35 s): waiting this long before the
+# first poll of a running job adds DEFAULT_OVERSHOOT_BUDGET seconds of lag on average;
+# about one run in seven ends sooner and is noticed a little late.
+EARLIEST_RUN_SECONDS: dict[str, float] = {
+    resolution: round(_quiet_window(_lognormal_quantiles(*reported), DEFAULT_OVERSHOOT_BUDGET), 1)
+    for resolution, reported in REPORTED_RUN_SECONDS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -28,63 +92,205 @@ class PollingPolicy:
 
     `time_scale` shrinks every duration for an emulator that runs jobs faster than
     the real model (the client reads it from RUNCOMFY_POLL_TIME_SCALE).
+    `overshoot_budget` is the mean lag a learned quiet window may add.
+    A queued job sleeps `queue_sleep_fraction` of its predicted queue wait, and
+    never less than `max_interval`.
     """
 
     initial_interval: float = 0.25
     max_interval: float = 5.0
     growth: float = 1.6
-    dense_interval: float = 1.8
+    dense_interval: float = 1.5
     earliest_run_seconds: dict[str, float] = field(
         default_factory=lambda: dict(EARLIEST_RUN_SECONDS)
     )
     time_scale: float = 1.0
+    reported_run_seconds: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: dict(REPORTED_RUN_SECONDS)
+    )
+    overshoot_budget: float = DEFAULT_OVERSHOOT_BUDGET
+    queue_sleep_fraction: float = 0.9
 
     def prior_earliest_run(self, resolution: str | None) -> float | None:
         if resolution not in self.earliest_run_seconds:
             return None
         return self.earliest_run_seconds[resolution] * self.time_scale
 
+    def prior_runs(self, resolution: str | None) -> list[float] | None:
+        """The prior distribution of a run's length, as sorted quantiles."""
+        if resolution not in self.reported_run_seconds:
+            return None
+        mean, p95 = self.reported_run_seconds[resolution]
+        return [run * self.time_scale for run in _lognormal_quantiles(mean, p95)]
+
 
 @dataclass(frozen=True)
 class PollState:
-    """What one wait knows at the moment it must decide how long to sleep."""
+    """What one wait knows at the moment it must decide how long to sleep.
+
+    For a running job, `seconds_in_status` counts from our best estimate of its
+    start and `earliest_run_seconds` is its quiet window. For a queued job,
+    `queue_earliest_start` (rarely sooner) and `queue_expected_start` are the
+    batch's prediction of its start, in seconds from now, while the batch has
+    jobs running.
+    """
 
     status: str
     polls_in_status: int
     seconds_in_status: float
     queue_position: int | None = None
     earliest_run_seconds: float | None = None
+    queue_earliest_start: float | None = None
+    queue_expected_start: float | None = None
 
 
 def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
     """Seconds to sleep before the next poll."""
-    initial = policy.initial_interval * policy.time_scale
+    scale = policy.time_scale
+    longest = policy.max_interval * scale
     if state.status == "in_progress" and state.earliest_run_seconds is not None:
         quiet_left = state.earliest_run_seconds - state.seconds_in_status
-        if quiet_left > initial:
-            return quiet_left
-        return policy.dense_interval * policy.time_scale
-    backoff = initial * policy.growth ** max(0, state.polls_in_status - 1)
-    return min(policy.max_interval * policy.time_scale, backoff)
+        return max(quiet_left, policy.dense_interval * scale)
+    if state.status == "in_queue" and state.queue_expected_start is not None:
+        earliest = state.queue_earliest_start or 0.0
+        delay = max(longest, earliest, policy.queue_sleep_fraction * state.queue_expected_start)
+        # Never past the moment it could have started and be at the end of its quiet window.
+        return min(delay, max(longest, earliest + (state.earliest_run_seconds or 0.0)))
+    backoff = policy.initial_interval * scale * policy.growth ** max(0, state.polls_in_status - 1)
+    return min(longest, backoff)
 
 
 class RunDurationEstimator:
-    """Learns how long jobs run from the ones that finished; shared by a batch's waits."""
+    """Learns how long jobs run and which are running; shared by a batch's waits.
+
+    Thread-safe: the waits of a batch run in threads or tasks of one client.
+    """
 
     def __init__(self, window: int = 50, min_samples: int = 3) -> None:
         self._observed: dict[str, deque[float]] = {}
         self._window = window
         self._min_samples = min_samples
         self._lock = threading.Lock()
+        self._fitted: dict[str, list[float]] = {}
+        # request id -> (resolution, the moment it started at the earliest)
+        self._running: dict[str, tuple[str | None, float]] = {}
 
     def record(self, resolution: str | None, seconds: float) -> None:
+        key = resolution or "?"
         with self._lock:
-            self._observed.setdefault(resolution or "?", deque(maxlen=self._window)).append(seconds)
+            self._observed.setdefault(key, deque(maxlen=self._window)).append(seconds)
+            self._fitted.pop(key, None)
 
-    def earliest_run(self, resolution: str | None, policy: PollingPolicy) -> float | None:
-        """A run time few jobs beat: the learned 10th percentile, else the prior."""
+    def _learned(self, resolution: str | None) -> list[float] | None:
+        """The batch's run-time distribution as quantiles, once it has enough samples.
+
+        A lognormal fitted to the samples, not the samples themselves: a few dozen
+        runs rarely show the short tail that decides how late a quiet window is.
+        """
+        key = resolution or "?"
         with self._lock:
-            observed = list(self._observed.get(resolution or "?", ()))
-        if len(observed) >= self._min_samples:
-            return statistics.quantiles(observed, n=10, method="inclusive")[0]
-        return policy.prior_earliest_run(resolution)
+            fitted = self._fitted.get(key)
+            observed = list(self._observed.get(key, ()))
+        if fitted is not None or len(observed) < self._min_samples:
+            return fitted
+        logs = [math.log(max(run, 1e-9)) for run in observed]
+        normal = NormalDist(statistics.fmean(logs), max(statistics.stdev(logs), 1e-6))
+        fitted = [math.exp(normal.inv_cdf((i + 0.5) / _PRIOR_POINTS)) for i in range(_PRIOR_POINTS)]
+        with self._lock:
+            self._fitted[key] = fitted
+        return fitted
+
+    def earliest_run(
+        self, resolution: str | None, policy: PollingPolicy, uncertainty: float = 0.0
+    ) -> float | None:
+        """The quiet window: learned from this batch's runs, else the prior.
+
+        `uncertainty` is how far (±, seconds) the run's start may lie from the
+        moment the window counts from; the window shrinks so the expected lag
+        stays within the budget all the same.
+        """
+        observed = self._learned(resolution)
+        if observed is not None:
+            return _quiet_window(observed, policy.overshoot_budget * policy.time_scale, uncertainty)
+        prior = policy.prior_earliest_run(resolution)
+        return None if prior is None else max(0.0, prior - uncertainty)
+
+    def job_started(self, request_id: str, resolution: str | None, after: float) -> None:
+        """A wait saw its job running; it started no sooner than `after`."""
+        with self._lock:
+            self._running[request_id] = (resolution, after)
+
+    def job_ended(self, request_id: str) -> None:
+        with self._lock:
+            self._running.pop(request_id, None)
+
+    def queue_wait(
+        self, position: int, now: float, policy: PollingPolicy
+    ) -> tuple[float, float] | None:
+        """(earliest, expected) seconds until a job at `position` starts, or None.
+
+        Known only while the batch has jobs running: a FIFO worker frees up when one
+        of them ends, so the job starts once `position` of them have ended (past all
+        of them, each further position takes a mean run divided by their number).
+        """
+        with self._lock:
+            running = list(self._running.items())
+        models: dict[str | None, list[float] | None] = {}
+        jobs: list[tuple[float, list[float]]] = []
+        for request_id, (resolution, after) in running:
+            if resolution not in models:
+                models[resolution] = self._learned(resolution) or policy.prior_runs(resolution)
+            runs = models[resolution]
+            if runs is None:
+                return None  # a job of unknown length ahead: no prediction
+            if now - after > 4 * runs[-1]:
+                self.job_ended(request_id)  # its wait died without saying so
+                continue
+            jobs.append((after, runs))
+        if not jobs:
+            return None
+        count = len(jobs)
+        needed = min(position, count)
+        earliest = _when_ended(jobs, needed, now, _Z95)
+        expected = _when_ended(jobs, needed, now, 0.0)
+        if position > count:
+            mean_run = sum(sum(runs) / len(runs) for _, runs in jobs) / count
+            expected += (position - count) * mean_run / count
+        return earliest - now, expected - now
+
+
+def _when_ended(
+    jobs: Sequence[tuple[float, list[float]]], needed: int, now: float, z: float
+) -> float:
+    """The moment `needed` of the running `jobs` have ended: on average (z=0), or
+    with about a 5 % chance (z=1.645).
+
+    Each job ends as its run distribution says, given that it still runs now;
+    the number of ended jobs is taken as normal with the summed mean and variance.
+    """
+
+    def ended_by(moment: float) -> float:
+        mean = variance = 0.0
+        for after, runs in jobs:
+            running_from = bisect.bisect_right(runs, now - after)
+            left = len(runs) - running_from
+            share = (
+                1.0
+                if left == 0
+                else (bisect.bisect_right(runs, moment - after) - running_from) / left
+            )
+            mean += share
+            variance += share * (1 - share)
+        return mean + z * math.sqrt(variance)
+
+    target = needed - 0.5
+    low, high = now, now + max(runs[-1] for _, runs in jobs)
+    if ended_by(low) >= target:
+        return low
+    for _ in range(30):
+        middle = (low + high) / 2
+        if ended_by(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return high

@@ -2,7 +2,9 @@
 
 The clients only do the I/O (poll, sleep, fetch the result); this tracker decides
 how long to sleep, logs status changes, enforces the deadline and turns a
-terminal result into a return value or an error.
+terminal result into a return value or an error. It also tells the batch's
+shared `RunDurationEstimator` when its job started and how long it ran, which
+is what lets the other waits of the batch sleep through the queue.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ class WaitTracker:
         self._timeout = timeout
         self._last: RequestStatus | None = None
         self._status_since = self._started
-        self._progress_since: float | None = None
+        # The run began after `_start_after` (the last poll that saw it queued, else the
+        # wait's start) and by `_start_seen` (the first poll that saw it run). The quiet
+        # window counts from the middle and is shrunk by the half-width (see earliest_run).
+        self._start_after: float | None = None
+        self._start_seen: float | None = None
+        self._queued_at: float | None = None
+        self._last_running_at: float | None = None
+        self._quiet: float | None = None
         self._polls_in_status = 0
         self.statuses_seen: list[str] = []
 
@@ -71,7 +80,10 @@ class WaitTracker:
             self._polls_in_status = 0
             self.statuses_seen.append(status.status)
             if status.status == "in_progress":
-                self._progress_since = now
+                queued_at = self._queued_at
+                self._start_after = self._started if queued_at is None else queued_at
+                self._start_seen = now
+                self._estimator.job_started(self.request_id, self._resolution, self._start_after)
             if status.status not in _KNOWN_STATES:
                 self._logger.warning(
                     "Request %s reported unknown status %r; still polling until the deadline.",
@@ -80,23 +92,42 @@ class WaitTracker:
                 )
         self._polls_in_status += 1
         self._last = status
+        if status.status == "in_queue":
+            self._queued_at = now
+        elif status.status == "in_progress":
+            self._last_running_at = now
         if changed:
             self._log_change(status, now)
             if self._on_status is not None:
                 self._on_status(status)
         if status.status in TERMINAL_STATES:
             return None
-        delay = next_poll_delay(
-            PollState(
-                status=status.status,
-                polls_in_status=self._polls_in_status,
-                seconds_in_status=now - self._status_since,
-                queue_position=status.queue_position,
-                earliest_run_seconds=self._estimator.earliest_run(self._resolution, self._policy),
-            ),
-            self._policy,
+        return self._within_deadline(next_poll_delay(self._state(status, now), self._policy), now)
+
+    def _state(self, status: RequestStatus, now: float) -> PollState:
+        since, uncertainty = self._status_since, 0.0
+        if status.status == "in_progress" and self._start_after is not None:
+            seen = now if self._start_seen is None else self._start_seen
+            uncertainty = (seen - self._start_after) / 2
+            since = self._start_after + uncertainty
+        queue = None
+        if status.status == "in_queue" and status.queue_position is not None:
+            queue = self._estimator.queue_wait(status.queue_position, now, self._policy)
+        quiet = self._estimator.earliest_run(self._resolution, self._policy, uncertainty)
+        if status.status == "in_progress" and quiet is not None:
+            # What the batch learns later may shorten this job's quiet window, never extend it.
+            if self._quiet is not None:
+                quiet = min(quiet, self._quiet)
+            self._quiet = quiet
+        return PollState(
+            status=status.status,
+            polls_in_status=self._polls_in_status,
+            seconds_in_status=now - since,
+            queue_position=status.queue_position,
+            earliest_run_seconds=quiet,
+            queue_earliest_start=None if queue is None else queue[0],
+            queue_expected_start=None if queue is None else queue[1],
         )
-        return self._within_deadline(delay, now)
 
     @property
     def polls_result_next(self) -> bool:
@@ -110,9 +141,11 @@ class WaitTracker:
         )
 
     def finish(self, result: RequestResult) -> RequestResult:
+        self._estimator.job_ended(self.request_id)
         if result.status == "completed":
-            if self._progress_since is not None:
-                self._estimator.record(self._resolution, self._clock() - self._progress_since)
+            run_seconds = self._run_seconds(result, self._clock())
+            if run_seconds is not None:
+                self._estimator.record(self._resolution, run_seconds)
             return result
         if result.status == "cancelled":
             raise JobCancelledError(
@@ -125,6 +158,29 @@ class WaitTracker:
             detail=result.error,
         )
 
+    def _run_seconds(self, result: RequestResult, now: float) -> float | None:
+        """How long the completed job ran, or None when we know it too vaguely to learn from.
+
+        The server's own timestamps (observed, not documented) give the time from
+        submit to end exactly; our estimate of the queue wait is subtracted. Without
+        them, the end lies between the last poll that saw the job run and now.
+        """
+        if self._start_after is None or self._start_seen is None:
+            return None
+        scale = self._policy.time_scale
+        dense = self._policy.dense_interval * scale
+        if self._start_seen - self._start_after > 2 * dense:
+            return None  # it started somewhere in a long gap between polls
+        started = (self._start_after + self._start_seen) / 2
+        if result.created_at is not None and result.finished_at is not None:
+            total = (result.finished_at - result.created_at).total_seconds()
+            # A wait that began long after the submit cannot tell the queue wait before it.
+            if total <= now - self._started + self._policy.initial_interval * scale:
+                return total - (started - self._started)
+        if self._last_running_at is None or now - self._last_running_at > 1.5 * dense:
+            return None  # it ended during the quiet window: only an upper bound is known
+        return (self._last_running_at + now) / 2 - started
+
     @property
     def elapsed(self) -> float:
         return self._clock() - self._started
@@ -134,6 +190,7 @@ class WaitTracker:
             return delay
         remaining = self._deadline - now
         if remaining <= 0:
+            self._estimator.job_ended(self.request_id)
             last = self._last.status if self._last else None
             raise WaitTimeoutError(
                 f"Request {self.request_id} did not finish within {self._timeout:g} s "

@@ -60,6 +60,16 @@ _DURATION_PARAMETERS = {
 }
 
 
+def draw_run_seconds(rng: random.Random, resolution: str) -> float:
+    """One run time of a job at `resolution`, in the model's seconds (unscaled).
+
+    The emulator draws its jobs' durations here, and benchmarks draw from the very
+    same distribution, so a simulated job and an emulated one are alike.
+    """
+    mu, sigma = _DURATION_PARAMETERS[resolution]
+    return rng.lognormvariate(mu, sigma)
+
+
 class InsufficientBalance(Exception):
     """A submit would spend more than the configured balance."""
 
@@ -274,8 +284,7 @@ class JobManager:
     def _draw_duration(self, resolution: str) -> float:
         if self._config.fixed_duration_seconds is not None:
             return self._config.fixed_duration_seconds
-        mu, sigma = _DURATION_PARAMETERS[resolution]
-        return self._rng.lognormvariate(mu, sigma) * self._config.time_scale
+        return draw_run_seconds(self._rng, resolution) * self._config.time_scale
 
     def _queue_position(self, job: _Job) -> int | None:
         if job.status != "in_queue":

@@ -1,0 +1,126 @@
+"""The pipeline flow: stage inputs → edit → archive outputs, each step its own task.
+
+It runs the same submit and wait tasks as `edit_image`, so the remote job follows
+the Prefect run the same way (a queued request is withdrawn when the run stops
+for good). The job key is made from the sources as the user gave them, not from
+the staged URLs, whose signatures change every time they are made: a retry of
+the flow run restages, and still resumes the same request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from typing import Annotated
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from .. import observe
+from ..client import (
+    NANO_BANANA_EDIT_MODEL_ID,
+    AspectRatio,
+    NanoBananaEditInput,
+    OutputFormat,
+    Resolution,
+)
+from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
+from ..storage import DEFAULT_ARCHIVE_URI, job_key_for
+from ..storage_tasks import archive_request, stage_images
+from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
+from .edit import withdrawn_if_abandoned
+
+
+class EditAndArchiveResult(BaseModel):
+    """Where one edit's outputs were archived, and what it cost."""
+
+    request_id: str = Field(description="The RunComfy request id.")
+    output_locations: list[str] = Field(description="The archived images, in output order.")
+    metadata_location: str = Field(description="The request's metadata.json.")
+    statuses: list[str] = Field(description="The statuses seen while waiting.")
+    cost: float | None = Field(default=None, description="The cost RunComfy reported.")
+    seconds: float | None = Field(default=None, description="Submit to finish, in seconds.")
+    resumed: bool = Field(description="True when an earlier attempt of this run submitted it.")
+
+
+@flow(name="nano-banana-edit-and-archive", on_cancellation=[cancel_recorded_requests])
+def edit_and_archive(
+    prompt: str,
+    images: list[str],
+    archive_uri: str = DEFAULT_ARCHIVE_URI,
+    staging_uri: str | None = None,
+    aspect_ratio: AspectRatio = "auto",
+    resolution: Resolution = "1K",
+    output_format: OutputFormat = "png",
+    num_images: Annotated[int, Field(ge=1, le=4)] = 1,
+    credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
+    aws_credentials: str | None = None,
+    timeout_seconds: float = 600,
+) -> EditAndArchiveResult:
+    """Stage images, edit them with Nano Banana Pro, and archive the outputs with metadata.
+
+    Args:
+        prompt: The edit instruction.
+        images: Local files, folders, globs, s3:// objects or https:// URLs (1 to 20 images).
+        archive_uri: A local folder (default), s3://bucket/prefix or s3-bucket://BLOCK/prefix.
+        staging_uri: Where local inputs are uploaded for RunComfy to fetch: s3://…,
+            s3-bucket://…, or a loopback object store's URL. Not needed for URLs.
+        aspect_ratio: Output aspect ratio; "auto" follows the input image.
+        resolution: Output resolution.
+        output_format: Output image format.
+        num_images: How many images to produce (1 to 4).
+        credentials: A `RunComfyCredentials` block or its name ("default" falls back
+            to the RUNCOMFY_* environment variables).
+        aws_credentials: The name of a prefect-aws `AwsCredentials` block for S3;
+            None uses boto3's standard chain and AWS_ENDPOINT_URL.
+        timeout_seconds: How long to wait for the edit (a queued request is then cancelled).
+    """
+    options = {
+        "aspect_ratio": aspect_ratio,
+        "resolution": resolution,
+        "output_format": output_format,
+        "num_images": num_images,
+    }
+    # Options and counts are checked before anything is uploaded or paid for.
+    NanoBananaEditInput(prompt=prompt, image_urls=images, **options)
+    resolved = resolve_credentials(credentials)
+    staged = stage_images(images, staging_uri, aws_credentials)
+    edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
+    scope = str(observe.current_flow_run_id())
+    job_key = hashlib.sha256(f"{scope}:{job_key_for(prompt, images, options)}".encode()).hexdigest()
+    submitted = submit_edit(edit, resolved, job_key=job_key[:32])
+    with withdrawn_if_abandoned(resolved, submitted.request_id):
+        outcome = wait_for_request(
+            submitted.request_id, resolved, timeout_seconds=timeout_seconds, resolution=resolution
+        )
+    record = archive_request(
+        submitted.request_id,
+        outcome.output_urls,
+        archive_uri,
+        {
+            "prompt": prompt,
+            "parameters": options,
+            "model_id": NANO_BANANA_EDIT_MODEL_ID,
+            "sources": [asset.source for asset in staged],
+            "created_at": outcome.created_at,
+            "finished_at": outcome.finished_at,
+            "cost": outcome.cost,
+            "flow_run_id": scope,
+        },
+        outcome.created_at,
+        aws_credentials,
+    )
+    submitted_at = submitted.submitted_at or outcome.created_at
+    seconds = None
+    if submitted_at and outcome.finished_at:
+        seconds = (outcome.finished_at - submitted_at) / timedelta(seconds=1)
+    assert record.metadata_location is not None  # set whenever every output was archived
+    return EditAndArchiveResult(
+        request_id=submitted.request_id,
+        output_locations=record.output_locations,
+        metadata_location=record.metadata_location,
+        statuses=outcome.statuses,
+        cost=outcome.cost,
+        seconds=seconds,
+        resumed=submitted.resumed,
+    )

@@ -1,0 +1,147 @@
+"""Prefect tasks over the storage room: stage inputs, archive outputs.
+
+Thin on purpose: the storage functions do the work; these tasks give them a
+name in the Prefect UI, run their blocking I/O off the event loop in the async
+twins, and resolve prefect-aws blocks into a boto3 client, because data teams
+already keep their AWS access in `AwsCredentials` / `S3Bucket` blocks.
+
+An `S3Bucket` block is named in a location as `s3-bucket://BLOCK_NAME/prefix`:
+it becomes `s3://{bucket_name}/{bucket_folder}/prefix` with the block's credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anyio import to_thread
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect_aws import AwsCredentials, S3Bucket
+
+from .storage import (
+    DEFAULT_EXPIRES_IN,
+    ArchiveRecord,
+    StagedAsset,
+    archive_outputs,
+    stage_assets,
+)
+
+S3_BUCKET_BLOCK_SCHEME = "s3-bucket://"
+
+AwsCredentialsLike = AwsCredentials | str | None  # a block, or the name of a saved one
+
+
+def _aws_credentials(aws_credentials: AwsCredentialsLike) -> AwsCredentials | None:
+    if isinstance(aws_credentials, str):
+        return AwsCredentials.load(aws_credentials, _sync=True)
+    return aws_credentials
+
+
+def resolve_location(
+    uri: str | None, aws_credentials: AwsCredentialsLike = None
+) -> tuple[str | None, Any]:
+    """A storage location and the boto3 S3 client to reach it (None: the default chain)."""
+    if uri is not None and uri.startswith(S3_BUCKET_BLOCK_SCHEME):
+        block_name, _, prefix = uri.removeprefix(S3_BUCKET_BLOCK_SCHEME).partition("/")
+        bucket = S3Bucket.load(block_name, _sync=True)
+        folder = "/".join(part.strip("/") for part in (bucket.bucket_folder, prefix) if part)
+        resolved = f"s3://{bucket.bucket_name}/{folder}".rstrip("/")
+        return resolved, bucket.credentials.get_s3_client()
+    credentials = _aws_credentials(aws_credentials)
+    if credentials is None or uri is None or not uri.startswith("s3://"):
+        return uri, None
+    return uri, credentials.get_s3_client()
+
+
+def _stage(
+    sources: Sequence[str],
+    staging_uri: str | None,
+    aws_credentials: AwsCredentialsLike,
+    expires_in: int,
+) -> list[StagedAsset]:
+    location, s3_client = resolve_location(staging_uri, aws_credentials)
+    return stage_assets(list(sources), location, s3_client=s3_client, expires_in=expires_in)
+
+
+@task(name="stage-images", cache_policy=NO_CACHE)
+def stage_images(
+    sources: list[str],
+    staging_uri: str | None = None,
+    aws_credentials: AwsCredentialsLike = None,
+    expires_in: int = DEFAULT_EXPIRES_IN,
+) -> list[StagedAsset]:
+    """Check every source, upload local files once (content-addressed), return fetchable URLs.
+
+    Args:
+        sources: Local files, folders, globs, `s3://` objects or `https://` URLs.
+        staging_uri: `s3://bucket/prefix`, `s3-bucket://BLOCK/prefix`, or a loopback
+            object store's URL; needed only for local files.
+        aws_credentials: A prefect-aws `AwsCredentials` block or its name; None uses
+            boto3's standard chain (and `AWS_ENDPOINT_URL`).
+        expires_in: Lifetime of the pre-signed URLs, in seconds: queue plus run time.
+    """
+    return _stage(sources, staging_uri, aws_credentials, expires_in)
+
+
+@task(name="stage-images", cache_policy=NO_CACHE)
+async def astage_images(
+    sources: list[str],
+    staging_uri: str | None = None,
+    aws_credentials: AwsCredentialsLike = None,
+    expires_in: int = DEFAULT_EXPIRES_IN,
+) -> list[StagedAsset]:
+    """The async twin of `stage_images`."""
+    return await to_thread.run_sync(_stage, sources, staging_uri, aws_credentials, expires_in)
+
+
+def _archive(
+    request_id: str,
+    output_urls: Sequence[str],
+    archive_uri: str,
+    metadata: Mapping[str, Any],
+    created_at: dt.datetime | None,
+    aws_credentials: AwsCredentialsLike,
+) -> ArchiveRecord:
+    location, s3_client = resolve_location(archive_uri, aws_credentials)
+    return archive_outputs(
+        request_id,
+        output_urls,
+        date=created_at.date() if created_at else None,
+        archive_uri=location,
+        metadata=metadata,
+        s3_client=s3_client,
+    )
+
+
+@task(name="archive-outputs", task_run_name="archive-{request_id}", cache_policy=NO_CACHE)
+def archive_request(
+    request_id: str,
+    output_urls: list[str],
+    archive_uri: str,
+    metadata: dict[str, Any],
+    created_at: dt.datetime | None = None,
+    aws_credentials: AwsCredentialsLike = None,
+) -> ArchiveRecord:
+    """Stream a request's outputs into the archive with its metadata.json (idempotent).
+
+    The folder is `{archive}/{created_at date}/{request_id}/`, so archiving the
+    same request again finds it complete and writes nothing.
+    """
+    return _archive(request_id, output_urls, archive_uri, metadata, created_at, aws_credentials)
+
+
+@task(name="archive-outputs", task_run_name="archive-{request_id}", cache_policy=NO_CACHE)
+async def aarchive_request(
+    request_id: str,
+    output_urls: list[str],
+    archive_uri: str,
+    metadata: dict[str, Any],
+    created_at: dt.datetime | None = None,
+    aws_credentials: AwsCredentialsLike = None,
+) -> ArchiveRecord:
+    """The async twin of `archive_request`."""
+    return await to_thread.run_sync(
+        _archive, request_id, output_urls, archive_uri, metadata, created_at, aws_credentials
+    )

@@ -1,0 +1,300 @@
+"""Stage → edit → archive on real storage: moto's S3 server, local folders, the emulator.
+
+Every test runs the flows on the session's Prefect test server, with the emulator
+over HTTP on loopback and S3 served by moto's server (not in-process patching).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from prefect_nanobanana.emulator import Fault, FaultPlan
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TIME_SCALE = 0.005
+
+
+def _all_text(folder: Path) -> str:
+    return "\n".join(path.read_text() for path in folder.rglob("*.json*"))
+
+
+def _s3_text(s3_client, bucket: str) -> str:
+    texts = []
+    for item in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []):
+        if item["Key"].endswith((".json", ".jsonl")):
+            texts.append(
+                s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
+            )
+    return "\n".join(texts)
+
+
+def test_local_folder_staged_to_s3_edited_and_archived_to_s3(
+    emulator_factory, use_emulator, sample_images, s3_client, s3_bucket
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    result = edit_and_archive(
+        prompt="make it look like a watercolour",
+        images=[str(sample_images / "a.png"), str(sample_images / "b.jpg")],
+        archive_uri=f"s3://{s3_bucket}/archive",
+        staging_uri=f"s3://{s3_bucket}/staging",
+        aspect_ratio="4:3",
+        num_images=2,
+    )
+    assert len(result.output_locations) == 2
+    assert all(
+        location.startswith(f"s3://{s3_bucket}/archive/") for location in result.output_locations
+    )
+    # The emulator fetched the pre-signed URLs itself, from moto's server.
+    fetched = emulator.stats.fetched_input_urls
+    assert len(fetched) == 2
+    assert all(f"/{s3_bucket}/staging/" in url and "Signature" in url for url in fetched)
+    key = result.output_locations[0].removeprefix(f"s3://{s3_bucket}/")
+    body = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    image = Image.open(__import__("io").BytesIO(body))
+    assert image.size == (1200, 896)
+    metadata_key = result.metadata_location.removeprefix(f"s3://{s3_bucket}/")
+    metadata = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=metadata_key)["Body"].read())
+    assert metadata["request_id"] == result.request_id
+    assert metadata["prompt"] == "make it look like a watercolour"
+    assert metadata["parameters"]["aspect_ratio"] == "4:3"
+    assert [output["width"] for output in metadata["outputs"]] == [1200, 1200]
+    assert len(metadata["outputs"][0]["sha256"]) == 64
+    assert metadata["flow_run_id"]
+    text = _s3_text(s3_client, s3_bucket)
+    assert "Signature" not in text and "X-Amz" not in text
+    assert emulator.config.api_tokens[0] not in text
+
+
+def test_archive_to_local_folder_with_loopback_staging_and_no_reupload(
+    emulator_factory, use_emulator, sample_images, loopback_store, tmp_path, monkeypatch
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    archive = tmp_path / "archive"
+    store_files = lambda: sorted(p for p in Path(loopback_store.folder).rglob("*") if p.is_file())  # noqa: E731
+    first = edit_and_archive(
+        prompt="sunset",
+        images=[str(sample_images / "c.webp")],
+        archive_uri=str(archive),
+        staging_uri=loopback_store.base_url,
+        output_format="jpeg",
+    )
+    staged_once = [(p, p.stat().st_mtime_ns) for p in store_files()]
+    second = edit_and_archive(
+        prompt="sunset again",
+        images=[str(sample_images / "c.webp")],
+        archive_uri=str(archive),
+        staging_uri=loopback_store.base_url,
+        output_format="jpeg",
+    )
+    assert [(p, p.stat().st_mtime_ns) for p in store_files()] == staged_once  # nothing re-uploaded
+    assert len([path for path, _ in staged_once if "objects" in path.parts]) == 1
+    for result in (first, second):
+        saved = Path(result.output_locations[0])
+        assert saved.is_file() and saved.suffix in (".jpeg", ".jpg")
+        assert saved.parent.name == result.request_id
+        assert Image.open(saved).format == "JPEG"
+    assert emulator.stats.submits_accepted == 2
+    assert "signature=" not in _all_text(archive)
+
+
+@pytest.mark.parametrize(
+    ("make_input", "expected"),
+    [
+        (lambda folder: str(folder / "missing.png"), "missing.png"),
+        (lambda folder: str(folder / "notes.txt"), "notes.txt"),
+        (lambda folder: "http://example.com/a.png", "non-HTTPS"),
+    ],
+)
+def test_bad_inputs_fail_clearly_before_any_submit(
+    emulator_factory, use_emulator, sample_images, s3_bucket, make_input, expected
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    with pytest.raises(Exception, match=expected):
+        edit_and_archive(
+            prompt="p", images=[make_input(sample_images)], staging_uri=f"s3://{s3_bucket}/s"
+        )
+    assert emulator.stats.submits_received == 0
+
+
+def test_oversized_input_and_unknown_bucket_fail_before_any_submit(
+    emulator_factory, use_emulator, sample_images, s3_bucket
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    big = sample_images / "huge.png"
+    with big.open("wb") as handle:  # a PNG header, then 60 MB (sparse on disk)
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        handle.truncate(60 * 1024 * 1024)
+    with pytest.raises(Exception, match="50"):
+        edit_and_archive(prompt="p", images=[str(big)], staging_uri=f"s3://{s3_bucket}/s")
+    with pytest.raises(Exception, match="no-such-bucket"):
+        edit_and_archive(
+            prompt="p", images=[str(sample_images / "a.png")], staging_uri="s3://no-such-bucket/s"
+        )
+    assert emulator.stats.submits_received == 0
+
+
+def _jobs(sample_images: Path, count: int) -> list[dict]:
+    names = ["a.png", "b.jpg", "c.webp"]
+    ratios = ["1:1", "16:9", "auto", "3:4"]
+    return [
+        {
+            "id": f"row-{index}",
+            "prompt": f"variation {index}",
+            "images": [str(sample_images / names[index % 3])],
+            "aspect_ratio": ratios[index % 4],
+        }
+        for index in range(count)
+    ]
+
+
+async def test_batch_of_fifty_with_failures_and_rate_limits(
+    emulator_factory, use_emulator, sample_images, loopback_store, tmp_path, monkeypatch
+):
+    from prefect.client.orchestration import get_client
+
+    from prefect_nanobanana.flows import batch_edit
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    emulator = use_emulator(
+        emulator_factory(
+            workers=8,
+            time_scale=TIME_SCALE,
+            faults=FaultPlan(
+                [
+                    Fault("fail_job", endpoint="submit", calls=[3, 17, 40]),
+                    Fault("rate_limit", endpoint="submit", every=9, retry_after=0.05),
+                    Fault("rate_limit", endpoint="status", every=13, retry_after=0.02),
+                ]
+            ),
+        )
+    )
+    archive = tmp_path / "archive"
+    result = await batch_edit(
+        jobs=_jobs(sample_images, 50),
+        archive_uri=str(archive),
+        staging_uri=loopback_store.base_url,
+        max_concurrency=8,
+        concurrency_limit_name="test-batch-fifty",
+        allow_partial=True,
+    )
+    assert (result.archived, result.failed, result.skipped) == (47, 3, 0)
+    assert emulator.stats.submits_accepted == 50
+    assert emulator.stats.faults_fired["rate_limit"] > 0
+    failed = [row for row in result.rows if row.status == "failed"]
+    assert all(row.request_id and "failed" in row.error for row in failed), failed
+    assert result.total_cost == pytest.approx(sum(row.cost for row in result.rows if row.cost))
+    assert result.total_cost == pytest.approx(0.15 * 47)
+    manifest = [json.loads(line) for line in Path(result.results_manifest).read_text().splitlines()]
+    assert [line["row"] for line in manifest] == list(range(1, 51))
+    assert all(Path(p).is_file() for line in manifest for p in line["output_locations"])
+    async with get_client() as client:
+        artifacts = await client.read_artifacts()
+    keys = {artifact.key for artifact in artifacts}
+    assert {"nanobanana-batch-rows", "nanobanana-batch-report"} <= keys
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert any(a.data == 100.0 for a in progress), [(a.key, a.data) for a in progress]
+
+
+async def test_batch_rerun_skips_archived_rows_and_failed_rows_fail_the_flow(
+    emulator_factory, use_emulator, sample_images, loopback_store, tmp_path, monkeypatch
+):
+    from prefect_nanobanana.flows import BatchFailedError, batch_edit
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    emulator = use_emulator(
+        emulator_factory(
+            time_scale=TIME_SCALE,
+            faults=FaultPlan([Fault("fail_job", endpoint="submit", calls=[2])]),
+        )
+    )
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(job) for job in _jobs(sample_images, 4)))
+    archive = tmp_path / "archive"
+    options = {
+        "manifest_uri": str(manifest),
+        "archive_uri": str(archive),
+        "staging_uri": loopback_store.base_url,
+        "concurrency_limit_name": "test-batch-rerun",
+    }
+    with pytest.raises(BatchFailedError, match="1 of 4 rows failed"):
+        await batch_edit(**options)
+    again = await batch_edit(**options)  # the failed row is resubmitted; the rest skipped
+    assert (again.archived, again.skipped, again.failed) == (1, 3, 0)
+    assert emulator.stats.submits_accepted == 5
+
+
+_KILLABLE_BATCH = """
+import asyncio, json, sys
+from prefect_nanobanana.flows import batch_edit
+options = json.loads(sys.argv[1])
+asyncio.run(batch_edit(**options))
+"""
+
+
+async def test_batch_killed_midway_resumes_without_paying_twice(
+    prefect_harness,
+    emulator_factory,
+    use_emulator,
+    sample_images,
+    loopback_store,
+    tmp_path,
+    monkeypatch,
+):
+    from prefect_nanobanana.flows import batch_edit
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    emulator = use_emulator(emulator_factory(workers=4, fixed_duration_seconds=1.5))
+    archive = tmp_path / "archive"
+    options = {
+        "jobs": _jobs(sample_images, 10),
+        "archive_uri": str(archive),
+        "staging_uri": loopback_store.base_url,
+        "max_concurrency": 4,
+        "concurrency_limit_name": "test-batch-kill",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_BATCH, json.dumps(options)],
+        env=prefect_harness.env(
+            **{k: v for k, v in os.environ.items() if k.startswith(("RUNCOMFY_", "NANOBANANA_"))}
+        ),
+    )
+    ledger = archive / "_ledger"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        entries = (
+            [json.loads(p.read_text()) for p in ledger.glob("*.json")] if ledger.exists() else []
+        )
+        if sum(entry["status"] == "submitted" for entry in entries) >= 4:
+            break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    submitted_before_kill = emulator.stats.submits_accepted
+    assert 4 <= submitted_before_kill < 10
+    # The killed run's concurrency slots stay leased until their lease expires;
+    # a different limit name keeps this test from waiting for that.
+    result = await batch_edit(**{**options, "concurrency_limit_name": "test-batch-kill-rerun"})
+    assert emulator.stats.submits_accepted == 10  # one paid request per row, over both runs
+    assert result.failed == 0 and result.archived + result.skipped == 10
+    metadata_files = list(archive.rglob("metadata.json"))
+    assert len(metadata_files) == 10
+    assert "signature=" not in _all_text(archive)
