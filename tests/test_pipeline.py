@@ -298,3 +298,28 @@ async def test_batch_killed_midway_resumes_without_paying_twice(
     metadata_files = list(archive.rglob("metadata.json"))
     assert len(metadata_files) == 10
     assert "signature=" not in _all_text(archive)
+
+
+async def test_flows_compose_as_subflows_with_typed_results(
+    emulator_factory, use_emulator, sample_images, loopback_store, tmp_path, monkeypatch
+):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "example_etl", Path(__file__).parents[1] / "flows" / "example_etl.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    manifest = tmp_path / "photos.csv"
+    manifest.write_text(
+        "id,prompt,images,num_images\n"
+        f"shoe,white background,{sample_images / 'a.png'},2\n"
+        f"bag,studio light,{sample_images / 'b.jpg'},1\n"
+    )
+    records = await example.product_photo_etl(
+        str(manifest), str(tmp_path / "archive"), loopback_store.base_url
+    )
+    assert sorted(record["row_id"] for record in records) == ["bag", "shoe", "shoe"]
+    assert all(Path(record["image"]).is_file() for record in records)

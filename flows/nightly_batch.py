@@ -1,0 +1,11 @@
+"""Entry point of the scheduled deployment: the nightly batch from a manifest URI."""
+
+from prefect_nanobanana.flows import batch_edit
+
+__all__ = ["batch_edit"]
+
+if __name__ == "__main__":
+    import asyncio
+    import sys
+
+    print(asyncio.run(batch_edit(manifest_uri=sys.argv[1], archive_uri=sys.argv[2])))
