@@ -26,6 +26,24 @@ EXIT_JOB_FAILED = 6
 EXIT_OUTCOME_UNKNOWN = 7
 EXIT_INTERRUPTED = 130
 
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Input errors raised before anything is paid; imported only once something failed."""
+    from pydantic import ValidationError
+
+    from .storage import LocationError, ManifestError, StagingError
+
+    return (
+        errors.InvalidRequestError,
+        errors.NotFoundError,
+        ValidationError,
+        LocationError,
+        StagingError,
+        ManifestError,
+        FileNotFoundError,
+    )
+
+
 # Most specific first: the first matching class decides the exit code and the hint.
 _FAILURES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
     (
@@ -48,11 +66,6 @@ _FAILURES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
         (errors.SubmitOutcomeUnknownError,),
         EXIT_OUTCOME_UNKNOWN,
         "Look at your RunComfy request history before submitting again.",
-    ),
-    (
-        (errors.InvalidRequestError, errors.NotFoundError, ValueError),
-        EXIT_BAD_INPUT,
-        "Fix the input named above; nothing was paid for.",
     ),
 ]
 
@@ -244,7 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
-        for classes, code, hint in _FAILURES:
+        failures = [
+            *_FAILURES,
+            (
+                _bad_input_errors(),
+                EXIT_BAD_INPUT,
+                "Fix the input named above; nothing was paid for.",
+            ),
+        ]
+        for classes, code, hint in failures:
             if isinstance(error, classes):
                 print(f"error: {error}\n{hint}", file=sys.stderr)
                 return code

@@ -21,9 +21,9 @@ from .client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
 class _StatusDisplay:
     """One live line on a terminal; one plain line per change otherwise (logs, CI)."""
 
-    def __init__(self, stream: Any = sys.stderr) -> None:
-        self._stream = stream
-        self._live = stream.isatty()
+    def __init__(self, stream: Any = None) -> None:
+        self._stream = stream or sys.stderr
+        self._live = self._stream.isatty()
         self._started = time.monotonic()
         self.request_id: str | None = None
 

@@ -1,0 +1,171 @@
+"""The `nanobanana` command against the emulator: raw verbs, edit, exit codes, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prefect_nanobanana.cli import (
+    EXIT_AUTH,
+    EXIT_BAD_INPUT,
+    EXIT_BALANCE,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OUTCOME_UNKNOWN,
+    EXIT_TIMEOUT,
+    main,
+)
+from prefect_nanobanana.emulator import Fault, FaultPlan
+
+TIME_SCALE = 0.005
+
+
+@pytest.fixture
+def api(emulator_factory, use_emulator):
+    """An emulator the CLI reaches through the RUNCOMFY_* variables, as a user's shell would."""
+
+    def start(**config):
+        return use_emulator(emulator_factory(time_scale=TIME_SCALE, **config))
+
+    return start
+
+
+def test_raw_verbs_print_json_for_scripts(api, image_server, capsys):
+    emulator = api()
+    url = image_server.url_for("square.png")
+    assert main(["submit", "--prompt", "p", "--image", url, "--json"]) == 0
+    request_id = json.loads(capsys.readouterr().out)["request_id"]
+    assert main(["status", request_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["request_id"] == request_id
+    while emulator.job(request_id).status != "completed":
+        time.sleep(0.01)
+    assert main(["result", request_id, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "completed" and len(result["output_urls"]) == 1
+    assert main(["cancel", request_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "not_cancellable"
+
+
+def test_result_download_saves_the_outputs(api, image_server, tmp_path, capsys):
+    emulator = api()
+    url = image_server.url_for("wide.png")
+    assert main(["submit", "--prompt", "p", "--image", url, "--num-images", "2"]) == 0
+    request_id = capsys.readouterr().out.strip()
+    while emulator.job(request_id).status != "completed":
+        time.sleep(0.01)
+    assert main(["result", request_id, "--download", str(tmp_path)]) == 0
+    saved = [line.removeprefix("saved ") for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(saved) == 2 and all(Path(path).is_file() for path in saved)
+
+
+def test_edit_stages_edits_and_saves(
+    api, sample_images, loopback_store, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    api()
+    code = main(
+        [
+            "edit",
+            "--prompt",
+            "noir",
+            "--image",
+            str(sample_images / "a.png"),
+            "--aspect-ratio",
+            "1:1",
+            "--output-format",
+            "webp",
+            "--staging",
+            loopback_store.base_url,
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ]
+    )
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert Path(payload["outputs"][0]).suffix == ".webp"
+    assert Path(payload["metadata"]).is_file()
+
+
+@pytest.mark.parametrize(
+    ("config", "argv_tail", "expected"),
+    [
+        ({}, ["--num-images", "7"], 2),  # argparse refuses it: usage error
+        ({"balance_usd": 0.01}, [], EXIT_BALANCE),
+        ({"faults": FaultPlan([Fault("fail_job", endpoint="submit")])}, [], EXIT_JOB_FAILED),
+        (
+            {"faults": FaultPlan([Fault("stuck", endpoint="submit")])},
+            ["--timeout", "0.3"],
+            EXIT_TIMEOUT,
+        ),
+        (
+            {"faults": FaultPlan([Fault("server_error", endpoint="submit", after_accept=True)])},
+            [],
+            EXIT_OUTCOME_UNKNOWN,
+        ),
+    ],
+)
+def test_distinct_exit_codes(api, image_server, tmp_path, capsys, config, argv_tail, expected):
+    api(**config)
+    argv = [
+        "edit",
+        "--prompt",
+        "p",
+        "--image",
+        image_server.url_for("square.png"),
+        "--out",
+        str(tmp_path),
+        *argv_tail,
+    ]
+    if expected == 2:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == EXIT_BAD_INPUT
+        return
+    assert main(argv) == expected
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_token_and_bad_input_exit_codes(api, image_server, monkeypatch, capsys):
+    api()
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "sk-wrong-secret")
+    assert main(["status", "x"]) == EXIT_AUTH
+    err = capsys.readouterr().err
+    assert "RUNCOMFY_API_TOKEN" in err and "sk-wrong-secret" not in err
+    assert main(["edit", "--prompt", "p", "--image", "/no/such/file.png"]) == EXIT_BAD_INPUT
+    assert "file.png" in capsys.readouterr().err
+
+
+def test_ctrl_c_cancels_a_queued_request(api, image_server):
+    emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect_nanobanana.cli",
+            "edit",
+            "--prompt",
+            "p",
+            "--image",
+            image_server.url_for("square.png"),
+        ],
+        env=dict(os.environ),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while emulator.stats.submits_accepted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == EXIT_INTERRUPTED
+    assert "still queued; cancel: cancelled" in err
+    assert emulator.stats.cancel_outcomes["cancelled"] == 1
