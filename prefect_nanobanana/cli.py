@@ -142,9 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connection_options(result)
     result.set_defaults(handler=_result)
 
-    emulator = verbs.add_parser("emulator", help="Run the offline RunComfy emulator.")
-    emulator.add_argument("emulator_args", nargs=argparse.REMAINDER)
-    emulator.set_defaults(handler=_emulator)
+    # Listed for --help only: `main` hands everything after "emulator" to its own parser.
+    verbs.add_parser(
+        "emulator",
+        help="Run the offline RunComfy emulator (see `nanobanana emulator --help`).",
+        add_help=False,
+    )
 
     demo = verbs.add_parser("demo", help="Run the offline demo pipeline end to end.")
     demo.add_argument("--out", default="nanobanana-demo", metavar="DIR")
@@ -236,12 +239,6 @@ def _batch(args: argparse.Namespace) -> int:
     return run_batch_command(args)
 
 
-def _emulator(args: argparse.Namespace) -> int:
-    from .emulator.__main__ import main as emulator_main
-
-    return emulator_main(args.emulator_args) or EXIT_OK
-
-
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -249,6 +246,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["emulator"]:
+        from .emulator.__main__ import main as emulator_main
+
+        return emulator_main(argv[1:])
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

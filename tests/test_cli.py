@@ -169,3 +169,11 @@ def test_ctrl_c_cancels_a_queued_request(api, image_server):
     assert child.returncode == EXIT_INTERRUPTED
     assert "still queued; cancel: cancelled" in err
     assert emulator.stats.cancel_outcomes["cancelled"] == 1
+
+
+def test_emulator_verb_takes_its_own_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["emulator", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--time-scale" in out and "--faults" in out and "--port" in out
