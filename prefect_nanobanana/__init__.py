@@ -16,8 +16,19 @@ _EXPORTS: dict[str, str] = {
     "RunComfyCredentials": ".credentials",
     "NanoBananaEditJob": ".jobs",
     "NanoBananaEditJobRun": ".jobs",
-    "EditImageResult": ".flows",
-    "edit_image": ".flows",
+    **dict.fromkeys(
+        [
+            "BatchEditResult",
+            "BatchFailedError",
+            "BatchJob",
+            "EditAndArchiveResult",
+            "EditImageResult",
+            "batch_edit",
+            "edit_and_archive",
+            "edit_image",
+        ],
+        ".flows",
+    ),
 }
 
 __all__ = sorted(_EXPORTS)
