@@ -323,3 +323,36 @@ async def test_flows_compose_as_subflows_with_typed_results(
     )
     assert sorted(record["row_id"] for record in records) == ["bag", "shoe", "shoe"]
     assert all(Path(record["image"]).is_file() for record in records)
+
+
+def test_prefect_aws_blocks_given_by_name(
+    emulator_factory, use_emulator, sample_images, moto_server, s3_client, s3_bucket, monkeypatch
+):
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from prefect_nanobanana.flows import edit_and_archive
+
+    use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=moto_server),
+    )
+    credentials.save("test-moto-credentials", overwrite=True)
+    S3Bucket(bucket_name=s3_bucket, bucket_folder="team", credentials=credentials).save(
+        "test-moto-bucket", overwrite=True
+    )
+    # Only the blocks know where S3 is: the default chain would reach nowhere.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    result = edit_and_archive(
+        prompt="blocks",
+        images=[str(sample_images / "a.png")],
+        archive_uri="s3-bucket://test-moto-bucket/edited",
+        staging_uri=f"s3://{s3_bucket}/staging",
+        aws_credentials="test-moto-credentials",
+    )
+    assert result.output_locations[0].startswith(f"s3://{s3_bucket}/team/edited/")
+    key = result.metadata_location.removeprefix(f"s3://{s3_bucket}/")
+    assert s3_client.head_object(Bucket=s3_bucket, Key=key)["ContentLength"] > 0
