@@ -320,3 +320,26 @@ def test_a_429_pauses_every_call_of_the_client():
     worker.join()
     assert other.call_count == 1
     assert waited >= 0.4
+
+
+@respx.mock
+def test_wait_tolerates_an_unknown_status_and_logs_it(caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="prefect_nanobanana.client")
+    client = RunComfyClient(
+        api_token=TOKEN, base_url=BASE, polling_policy=PollingPolicy(time_scale=0.001)
+    )
+    respx.get(f"{BASE}/v1/requests/r1/status").mock(
+        side_effect=[
+            httpx.Response(200, json={"status": "warming_up"}),
+            httpx.Response(200, json={"status": "warming_up"}),
+            httpx.Response(200, json={"status": "succeeded"}),
+        ]
+    )
+    respx.get(f"{BASE}/v1/requests/r1/result").respond(
+        200, json={"status": "succeeded", "output": {"images": ["https://x/0.png"]}}
+    )
+    result = client.wait("r1", timeout=5)
+    assert result.status == "completed" and result.output_urls == ["https://x/0.png"]
+    assert sum("unknown status 'warming_up'" in r.getMessage() for r in caplog.records) == 1
