@@ -65,7 +65,7 @@ _NOT_SUBMITTED = "not-submitted"
 # The client already retries each call (six attempts with backoff); Prefect's
 # retries ride out a longer outage, and only for transient errors. No caching:
 # a poll must ask the API every time, and `submit_edit` keeps its own record.
-_TASK_OPTIONS: dict[str, Any] = {
+TASK_OPTIONS: dict[str, Any] = {
     "cache_policy": NO_CACHE,
     "retries": 3,
     "retry_delay_seconds": [2.0, 10.0, 30.0],
@@ -327,7 +327,7 @@ def _record_failure_warning(submitted: SubmittedRequest) -> None:
     name="submit-edit",
     task_run_name=_submit_run_name,
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 def submit_edit(
     edit: NanoBananaEditInput | dict[str, Any],
@@ -377,7 +377,7 @@ def submit_edit(
     name="submit-edit",
     task_run_name=_submit_run_name,
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 async def asubmit_edit(
     edit: NanoBananaEditInput | dict[str, Any],
@@ -420,7 +420,7 @@ async def asubmit_edit(
     name="get-request-status",
     task_run_name="status-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 def get_request_status(
     request_id: str, credentials: RunComfyCredentials | None = None
@@ -434,7 +434,7 @@ def get_request_status(
     name="get-request-status",
     task_run_name="status-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 async def aget_request_status(
     request_id: str, credentials: RunComfyCredentials | None = None
@@ -448,7 +448,7 @@ async def aget_request_status(
     name="get-request-result",
     task_run_name="result-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 def get_request_result(
     request_id: str, credentials: RunComfyCredentials | None = None
@@ -462,7 +462,7 @@ def get_request_result(
     name="get-request-result",
     task_run_name="result-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 async def aget_request_result(
     request_id: str, credentials: RunComfyCredentials | None = None
@@ -485,7 +485,7 @@ def _after_cancel(result: CancelResult) -> CancelResult:
     name="cancel-request",
     task_run_name="cancel-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 def cancel_request(request_id: str, credentials: RunComfyCredentials | None = None) -> CancelResult:
     """Cancel a queued request; one already running says `not_cancellable` and runs on."""
@@ -497,7 +497,7 @@ def cancel_request(request_id: str, credentials: RunComfyCredentials | None = No
     name="cancel-request",
     task_run_name="cancel-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 async def acancel_request(
     request_id: str, credentials: RunComfyCredentials | None = None
@@ -567,7 +567,7 @@ def _success_row(outcome: RequestOutcome) -> dict[str, Any]:
     name="wait-for-request",
     task_run_name="wait-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 def wait_for_request(
     request_id: str,
@@ -605,7 +605,7 @@ def wait_for_request(
     name="wait-for-request",
     task_run_name="wait-{request_id}",
     retry_condition_fn=retry_if_transient,
-    **_TASK_OPTIONS,
+    **TASK_OPTIONS,
 )
 async def await_for_request(
     request_id: str,

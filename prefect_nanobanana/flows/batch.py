@@ -72,7 +72,7 @@ from ..storage import (
     write_results_manifest,
 )
 from ..storage_tasks import aarchive_request, resolve_location
-from ..tasks import retry_if_transient
+from ..tasks import TASK_OPTIONS, retry_if_transient
 
 DEFAULT_CONCURRENCY_LIMIT = "runcomfy-nano-banana"
 RESULTS_FOLDER = "_results"
@@ -272,10 +272,8 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
 @task(
     name="submit-edit",
     task_run_name="submit-row-{row}",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2.0, 10.0, 30.0],
     retry_condition_fn=retry_if_transient,
+    **TASK_OPTIONS,
 )
 async def asubmit_batch_row(
     row: int, job_key: str, edit: NanoBananaEditInput, batch: _Batch
@@ -319,10 +317,8 @@ async def asubmit_batch_row(
 @task(
     name="wait-for-request",
     task_run_name="wait-row-{row}",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2.0, 10.0, 30.0],
     retry_condition_fn=retry_if_transient,
+    **TASK_OPTIONS,
 )
 async def await_batch_row(
     row: int, request_id: str, resolution: str, batch: _Batch
