@@ -29,6 +29,9 @@ from .storage import (
 )
 
 S3_BUCKET_BLOCK_SCHEME = "s3-bucket://"
+# Staged URLs carry pre-signed signatures: never write them to result storage,
+# whatever the user's PREFECT_RESULTS_PERSIST_BY_DEFAULT says.
+SIGNED_RESULT_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 AwsCredentialsLike = AwsCredentials | str | None  # a block, or the name of a saved one
 
@@ -65,7 +68,7 @@ def _stage(
     return stage_assets(list(sources), location, s3_client=s3_client, expires_in=expires_in)
 
 
-@task(name="stage-images", cache_policy=NO_CACHE)
+@task(name="stage-images", **SIGNED_RESULT_OPTIONS)
 def stage_images(
     sources: list[str],
     staging_uri: str | None = None,
@@ -85,7 +88,7 @@ def stage_images(
     return _stage(sources, staging_uri, aws_credentials, expires_in)
 
 
-@task(name="stage-images", cache_policy=NO_CACHE)
+@task(name="stage-images", **SIGNED_RESULT_OPTIONS)
 async def astage_images(
     sources: list[str],
     staging_uri: str | None = None,

@@ -71,7 +71,7 @@ from ..storage import (
     strip_signature,
     write_results_manifest,
 )
-from ..storage_tasks import aarchive_request, resolve_location
+from ..storage_tasks import SIGNED_RESULT_OPTIONS, aarchive_request, resolve_location
 from ..tasks import TASK_OPTIONS, retry_if_transient
 
 DEFAULT_CONCURRENCY_LIMIT = "runcomfy-nano-banana"
@@ -231,7 +231,7 @@ def _stage_rows(
             plan.error = f"row {plan.row}: {redact_text(str(error))}"
 
 
-@task(name="plan-batch", cache_policy=NO_CACHE)
+@task(name="plan-batch", **SIGNED_RESULT_OPTIONS)
 async def aplan_batch(
     jobs: list[BatchJob],
     defaults: dict[str, Any],
