@@ -343,3 +343,39 @@ def test_wait_tolerates_an_unknown_status_and_logs_it(caplog):
     result = client.wait("r1", timeout=5)
     assert result.status == "completed" and result.output_urls == ["https://x/0.png"]
     assert sum("unknown status 'warming_up'" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_queue_wait_predicts_a_start_from_the_batchs_running_jobs():
+    policy = PollingPolicy()
+    estimator = RunDurationEstimator()
+    assert estimator.queue_wait(1, now=0.0, policy=policy) is None  # nothing of ours runs
+    for seconds in (9.5, 10.0, 10.5, 9.8, 10.2, 10.1, 9.9):
+        estimator.record("1K", seconds)
+    estimator.job_started("a", "1K", after=0.0)
+    estimator.job_started("b", "1K", after=0.0)
+    earliest, expected = estimator.queue_wait(1, now=2.0, policy=policy)
+    assert 0 < earliest <= expected
+    assert 6.5 < expected < 8.5  # one of two 10 s runs started 2 s ago ends in about 8 s
+    later = estimator.queue_wait(3, now=2.0, policy=policy)[1]
+    assert later > expected + 4  # past all running jobs: a mean run per worker more
+    estimator.job_ended("a")
+    estimator.job_ended("b")
+    assert estimator.queue_wait(1, now=2.0, policy=policy) is None
+
+
+def test_a_queued_job_sleeps_through_its_predicted_wait_but_not_past_its_end():
+    policy = PollingPolicy()
+    queued = PollState(
+        "in_queue",
+        1,
+        0.0,
+        queue_position=20,
+        earliest_run_seconds=12.0,
+        queue_earliest_start=30.0,
+        queue_expected_start=40.0,
+    )
+    delay = next_poll_delay(queued, policy)
+    assert delay == pytest.approx(policy.queue_sleep_fraction * 40.0)
+    assert delay <= 30.0 + 12.0
+    soon = PollState("in_queue", 1, 0.0, queue_earliest_start=0.5, queue_expected_start=1.0)
+    assert next_poll_delay(soon, policy) == policy.max_interval
