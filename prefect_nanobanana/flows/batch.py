@@ -16,6 +16,12 @@ A rerun of the same batch (same manifest and archive) skips rows already
 archived and adopts requests already submitted, so a crashed batch resumes
 without paying twice. Rows are told apart by their `id`, else by their position:
 give rows ids when a manifest may be reordered between runs.
+
+Scale-out: with `chunk_size` and `chunk_deployment`, the run splits its rows into
+chunks and runs each as a child run of a deployment of this flow, so the chunks
+spread over the workers of that deployment's pool; the parent gathers their rows.
+The ledger and the global concurrency limit are what make this safe: children skip
+rows already archived, and together they stay within one API quota.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
 from typing import Annotated, Any, Literal
+from uuid import uuid4
 
 from anyio import to_thread
 from prefect import flow, task
@@ -40,6 +47,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.asyncio import concurrency
+from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field, ValidationError
@@ -71,6 +80,7 @@ from ..storage import (
     strip_signature,
     write_results_manifest,
 )
+from ..storage.backends import open_object
 from ..storage_tasks import SIGNED_RESULT_OPTIONS, aarchive_request, resolve_location
 from ..tasks import TASK_OPTIONS, retry_if_transient
 
@@ -78,6 +88,8 @@ DEFAULT_CONCURRENCY_LIMIT = "runcomfy-nano-banana"
 RESULTS_FOLDER = "_results"
 # A crashed run's slots come back when their lease runs out; the holder renews it.
 LEASE_SECONDS = 60.0
+# How often the parent of a chunked batch asks the server whether a chunk's run ended.
+CHUNK_POLL_SECONDS = 5.0
 
 RowStatus = Literal["archived", "skipped", "failed"]
 
@@ -478,6 +490,185 @@ def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- scale-out
+
+
+def _credentials_parameter(credentials: RunComfyCredentials | str) -> str:
+    """The parent's credentials as a child run's parameter: the block's name.
+
+    A block object cannot travel as a parameter (its token is a secret), and Prefect
+    3.8's server rejects a `$ref` to a block for this parameter, so a saved block
+    goes by its name, which the child loads.
+    """
+    if isinstance(credentials, str):
+        return credentials
+    name = credentials._block_document_name
+    if name is None:
+        raise ValueError(
+            "a chunked batch passes its credentials to child runs, so they must be a saved "
+            "RunComfyCredentials block (or its name), not an unsaved one"
+        )
+    return name
+
+
+def _read_chunk_rows(location: str, aws_credentials: str | None) -> list[BatchRowResult]:
+    """The rows a chunk's run wrote to its results manifest; none if it wrote none."""
+    target, s3_client = resolve_location(location, aws_credentials)
+    assert target is not None
+    backend, key = open_object(target, s3_client)
+    raw = backend.read_bytes(key)
+    lines = raw.decode("utf-8").splitlines() if raw else []
+    return [BatchRowResult.model_validate_json(line) for line in lines if line.strip()]
+
+
+def _in_parent_numbering(
+    chunk: list[BatchJob], start: int, child_rows: list[BatchRowResult], missing: str
+) -> list[BatchRowResult]:
+    """A chunk's rows with the parent's row numbers and ids; a row the child never reported
+    (its run crashed, say) fails with `missing` as the reason."""
+    found = {row.row: row for row in child_rows}
+    rows = []
+    for offset, job in enumerate(chunk, start=1):
+        row = found.get(offset) or BatchRowResult(
+            row=offset,
+            status="failed",
+            prompt=job.prompt,
+            sources=[strip_signature(source) for source in job.images],
+            error=missing,
+        )
+        rows.append(row.model_copy(update={"row": start + offset, "id": job.id}))
+    return rows
+
+
+async def _run_in_chunks(
+    jobs: list[BatchJob],
+    chunk_size: int,
+    chunk_deployment: str,
+    options: dict[str, Any],
+    results_location: str,
+    aws_credentials: str | None,
+) -> list[BatchRowResult]:
+    """Run the rows as concurrent child runs of `chunk_deployment`; their rows, renumbered.
+
+    A child returns its rows through its results manifest, written next to the
+    parent's, rather than through Prefect's result storage: the manifest is written
+    even when the child fails on failed rows, it lives in the archive every worker
+    must share anyway (for the ledger), and persisting the flow's result would also
+    persist its tasks' results, which hold the API's signed output URLs.
+    """
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    parent = context.flow_run.name if context and context.flow_run else "batch"
+    # Fresh per run of the parent: a retried parent never reads an earlier attempt's rows.
+    token = uuid4().hex[:8]
+    starts = range(0, len(jobs), chunk_size)
+    done = 0
+
+    async def run_chunk(index: int, start: int) -> list[BatchRowResult]:
+        nonlocal done
+        chunk = jobs[start : start + chunk_size]
+        location = f"{results_location.removesuffix('.jsonl')}.chunk-{index:03d}-{token}.jsonl"
+        # A row without an id is told apart by its position: give it its position in
+        # the parent, so the child finds the same ledger entry as an unchunked run would.
+        child_jobs = [
+            {**job.model_dump(exclude_none=True), "id": job.id or str(start + offset)}
+            for offset, job in enumerate(chunk, start=1)
+        ]
+        child = await run_deployment(
+            name=chunk_deployment,
+            parameters={
+                **options,
+                "jobs": child_jobs,
+                "results_uri": location,
+                "chunk_size": None,
+                "chunk_deployment": None,
+            },
+            flow_run_name=f"{parent}-chunk-{index}-of-{len(starts)}",
+            poll_interval=CHUNK_POLL_SECONDS,
+            as_subflow=True,
+        )
+        ended = child.state.name if child.state else "unknown"
+        if child.state and child.state.message:
+            ended = redact_text(f"{ended} ({child.state.message})")
+        rows = f"{start + 1}-{start + len(chunk)}"
+        logger.info("Chunk %d (rows %s) ran as flow run %r: %s", index, rows, child.name, ended)
+        child_rows = await to_thread.run_sync(_read_chunk_rows, location, aws_credentials)
+        missing = (
+            f"chunk {index} (flow run {child.name}) ended {ended} without a result for this "
+            "row; rerun the batch to retry it (rows already archived are skipped)"
+        )
+        done += len(chunk)
+        if (listener := ROW_PROGRESS.get()) is not None:
+            listener(done, len(jobs))
+        return _in_parent_numbering(chunk, start, child_rows, missing)
+
+    chunks = await asyncio.gather(
+        *(run_chunk(index, start) for index, start in enumerate(starts, start=1))
+    )
+    return [row for rows in chunks for row in rows]
+
+
+async def _finish_batch(
+    rows: list[BatchRowResult],
+    results_location: str,
+    allow_partial: bool,
+    aws_credentials: str | None,
+) -> BatchEditResult:
+    """Write the results manifest and artifacts; raise when rows failed, unless allowed."""
+    results_target, results_s3 = resolve_location(results_location, aws_credentials)
+    await to_thread.run_sync(
+        partial(
+            write_results_manifest,
+            results_target,
+            [row.model_dump(mode="json") for row in rows],
+            s3_client=results_s3,
+        )
+    )
+    total_cost = round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6)
+    result = BatchEditResult(
+        rows=rows,
+        results_manifest=results_location,
+        archived=sum(row.status == "archived" for row in rows),
+        skipped=sum(row.status == "skipped" for row in rows),
+        failed=sum(row.status == "failed" for row in rows),
+        total_cost=total_cost,
+    )
+    await acreate_table_artifact(
+        key="nanobanana-batch-rows",
+        table=[
+            {
+                "row": row.row,
+                "request_id": row.request_id,
+                "status": row.status,
+                "seconds": row.seconds,
+                "cost": row.cost,
+                "output": row.output_locations[0] if row.output_locations else None,
+                "error": row.error,
+            }
+            for row in rows
+        ],
+        description=f"Rows of the batch; results manifest: {results_location}",
+    )
+    await acreate_markdown_artifact(
+        key="nanobanana-batch-report", markdown=_report_markdown(rows, total_cost)
+    )
+    get_run_logger().info(
+        "Batch done: %d archived, %d skipped, %d failed; total cost $%.2f; results in %s",
+        result.archived,
+        result.skipped,
+        result.failed,
+        total_cost,
+        results_location,
+    )
+    if result.failed and not allow_partial:
+        raise BatchFailedError(
+            f"{result.failed} of {len(rows)} rows failed (every success is archived; see "
+            f"{results_location}); rerun to retry them, or pass allow_partial=True",
+            result,
+        )
+    return result
+
+
 @flow(name="nano-banana-batch")
 async def batch_edit(
     jobs: list[BatchJob] | None = None,
@@ -495,6 +686,8 @@ async def batch_edit(
     aws_credentials: str | None = None,
     timeout_seconds: float = 1800,
     results_uri: str | None = None,
+    chunk_size: Annotated[int, Field(ge=1)] | None = None,
+    chunk_deployment: str | None = None,
 ) -> BatchEditResult:
     """Run many Nano Banana Pro edits: stage, submit, wait and archive every row.
 
@@ -522,12 +715,39 @@ async def batch_edit(
         timeout_seconds: How long one row may wait for its request.
         results_uri: Where to write the JSONL results manifest; defaults to
             `{archive_uri}/_results/batch-{timestamp}.jsonl`.
+        chunk_size: Scale out: with more rows than this, run them in chunks of this
+            many, each a child run of `chunk_deployment`, all at once.
+        chunk_deployment: The deployment of this flow that runs the chunks, as
+            "flow-name/deployment-name" (e.g. "nano-banana-batch/chunk").
     """
-    logger = get_run_logger()
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
+    if (chunk_size is None) != (chunk_deployment is None):
+        raise ValueError("give both `chunk_size` and `chunk_deployment`, or neither")
     if jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
+    if chunk_size is not None and chunk_deployment is not None and len(jobs) > chunk_size:
+        options = {
+            "archive_uri": archive_uri,
+            "staging_uri": staging_uri,
+            "aspect_ratio": aspect_ratio,
+            "resolution": resolution,
+            "output_format": output_format,
+            "num_images": num_images,
+            "max_concurrency": max_concurrency,
+            "concurrency_limit_name": concurrency_limit_name,
+            "allow_partial": allow_partial,
+            "credentials": _credentials_parameter(credentials),
+            "aws_credentials": aws_credentials,
+            "timeout_seconds": timeout_seconds,
+        }
+        # Made here, once: children starting together would race to create it.
+        await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
+        results_location = _results_location(archive_uri, results_uri)
+        rows = await _run_in_chunks(
+            jobs, chunk_size, chunk_deployment, options, results_location, aws_credentials
+        )
+        return await _finish_batch(rows, results_location, allow_partial, aws_credentials)
     defaults = {
         "aspect_ratio": aspect_ratio,
         "resolution": resolution,
@@ -592,56 +812,6 @@ async def batch_edit(
             await aupdate_progress_artifact(progress_id, 100.0)
         rows = [outcomes[plan.row] for plan in plans]
 
-    results_location = _results_location(archive_uri, results_uri)
-    results_target, results_s3 = resolve_location(results_location, aws_credentials)
-    await to_thread.run_sync(
-        partial(
-            write_results_manifest,
-            results_target,
-            [row.model_dump(mode="json") for row in rows],
-            s3_client=results_s3,
-        )
+    return await _finish_batch(
+        rows, _results_location(archive_uri, results_uri), allow_partial, aws_credentials
     )
-    total_cost = round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6)
-    result = BatchEditResult(
-        rows=rows,
-        results_manifest=results_location,
-        archived=sum(row.status == "archived" for row in rows),
-        skipped=sum(row.status == "skipped" for row in rows),
-        failed=sum(row.status == "failed" for row in rows),
-        total_cost=total_cost,
-    )
-    await acreate_table_artifact(
-        key="nanobanana-batch-rows",
-        table=[
-            {
-                "row": row.row,
-                "request_id": row.request_id,
-                "status": row.status,
-                "seconds": row.seconds,
-                "cost": row.cost,
-                "output": row.output_locations[0] if row.output_locations else None,
-                "error": row.error,
-            }
-            for row in rows
-        ],
-        description=f"Rows of the batch; results manifest: {results_location}",
-    )
-    await acreate_markdown_artifact(
-        key="nanobanana-batch-report", markdown=_report_markdown(rows, total_cost)
-    )
-    logger.info(
-        "Batch done: %d archived, %d skipped, %d failed; total cost $%.2f; results in %s",
-        result.archived,
-        result.skipped,
-        result.failed,
-        total_cost,
-        results_location,
-    )
-    if result.failed and not allow_partial:
-        raise BatchFailedError(
-            f"{result.failed} of {len(rows)} rows failed (every success is archived; see "
-            f"{results_location}); rerun to retry them, or pass allow_partial=True",
-            result,
-        )
-    return result
