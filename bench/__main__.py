@@ -1,4 +1,4 @@
-"""`python -m bench [polling] [memory] [startup]`: run the named benchmarks, or all.
+"""`python -m bench [name ...]`: run the named benchmarks, or all of them.
 
 Each prints its tables and a one-line verdict; the verdicts are repeated at the
 end so a long run can be judged at a glance. Exit status 1 if a goal is missed.
@@ -13,7 +13,7 @@ import time
 
 from ._common import Verdict
 
-BENCHMARKS = ("polling", "memory", "startup")
+BENCHMARKS = ("polling", "memory", "startup", "batch_overhead", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,7 @@ class _Batch:
         self.total = total
         self.done = 0
         self.percent_shown = 0
+        self.percent_sent = 0
         self.flow_run_id = observe.current_flow_run_id()
 
 
@@ -783,7 +784,19 @@ async def batch_edit(
             else:
                 outcomes[plan.row] = settled
 
+        # Progress goes out from one background task, never from the lanes: a lane that
+        # waited on the Prefect API before its next submit would leave its API slot idle.
+        progress: asyncio.Task[None] | None = None
+
+        async def show_progress() -> None:
+            # One update in flight, always the latest figure: a busy server gets fewer writes.
+            while progress_id is not None and batch.percent_sent < batch.percent_shown:
+                percent = batch.percent_shown
+                await aupdate_progress_artifact(progress_id, float(percent))
+                batch.percent_sent = percent
+
         async def count_done() -> None:
+            nonlocal progress
             batch.done += 1
             if (listener := ROW_PROGRESS.get()) is not None:
                 listener(batch.done, batch.total)
@@ -791,7 +804,10 @@ async def batch_edit(
             if progress_id is not None and percent > batch.percent_shown:
                 # At most a hundred updates, however long the batch.
                 batch.percent_shown = percent
-                await aupdate_progress_artifact(progress_id, float(percent))
+                if progress is None or progress.done():
+                    if progress is not None:
+                        progress.result()  # a failed update fails the batch, as before
+                    progress = asyncio.create_task(show_progress())
 
         async def lane() -> None:
             while not runnable.empty():
@@ -807,8 +823,10 @@ async def batch_edit(
                 batch.limit_name, occupy=lanes, strict=True, lease_duration=LEASE_SECONDS
             ):
                 await asyncio.gather(*(lane() for _ in range(lanes)))
+        if progress is not None:
+            await progress
         if progress_id is not None:
-            # Updates from concurrent rows may land out of order; end on the truth.
+            # End on the truth, whatever the updater last sent.
             await aupdate_progress_artifact(progress_id, 100.0)
         rows = [outcomes[plan.row] for plan in plans]
 
