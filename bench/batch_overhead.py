@@ -163,24 +163,47 @@ def input_server() -> Iterator[str]:
             server.server_close()
 
 
-@contextlib.contextmanager
-def prefect_server() -> Iterator[int]:
-    """Prefect's temporary server (SQLite, own subprocess), started once; yields its pid.
+@dataclass(frozen=True)
+class PrefectServer:
+    """Prefect's temporary server: its pid (for its CPU) and the file its log goes to."""
 
+    pid: int
+    log: Path
+
+    def dropped_events(self) -> int:
+        """Messages its in-memory broker has dropped so far (a full subscription queue)."""
+        with self.log.open(errors="replace") as lines:
+            return sum("dropping message" in line for line in lines)
+
+
+@contextlib.contextmanager
+def prefect_server() -> Iterator[PrefectServer]:
+    """Prefect's temporary server (SQLite, own subprocess), started once.
+
+    Its stderr goes to a file, not the terminal: under load it warns once per
+    dropped event, thousands of lines that `dropped_events` counts instead.
     Task results go to a temporary folder, not ~/.prefect/storage.
     """
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-prefect-") as storage,
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}),
-        prefect_test_harness(server_startup_timeout=120),
-    ):
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-prefect-")))
+        stack.enter_context(temporary_settings({PREFECT_LOCAL_STORAGE_PATH: folder}))
+        log = folder / "server.log"
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with log.open("wb") as sink:
+            os.dup2(sink.fileno(), 2)  # the server subprocess inherits this stderr
+            try:
+                stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
         process = SubprocessASGIServer._instances[None].server_process
         assert process is not None
-        yield process.pid
+        yield PrefectServer(process.pid, log)
 
 
 @contextlib.contextmanager
@@ -444,8 +467,9 @@ def run() -> Verdict:
         input_server() as image_url,
         api_environment(emulator.base_url, scale),
         tempfile.TemporaryDirectory(prefix="bench-batch-") as workdir,
-        prefect_server() as server_pid,
+        prefect_server() as server,
     ):
+        server_pid = server.pid
         for variant in VARIANTS:  # warm-up: imports, connection pools, flow registration
             measure(variant, emulator, image_url, WARMUP_ROWS, Path(workdir), server_pid)
         for _ in range(RUNS):
@@ -597,8 +621,9 @@ def profile() -> None:
         input_server() as image_url,
         api_environment(emulator.base_url, poll_time_scale(DURATION)),
         tempfile.TemporaryDirectory(prefix="bench-batch-") as workdir,
-        prefect_server() as server_pid,
+        prefect_server() as server,
     ):
+        server_pid = server.pid
         measure("flow", emulator, image_url, WARMUP_ROWS, Path(workdir), server_pid)
         settle(server_pid)
         command = [spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking"]
