@@ -31,7 +31,14 @@ from ..client import (
     WaitTimeoutError,
 )
 from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
-from ..tasks import cancel_if_queued, cancel_recorded_requests, submit_edit, wait_for_request
+from ..tasks import (
+    RequestOutcome,
+    SubmittedRequest,
+    cancel_if_queued,
+    cancel_recorded_requests,
+    submit_edit,
+    wait_for_request,
+)
 
 
 class EditImageResult(BaseModel):
@@ -58,6 +65,14 @@ def _abandons_request(error: BaseException) -> bool:
     the flow run can resume it.
     """
     return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
+
+
+def remote_seconds(submitted: SubmittedRequest, outcome: RequestOutcome) -> float | None:
+    """Submit to finish, both ends from RunComfy's clock when it reports them: no skew."""
+    started = outcome.created_at or submitted.submitted_at
+    if started is None or outcome.finished_at is None:
+        return None
+    return (outcome.finished_at - started) / timedelta(seconds=1)
 
 
 @contextmanager
@@ -138,11 +153,6 @@ def edit_image(
             timeout_seconds=timeout_seconds,
             resolution=resolution,
         )
-    # Both ends from RunComfy's clock when it reports them: no skew against ours.
-    started = outcome.created_at or submitted.submitted_at
-    seconds = None
-    if started and outcome.finished_at:
-        seconds = (outcome.finished_at - started) / timedelta(seconds=1)
     return EditImageResult(
         request_id=submitted.request_id,
         job_key=submitted.job_key,
@@ -152,5 +162,5 @@ def edit_image(
         cost=outcome.cost,
         submitted_at=submitted.submitted_at or outcome.created_at,
         finished_at=outcome.finished_at,
-        seconds=seconds,
+        seconds=remote_seconds(submitted, outcome),
     )

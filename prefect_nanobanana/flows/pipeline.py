@@ -10,7 +10,6 @@ the flow run restages, and still resumes the same request.
 from __future__ import annotations
 
 import hashlib
-from datetime import timedelta
 from typing import Annotated
 
 from prefect import flow
@@ -28,7 +27,7 @@ from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolv
 from ..storage import DEFAULT_ARCHIVE_URI, job_key_for
 from ..storage_tasks import archive_request, stage_images
 from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
-from .edit import withdrawn_if_abandoned
+from .edit import remote_seconds, withdrawn_if_abandoned
 
 
 class EditAndArchiveResult(BaseModel):
@@ -110,10 +109,6 @@ def edit_and_archive(
         outcome.created_at,
         aws_credentials,
     )
-    submitted_at = submitted.submitted_at or outcome.created_at
-    seconds = None
-    if submitted_at and outcome.finished_at:
-        seconds = (outcome.finished_at - submitted_at) / timedelta(seconds=1)
     assert record.metadata_location is not None  # set whenever every output was archived
     return EditAndArchiveResult(
         request_id=submitted.request_id,
@@ -121,6 +116,6 @@ def edit_and_archive(
         metadata_location=record.metadata_location,
         statuses=outcome.statuses,
         cost=outcome.cost,
-        seconds=seconds,
+        seconds=remote_seconds(submitted, outcome),
         resumed=submitted.resumed,
     )
