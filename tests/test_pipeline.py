@@ -242,6 +242,59 @@ async def test_batch_rerun_skips_archived_rows_and_failed_rows_fail_the_flow(
     assert emulator.stats.submits_accepted == 5
 
 
+async def _task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "submits"),
+    [
+        # More 429s on a poll than the client's six attempts: the row's task run is
+        # retried and resumes the request its first attempt submitted.
+        ("status", 2),
+        # Six refused submits (a 429 is never billed): the retry may submit, once.
+        ("submit", 2),
+    ],
+)
+async def test_a_retried_row_resumes_its_request_or_resubmits_only_a_refused_one(
+    emulator_factory, use_emulator, image_server, tmp_path, endpoint, submits
+):
+    from prefect_nanobanana.flows import batch_edit
+
+    emulator = use_emulator(
+        emulator_factory(
+            time_scale=TIME_SCALE,
+            faults=FaultPlan(
+                [Fault("rate_limit", endpoint=endpoint, calls=range(1, 7), retry_after=0)]
+            ),
+        )
+    )
+    state = await batch_edit(
+        jobs=[
+            {"id": f"row-{index}", "prompt": "teal", "images": [image_server.url_for("wide.png")]}
+            for index in range(2)
+        ],
+        archive_uri=str(tmp_path / "archive"),
+        max_concurrency=1,
+        concurrency_limit_name=f"test-batch-retry-{endpoint}",
+        return_state=True,
+    )
+    result = await state.result()
+    assert (result.archived, result.failed) == (2, 0)
+    assert emulator.stats.submits_accepted == submits
+    assert emulator.stats.calls[endpoint] >= 7
+    runs = {run.name: run for run in await _task_runs(state.state_details.flow_run_id)}
+    assert runs["row-1"].run_count == 2 and runs["row-2"].run_count == 1, runs
+    assert runs["row-1"].state.is_completed()
+    assert len(list((tmp_path / "archive").rglob("metadata.json"))) == 2
+
+
 _KILLABLE_BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit

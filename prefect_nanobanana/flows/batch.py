@@ -204,6 +204,10 @@ class _Batch:
         self.percent_shown = 0
         self.percent_sent = 0
         self.flow_run_id = observe.current_flow_run_id()
+        # Row → its request, as soon as the request exists: a failed row still names it.
+        self.request_ids: dict[int, str] = {}
+        # Job keys this run has tried to submit: their retries must ask the ledger again.
+        self.submits_tried: set[str] = set()
 
 
 # --------------------------------------------------------------------------- planning
@@ -282,22 +286,25 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
     )
 
 
-@task(
-    name="submit-edit",
-    task_run_name="submit-row-{row}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def asubmit_batch_row(
-    row: int, job_key: str, edit: NanoBananaEditInput, batch: _Batch
-) -> str:
-    """Submit a row at most once: a marker before, the request id right after."""
-    ledger = batch.ledger
-    entry = await to_thread.run_sync(ledger.lookup, job_key)
+async def _request_of(plan: _RowPlan, batch: _Batch) -> str:
+    """The row's request: the one an earlier attempt or run recorded, else one submit.
+
+    At most once: a marker goes to the ledger before the submit, the request id right
+    after. The planning step looked the row up already; only a retry of the row's task
+    (which may follow a submit that went through) asks the ledger again.
+    """
+    assert plan.job_key is not None
+    ledger, job_key = batch.ledger, plan.job_key
+    entry = plan.entry
+    if job_key in batch.submits_tried:
+        entry = await to_thread.run_sync(ledger.lookup, job_key)
     if entry is not None and entry.status in ("submitted", "archived") and entry.request_id:
-        return entry.request_id  # a retry of this task after the submit went through
+        batch.request_ids[plan.row] = entry.request_id
+        return entry.request_id
     if entry is not None and entry.status == "submitting":
         raise _unknown_outcome(job_key, ledger.location(job_key))
+    edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
+    batch.submits_tried.add(job_key)
     await to_thread.run_sync(ledger.record_submitting, job_key)
     try:
         handle = await batch.client.submit_edit(edit)
@@ -306,109 +313,121 @@ async def asubmit_batch_row(
     except RunComfyError as error:
         await to_thread.run_sync(ledger.mark_failed, job_key, error)
         raise
+    batch.request_ids[plan.row] = handle.request_id
+    # Logged before the ledger write, so an issued id is on record even if that write fails.
+    get_run_logger().info("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
     await to_thread.run_sync(
         partial(
             ledger.record_submit,
             job_key,
             handle.request_id,
-            row=row,
+            row=plan.row,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
             parameters=edit.model_dump(exclude={"image_urls"}),
             sources=edit.image_urls,
             flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
         )
     )
-    get_run_logger().info("Row %d submitted as RunComfy request %s", row, handle.request_id)
     observe.emit_request_event(
         observe.EVENT_SUBMITTED,
         handle.request_id,
-        payload={"job_key": job_key, "row": row, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+        payload={"job_key": job_key, "row": plan.row, "model_id": NANO_BANANA_EDIT_MODEL_ID},
     )
     return handle.request_id
 
 
-@task(
-    name="wait-for-request",
-    task_run_name="wait-row-{row}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def await_batch_row(
-    row: int, request_id: str, resolution: str, batch: _Batch
-) -> RequestResult:
-    """Poll a row's request to its end with the batch's shared client and schedule."""
+async def _wait(plan: _RowPlan, request_id: str, batch: _Batch) -> RequestResult:
+    """Poll the row's request to its end with the batch's shared client and schedule."""
+    resolution = plan.options["resolution"]
     try:
         result = await batch.client.wait(request_id, batch.timeout_seconds, resolution=resolution)
     except (JobFailedError, JobCancelledError) as error:
         status = "cancelled" if isinstance(error, JobCancelledError) else "failed"
         observe.emit_request_event(
-            observe.EVENT_FOR_STATUS[status], request_id, payload={"row": row, "error": str(error)}
+            observe.EVENT_FOR_STATUS[status],
+            request_id,
+            payload={"row": plan.row, "error": str(error)},
         )
+        await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
     observe.emit_request_event(
         observe.EVENT_COMPLETED,
         request_id,
-        payload={"row": row, "cost": result.cost, "outputs": len(result.output_urls)},
+        payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
     )
     return result
 
 
-async def _run_row(plan: _RowPlan, batch: _Batch) -> BatchRowResult:
+@task(
+    name="edit-row",
+    task_run_name="row-{plan.row}",
+    retry_condition_fn=retry_if_transient,
+    **TASK_OPTIONS,
+)
+async def aedit_batch_row(
+    plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event
+) -> BatchRowResult:
+    """One row in one task run: submit (at most once), wait, archive, mark archived.
+
+    One task run per row rather than one per step, because the Prefect server
+    records every task run's state changes as events, and at three task runs a row
+    that bookkeeping, not the API, set the pace of a batch. A retry comes back here
+    and resumes the request its first attempt recorded. `request_ended` is set once
+    the request is over, so the row's lane can start the next row while this one
+    archives: archiving is our I/O, not a request in flight.
+    """
+    request_id = await _request_of(plan, batch)
+    result = await _wait(plan, request_id, batch)
+    request_ended.set()
+    metadata = {
+        "prompt": plan.job.prompt,
+        "parameters": plan.options,
+        "model_id": NANO_BANANA_EDIT_MODEL_ID,
+        "sources": plan.job.images,
+        "row": plan.row,
+        "row_id": plan.job.id,
+        "created_at": result.created_at,
+        "finished_at": result.finished_at,
+        "cost": result.cost,
+        "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
+    }
+    record = await aarchive_request.fn(
+        request_id,
+        result.output_urls,
+        batch.archive_uri,
+        metadata,
+        result.created_at,
+        batch.aws_credentials,
+    )
+    await to_thread.run_sync(
+        batch.ledger.mark_archived, plan.job_key, record.metadata_location, record.output_locations
+    )
+    return plan.result(
+        "archived",
+        request_id=request_id,
+        output_locations=record.output_locations,
+        metadata_location=record.metadata_location,
+        cost=result.cost,
+    )
+
+
+async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) -> BatchRowResult:
+    """The row's task, its failure turned into a failed row so the batch goes on."""
     started = time.monotonic()
-    request_id = plan.entry.request_id if plan.entry else None
-    assert plan.job_key is not None
     try:
-        if plan.entry is None or plan.entry.status != "submitted":
-            edit = NanoBananaEditInput(
-                prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options
-            )
-            request_id = await asubmit_batch_row(plan.row, plan.job_key, edit, batch)
-        assert request_id is not None
-        result = await await_batch_row(plan.row, request_id, plan.options["resolution"], batch)
-        metadata = {
-            "prompt": plan.job.prompt,
-            "parameters": plan.options,
-            "model_id": NANO_BANANA_EDIT_MODEL_ID,
-            "sources": plan.job.images,
-            "row": plan.row,
-            "row_id": plan.job.id,
-            "created_at": result.created_at,
-            "finished_at": result.finished_at,
-            "cost": result.cost,
-            "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
-        }
-        record = await aarchive_request(
-            request_id,
-            result.output_urls,
-            batch.archive_uri,
-            metadata,
-            result.created_at,
-            batch.aws_credentials,
-        )
-        await to_thread.run_sync(
-            batch.ledger.mark_archived,
-            plan.job_key,
-            record.metadata_location,
-            record.output_locations,
-        )
-        return plan.result(
-            "archived",
-            request_id=request_id,
-            output_locations=record.output_locations,
-            metadata_location=record.metadata_location,
-            cost=result.cost,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        row = await aedit_batch_row(plan, batch, request_ended)
+        return row.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
     except Exception as error:
-        if isinstance(error, (JobFailedError, JobCancelledError)):
-            await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
+        request_id = batch.request_ids.get(plan.row) or getattr(error, "request_id", None)
         get_run_logger().error("Row %d failed (request %s): %s", plan.row, request_id, error)
         return plan.result(
             "failed",
-            request_id=request_id or getattr(error, "request_id", None),
+            request_id=request_id,
             seconds=round(time.monotonic() - started, 3),
             error=redact_text(str(error)),
         )
+    finally:
+        request_ended.set()
 
 
 # --------------------------------------------------------------------------- the flow
@@ -809,11 +828,21 @@ async def batch_edit(
                         progress.result()  # a failed update fails the batch, as before
                     progress = asyncio.create_task(show_progress())
 
+        async def finish_row(plan: _RowPlan, request_ended: asyncio.Event) -> None:
+            outcomes[plan.row] = await _run_row(plan, batch, request_ended)
+            await count_done()
+
+        finishing: list[asyncio.Task[None]] = []
+
         async def lane() -> None:
+            # A lane is one request in flight: it moves on when its row's request has
+            # ended, and the row archives on its own meanwhile.
             while not runnable.empty():
-                plan = runnable.get_nowait()
-                outcomes[plan.row] = await _run_row(plan, batch)
-                await count_done()
+                request_ended = asyncio.Event()
+                finishing.append(
+                    asyncio.create_task(finish_row(runnable.get_nowait(), request_ended))
+                )
+                await request_ended.wait()
 
         for _ in outcomes:
             await count_done()
@@ -823,6 +852,7 @@ async def batch_edit(
                 batch.limit_name, occupy=lanes, strict=True, lease_duration=LEASE_SECONDS
             ):
                 await asyncio.gather(*(lane() for _ in range(lanes)))
+            await asyncio.gather(*finishing)
         if progress is not None:
             await progress
         if progress_id is not None:
