@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
@@ -286,11 +286,14 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
     )
 
 
-async def _request_of(plan: _RowPlan, batch: _Batch) -> str:
+async def _request_of(plan: _RowPlan, batch: _Batch) -> tuple[str, Awaitable[Any] | None]:
     """The row's request: the one an earlier attempt or run recorded, else one submit.
 
     At most once: a marker goes to the ledger before the submit, the request id right
-    after. The planning step looked the row up already; only a retry of the row's task
+    after. That second write is returned still running, so the caller can start
+    polling at once (a late first poll makes the schedule expect the job's end too
+    late) and must await it before anything else touches the row's ledger entry.
+    The planning step looked the row up already; only a retry of the row's task
     (which may follow a submit that went through) asks the ledger again.
     """
     assert plan.job_key is not None
@@ -300,7 +303,7 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> str:
         entry = await to_thread.run_sync(ledger.lookup, job_key)
     if entry is not None and entry.status in ("submitted", "archived") and entry.request_id:
         batch.request_ids[plan.row] = entry.request_id
-        return entry.request_id
+        return entry.request_id, None
     if entry is not None and entry.status == "submitting":
         raise _unknown_outcome(job_key, ledger.location(job_key))
     edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
@@ -316,24 +319,26 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> str:
     batch.request_ids[plan.row] = handle.request_id
     # Logged before the ledger write, so an issued id is on record even if that write fails.
     get_run_logger().info("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
-    await to_thread.run_sync(
-        partial(
-            ledger.record_submit,
-            job_key,
-            handle.request_id,
-            row=plan.row,
-            model_id=NANO_BANANA_EDIT_MODEL_ID,
-            parameters=edit.model_dump(exclude={"image_urls"}),
-            sources=edit.image_urls,
-            flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
-        )
-    )
     observe.emit_request_event(
         observe.EVENT_SUBMITTED,
         handle.request_id,
         payload={"job_key": job_key, "row": plan.row, "model_id": NANO_BANANA_EDIT_MODEL_ID},
     )
-    return handle.request_id
+    recording = asyncio.ensure_future(
+        to_thread.run_sync(
+            partial(
+                ledger.record_submit,
+                job_key,
+                handle.request_id,
+                row=plan.row,
+                model_id=NANO_BANANA_EDIT_MODEL_ID,
+                parameters=edit.model_dump(exclude={"image_urls"}),
+                sources=edit.image_urls,
+                flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
+            )
+        )
+    )
+    return handle.request_id, recording
 
 
 async def _wait(plan: _RowPlan, request_id: str, batch: _Batch) -> RequestResult:
@@ -348,7 +353,6 @@ async def _wait(plan: _RowPlan, request_id: str, batch: _Batch) -> RequestResult
             request_id,
             payload={"row": plan.row, "error": str(error)},
         )
-        await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
     observe.emit_request_event(
         observe.EVENT_COMPLETED,
@@ -376,8 +380,19 @@ async def aedit_batch_row(
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
-    request_id = await _request_of(plan, batch)
-    result = await _wait(plan, request_id, batch)
+    request_id, recording = await _request_of(plan, batch)
+    waiting = asyncio.ensure_future(_wait(plan, request_id, batch))
+    if recording is not None:
+        try:
+            await recording
+        except BaseException:
+            waiting.cancel()
+            raise
+    try:
+        result = await waiting
+    except (JobFailedError, JobCancelledError) as error:
+        await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
+        raise
     request_ended.set()
     metadata = {
         "prompt": plan.job.prompt,
