@@ -316,9 +316,9 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> tuple[str, Awaitable[Any
     except RunComfyError as error:
         await to_thread.run_sync(ledger.mark_failed, job_key, error)
         raise
+    # Kept before the ledger write, so an issued id is reported even if that write fails.
     batch.request_ids[plan.row] = handle.request_id
-    # Logged before the ledger write, so an issued id is on record even if that write fails.
-    get_run_logger().info("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
+    get_run_logger().debug("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
     observe.emit_request_event(
         observe.EVENT_SUBMITTED,
         handle.request_id,
@@ -354,11 +354,6 @@ async def _wait(plan: _RowPlan, request_id: str, batch: _Batch) -> RequestResult
             payload={"row": plan.row, "error": str(error)},
         )
         raise
-    observe.emit_request_event(
-        observe.EVENT_COMPLETED,
-        request_id,
-        payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
-    )
     return result
 
 
@@ -393,7 +388,12 @@ async def aedit_batch_row(
     except (JobFailedError, JobCancelledError) as error:
         await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
-    request_ended.set()
+    request_ended.set()  # first: the lane's next submit is the batch's critical path
+    observe.emit_request_event(
+        observe.EVENT_COMPLETED,
+        request_id,
+        payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
+    )
     metadata = {
         "prompt": plan.job.prompt,
         "parameters": plan.options,
