@@ -1,8 +1,8 @@
 """The batch flow: many edits from a list or a manifest, nothing paid twice, nothing lost.
 
 The way of one row: plan (validate, look it up in the ledger) → stage its
-images → submit (the ledger records the request id at once) → wait → archive →
-mark archived. Rows run concurrently in one event loop, sharing one API client,
+images → then, in one task run `row-N`, submit (the ledger records the request
+id at once) → wait → archive → mark archived. Rows run concurrently in one event loop, sharing one API client,
 so a 429 slows the whole batch and the poll schedule learns run times from the
 rows already finished. Requests in flight are capped by a Prefect global
 concurrency limit that all batch runs share, so several flow runs stay within one
