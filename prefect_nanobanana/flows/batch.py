@@ -1,16 +1,16 @@
 """The batch flow: many edits from a list or a manifest, nothing paid twice, nothing lost.
 
-The way of one row: plan (validate, look it up in the ledger) → stage its
-images → then, in one task run `row-N`, submit (the ledger records the request
-id at once) → wait → archive → mark archived. Rows run concurrently in one event loop, sharing one API client,
-so a 429 slows the whole batch and the poll schedule learns run times from the
-rows already finished. Requests in flight are capped by a Prefect global
-concurrency limit that all batch runs share, so several flow runs stay within one
-API quota: the run works its rows through at most `max_concurrency` lanes and
-takes one slot of the limit per lane, in one acquisition, for as long as it has
-rows. (Not a slot per row: each acquisition is a write on the Prefect server,
-and thousands of them, serialised by Prefect's client, made the server rather
-than the API the bottleneck.)
+The way of one row: plan (validate, look it up in the ledger) → stage its images
+→ then, in one task run `row-N`, submit (the ledger records the request id at
+once) → wait → archive → mark archived. Rows run concurrently in one event loop,
+sharing one API client, so a 429 slows the whole batch and the poll schedule
+learns run times from the rows already finished. Requests in flight are capped
+by a Prefect global concurrency limit that all batch runs share, so several flow
+runs stay within one API quota: the run works its rows through at most
+`max_concurrency` lanes and takes one slot of the limit per lane, in one
+acquisition, for as long as it has rows. (Not a slot per row: each acquisition
+is a write on the Prefect server, and thousands of them, serialised by Prefect's
+client, made the server rather than the API the bottleneck.)
 
 A rerun of the same batch (same manifest and archive) skips rows already
 archived and adopts requests already submitted, so a crashed batch resumes
