@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
@@ -62,7 +62,6 @@ from ..client import (
     JobFailedError,
     NanoBananaEditInput,
     OutputFormat,
-    RequestResult,
     Resolution,
     RunComfyError,
     SubmitOutcomeUnknownError,
@@ -286,7 +285,9 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
     )
 
 
-async def _request_of(plan: _RowPlan, batch: _Batch) -> tuple[str, Awaitable[Any] | None]:
+async def _request_of(
+    plan: _RowPlan, batch: _Batch
+) -> tuple[str, asyncio.Future[LedgerEntry] | None]:
     """The row's request: the one an earlier attempt or run recorded, else one submit.
 
     At most once: a marker goes to the ledger before the submit, the request id right
@@ -341,22 +342,6 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> tuple[str, Awaitable[Any
     return handle.request_id, recording
 
 
-async def _wait(plan: _RowPlan, request_id: str, batch: _Batch) -> RequestResult:
-    """Poll the row's request to its end with the batch's shared client and schedule."""
-    resolution = plan.options["resolution"]
-    try:
-        result = await batch.client.wait(request_id, batch.timeout_seconds, resolution=resolution)
-    except (JobFailedError, JobCancelledError) as error:
-        status = "cancelled" if isinstance(error, JobCancelledError) else "failed"
-        observe.emit_request_event(
-            observe.EVENT_FOR_STATUS[status],
-            request_id,
-            payload={"row": plan.row, "error": str(error)},
-        )
-        raise
-    return result
-
-
 @task(
     name="edit-row",
     task_run_name="row-{plan.row}",
@@ -376,7 +361,9 @@ async def aedit_batch_row(
     archives: archiving is our I/O, not a request in flight.
     """
     request_id, recording = await _request_of(plan, batch)
-    waiting = asyncio.ensure_future(_wait(plan, request_id, batch))
+    waiting = asyncio.ensure_future(
+        batch.client.wait(request_id, batch.timeout_seconds, resolution=plan.options["resolution"])
+    )
     if recording is not None:
         try:
             await recording
@@ -386,6 +373,12 @@ async def aedit_batch_row(
     try:
         result = await waiting
     except (JobFailedError, JobCancelledError) as error:
+        status = "cancelled" if isinstance(error, JobCancelledError) else "failed"
+        observe.emit_request_event(
+            observe.EVENT_FOR_STATUS[status],
+            request_id,
+            payload={"row": plan.row, "error": str(error)},
+        )
         await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
     request_ended.set()  # first: the lane's next submit is the batch's critical path
