@@ -6,9 +6,10 @@ import logging
 from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
+from prefect.blocks.core import Block, schema_extra
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
-from pydantic import Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr
 
 from .client import AsyncRunComfyClient, RunComfyClient
 
@@ -23,6 +24,20 @@ def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
         return get_run_logger()
     except MissingContextError:
         return None
+
+
+def _closed_block_schema(schema: dict[str, Any], model: type[Block]) -> None:
+    """Prefect's block schema, closed to fields the block does not have.
+
+    Every field here may be empty (the environment fills in), so an open schema
+    also matches `{"$ref": {...}}`, the form in which the UI sends a saved block as
+    a deployment parameter; Prefect's server then finds the value valid both as a
+    reference and as inline credentials and refuses the run (409). Closed, a
+    reference is only a reference. Loading is unchanged: extra fields are still
+    allowed in saved documents.
+    """
+    schema_extra(schema, model)
+    schema["additionalProperties"] = False
 
 
 class RunComfyCredentials(CredentialsBlock):
@@ -45,6 +60,8 @@ class RunComfyCredentials(CredentialsBlock):
             print(client.status("REQUEST_ID"))
         ```
     """
+
+    model_config = ConfigDict(json_schema_extra=_closed_block_schema)
 
     _block_type_name = "RunComfy Credentials"
     _logo_url = "https://www.runcomfy.com/apple-touch-icon.png"

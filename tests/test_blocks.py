@@ -162,6 +162,47 @@ def test_default_credentials_fall_back_to_env_until_a_block_is_saved(prefect_har
 
 
 @pytest.mark.prefect
+@pytest.mark.parametrize("flow_name", ["edit_image", "batch_edit"])
+def test_a_saved_block_picked_in_a_deployment_form_starts_a_run(prefect_harness, flow_name):
+    """The UI sends a picked block as `{"$ref": ...}`; the server must accept it."""
+    from prefect.utilities.callables import parameter_schema
+
+    from prefect_nanobanana import flows
+
+    flow_ = getattr(flows, flow_name)
+    block_id = RunComfyCredentials(api_token=SECRET, base_url="http://127.0.0.1:13").save(
+        "picked-in-a-form", overwrite=True
+    )
+    picked = {"$ref": {"block_document_id": str(block_id)}}
+    required = (
+        {"prompt": "p", "image_urls": ["https://example.com/a.png"]}
+        if flow_name == "edit_image"
+        else {"jobs": [{"prompt": "p", "images": ["https://example.com/a.png"]}]}
+    )
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name(flow_.name),
+            name=f"form-{flow_name}",
+            parameter_openapi_schema=parameter_schema(flow_).model_dump_for_openapi(),
+            enforce_parameter_schema=True,
+        )
+        runs = [
+            client.create_flow_run_from_deployment(
+                deployment_id, parameters={**required, "credentials": credentials}
+            )
+            for credentials in (picked, "picked-in-a-form", {"base_url": "http://127.0.0.1:14"})
+        ]
+    assert [run.parameters["credentials"] for run in runs] == [
+        picked,
+        "picked-in-a-form",
+        {"base_url": "http://127.0.0.1:14"},
+    ]
+    assert resolve_credentials(runs[0].parameters["credentials"]).base_url == (
+        "http://127.0.0.1:13"
+    )
+
+
+@pytest.mark.prefect
 def test_prefect_block_register_finds_every_block(prefect_harness):
     completed = subprocess.run(
         [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_nanobanana"],

@@ -524,9 +524,8 @@ def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
 def _credentials_parameter(credentials: RunComfyCredentials | str) -> str:
     """The parent's credentials as a child run's parameter: the block's name.
 
-    A block object cannot travel as a parameter (its token is a secret), and Prefect
-    3.8's server rejects a `$ref` to a block for this parameter, so a saved block
-    goes by its name, which the child loads.
+    A block object cannot travel as a parameter (its token is a secret), so a saved
+    block goes by its name, which the child loads.
     """
     if isinstance(credentials, str):
         return credentials
