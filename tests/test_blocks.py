@@ -197,9 +197,10 @@ def test_a_saved_block_picked_in_a_deployment_form_starts_a_run(prefect_harness,
         "picked-in-a-form",
         {"base_url": "http://127.0.0.1:14"},
     ]
-    assert resolve_credentials(runs[0].parameters["credentials"]).base_url == (
-        "http://127.0.0.1:13"
-    )
+    # What the flow then gets when the run starts: the saved block, loaded.
+    started_with = flow_.validate_parameters(runs[0].parameters)["credentials"]
+    assert isinstance(started_with, RunComfyCredentials)
+    assert started_with.base_url == "http://127.0.0.1:13"
 
 
 @pytest.mark.prefect
