@@ -295,6 +295,46 @@ async def test_a_retried_row_resumes_its_request_or_resubmits_only_a_refused_one
     assert len(list((tmp_path / "archive").rglob("metadata.json"))) == 2
 
 
+async def test_a_cancelled_batch_stops_its_rows(
+    emulator_factory, use_emulator, image_server, tmp_path
+):
+    import asyncio
+
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import ROW_PROGRESS
+
+    emulator = use_emulator(emulator_factory(workers=2, fixed_duration_seconds=1.0))
+    image = image_server.url_for("wide.png")
+    rows_ended: list[int] = []
+    listening = ROW_PROGRESS.set(lambda done, total: rows_ended.append(done))
+    try:
+        run = asyncio.ensure_future(
+            batch_edit(
+                jobs=[
+                    {"id": f"row-{index}", "prompt": "t", "images": [image]} for index in range(4)
+                ],
+                archive_uri=str(tmp_path / "archive"),
+                max_concurrency=2,
+                concurrency_limit_name="test-batch-cancel",
+            )
+        )
+        deadline = time.monotonic() + 60
+        while emulator.stats.submits_accepted < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        calls = dict(emulator.stats.calls)
+        await asyncio.sleep(1.5)  # past the jobs' end: a row still alive would poll and archive
+        assert dict(emulator.stats.calls) == calls
+        assert emulator.stats.submits_accepted == 2
+        assert not list((tmp_path / "archive").rglob("metadata.json"))
+        # Stopped, not run on into errors: no row went on to end (failed, on a closed client).
+        assert rows_ended == []
+    finally:
+        ROW_PROGRESS.reset(listening)
+
+
 _KILLABLE_BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit

@@ -855,11 +855,16 @@ async def batch_edit(
             await count_done()
         lanes = min(batch.lanes, runnable.qsize())
         if lanes:
-            async with concurrency(
-                batch.limit_name, occupy=lanes, strict=True, lease_duration=LEASE_SECONDS
-            ):
-                await asyncio.gather(*(lane() for _ in range(lanes)))
-            await asyncio.gather(*finishing)
+            try:
+                async with concurrency(
+                    batch.limit_name, occupy=lanes, strict=True, lease_duration=LEASE_SECONDS
+                ):
+                    await asyncio.gather(*(lane() for _ in range(lanes)))
+                await asyncio.gather(*finishing)
+            finally:
+                # Rows outlive their lane; when the run stops early they stop with it.
+                for row in finishing:
+                    row.cancel()
         if progress is not None:
             await progress
         if progress_id is not None:
