@@ -574,6 +574,7 @@ def wait_for_request(
     credentials: RunComfyCredentials | None = None,
     timeout_seconds: float | None = None,
     resolution: str | None = None,
+    submitted_at: datetime | None = None,
 ) -> RequestOutcome:
     """Poll until the request ends; its outcome, or JobFailed/JobCancelled/WaitTimeout.
 
@@ -586,12 +587,18 @@ def wait_for_request(
         credentials: RunComfy credentials; None uses the environment variables.
         timeout_seconds: Give up waiting after this long (the job may still run).
         resolution: The edit's resolution, so polling can expect its run time.
+        submitted_at: When the request was submitted, so a retry of this task does
+            not poll as if the job had just started.
     """
     trail = _StatusTrail()
     with (credentials or RunComfyCredentials()).get_client() as client:
         try:
             result = client.wait(
-                request_id, timeout_seconds, resolution=resolution, on_status=trail
+                request_id,
+                timeout_seconds,
+                resolution=resolution,
+                on_status=trail,
+                submitted_at=submitted_at,
             )
         except (JobFailedError, JobCancelledError) as error:
             observe.record_outcome(trail.failure_row(request_id, error))
@@ -612,13 +619,18 @@ async def await_for_request(
     credentials: RunComfyCredentials | None = None,
     timeout_seconds: float | None = None,
     resolution: str | None = None,
+    submitted_at: datetime | None = None,
 ) -> RequestOutcome:
     """The async twin of `wait_for_request`."""
     trail = _StatusTrail()
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         try:
             result = await client.wait(
-                request_id, timeout_seconds, resolution=resolution, on_status=trail
+                request_id,
+                timeout_seconds,
+                resolution=resolution,
+                on_status=trail,
+                submitted_at=submitted_at,
             )
         except (JobFailedError, JobCancelledError) as error:
             await observe.arecord_outcome(trail.failure_row(request_id, error))

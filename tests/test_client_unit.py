@@ -253,6 +253,35 @@ def test_poll_schedule_is_quiet_while_a_job_cannot_be_done_yet():
     assert next_poll_delay(late_scaled, scaled) == pytest.approx(policy.dense_interval * 0.01)
 
 
+def test_a_resumed_wait_does_not_sleep_as_if_the_job_had_just_started():
+    import logging
+    from datetime import datetime, timedelta, timezone
+
+    from prefect_nanobanana.client.waiting import WaitTracker
+
+    def first_delay(submitted_at: datetime | None) -> float:
+        tracker = WaitTracker(
+            "r1",
+            timeout=None,
+            policy=PollingPolicy(),
+            estimator=RunDurationEstimator(),
+            resolution="1K",
+            logger=logging.getLogger("test"),
+            on_status=None,
+            submitted_at=submitted_at,
+        )
+        delay = tracker.observe(RequestStatus(request_id="r1", status="in_progress"))
+        assert delay is not None
+        return delay
+
+    policy = PollingPolicy()
+    fresh = first_delay(None)  # just submitted: quiet until a 1K run could be done
+    assert fresh == pytest.approx(policy.earliest_run_seconds["1K"], abs=0.05)
+    # Submitted 16 s ago (a retried task, a rerun): it may be nearly done; poll densely.
+    resumed = first_delay(datetime.now(timezone.utc) - timedelta(seconds=16))
+    assert resumed == pytest.approx(policy.dense_interval, abs=0.05)
+
+
 def test_duration_estimator_learns_a_low_quantile_after_a_few_jobs():
     policy = PollingPolicy()
     estimator = RunDurationEstimator()

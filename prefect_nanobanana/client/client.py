@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -196,6 +197,7 @@ class _ClientCore:
         timeout: float | None,
         resolution: str | None,
         on_status: StatusCallback | None,
+        submitted_at: datetime | None,
     ) -> WaitTracker:
         return WaitTracker(
             request_id,
@@ -205,6 +207,7 @@ class _ClientCore:
             resolution=resolution,
             logger=self.logger,
             on_status=on_status,
+            submitted_at=submitted_at,
         )
 
 
@@ -299,9 +302,15 @@ class RunComfyClient(_ClientCore):
         *,
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
+        submitted_at: datetime | None = None,
     ) -> RequestResult:
-        """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout."""
-        tracker = self._tracker(request_id, timeout, resolution, on_status)
+        """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
+
+        When the wait resumes a request submitted a while ago (a retry, a rerun), give
+        `submitted_at`: the job may have run for some time already, and the schedule
+        then does not sleep through a quiet window as if it had just started.
+        """
+        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
         poll: RequestStatus | RequestResult = self.status(request_id)
         while True:
             delay = tracker.observe(poll)
@@ -410,8 +419,9 @@ class AsyncRunComfyClient(_ClientCore):
         *,
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
+        submitted_at: datetime | None = None,
     ) -> RequestResult:
-        tracker = self._tracker(request_id, timeout, resolution, on_status)
+        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
         poll: RequestStatus | RequestResult = await self.status(request_id)
         while True:
             delay = tracker.observe(poll)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from .errors import JobCancelledError, JobFailedError, WaitTimeoutError
 from .models import TERMINAL_STATES, RequestResult, RequestStatus
@@ -33,6 +34,7 @@ class WaitTracker:
         resolution: str | None,
         logger: logging.Logger | logging.LoggerAdapter,
         on_status: StatusCallback | None,
+        submitted_at: datetime | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.request_id = request_id
@@ -44,11 +46,16 @@ class WaitTracker:
         self._clock = clock
         self._started = clock()
         self._deadline = None if timeout is None else self._started + timeout
+        # The job started after its submit: after the wait began, unless the wait
+        # resumes a request submitted earlier (`submitted_at`), which may have run a while.
+        self._submitted = self._started
+        if submitted_at is not None:
+            self._submitted -= max(0.0, time.time() - submitted_at.timestamp())
         self._timeout = timeout
         self._last: RequestStatus | None = None
         self._status_since = self._started
         # The run began after `_start_after` (the last poll that saw it queued, else the
-        # wait's start) and by `_start_seen` (the first poll that saw it run). The quiet
+        # submit) and by `_start_seen` (the first poll that saw it run). The quiet
         # window counts from the middle and is shrunk by the half-width (see earliest_run).
         self._start_after: float | None = None
         self._start_seen: float | None = None
@@ -81,7 +88,7 @@ class WaitTracker:
             self.statuses_seen.append(status.status)
             if status.status == "in_progress":
                 queued_at = self._queued_at
-                self._start_after = self._started if queued_at is None else queued_at
+                self._start_after = self._submitted if queued_at is None else queued_at
                 self._start_seen = now
                 self._estimator.job_started(self.request_id, self._resolution, self._start_after)
             if status.status not in _KNOWN_STATES:
@@ -175,8 +182,8 @@ class WaitTracker:
         if result.created_at is not None and result.finished_at is not None:
             total = (result.finished_at - result.created_at).total_seconds()
             # A wait that began long after the submit cannot tell the queue wait before it.
-            if total <= now - self._started + self._policy.initial_interval * scale:
-                return total - (started - self._started)
+            if total <= now - self._submitted + self._policy.initial_interval * scale:
+                return total - (started - self._submitted)
         if self._last_running_at is None or now - self._last_running_at > 1.5 * dense:
             return None  # it ended during the quiet window: only an upper bound is known
         return (self._last_running_at + now) / 2 - started

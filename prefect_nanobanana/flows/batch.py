@@ -287,14 +287,15 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
 
 async def _request_of(
     plan: _RowPlan, batch: _Batch
-) -> tuple[str, asyncio.Future[LedgerEntry] | None]:
+) -> tuple[str, asyncio.Future[LedgerEntry] | None, datetime | None]:
     """The row's request: the one an earlier attempt or run recorded, else one submit.
 
     At most once: a marker goes to the ledger before the submit, the request id right
     after. That second write is returned still running, so the caller can start
     polling at once (a late first poll makes the schedule expect the job's end too
     late) and must await it before anything else touches the row's ledger entry.
-    The planning step looked the row up already; only a retry of the row's task
+    A recorded request comes with when it was submitted, for the wait that resumes
+    it. The planning step looked the row up already; only a retry of the row's task
     (which may follow a submit that went through) asks the ledger again.
     """
     assert plan.job_key is not None
@@ -304,7 +305,7 @@ async def _request_of(
         entry = await to_thread.run_sync(ledger.lookup, job_key)
     if entry is not None and entry.status in ("submitted", "archived") and entry.request_id:
         batch.request_ids[plan.row] = entry.request_id
-        return entry.request_id, None
+        return entry.request_id, None, entry.submitted_at
     if entry is not None and entry.status == "submitting":
         raise _unknown_outcome(job_key, ledger.location(job_key))
     edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
@@ -339,7 +340,7 @@ async def _request_of(
             )
         )
     )
-    return handle.request_id, recording
+    return handle.request_id, recording, None
 
 
 @task(
@@ -360,9 +361,14 @@ async def aedit_batch_row(
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
-    request_id, recording = await _request_of(plan, batch)
+    request_id, recording, submitted_at = await _request_of(plan, batch)
     waiting = asyncio.ensure_future(
-        batch.client.wait(request_id, batch.timeout_seconds, resolution=plan.options["resolution"])
+        batch.client.wait(
+            request_id,
+            batch.timeout_seconds,
+            resolution=plan.options["resolution"],
+            submitted_at=submitted_at,
+        )
     )
     if recording is not None:
         try:

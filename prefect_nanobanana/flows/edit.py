@@ -152,6 +152,7 @@ def edit_image(
             resolved,
             timeout_seconds=timeout_seconds,
             resolution=resolution,
+            submitted_at=submitted.submitted_at,
         )
     return EditImageResult(
         request_id=submitted.request_id,

@@ -90,7 +90,11 @@ def edit_and_archive(
     submitted = submit_edit(edit, resolved, job_key=job_key[:32])
     with withdrawn_if_abandoned(resolved, submitted.request_id):
         outcome = wait_for_request(
-            submitted.request_id, resolved, timeout_seconds=timeout_seconds, resolution=resolution
+            submitted.request_id,
+            resolved,
+            timeout_seconds=timeout_seconds,
+            resolution=resolution,
+            submitted_at=submitted.submitted_at,
         )
     record = archive_request(
         submitted.request_id,
