@@ -226,6 +226,29 @@ def api_environment(base_url: str, scale: float) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@dataclass
+class Stack:
+    """What a run of the flow benchmarks needs, started once."""
+
+    emulator: EmulatorProcess
+    image_url: str
+    workdir: Path
+    server: PrefectServer
+
+
+@contextlib.contextmanager
+def bench_stack(workers: int, duration: float, prefix: str) -> Iterator[Stack]:
+    """The emulator, the input images, the API environment and Prefect's temporary server."""
+    with (
+        EmulatorProcess(workers, duration) as emulator,
+        input_server() as image_url,
+        api_environment(emulator.base_url, poll_time_scale(duration)),
+        tempfile.TemporaryDirectory(prefix=prefix) as workdir,
+        prefect_server() as server,
+    ):
+        yield Stack(emulator, image_url, Path(workdir), server)
+
+
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU of a process (this one by default) and its reaped children."""
     if pid is None:
@@ -462,19 +485,14 @@ def run() -> Verdict:
     scale = poll_time_scale(DURATION)
     began = time.perf_counter()
     runs: list[Run] = []
-    with (
-        EmulatorProcess(WORKERS, DURATION) as emulator,
-        input_server() as image_url,
-        api_environment(emulator.base_url, scale),
-        tempfile.TemporaryDirectory(prefix="bench-batch-") as workdir,
-        prefect_server() as server,
-    ):
-        server_pid = server.pid
+    with bench_stack(WORKERS, DURATION, "bench-batch-") as stack:
+        emulator, image_url, workdir = stack.emulator, stack.image_url, stack.workdir
+        server_pid = stack.server.pid
         for variant in VARIANTS:  # warm-up: imports, connection pools, flow registration
-            measure(variant, emulator, image_url, WARMUP_ROWS, Path(workdir), server_pid)
+            measure(variant, emulator, image_url, WARMUP_ROWS, workdir, server_pid)
         for _ in range(RUNS):
             for variant in VARIANTS:
-                runs.append(measure(variant, emulator, image_url, ROWS, Path(workdir), server_pid))
+                runs.append(measure(variant, emulator, image_url, ROWS, workdir, server_pid))
                 last = runs[-1]
                 print(f"  {variant:6} {last.wall:6.2f} s  ({last.wall / ideal:.3f} x ideal)")
     rows: list[list[object]] = []
@@ -616,21 +634,16 @@ def profile() -> None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     RESULTS_DIR.mkdir(exist_ok=True)
     raw = Path(tempfile.mkdtemp(prefix="bench-profile-")) / "profile.raw"  # ~10 MB
-    with (
-        EmulatorProcess(WORKERS, DURATION) as emulator,
-        input_server() as image_url,
-        api_environment(emulator.base_url, poll_time_scale(DURATION)),
-        tempfile.TemporaryDirectory(prefix="bench-batch-") as workdir,
-        prefect_server() as server,
-    ):
-        server_pid = server.pid
-        measure("flow", emulator, image_url, WARMUP_ROWS, Path(workdir), server_pid)
+    with bench_stack(WORKERS, DURATION, "bench-batch-") as stack:
+        emulator, image_url, workdir = stack.emulator, stack.image_url, stack.workdir
+        server_pid = stack.server.pid
+        measure("flow", emulator, image_url, WARMUP_ROWS, workdir, server_pid)
         settle(server_pid)
         command = [spy, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking"]
         command += ["--rate", str(PROFILE_RATE), "--format", "raw", "-o", str(raw)]
         sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2.0)  # attach before the run starts
-        run_ = measure("flow", emulator, image_url, ROWS, Path(workdir), server_pid)
+        run_ = measure("flow", emulator, image_url, ROWS, workdir, server_pid)
         sampler.send_signal(signal.SIGINT)
         sampler.wait(timeout=60)
     report = summarize_profile(raw)

@@ -32,15 +32,11 @@ import httpx
 
 from ._common import Verdict, print_header, table, write_results
 from .batch_overhead import (
-    EmulatorProcess,
-    PrefectServer,
-    api_environment,
+    Stack,
+    bench_stack,
     cpu_seconds,
     first_submit,
     flow_batch,
-    input_server,
-    poll_time_scale,
-    prefect_server,
     settle,
 )
 
@@ -112,18 +108,17 @@ def _task_runs(flow_run_id: str) -> tuple[int, int]:
     return int(total), int(done)
 
 
-def measure(
-    rows: int, emulator: EmulatorProcess, image_url: str, workdir: Path, server: PrefectServer
-) -> ScaleRun:
+def measure(rows: int, stack: Stack) -> ScaleRun:
     """One batch of `rows`, timed from the call to its return; then the server's drain."""
+    emulator, server = stack.emulator, stack.server
     settle(server.pid)
     dropped_before = server.dropped_events()
     emulator.reset()
-    archive = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
+    archive = Path(tempfile.mkdtemp(prefix="archive-", dir=stack.workdir))
     cpu_before = (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(emulator.pid))
     started_wall, started = time.time(), time.perf_counter()
     result, finished = asyncio.run(
-        flow_batch(image_url, rows, archive, "bench-scale", lanes=WORKERS)
+        flow_batch(stack.image_url, rows, archive, "bench-scale", lanes=WORKERS)
     )
     wall = time.perf_counter() - started
     drain = settle(server.pid)
@@ -166,18 +161,11 @@ def run() -> Verdict:
     began = time.perf_counter()
     runs: list[ScaleRun] = []
     skipped: dict[int, int] = {}
-    with (
-        EmulatorProcess(WORKERS, DURATION) as emulator,
-        input_server() as image_url,
-        api_environment(emulator.base_url, poll_time_scale(DURATION)),
-        tempfile.TemporaryDirectory(prefix="bench-scale-") as folder,
-        prefect_server() as server,
-    ):
-        workdir = Path(folder)
-        measure(WARMUP_ROWS, emulator, image_url, workdir, server)
+    with bench_stack(WORKERS, DURATION, "bench-scale-") as stack:
+        measure(WARMUP_ROWS, stack)
         for size in SIZES:
             for attempt in range(RUNS[size]):
-                runs.append(measure(size, emulator, image_url, workdir, server))
+                runs.append(measure(size, stack))
                 last = runs[-1]
                 print(
                     f"  {size:5d} rows: {last.wall:6.1f} s, {last.rows_per_second:5.1f} rows/s, "
