@@ -391,10 +391,12 @@ def submit_once_blocking(
     edit: NanoBananaEditInput,
     *,
     facts: Mapping[str, Any] | None = None,
+    known: VersionedEntry | object | None = Unread,
 ) -> SubmittedRequest:
     """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
     sending with a blocking client."""
-    return asyncio.run(submit_once(job_key, store, client, edit, facts=facts))  # type: ignore[arg-type]
+    claiming = submit_once(job_key, store, client, edit, facts=facts, known=known)  # type: ignore[arg-type]
+    return asyncio.run(claiming)
 
 
 async def _claim(
