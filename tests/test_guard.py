@@ -96,23 +96,12 @@ def _check_one_submit(answers: list, emulator: Any) -> None:
     assert sum(answer["adopted"] for answer in answers) == len(answers) - 1
 
 
-def test_processes_racing_on_one_job_key_submit_once_local(
-    emulator_factory, image_server, tmp_path
-):
+def test_processes_racing_on_one_job_key_submit_once(emulator_factory, image_server, tmp_path):
     emulator = emulator_factory(faults=SLOW_SUBMITS)
     answers = _race(str(tmp_path / "archive"), emulator, image_server, tmp_path, processes=3)
     _check_one_submit(answers, emulator)
     entry = Ledger(tmp_path / "archive").lookup("one-job")
     assert (entry.status, entry.request_id) == ("submitted", answers[0]["request_id"])
-
-
-@pytest.mark.s3
-def test_processes_racing_on_one_job_key_submit_once_on_s3(
-    emulator_factory, image_server, tmp_path, s3_client, s3_bucket
-):
-    emulator = emulator_factory(faults=SLOW_SUBMITS)
-    answers = _race(f"s3://{s3_bucket}/archive", emulator, image_server, tmp_path, processes=3)
-    _check_one_submit(answers, emulator)
 
 
 def _claim_of(owner_pid: int, job_key: str = "stuck") -> LedgerEntry:

@@ -190,11 +190,13 @@ def claim_alive(owner: ClaimOwner | None, trusted_seconds: float) -> bool:
     """Whether the process that made a claim may still be working on it."""
     if owner is None:
         return False
+    if owner.host == socket.gethostname() and owner.pid == os.getpid():
+        return owner.token in _LIVE_CLAIMS
+    # No claim is worked on longer than `trusted_seconds`, even by a process that runs on.
+    young = (_now() - owner.claimed_at).total_seconds() < trusted_seconds
     if owner.host == socket.gethostname():
-        if owner.pid == os.getpid():
-            return owner.token in _LIVE_CLAIMS
-        return _pid_runs(owner.pid)
-    return (_now() - owner.claimed_at).total_seconds() < trusted_seconds
+        return young and _pid_runs(owner.pid)
+    return young
 
 
 def _same_run(owner: ClaimOwner | None, me: ClaimOwner) -> bool:
