@@ -29,7 +29,15 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["sniff_image_type"], ".media"),
     **dict.fromkeys(["DEFAULT_ARCHIVE_URI", "make_s3_client", "require_bucket"], ".backends"),
     **dict.fromkeys(
-        ["DEFAULT_EXPIRES_IN", "MAX_INPUT_BYTES", "StagedAsset", "stage_assets"], ".staging"
+        [
+            "DEFAULT_EXPIRES_IN",
+            "MAX_INPUT_BYTES",
+            "StagedAsset",
+            "check_sources",
+            "probe_image_url",
+            "stage_assets",
+        ],
+        ".staging",
     ),
     **dict.fromkeys(["STAGING_TOKEN_ENV", "LoopbackObjectStore"], ".loopback"),
     **dict.fromkeys(
