@@ -39,11 +39,14 @@ _EXPORTS: dict[str, str] = {
         ],
         ".staging",
     ),
-    **dict.fromkeys(["STAGING_TOKEN_ENV", "LoopbackObjectStore"], ".loopback"),
+    "STAGING_TOKEN_ENV": ".staging",
+    # Old import path: the server lives in the offline room now (it imports no Prefect either).
+    "LoopbackObjectStore": "..emulator.object_store",
     **dict.fromkeys(
         [
             "MAX_OUTPUT_BYTES",
             "ArchiveError",
+            "ArchiveMetadata",
             "ArchiveLayout",
             "ArchiveRecord",
             "ArchivedOutput",
