@@ -1,7 +1,10 @@
 """The CLI's `edit` verb: one edit with a live status line.
 
 `edit` works without a Prefect server (stage → submit → wait → save, straight
-through the client and storage rooms), so one image does not wait for one.
+through the client and storage rooms), so one image does not wait for one. Local
+images go inline (as `data:` URIs) unless `--staging` names where to upload them.
+It ends by saying where each file went and what the request cost; `--out DIR`
+puts the files, named by the request, directly in `DIR`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from typing import Any
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
+from .connection import client_for
 from .exit_codes import EXIT_OK
+from .requests import format_cost
+
+DEFAULT_OUT = "nanobanana-output"
 
 
 class _StatusDisplay:
@@ -74,9 +81,10 @@ def run_edit_command(args: argparse.Namespace) -> int:
     edit = NanoBananaEditInput(
         prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
     )
-    with RunComfyClient(base_url=args.base_url) as client:
+    with client_for(args) as client:
         handle = client.submit_edit(edit)
-        display.say(f"Submitted request {handle.request_id}")
+        count = f"{args.num_images} image{'s' if args.num_images > 1 else ''}"
+        display.say(f"Submitted request {handle.request_id} ({args.resolution}, {count})")
         try:
             result = client.wait(
                 handle.request_id, args.timeout, resolution=args.resolution, on_status=display
@@ -88,16 +96,17 @@ def run_edit_command(args: argparse.Namespace) -> int:
         handle.request_id,
         result.output_urls,
         date=result.created_at.date() if result.created_at else None,
-        archive_uri=args.archive or args.out or "nanobanana-output",
+        archive_uri=args.archive or args.out or DEFAULT_OUT,
         metadata=ArchiveMetadata(
             prompt=args.prompt,
             parameters=options,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.source for asset in staged],
+            sources=[asset.provenance for asset in staged],
             created_at=result.created_at,
             finished_at=result.finished_at,
             cost=result.cost,
         ),
+        flat=args.archive is None,  # --out (or the default): the files right there
     )
     payload = {
         "request_id": handle.request_id,
@@ -108,7 +117,10 @@ def run_edit_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload))
     else:
-        for location in record.output_locations:
-            print(f"saved {location}")
+        for output in record.outputs:
+            kind = output.content_type.removeprefix("image/")
+            size = f"{output.width}x{output.height} " if output.width and output.height else ""
+            print(f"saved {output.location} ({size}{kind})")
         print(f"metadata {record.metadata_location}")
+        print(format_cost(result.cost))
     return EXIT_OK

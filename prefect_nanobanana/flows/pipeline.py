@@ -104,7 +104,7 @@ def edit_and_archive(
             prompt=prompt,
             parameters=options,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.source for asset in staged],
+            sources=[asset.provenance for asset in staged],
             created_at=outcome.created_at,
             finished_at=outcome.finished_at,
             cost=outcome.cost,

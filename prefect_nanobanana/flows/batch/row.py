@@ -30,6 +30,7 @@ from ...storage import (
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import aarchive_request
 from .models import BatchRowResult, _RowPlan
+from .plan import inline_images
 
 
 class _Batch:
@@ -88,7 +89,11 @@ async def _request_of(
         return entry.request_id, None, entry.submitted_at
     if entry is not None and entry.status == "submitting":
         raise _unknown_outcome(job_key, ledger.location(job_key))
+    if plan.inline_at_submit and not plan.image_urls:
+        await to_thread.run_sync(inline_images, plan)
     edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
+    if plan.inline_at_submit:
+        plan.image_urls = []  # megabytes of data URIs: kept only as long as the submit needs them
     batch.submits_tried.add(job_key)
     await to_thread.run_sync(ledger.record_submitting, job_key)
     try:
@@ -115,7 +120,7 @@ async def _request_of(
                 row=plan.row,
                 model_id=NANO_BANANA_EDIT_MODEL_ID,
                 parameters=edit.model_dump(exclude={"image_urls"}),
-                sources=edit.image_urls,
+                sources=plan.sources or edit.image_urls,
                 flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
             )
         )
@@ -177,7 +182,7 @@ async def aedit_batch_row(
         prompt=plan.job.prompt,
         parameters=plan.options,
         model_id=NANO_BANANA_EDIT_MODEL_ID,
-        sources=plan.job.images,
+        sources=plan.sources or plan.job.images,
         row=plan.row,
         row_id=plan.job.id,
         created_at=result.created_at,
