@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK
@@ -25,6 +26,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
         print(f"{bad} of {checked.rows} rows of {args.manifest} cannot run:", file=sys.stderr)
         for problem in checked.problems:
             print(f"  {problem}", file=sys.stderr)
+        if args.allow_partial and checked.unreadable:
+            print(
+                "Nothing was submitted: rows with wrong options cannot be skipped, because "
+                "the flow cannot read the manifest at all. Fix them first.",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
         if not args.allow_partial:
             print(
                 "Nothing was submitted. Fix these rows, or pass --allow-partial to run the "
@@ -33,6 +41,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
             )
             return EXIT_BAD_INPUT
         print(f"--allow-partial: running the other {checked.rows - bad} rows.", file=sys.stderr)
+    # Prefect gives its temporary server 20 s to start; a busy machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from ..flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
 
     def show(done: int, total: int) -> None:

@@ -30,6 +30,8 @@ from ..emulator import EmulatorConfig, EmulatorServer, LoopbackObjectStore
 from ..storage.staging import STAGING_TOKEN_ENV
 
 DEMO_TIME_SCALE = 0.1
+# Prefect gives its temporary server 20 s to start; a busy laptop can need more.
+TEMPORARY_SERVER_STARTUP_SECONDS = 90
 
 _INPUTS = {
     "harbour.png": ((960, 540), (40, 110, 170)),
@@ -178,11 +180,18 @@ def _temporary_server() -> Iterator[None]:
         PREFECT_API_KEY,
         PREFECT_API_URL,
         PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
     )
 
     with temporary_settings(
-        updates={PREFECT_SERVER_EPHEMERAL_ENABLED: True},
+        updates={
+            PREFECT_SERVER_EPHEMERAL_ENABLED: True,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: max(
+                TEMPORARY_SERVER_STARTUP_SECONDS,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(),
+            ),
+        },
         restore_defaults={PREFECT_API_URL, PREFECT_API_KEY},
     ):
         yield

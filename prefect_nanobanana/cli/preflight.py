@@ -29,10 +29,15 @@ _PROBE_WORKERS = 8
 
 @dataclass(frozen=True)
 class Preflight:
-    """What the pre-flight found: how many rows, and the problems (each naming its line)."""
+    """What the pre-flight found: how many rows, and the problems (each naming its line).
+
+    `unreadable` counts the rows whose options are wrong: the flow cannot read such a
+    manifest at all, so even `--allow-partial` cannot skip them.
+    """
 
     rows: int
     problems: list[str]
+    unreadable: int = 0
 
 
 def preflight_batch(
@@ -45,12 +50,17 @@ def preflight_batch(
     rows = read_manifest(manifest_uri)
     with ThreadPoolExecutor(max_workers=_PROBE_WORKERS) as pool:
         found = list(pool.map(lambda row: _row_problem(row, staging_uri, probe_timeout), rows))
-    return Preflight(rows=len(rows), problems=[problem for problem in found if problem])
+    return Preflight(
+        rows=len(rows),
+        problems=[problem for problem, _ in found if problem],
+        unreadable=sum(unreadable for _, unreadable in found),
+    )
 
 
 def _row_problem(
     row: Mapping[str, Any], staging_uri: str | None, probe_timeout: float
-) -> str | None:
+) -> tuple[str | None, bool]:
+    """The row's problem (None when it can run), and whether it is in its options."""
     options = {key: row[key] for key in OPTION_KEYS if key != "id" and row.get(key) is not None}
     try:
         NanoBananaEditInput(prompt=row["prompt"], image_urls=row["images"], **options)
@@ -59,9 +69,9 @@ def _row_problem(
             f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
             for item in error.errors()
         )
-        return f"line {row['line']}: {reasons}"
+        return f"line {row['line']}: {reasons}", True
     try:
         check_sources(row["images"], staging_uri, probe_timeout=probe_timeout)
     except StagingError as error:
-        return f"line {row['line']}: {error}"
-    return None
+        return f"line {row['line']}: {error}", False
+    return None, False

@@ -26,10 +26,13 @@ def format_cost(cost: float | None) -> str:
 
 def submit(args: argparse.Namespace) -> int:
     from ..client import NanoBananaEditInput
+    from ..storage import stage_assets
 
+    NanoBananaEditInput(prompt=args.prompt, image_urls=args.images)  # the count, before any file
+    # URLs go as they are; a local image goes inline, as `edit` sends it without --staging.
     edit = NanoBananaEditInput(
         prompt=args.prompt,
-        image_urls=args.images,
+        image_urls=[asset.url for asset in stage_assets(args.images)],
         aspect_ratio=args.aspect_ratio,
         resolution=args.resolution,
         output_format=args.output_format,
