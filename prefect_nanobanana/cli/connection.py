@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
-from ..client import RunComfyClient
-from ..client.client import BASE_URL_ENV_VAR
 from ..client.vocabulary import DEFAULT_BASE_URL
 from .exit_codes import UsageError
+
+if TYPE_CHECKING:  # the client (httpx, pydantic) is imported by the verbs, not by --help
+    from ..client import RunComfyClient
 
 
 def add_connection_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
@@ -35,6 +37,9 @@ def add_connection_options(parser: argparse.ArgumentParser, *, json_output: bool
 
 def client_for(args: argparse.Namespace) -> RunComfyClient:
     """The client the verb's flags ask for; `args.api_base_url` names where it points."""
+    from ..client import RunComfyClient
+    from ..client.client import BASE_URL_ENV_VAR
+
     block = load_credentials_block(args.credentials) if args.credentials else None
     block_url = block.base_url if block is not None else None
     args.api_base_url = (
