@@ -9,6 +9,7 @@ before Prefect's server starts.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
 from pathlib import Path
@@ -82,14 +83,20 @@ def test_edit_a_local_photo_into_out_sends_it_inline(tmp_path, emulator):
     assert header == "data:image/png;base64"
     assert base64.b64decode(payload) == photo.read_bytes()
     metadata = json.loads((work / "out" / f"{job_id}.metadata.json").read_text())
-    assert metadata["sources"] == [f"inline:photo.png sha256={metadata_sha(photo)}"]
+    digest = hashlib.sha256(photo.read_bytes()).hexdigest()
+    assert metadata["sources"] == [f"inline:photo.png sha256={digest}"]
     assert "base64" not in json.dumps(metadata)
 
 
-def metadata_sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def test_edit_refuses_a_url_that_is_no_image_before_paying(
+    emulator, use_emulator, image_server, capsys
+):
+    use_emulator(emulator)
+    url = image_server.url_for("missing.png", "X-Amz-Signature=secret")
+    assert main(["edit", "--prompt", "Add snow", "--image", url]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "missing.png: HTTP 404" in err and "secret" not in err
+    assert emulator.stats.submits_received == 0
 
 
 def test_an_image_too_big_to_inline_is_refused_with_the_sizes_and_nothing_paid(tmp_path, emulator):

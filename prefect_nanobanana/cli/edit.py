@@ -67,7 +67,7 @@ def _cancel_if_queued(client: RunComfyClient, request_id: str, display: _StatusD
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
-    from ..storage import ArchiveMetadata, archive_outputs, stage_assets
+    from ..storage import ArchiveMetadata, archive_outputs, check_urls, stage_assets
 
     options = {
         "aspect_ratio": args.aspect_ratio,
@@ -78,6 +78,7 @@ def run_edit_command(args: argparse.Namespace) -> int:
     NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
     staged = stage_assets(args.images, args.staging)
+    check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     edit = NanoBananaEditInput(
         prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
     )

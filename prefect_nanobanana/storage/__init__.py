@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
             "MAX_INPUT_BYTES",
             "StagedAsset",
             "check_sources",
+            "check_urls",
             "probe_image_url",
             "stage_assets",
         ],

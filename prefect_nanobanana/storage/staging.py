@@ -107,6 +107,12 @@ class StagedAsset(BaseModel):
             yield name, strip_signature(value) if name == "url" else value
 
     @property
+    def passed_through(self) -> bool:
+        """A URL the user gave, handed to the API as it is (not uploaded, signed or inlined):
+        the API fetches it only after the submit is billed, so it is worth a probe first."""
+        return self.key is None and not self.inline and self.source.startswith("http")
+
+    @property
     def provenance(self) -> str:
         """What metadata, manifests and logs say this input was: no signature, no payload.
 
@@ -287,13 +293,18 @@ def check_sources(
     every problem.
     """
     planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri)
-    if probe_timeout is None:
-        return
+    if probe_timeout is not None:
+        check_urls([item for item in planned.items if isinstance(item, StagedAsset)], probe_timeout)
+
+
+def check_urls(assets: Sequence[StagedAsset], timeout: float = DEFAULT_PROBE_TIMEOUT) -> None:
+    """Probe every URL among ``assets`` that the API will fetch as the user gave it;
+    :class:`StagingError` naming each one that does not answer with an image."""
     problems = [
         problem
-        for item in planned.items
-        if isinstance(item, StagedAsset)
-        and (problem := probe_image_url(item.url, timeout=probe_timeout)) is not None
+        for asset in assets
+        if asset.passed_through
+        and (problem := probe_image_url(asset.url, timeout=timeout)) is not None
     ]
     if problems:
         raise StagingError("; ".join(problems))

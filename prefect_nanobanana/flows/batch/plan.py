@@ -15,7 +15,6 @@ from ...client import (
 )
 from ...storage import (
     Ledger,
-    StagedAsset,
     StagingError,
     StorageError,
     check_sources,
@@ -71,7 +70,7 @@ def _stage_rows(
                 continue
             staged = stage_assets(plan.job.images, location, s3_client=s3_client)
             for asset in staged:
-                if _fetched_from_the_source(asset):
+                if asset.passed_through:
                     if asset.url not in probed:
                         probed[asset.url] = probe_image_url(asset.url)
                     if probed[asset.url] is not None:
@@ -85,11 +84,6 @@ def _stage_rows(
 
 def _has_local_images(images: list[str]) -> bool:
     return any(not image.startswith(("s3://", "http://", "https://")) for image in images)
-
-
-def _fetched_from_the_source(asset: StagedAsset) -> bool:
-    """A URL the user gave (not one we staged, signed or inlined): the API fetches it as is."""
-    return asset.key is None and not asset.inline and asset.source.startswith("http")
 
 
 def inline_images(plan: _RowPlan) -> None:
