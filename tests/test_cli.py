@@ -61,8 +61,27 @@ def test_result_download_saves_the_outputs(api, image_server, tmp_path, capsys):
     while emulator.job(request_id).status != "completed":
         time.sleep(0.01)
     assert main(["result", request_id, "--download", str(tmp_path)]) == 0
-    saved = [line.removeprefix("saved ") for line in capsys.readouterr().out.splitlines()[1:]]
-    assert len(saved) == 2 and all(Path(path).is_file() for path in saved)
+    lines = capsys.readouterr().out.splitlines()
+    saved = [line.removeprefix("saved ") for line in lines if line.startswith("saved ")]
+    assert lines[0] == f"{request_id}: completed" and lines[-1] == "cost $0.30"
+    # Named by the request, directly in the folder, with the metadata beside them.
+    assert [Path(path).name for path in saved] == [f"{request_id}-1.png", f"{request_id}-2.png"]
+    assert all(Path(path).is_file() for path in saved)
+    assert (tmp_path / f"{request_id}.metadata.json").is_file()
+
+
+def test_result_prints_status_outputs_and_cost(api, image_server, capsys):
+    emulator = api()
+    assert main(["submit", "--prompt", "p", "--image", image_server.url_for("wide.png")]) == 0
+    request_id = capsys.readouterr().out.strip()
+    while emulator.job(request_id).status != "completed":
+        time.sleep(0.01)
+    assert main(["result", request_id]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{request_id}: completed",
+        f"output {emulator.base_url}/files/{request_id}/0.png",
+        "cost $0.15",
+    ]
 
 
 def test_edit_stages_edits_and_saves(

@@ -729,7 +729,7 @@ def test_module_main_serves_until_interrupted():
     )
     try:
         assert process.stdout is not None
-        banner = [process.stdout.readline() for _ in range(5)]
+        banner = [process.stdout.readline() for _ in range(7)]
         base_url = banner[0].rsplit(" ", 1)[1].strip()
         headers = {"Authorization": "Bearer tok"}
         first = httpx.get(f"{base_url}{MODEL_PATH}", headers=headers)
@@ -739,8 +739,154 @@ def test_module_main_serves_until_interrupted():
     finally:
         process.kill()
     assert base_url.startswith("http://127.0.0.1:")
-    assert f"  RUNCOMFY_BASE_URL={base_url}\n" in banner
-    assert "  RUNCOMFY_API_TOKEN=tok\n" in banner
-    assert "  RUNCOMFY_POLL_TIME_SCALE=0.01\n" in banner
-    assert "  faults: model:rate_limit@1\n" in banner
+    assert f"export RUNCOMFY_BASE_URL={base_url}\n" in banner
+    assert "export RUNCOMFY_API_TOKEN=tok\n" in banner
+    assert "export RUNCOMFY_POLL_TIME_SCALE=0.01\n" in banner
+    assert "# faults: model:rate_limit@1\n" in banner
     assert (first.status_code, second.status_code) == (429, 200)
+
+
+def _png_data_uri(colour: tuple[int, int, int], size: tuple[int, int] = (300, 200)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _output_image(client: httpx.Client, request_id: str) -> Image.Image:
+    result = client.get(f"/v1/requests/{request_id}/result").json()
+    return Image.open(io.BytesIO(client.get(result["output"]["image"]).content)).convert("RGB")
+
+
+def test_data_uri_inputs_are_accepted_and_the_output_is_made_from_the_first(emulator):
+    red, blue = _png_data_uri((220, 30, 30)), _png_data_uri((30, 30, 220))
+    tall = _png_data_uri((30, 30, 220), (90, 160))
+    with api(emulator) as client:
+        ids = {
+            name: submit(client, {"prompt": "Add snow", "image_urls": urls})
+            for name, urls in {
+                "red": [red],
+                "blue": [blue, red],
+                "again": [red],
+                "tall": [tall],
+            }.items()
+        }
+        for request_id in ids.values():
+            assert wait_done(client, request_id)["status"] == "completed"
+        outputs = {name: _output_image(client, request_id) for name, request_id in ids.items()}
+    # Auto ratio follows the first input: 3:2 landscape, 9:16 portrait, at the table's size.
+    assert outputs["red"].size == OUTPUT_PIXEL_SIZES["3:2"]["1K"]
+    assert outputs["tall"].size == OUTPUT_PIXEL_SIZES["9:16"]["1K"]
+    # Derived from the first input: same prompt and size, yet the red and the blue picture differ.
+    red_pixel, blue_pixel = (outputs[name].getpixel((600, 300)) for name in ("red", "blue"))
+    assert red_pixel != blue_pixel
+    # Deterministic: the same input and prompt give the same picture.
+    assert outputs["again"].tobytes() == outputs["red"].tobytes()
+    # The stats name an inline input by type and length, never by its payload.
+    fetched = emulator.stats.fetched_input_urls
+    assert len(fetched) == 5 and all(len(line) < 80 for line in fetched)
+    assert fetched[0].startswith("data:image/png;base64,... (")
+    assert emulator.job(ids["red"]).image_urls == (red,)
+
+
+def test_the_prompt_picks_a_visible_deterministic_change(emulator):
+    from prefect_nanobanana.emulator.images import effect_for
+
+    prompts = [f"edit number {number}" for number in range(40)]
+    assert len({effect_for(prompt) for prompt in prompts}) == 6  # every effect is reachable
+    assert [effect_for(prompt) for prompt in prompts] == [effect_for(p) for p in prompts]
+    by_effect = {effect_for(prompt): prompt for prompt in reversed(prompts)}
+    source = _png_data_uri((200, 120, 40), (400, 400))
+    with api(emulator) as client:
+        ids = {
+            effect: submit(client, {"prompt": by_effect[effect], "image_urls": [source]})
+            for effect in ("invert", "posterise")
+        }
+        for request_id in ids.values():
+            wait_done(client, request_id)
+        centres = {
+            effect: _output_image(client, request_id).getpixel((512, 300))
+            for effect, request_id in ids.items()
+        }
+    # The input's colour, changed as the effect says (a flat colour survives resizing exactly).
+    assert centres == {"invert": (55, 135, 215), "posterise": (192, 64, 0)}
+
+
+def test_a_bad_data_uri_fails_the_job_with_a_short_reason(emulator):
+    with api(emulator) as client:
+        not_base64 = submit(client, {"prompt": "x", "image_urls": ["data:image/png;base64,@@@"]})
+        not_image = submit(
+            client,
+            {"prompt": "x", "image_urls": ["data:image/png;base64," + "QUFB" * 1000]},
+        )
+        first, second = wait_done(client, not_base64), wait_done(client, not_image)
+        reasons = [
+            client.get(f"/v1/requests/{request_id}/result").json()["error"]
+            for request_id in (not_base64, not_image)
+        ]
+    assert (first["status"], second["status"]) == ("failed", "failed")
+    assert "not valid base64" in reasons[0]
+    assert "not an image" in reasons[1] and len(reasons[1]) < 200
+
+
+def test_a_body_over_the_request_cap_gets_413_and_the_connection_stays_usable(
+    emulator_factory,
+):
+    emulator = emulator_factory(max_request_bytes=1000)
+    with api(emulator, "test-token") as client:
+        big = client.post(MODEL_PATH, json={"prompt": "x", "image_urls": ["a" * 5000]})
+        after = client.get("/_emulator/stats")
+    assert big.status_code == 413 and big.json()["error_code"] == 422001
+    assert "URLs instead of inline data: URIs" in big.json()["error_message"]
+    assert after.status_code == 200 and after.json()["submits_accepted"] == 0
+
+
+def test_print_env_starts_in_the_background_for_eval(tmp_path):
+    log_file = tmp_path / "emulator.log"
+    script = (
+        f'eval "$({sys.executable} -m prefect_nanobanana.emulator --port 0 --token tok '
+        f'--time-scale 0.1 --print-env --log-file {log_file})"\n'
+        'echo "$RUNCOMFY_BASE_URL $RUNCOMFY_API_TOKEN $RUNCOMFY_POLL_TIME_SCALE '
+        '$NANOBANANA_EMULATOR_PID"\n'
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    base_url, token, scale, pid = done.stdout.split()
+    try:
+        answer = httpx.get(f"{base_url}{MODEL_PATH}", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        os.kill(int(pid), signal.SIGTERM)
+    assert base_url.startswith("http://127.0.0.1:") and (token, scale) == ("tok", "0.1")
+    assert answer.status_code == 200
+
+
+def test_print_env_says_why_when_the_port_is_taken(emulator, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefect_nanobanana.emulator",
+            "--port",
+            str(emulator.port),
+            "--print-env",
+            "--log-file",
+            str(tmp_path / "emulator.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"cannot listen on 127.0.0.1:{emulator.port}" in done.stderr
+
+
+def test_help_names_the_command_people_type():
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect_nanobanana.emulator", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.startswith("usage: nanobanana emulator ")
+    assert "--print-env" in done.stdout

@@ -481,3 +481,55 @@ async def test_a_row_whose_second_output_cannot_be_fetched_lists_the_first_as_ke
     again = await batch_edit(**options)
     assert again.rows[0].status == "adopted" and len(again.rows[0].output_locations) == 2
     assert emulator.stats.submits_accepted == 1
+
+
+def test_local_images_without_staging_go_inline_through_the_pipeline(
+    emulator_factory, use_emulator, sample_images, tmp_path
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    result = edit_and_archive(
+        prompt="add snow",
+        images=[str(sample_images / "a.png")],
+        archive_uri=str(tmp_path / "archive"),
+    )
+    (sent,) = emulator.job(result.request_id).image_urls
+    assert sent.startswith("data:image/png;base64,")
+    metadata = json.loads(Path(result.metadata_location).read_text())
+    assert metadata["sources"][0].startswith("inline:a.png sha256=")
+    assert "base64" not in _all_text(tmp_path / "archive")
+
+
+async def test_a_batch_without_staging_sends_local_images_inline_and_never_pays_for_a_dead_url(
+    emulator_factory, use_emulator, sample_images, image_server, tmp_path
+):
+    from prefect_nanobanana.flows import batch_edit
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    jobs = [
+        {"id": "local", "prompt": "add snow", "images": [str(sample_images / "a.png")]},
+        {"id": "pair", "prompt": "add rain", "images": [str(sample_images), "url"]},
+        {"id": "dead", "prompt": "add fog", "images": [image_server.url_for("nope.png")]},
+        {"id": "url", "prompt": "add sun", "images": [image_server.url_for("wide.png")]},
+    ]
+    jobs[1]["images"][1] = image_server.url_for("tall.jpg")
+    result = await batch_edit(
+        jobs=jobs,
+        archive_uri=str(tmp_path / "archive"),
+        concurrency_limit_name="test-batch-inline",
+        allow_partial=True,
+    )
+    assert [row.status for row in result.rows] == ["archived", "archived", "failed", "archived"]
+    assert "nope.png: HTTP 404" in result.rows[2].error and result.rows[2].request_id is None
+    assert emulator.stats.submits_received == 3  # the dead URL was never paid for
+    sent = {row.id: emulator.job(row.request_id).image_urls for row in result.rows[:2]}
+    assert sent["local"][0].startswith("data:image/png;base64,")
+    assert [url.split(";")[0] for url in sent["pair"][:3]] == [
+        "data:image/png",
+        "data:image/jpeg",
+        "data:image/webp",
+    ]
+    assert sent["pair"][3] == image_server.url_for("tall.jpg")
+    text = _all_text(tmp_path / "archive")
+    assert "inline:a.png sha256=" in text and "base64" not in text

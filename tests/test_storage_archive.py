@@ -265,3 +265,25 @@ def test_unknown_date_files_under_today_utc(tmp_path: Path) -> None:
     record = archive_outputs("req-9", [inline], date=None, archive_uri=str(tmp_path))
     assert record.archive_date == datetime.now(timezone.utc).date()
     assert (record.outputs[0].width, record.outputs[0].height) == (3, 2)
+
+
+def test_flat_layout_puts_the_files_named_by_the_request_in_the_folder(
+    tmp_path: Path, outputs: list[str]
+) -> None:
+    out = tmp_path / "out"
+    several = archive_outputs("req-9", outputs, date=DAY, archive_uri=str(out), flat=True)
+    single = archive_outputs("req-10", outputs[:1], date=DAY, archive_uri=str(out), flat=True)
+    again = archive_outputs("req-10", outputs[:1], date=DAY, archive_uri=str(out), flat=True)
+
+    assert sorted(path.name for path in out.iterdir()) == [
+        "req-10.metadata.json",
+        "req-10.png",
+        "req-9-1.png",
+        "req-9-2.jpg",
+        "req-9-3.webp",
+        "req-9.metadata.json",
+    ]
+    assert several.metadata_location == str(out / "req-9.metadata.json")
+    assert single.output_locations == [str(out / "req-10.png")]
+    assert again.already_archived and again.output_locations == single.output_locations
+    assert json.loads((out / "req-10.metadata.json").read_text())["request_id"] == "req-10"

@@ -156,11 +156,6 @@ def test_unknown_bucket_fails_clearly_before_upload(sample_images: Path) -> None
         stage_assets([str(sample_images)], "s3://no-such-bucket-here/in")
 
 
-def test_local_files_need_a_staging_uri(sample_images: Path) -> None:
-    with pytest.raises(StagingError, match="local files need a staging_uri"):
-        stage_assets([str(sample_images / "a.png")])
-
-
 def test_folder_without_images_is_an_error(tmp_path: Path, s3_bucket: str) -> None:
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(StagingError, match="folder contains no images"):

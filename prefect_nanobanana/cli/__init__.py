@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import get_args
 
 from ..client.vocabulary import AspectRatio, OutputFormat, Resolution
+from .connection import add_connection_options
 from .exit_codes import (
     EXIT_AUTH,
     EXIT_BAD_INPUT,
@@ -27,9 +29,12 @@ from .exit_codes import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
+    EXIT_NOT_SAVED,
     EXIT_OK,
     EXIT_OUTCOME_UNKNOWN,
     EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    FailureContext,
     failure_of,
 )
 
@@ -40,9 +45,11 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_JOB_FAILED",
+    "EXIT_NOT_SAVED",
     "EXIT_OK",
     "EXIT_OUTCOME_UNKNOWN",
     "EXIT_TIMEOUT",
+    "EXIT_UNREACHABLE",
     "build_parser",
     "main",
 ]
@@ -64,64 +71,99 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=1, choices=range(1, 5))
 
 
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--base-url", help="API base URL (default: RUNCOMFY_BASE_URL or the real API)."
-    )
-    parser.add_argument("--json", action="store_true", help="Print JSON for scripts.")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanobanana",
         description="Nano Banana Pro image edits on the RunComfy Model API, with Prefect.",
-        epilog="The API token is read from RUNCOMFY_API_TOKEN; it is never printed.",
+        epilog="The API token is read from RUNCOMFY_API_TOKEN (or a block named with "
+        "--credentials); it is never printed. Offline: nanobanana emulator --help.",
     )
     parser.add_argument("--version", action="version", version=_version())
+    # Every verb takes --debug (after the verb, where people type it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="Show the traceback of a failure too.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    edit = verbs.add_parser("edit", help="Stage images, edit them and save the outputs.")
+    edit = verbs.add_parser(
+        "edit", parents=[common], help="Edit images and save the outputs, with the cost."
+    )
     _add_edit_options(edit)
     destination = edit.add_mutually_exclusive_group()
-    destination.add_argument("--out", metavar="DIR", help="Save outputs in this folder.")
-    destination.add_argument("--archive", metavar="URI", help="Archive to a folder or s3://.")
-    edit.add_argument("--staging", metavar="URI", help="Where local inputs are uploaded.")
+    destination.add_argument(
+        "--out",
+        metavar="DIR",
+        help="Save the outputs, named by the request, and REQUEST_ID.metadata.json directly "
+        "in DIR (default: nanobanana-output).",
+    )
+    destination.add_argument(
+        "--archive",
+        metavar="URI",
+        help="Archive to a folder or s3:// as the flows do: DATE/REQUEST_ID/N.EXT.",
+    )
+    edit.add_argument(
+        "--staging",
+        metavar="URI",
+        help="Where local inputs are uploaded (s3://bucket/prefix or a loopback store URL); "
+        "without it they are sent inline, up to 6 MiB each as data: URIs.",
+    )
     edit.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait.")
     edit.add_argument(
         "--job-key",
         help="Name the job: the same key again adopts its request instead of paying twice.",
     )
-    _add_connection_options(edit)
+    add_connection_options(edit)
     edit.set_defaults(handler="edit:run_edit_command")
 
-    batch = verbs.add_parser("batch", help="Run every row of a JSONL/CSV manifest.")
+    batch = verbs.add_parser(
+        "batch", parents=[common], help="Run every row of a JSONL/CSV manifest."
+    )
     batch.add_argument("manifest", help="Manifest location: local path or s3://.")
     batch.add_argument("--archive", required=True, metavar="URI")
-    batch.add_argument("--staging", metavar="URI")
+    batch.add_argument(
+        "--staging",
+        metavar="URI",
+        help="Where local inputs are uploaded; without it they are sent inline (≤ 6 MiB).",
+    )
     batch.add_argument("--max-concurrency", type=int, default=8)
-    batch.add_argument("--allow-partial", action="store_true")
-    batch.add_argument("--credentials", default="default", help="RunComfyCredentials block.")
+    batch.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="Run the good rows even when the pre-flight finds bad ones (those fail unpaid).",
+    )
+    batch.add_argument(
+        "--credentials",
+        default="default",
+        metavar="BLOCK",
+        help="A saved RunComfyCredentials block (default: 'default' if saved, else "
+        "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL).",
+    )
     batch.set_defaults(handler="batch:run_batch_command")
 
-    submit = verbs.add_parser("submit", help="Submit one edit and print its request id.")
+    submit = verbs.add_parser(
+        "submit", parents=[common], help="Submit one edit and print its request id."
+    )
     _add_edit_options(submit)
     submit.add_argument("--sync-mode", action="store_true")
-    _add_connection_options(submit)
+    add_connection_options(submit)
     submit.set_defaults(handler="requests:submit")
 
     for name, handler, summary in (
         ("status", "requests:status", "Print a request's status."),
         ("cancel", "requests:cancel", "Cancel a queued request."),
     ):
-        verb = verbs.add_parser(name, help=summary)
+        verb = verbs.add_parser(name, parents=[common], help=summary)
         verb.add_argument("request_id")
-        _add_connection_options(verb)
+        add_connection_options(verb)
         verb.set_defaults(handler=handler)
 
-    result = verbs.add_parser("result", help="Print a request's result; optionally download it.")
+    result = verbs.add_parser(
+        "result", parents=[common], help="Print a request's status, outputs and cost."
+    )
     result.add_argument("request_id")
-    result.add_argument("--download", metavar="DIR", help="Save the outputs in this folder.")
-    _add_connection_options(result)
+    result.add_argument(
+        "--download", metavar="DIR", help="Save the outputs, named by the request, in DIR."
+    )
+    add_connection_options(result)
     result.set_defaults(handler="requests:result")
 
     # Listed for --help only: `main` hands everything after "emulator" to its own parser.
@@ -131,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
 
-    demo = verbs.add_parser("demo", help="Run the offline demo pipeline end to end.")
+    demo = verbs.add_parser(
+        "demo",
+        parents=[common],
+        help="Run the offline demo pipeline end to end (never touches a real account).",
+    )
     demo.add_argument("--out", default="nanobanana-demo", metavar="DIR")
     demo.set_defaults(handler="demo:run_demo_command")
     return parser
@@ -161,9 +207,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Interrupted.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
-        failure = failure_of(error)
-        if failure is None:
-            raise
-        code, hint = failure
-        print(f"error: {error}\n{hint}", file=sys.stderr)
-        return code
+        return _report(error, args)
+
+
+def _report(error: Exception, args: argparse.Namespace) -> int:
+    """Say what failed and what to do, with the exit code of its kind; no traceback
+    unless `--debug` (an unexpected failure says how to get one)."""
+    from ..storage import redact_text
+
+    if args.debug:
+        traceback.print_exception(error)
+    context = FailureContext(
+        base_url=getattr(args, "api_base_url", None),
+        has_credentials_flag=hasattr(args, "credentials"),
+    )
+    failure = failure_of(error, context)
+    if failure is None:
+        print(
+            f"error: unexpected {type(error).__name__}: {redact_text(str(error))}", file=sys.stderr
+        )
+        if not args.debug:
+            print("Run it again with --debug to see the traceback.", file=sys.stderr)
+        return EXIT_ERROR
+    code, hint = failure
+    print(f"error: {redact_text(str(error))}\n{hint}", file=sys.stderr)
+    return code

@@ -1,19 +1,48 @@
 """The CLI's `batch` verb: the `batch_edit` flow over a manifest, with a progress bar.
 
-It runs the flow (its ledger, its concurrency limit) on Prefect, draws a bar over
-rows as they finish, and prints a row table and the totals.
+First the pre-flight (`preflight.py`): every row is checked before Prefect's
+server starts, all problems are listed with their lines, and nothing is
+submitted when any row is bad unless `--allow-partial` (then the flow fails the
+bad rows without paying for them and runs the rest). Then it runs the flow (its
+ledger, its concurrency limit) on Prefect, draws a bar over rows as they finish,
+and prints a row table and the totals.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
-from .exit_codes import EXIT_JOB_FAILED, EXIT_OK
+from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK
+from .preflight import preflight_batch
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
+    checked = preflight_batch(args.manifest, args.staging)
+    if checked.problems:
+        bad = len(checked.problems)
+        print(f"{bad} of {checked.rows} rows of {args.manifest} cannot run:", file=sys.stderr)
+        for problem in checked.problems:
+            print(f"  {problem}", file=sys.stderr)
+        if args.allow_partial and checked.unreadable:
+            print(
+                "Nothing was submitted: rows with wrong options cannot be skipped, because "
+                "the flow cannot read the manifest at all. Fix them first.",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        if not args.allow_partial:
+            print(
+                "Nothing was submitted. Fix these rows, or pass --allow-partial to run the "
+                "others (the bad rows then fail without being paid for).",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        print(f"--allow-partial: running the other {checked.rows - bad} rows.", file=sys.stderr)
+    # Prefect gives its temporary server 20 s to start; a busy machine can need more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from ..flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
 
     def show(done: int, total: int) -> None:

@@ -1,7 +1,10 @@
 """The CLI's `edit` verb: one edit with a live status line.
 
 `edit` works without a Prefect server (stage → submit → wait → save, straight
-through the client and storage rooms), so one image does not wait for one.
+through the client and storage rooms), so one image does not wait for one. Local
+images go inline (as `data:` URIs) unless `--staging` names where to upload them.
+It ends by saying where each file went and what the request cost; `--out DIR`
+puts the files, named by the request, directly in `DIR`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
+from .connection import client_for
 from .exit_codes import EXIT_OK
+from .requests import format_cost
+
+DEFAULT_OUT = "nanobanana-output"
 
 
 class _StatusDisplay:
@@ -71,7 +78,14 @@ def run_edit_command(args: argparse.Namespace) -> int:
     another machine sharing an S3 archive) adopts the request instead of paying
     again; without it every run is a new edit.
     """
-    from ..storage import ArchiveMetadata, Ledger, archive_outputs, job_key_for, stage_assets
+    from ..storage import (
+        ArchiveMetadata,
+        Ledger,
+        archive_outputs,
+        check_urls,
+        job_key_for,
+        stage_assets,
+    )
     from ..tasks.guard import submit_once_blocking
 
     options = {
@@ -83,14 +97,15 @@ def run_edit_command(args: argparse.Namespace) -> int:
     NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
     staged = stage_assets(args.images, args.staging)
+    check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     edit = NanoBananaEditInput(
         prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
     )
-    archive_uri = args.archive or args.out or "nanobanana-output"
+    archive_uri = args.archive or args.out or DEFAULT_OUT
     ledger = Ledger(archive_uri)
     ledger.check()
     job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
-    with RunComfyClient(base_url=args.base_url) as client:
+    with client_for(args) as client:
         handle = submit_once_blocking(
             job_key,
             ledger,
@@ -99,7 +114,8 @@ def run_edit_command(args: argparse.Namespace) -> int:
             facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": options},
         )
         verb = "Adopted" if handle.adopted or handle.resumed else "Submitted"
-        display.say(f"{verb} request {handle.request_id}")
+        count = f"{args.num_images} image{'s' if args.num_images > 1 else ''}"
+        display.say(f"{verb} request {handle.request_id} ({args.resolution}, {count})")
         try:
             result = client.wait(
                 handle.request_id,
@@ -120,11 +136,12 @@ def run_edit_command(args: argparse.Namespace) -> int:
             prompt=args.prompt,
             parameters=options,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.source for asset in staged],
+            sources=[asset.provenance for asset in staged],
             created_at=result.created_at,
             finished_at=result.finished_at,
             cost=result.cost,
         ),
+        flat=args.archive is None,  # --out (or the default): the files right there
     )
     payload = {
         "request_id": handle.request_id,
@@ -135,7 +152,10 @@ def run_edit_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload))
     else:
-        for location in record.output_locations:
-            print(f"saved {location}")
+        for output in record.outputs:
+            kind = output.content_type.removeprefix("image/")
+            size = f"{output.width}x{output.height} " if output.width and output.height else ""
+            print(f"saved {output.location} ({size}{kind})")
         print(f"metadata {record.metadata_location}")
+        print(format_cost(result.cost))
     return EXIT_OK

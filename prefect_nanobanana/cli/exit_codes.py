@@ -1,10 +1,29 @@
 """The one table of exit codes: a distinct code per failure kind, so scripts can branch on them.
 
-Each failure kind carries the hint printed under the error. Light to import: the
+Each failure kind carries the hint printed under the error: what to check or do
+next. Expected failures (network, auth, bad input, timeouts, balance) print the
+error and the hint, never a traceback (`--debug` adds it). Light to import: the
 error classes of the client, nothing else until something failed.
+
+| code | meaning |
+| --- | --- |
+| 0 | ok |
+| 1 | unexpected failure (a bug: `--debug` shows the traceback) |
+| 2 | bad input: nothing was submitted or paid for |
+| 3 | the API token was refused |
+| 4 | the account balance is too low |
+| 5 | timed out waiting (the job may still finish) |
+| 6 | the job failed or was cancelled (`batch`: some rows failed) |
+| 7 | the submit's outcome is unknown (it may have been billed; not resent) |
+| 8 | the API could not be reached (network, wrong base URL) |
+| 9 | outputs were produced but could not all be saved |
+| 130 | interrupted (Ctrl-C) |
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..client import errors
 
@@ -16,7 +35,39 @@ EXIT_BALANCE = 4
 EXIT_TIMEOUT = 5
 EXIT_JOB_FAILED = 6
 EXIT_OUTCOME_UNKNOWN = 7
+EXIT_UNREACHABLE = 8
+EXIT_NOT_SAVED = 9
 EXIT_INTERRUPTED = 130
+
+OFFLINE_HINT = 'For offline work, start the emulator: eval "$(nanobanana emulator --print-env)".'
+
+
+class UsageError(ValueError):
+    """A command line that cannot work as given (e.g. a credentials block that does not
+    exist); found before anything is submitted."""
+
+
+@dataclass(frozen=True)
+class FailureContext:
+    """What the hints may name: the API base URL the verb used, and whether the verb
+    has a `--credentials` flag (a hint must not suggest a flag that is not there)."""
+
+    base_url: str | None = None
+    has_credentials_flag: bool = False
+
+
+def _auth_hint(context: FailureContext) -> str:
+    block = " (or pass --credentials BLOCK)" if context.has_credentials_flag else ""
+    return f"Set RUNCOMFY_API_TOKEN{block} to a valid token. {OFFLINE_HINT}"
+
+
+def _unreachable_hint(context: FailureContext) -> str:
+    where = f"the base URL {context.base_url}" if context.base_url else "the base URL"
+    block = ", the credentials block's base_url" if context.has_credentials_flag else ""
+    return (
+        f"Check {where} (set by RUNCOMFY_BASE_URL, --base-url{block}; the real API is "
+        f"https://model-api.runcomfy.net) and your network. {OFFLINE_HINT}"
+    )
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -26,6 +77,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from ..storage import LocationError, ManifestError, StagingError
 
     return (
+        UsageError,
         errors.InvalidRequestError,
         errors.NotFoundError,
         ValidationError,
@@ -36,13 +88,17 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _not_saved_errors() -> tuple[type[BaseException], ...]:
+    from ..storage import ArchiveError
+
+    return (ArchiveError,)
+
+
+Hint = str | Callable[[FailureContext], str]
+
 # Most specific first: the first matching class decides the exit code and the hint.
-_FAILURES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
-    (
-        (errors.AuthenticationError, errors.PermissionDeniedError),
-        EXIT_AUTH,
-        "Set RUNCOMFY_API_TOKEN (or pass --credentials BLOCK) to a valid token.",
-    ),
+_FAILURES: list[tuple[tuple[type[BaseException], ...], int, Hint]] = [
+    ((errors.AuthenticationError, errors.PermissionDeniedError), EXIT_AUTH, _auth_hint),
     ((errors.InsufficientBalanceError,), EXIT_BALANCE, "Top up the RunComfy account."),
     (
         (errors.WaitTimeoutError,),
@@ -59,15 +115,25 @@ _FAILURES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
         EXIT_OUTCOME_UNKNOWN,
         "Look at your RunComfy request history before submitting again.",
     ),
+    ((errors.APIConnectionError,), EXIT_UNREACHABLE, _unreachable_hint),
 ]
 
 
-def failure_of(error: BaseException) -> tuple[int, str] | None:
+def failure_of(
+    error: BaseException, context: FailureContext | None = None
+) -> tuple[int, str] | None:
     """The exit code and hint for `error`, or None when it is not a known failure (a bug)."""
+    context = context or FailureContext()
     for classes, code, hint in [
         *_FAILURES,
         (_bad_input_errors(), EXIT_BAD_INPUT, "Fix the input named above; nothing was paid for."),
+        (
+            _not_saved_errors(),
+            EXIT_NOT_SAVED,
+            "The outputs stay at RunComfy for a while: "
+            "`nanobanana result REQUEST_ID --download DIR` saves them.",
+        ),
     ]:
         if isinstance(error, classes):
-            return code, hint
+            return code, hint(context) if callable(hint) else hint
     return None

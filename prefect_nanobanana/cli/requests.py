@@ -1,6 +1,7 @@
 """The raw request verbs: `submit`, `status`, `cancel`, `result`, one API call each.
 
-They talk to the client directly (no Prefect), print text or `--json` for scripts.
+They talk to the client directly (no Prefect unless `--credentials` names a
+block), print text for people or `--json` for scripts.
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ import argparse
 import json
 from typing import Any
 
+from ..client import RequestResult
+from .connection import client_for
 from .exit_codes import EXIT_OK
-
-
-def _client(args: argparse.Namespace):
-    from ..client import RunComfyClient
-
-    return RunComfyClient(base_url=args.base_url)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     print(json.dumps(payload, default=str) if args.json else text)
+
+
+def format_cost(cost: float | None) -> str:
+    """The billed cost as people read it; the API reports it once a request completed."""
+    return "cost: not reported (yet)" if cost is None else f"cost ${cost:.2f}"
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -27,19 +29,22 @@ def submit(args: argparse.Namespace) -> int:
     from uuid import uuid4
 
     from ..client import NanoBananaEditInput
+    from ..storage import stage_assets
     from ..tasks.guard import submit_once_blocking
     from ..tasks.records import MemoryRecordStore
 
+    NanoBananaEditInput(prompt=args.prompt, image_urls=args.images)  # the count, before any file
+    # URLs go as they are; a local image goes inline, as `edit` sends it without --staging.
     edit = NanoBananaEditInput(
         prompt=args.prompt,
-        image_urls=args.images,
+        image_urls=[asset.url for asset in stage_assets(args.images)],
         aspect_ratio=args.aspect_ratio,
         resolution=args.resolution,
         output_format=args.output_format,
         num_images=args.num_images,
         sync_mode=args.sync_mode,
     )
-    with _client(args) as client:
+    with client_for(args) as client:
         handle = submit_once_blocking(uuid4().hex, MemoryRecordStore(), client, edit)
     payload = handle.model_dump(include={"request_id", "status_url", "result_url", "cancel_url"})
     _emit(args, payload, handle.request_id)
@@ -47,7 +52,7 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         status = client.status(args.request_id)
     position = f" (queue position {status.queue_position})" if status.queue_position else ""
     _emit(args, status.model_dump(), f"{status.request_id}: {status.status}{position}")
@@ -55,17 +60,34 @@ def status(args: argparse.Namespace) -> int:
 
 
 def cancel(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         outcome = client.cancel(args.request_id)
     _emit(args, outcome.model_dump(), f"{outcome.request_id}: {outcome.outcome}")
     return EXIT_OK
 
 
+def result_lines(result: RequestResult) -> list[str]:
+    """The status line, and the error of a failed request."""
+    queue_position = (result.model_extra or {}).get("queue_position")
+    position = f" (queue position {queue_position})" if queue_position else ""
+    lines = [f"{result.request_id}: {result.status}{position}"]
+    if result.status == "failed" and result.error:
+        lines.append(f"error: {result.error}")
+    return lines
+
+
+def _shown(url: str) -> str:
+    """An output URL to print: whole (people download it), but a data URI only by its type."""
+    if url.startswith("data:"):
+        return f"{url.partition(',')[0]},... ({len(url)} characters; --download DIR saves it)"
+    return url
+
+
 def result(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with client_for(args) as client:
         result = client.result(args.request_id)
     payload = result.model_dump(mode="json")
-    lines = [f"{result.request_id}: {result.status}"]
+    lines = result_lines(result)
     if args.download and result.status == "completed":
         from ..storage import ArchiveMetadata, archive_outputs
 
@@ -77,10 +99,15 @@ def result(args: argparse.Namespace) -> int:
             metadata=ArchiveMetadata(
                 cost=result.cost, created_at=result.created_at, finished_at=result.finished_at
             ),
+            flat=True,
         )
         payload["saved"] = record.output_locations
+        payload["metadata"] = record.metadata_location
         lines.extend(f"saved {location}" for location in record.output_locations)
+        lines.append(f"metadata {record.metadata_location}")
     else:
-        lines.extend(result.output_urls)
+        lines.extend(f"output {_shown(url)}" for url in result.output_urls)
+    if result.status == "completed":
+        lines.append(format_cost(result.cost))
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK

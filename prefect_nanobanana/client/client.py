@@ -258,7 +258,8 @@ class RunComfyClient(_ClientCore):
                 response = self._http.request(method, path, json=json, params=params)
                 outcome = self._outcome(kind, response, request_id)
             except httpx.TransportError as exc:
-                outcome = transport_error(kind, exc, f"{method} {path}")
+                # The base URL in the message: a person must see which API could not be reached.
+                outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
             time.sleep(self._next_step(kind, outcome, attempt))
@@ -376,7 +377,8 @@ class AsyncRunComfyClient(_ClientCore):
                 response = await self._http.request(method, path, json=json, params=params)
                 outcome = self._outcome(kind, response, request_id)
             except httpx.TransportError as exc:
-                outcome = transport_error(kind, exc, f"{method} {path}")
+                # The base URL in the message: a person must see which API could not be reached.
+                outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
             await asyncio.sleep(self._next_step(kind, outcome, attempt))

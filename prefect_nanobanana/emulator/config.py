@@ -14,6 +14,8 @@ from .faults import FaultPlan, plan_of
 
 # Resellers' prices for Nano Banana Pro edits (the contract's "observed" figures).
 DEFAULT_PRICE_PER_IMAGE_USD: Mapping[str, float] = {"1K": 0.15, "2K": 0.15, "4K": 0.30}
+# The largest request body the provider's clients send (observed: 64 MiB, inline images included).
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,9 @@ class EmulatorConfig:
 
     `time_scale` shrinks the drawn job durations so tests and demos do not wait
     a minute per image; `fixed_duration_seconds` replaces the draw entirely (in
-    real seconds, not scaled) when a test needs exact timing.
+    real seconds, not scaled) when a test needs exact timing. `max_request_bytes`
+    refuses larger bodies (HTTP 413) without reading them: inline `data:` inputs
+    make submits big, and the provider's clients stop at 64 MiB.
     """
 
     api_tokens: tuple[str, ...] = ("test-token",)
@@ -38,6 +42,7 @@ class EmulatorConfig:
     output_min_bytes: int = 0
     auth_errors_as_http_200: bool = False
     input_fetch_timeout_seconds: float = 10.0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     faults: FaultPlan = field(default_factory=FaultPlan)
 
     def __post_init__(self) -> None:
@@ -55,6 +60,8 @@ class EmulatorConfig:
             raise ValueError("fixed_duration_seconds must not be negative")
         if self.output_ttl_seconds is not None and self.output_ttl_seconds < 0:
             raise ValueError("output_ttl_seconds must not be negative")
+        if self.max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be at least 1")
         if self.output_min_bytes < 0:
             raise ValueError("output_min_bytes must not be negative")
         missing = {"1K", "2K", "4K"} - set(self.price_per_image_usd)

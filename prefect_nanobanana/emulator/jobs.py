@@ -2,8 +2,9 @@
 
 A job's life: `in_queue` until one of `workers` threads is free (FIFO), then
 `in_progress` while the worker fetches every input URL (as the real service
-does, so pre-signed URLs are really exercised), checks they are images and
-renders the outputs, then `completed` or `failed` once its drawn duration has
+does, so pre-signed URLs are really exercised) or decodes it when it is an
+inline `data:` URI, checks they are images and renders the outputs from the
+first one, then `completed` or `failed` once its drawn duration has
 passed. Only a queued job can be cancelled.
 
 One lock guards the table and the queue; everything slow (HTTP fetches,
@@ -29,7 +30,14 @@ import httpx
 from ..client.models import NanoBananaEditInput
 from .config import EmulatorConfig
 from .faults import FaultInjector
-from .images import output_size, read_image_size, render_output
+from .images import (
+    InputImage,
+    decode_data_uri,
+    describe_data_uri,
+    output_size,
+    read_input_image,
+    render_output,
+)
 from .stats import JobTableSummary, StatsRecorder
 
 logger = logging.getLogger("prefect_nanobanana.emulator")
@@ -324,11 +332,14 @@ class JobManager:
         outputs: tuple[bytes, ...] = ()
         error: str | None = None
         try:
-            input_sizes = [self._fetch_input(url) for url in job.edit.image_urls]
+            inputs = [
+                self._fetch_input(url, keep_pixels=position == 0)
+                for position, url in enumerate(job.edit.image_urls)
+            ]
             if job.fault == "fail_job":
                 error = "Generation failed (emulated fault: fail_job)"
             else:
-                size = output_size(job.edit.aspect_ratio, job.edit.resolution, input_sizes[0])
+                size = output_size(job.edit.aspect_ratio, job.edit.resolution, inputs[0].size)
                 outputs = tuple(
                     render_output(
                         job.edit.prompt,
@@ -336,6 +347,7 @@ class JobManager:
                         size,
                         job.edit.output_format,
                         self._config.output_min_bytes,
+                        source=inputs[0],
                     )
                     for index in range(job.edit.num_images)
                 )
@@ -355,10 +367,29 @@ class JobManager:
             job.finished_at, job.finished_clock = time.time(), time.monotonic()
             self._in_progress -= 1
 
-    def _fetch_input(self, url: str) -> tuple[int, int]:
-        """Fetch one input like the real service and return its pixel size."""
-        self._stats.record_fetch(url)
-        shown = public_url(url)
+    def _fetch_input(self, url: str, *, keep_pixels: bool) -> InputImage:
+        """Fetch (or, for a `data:` URI, decode) one input like the real service and check it.
+
+        `keep_pixels` decodes the image at a small size: the first input is what
+        the outputs are made from.
+        """
+        if url.startswith("data:"):
+            shown = describe_data_uri(url)
+            self._stats.record_fetch(shown)  # a data URI can be megabytes: never kept whole
+            try:
+                _media_type, content = decode_data_uri(url)
+            except ValueError as exc:
+                raise InputImageError(f"Input {shown} is not usable: {exc}") from None
+        else:
+            shown = public_url(url)
+            self._stats.record_fetch(url)
+            content = self._download(url, shown)
+        try:
+            return read_input_image(content, keep_pixels=keep_pixels)
+        except ValueError as exc:
+            raise InputImageError(f"Input {shown} is not an image: {exc}") from None
+
+    def _download(self, url: str, shown: str) -> bytes:
         if urlsplit(url).scheme not in ("http", "https"):
             raise InputImageError(f"Input image {shown} is not an http(s) URL")
         try:
@@ -372,7 +403,4 @@ class JobManager:
             raise InputImageError(
                 f"Could not fetch input image {shown}: HTTP {response.status_code}"
             )
-        try:
-            return read_image_size(response.content)
-        except ValueError as exc:
-            raise InputImageError(f"Input {shown} is not an image: {exc}") from None
+        return response.content

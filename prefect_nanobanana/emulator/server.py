@@ -150,7 +150,11 @@ class _Handler(BaseHTTPRequestHandler):
                 411, {"error_message": "Send a Content-Length; chunked bodies are not supported"}
             )
             return
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > self.app.config.max_request_bytes:
+            self._refuse_large_body(length)
+            return
+        body = self.rfile.read(length)
         url = urlsplit(self.path)
         allowed = []
         for route_method, pattern, endpoint in _ROUTES:
@@ -172,6 +176,23 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             self._send_json(404, {"error_message": f"No route for {method} {url.path}"})
+
+    def _refuse_large_body(self, length: int) -> None:
+        """Answer 413 after draining the body (a client still sending would see a reset)."""
+        remaining = length
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1024 * 1024))
+            if not chunk:
+                self.close_connection = True
+                return
+            remaining -= len(chunk)
+        limit = self.app.config.max_request_bytes
+        self._send_error(
+            413,
+            422001,
+            f"Request body of {length} bytes exceeds {limit} bytes; "
+            "send large images as URLs instead of inline data: URIs",
+        )
 
     # -- the API -------------------------------------------------------------
 

@@ -62,7 +62,8 @@ def edit_and_archive(
         images: Local files, folders, globs, s3:// objects or https:// URLs (1 to 20 images).
         archive_uri: A local folder (default), s3://bucket/prefix or s3-bucket://BLOCK/prefix.
         staging_uri: Where local inputs are uploaded for RunComfy to fetch: s3://…,
-            s3-bucket://…, or a loopback object store's URL. Not needed for URLs.
+            s3-bucket://…, or a loopback object store's URL. Without one, local images
+            are sent inline as data: URIs (up to 6 MiB each, 64 MiB in all).
         aspect_ratio: Output aspect ratio; "auto" follows the input image.
         resolution: Output resolution.
         output_format: Output image format.
@@ -104,7 +105,7 @@ def edit_and_archive(
             prompt=prompt,
             parameters=options,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.source for asset in staged],
+            sources=[asset.provenance for asset in staged],
             created_at=outcome.created_at,
             finished_at=outcome.finished_at,
             cost=outcome.cost,

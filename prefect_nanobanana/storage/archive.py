@@ -7,6 +7,11 @@ a local folder (the default) or ``s3://bucket/prefix``. Layout — one function,
     {archive}/{YYYY-MM-DD}/{request_id}/{index}.{ext}
     {archive}/{YYYY-MM-DD}/{request_id}/metadata.json
 
+or, ``flat=True`` (what a person's ``--out DIR`` asks for: the files right there)::
+
+    {archive}/{request_id}.{ext}            (or {request_id}-{n}.{ext}, n from 1, for several)
+    {archive}/{request_id}.metadata.json
+
 Outputs are written first and ``metadata.json`` last (atomically), so its
 existence means the request is completely archived; a second run finds it and
 writes nothing. Outputs are streamed through a temp file while hashed, never held
@@ -159,22 +164,49 @@ class ArchiveError(StorageError):
 
 @dataclass(frozen=True)
 class ArchiveLayout:
-    """The keys of one request in the archive, relative to the archive root."""
+    """The keys of one request in the archive, relative to the archive root.
+
+    Dated layout: a folder per request. Flat layout (``stem`` set): files named by
+    the request directly in ``folder``, so several requests share one folder.
+    """
 
     folder: str
+    stem: str | None = None
+    output_count: int = 1
 
     def output_key(self, index: int, content_type: str) -> str:
-        return f"{self.folder}/{index}{extension_for(content_type)}"
+        return f"{self._name(index)}{extension_for(content_type)}"
+
+    def temp_name(self, index: int) -> str:
+        """The scratch name an output is fetched into before it gets its key."""
+        return self._name(index)
 
     @property
     def metadata_key(self) -> str:
-        return f"{self.folder}/{METADATA_NAME}"
+        if self.stem is None:
+            return f"{self.folder}/{METADATA_NAME}"
+        return _join(self.folder, f"{self.stem}.{METADATA_NAME}")
+
+    def _name(self, index: int) -> str:
+        if self.stem is None:
+            return f"{self.folder}/{index}"
+        suffix = "" if self.output_count == 1 else f"-{index + 1}"
+        return _join(self.folder, f"{self.stem}{suffix}")
 
 
-def archive_layout(request_id: str, archive_date: dt.date) -> ArchiveLayout:
-    """The one place that turns a request into archive keys: ``{YYYY-MM-DD}/{request_id}/…``."""
+def _join(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def archive_layout(
+    request_id: str, archive_date: dt.date, *, flat: bool = False, output_count: int = 1
+) -> ArchiveLayout:
+    """The one place that turns a request into archive keys: ``{YYYY-MM-DD}/{request_id}/…``,
+    or with ``flat`` ``{request_id}….{ext}`` and ``{request_id}.metadata.json`` at the root."""
     if not _REQUEST_ID_RE.match(request_id) or request_id in (".", ".."):
         raise ValueError(f"request id {request_id!r} cannot be used as an archive folder name")
+    if flat:
+        return ArchiveLayout("", stem=request_id, output_count=output_count)
     return ArchiveLayout(f"{_as_date(archive_date).isoformat()}/{request_id}")
 
 
@@ -194,11 +226,13 @@ def load_archive_record(
 ) -> ArchiveRecord | None:
     """The record of an archived request, read back from its ``metadata.json``, or None."""
     backend = open_backend(archive_uri, s3_client)
-    return _load_record(backend, request_id, _as_date(archive_date))
+    day = _as_date(archive_date)
+    return _load_record(backend, request_id, day, archive_layout(request_id, day))
 
 
-def _load_record(backend: Backend, request_id: str, day: dt.date) -> ArchiveRecord | None:
-    layout = archive_layout(request_id, day)
+def _load_record(
+    backend: Backend, request_id: str, day: dt.date, layout: ArchiveLayout
+) -> ArchiveRecord | None:
     raw = backend.read_bytes(layout.metadata_key)
     if raw is None:
         return None
@@ -230,6 +264,7 @@ def archive_outputs(
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 60.0,
+    flat: bool = False,
 ) -> ArchiveRecord:
     """Copy a request's outputs into the archive and write its ``metadata.json``.
 
@@ -239,6 +274,8 @@ def archive_outputs(
     sources, times, cost, flow run id…), an :class:`ArchiveMetadata` or a mapping of
     its fields — every URL in it is signature-stripped.
     Output URLs may be ``https://``, loopback ``http://`` or ``data:`` URIs.
+    ``flat`` writes the files named by the request straight into the archive root
+    (see the module docstring) instead of a dated folder per request.
     Transient fetch failures (connection errors, 5xx, 429) are retried ``retries``
     times with exponential ``backoff``.
 
@@ -249,7 +286,7 @@ def archive_outputs(
     cannot be written (e.g. missing bucket).
     """
     day = _as_date(date or dt.datetime.now(dt.timezone.utc))
-    layout = archive_layout(request_id, day)
+    layout = archive_layout(request_id, day, flat=flat, output_count=len(output_urls))
     if not isinstance(metadata, ArchiveMetadata):
         metadata = ArchiveMetadata.model_validate(dict(metadata or {}))
     caller_metadata = metadata.document()
@@ -261,7 +298,7 @@ def archive_outputs(
 
     backend = open_backend(archive_uri, s3_client)
     backend.check()
-    existing = _load_record(backend, request_id, day)
+    existing = _load_record(backend, request_id, day, layout)
     if existing is not None and [o.index for o in existing.outputs] == list(
         range(len(output_urls))
     ):
@@ -308,7 +345,7 @@ def archive_outputs(
 def _archive_one(
     backend: Backend, layout: ArchiveLayout, index: int, url: str, fetcher: _Fetcher
 ) -> ArchivedOutput:
-    temp = backend.temp_file(f"{layout.folder}/{index}")
+    temp = backend.temp_file(layout.temp_name(index))
     try:
         with temp.open("w+b") as sink:
             fetched = fetcher.fetch(url, sink)

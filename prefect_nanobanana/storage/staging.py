@@ -7,6 +7,14 @@ bytes, is within the 50 MB limit. Only when all sources pass are local files
 uploaded, under content-addressed keys so staging the same photo twice uploads it
 once, and handed over as pre-signed GET URLs.
 
+Without a staging location, local files go **inline**: each becomes a ``data:``
+URI in ``image_urls``, as the provider's own clients send them, within their
+caps (6 MiB per encoded image, 32 megapixels, 64 MiB a request; see
+:mod:`.media`). A file over a cap needs a staging location, and the error says
+so with the sizes, before anything is paid. :func:`check_sources` runs the same
+checks without uploading or encoding anything, and probes http(s) inputs with a
+cheap request, for a batch's pre-flight.
+
 Sources: local files, folders (the images inside, sorted, non-recursive), globs,
 ``s3://`` objects (HEAD + ranged GET, then a pre-signed URL), ``https://`` URLs
 (passed through untouched) and loopback ``http://`` URLs (tests, demo).
@@ -16,6 +24,7 @@ Targets for local files: ``s3://bucket/prefix`` or a loopback object store
 
 from __future__ import annotations
 
+import base64
 import glob
 import hashlib
 import os
@@ -35,12 +44,23 @@ from .locations import (
     HttpLocation,
     LocalLocation,
     S3Location,
+    is_loopback_host,
     join_key,
     parse_location,
     redact_text,
     strip_signature,
 )
-from .media import SNIFF_BYTES, extension_for, sniff_image_type
+from .media import (
+    INLINE_MAX_ENCODED_BYTES,
+    INLINE_MAX_REQUEST_BYTES,
+    MAX_INPUT_PIXELS,
+    SNIFF_BYTES,
+    data_uri_length,
+    extension_for,
+    format_mib,
+    image_pixel_count,
+    sniff_image_type,
+)
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 DEFAULT_EXPIRES_IN = 6 * 3600
@@ -50,6 +70,13 @@ MAX_URL_EXPIRES_IN = 7 * 24 * 3600  # S3's own limit for SigV4 pre-signed URLs
 _GLOB_CHARS = frozenset("*?[")
 _HASH_CHUNK = 1024 * 1024
 _ACCEPTED = "PNG, JPEG, WebP, GIF or HEIC/HEIF"
+# Room left in a request body for everything but the inline images (prompt, options, JSON).
+_REQUEST_RESERVE_BYTES = 256 * 1024
+DEFAULT_PROBE_TIMEOUT = 5.0
+_STAGING_HINT = (
+    "give a staging location (staging_uri, or --staging on the command line: "
+    "s3://bucket/prefix or a loopback store URL) so it is uploaded and sent as a URL"
+)
 
 
 class StagedAsset(BaseModel):
@@ -59,7 +86,9 @@ class StagedAsset(BaseModel):
     show it signature-stripped so logging an asset never leaks a credential.
     ``uploaded`` is True only when this call uploaded the bytes; a local file
     whose content was already in the staging target has a ``key`` but
-    ``uploaded=False`` (content addressing at work).
+    ``uploaded=False`` (content addressing at work). ``inline`` is True when
+    ``url`` is the file itself as a ``data:`` URI (no staging location given):
+    megabytes long, so log and store :attr:`provenance`, never ``url``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -71,10 +100,28 @@ class StagedAsset(BaseModel):
     size_bytes: int | None = None
     key: str | None = None
     uploaded: bool = False
+    inline: bool = False
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
             yield name, strip_signature(value) if name == "url" else value
+
+    @property
+    def passed_through(self) -> bool:
+        """A URL the user gave, handed to the API as it is (not uploaded, signed or inlined):
+        the API fetches it only after the submit is billed, so it is worth a probe first."""
+        return self.key is None and not self.inline and self.source.startswith("http")
+
+    @property
+    def provenance(self) -> str:
+        """What metadata, manifests and logs say this input was: no signature, no payload.
+
+        An inline file is ``inline:<file name> sha256=<hex>``; anything else is its
+        source, signature-stripped.
+        """
+        if self.inline:
+            return f"inline:{Path(self.source).name} sha256={self.sha256}"
+        return strip_signature(self.source)
 
 
 @dataclass(frozen=True)
@@ -207,25 +254,19 @@ def stage_assets(
 
     Folders and globs expand in place (sorted). ``staging_uri`` is ``s3://bucket/prefix``
     or the base URL of a loopback object store (its token from ``upload_token`` or
-    ``NANOBANANA_STAGING_TOKEN``); it is needed only when there are local files.
-    Raises :class:`StagingError` before any upload if any source is unusable.
+    ``NANOBANANA_STAGING_TOKEN``). Without one, local files are sent inline as
+    ``data:`` URIs when they are within the provider's caps. Raises
+    :class:`StagingError` before any upload if any source is unusable.
     """
-    if isinstance(sources, str | os.PathLike):
-        sources = [sources]
-    if not sources:
-        raise StagingError("no sources given")
-    if not 1 <= expires_in <= MAX_URL_EXPIRES_IN:
-        raise StagingError(f"expires_in must be between 1 and {MAX_URL_EXPIRES_IN} seconds")
-
-    clients = _S3Clients(s3_client)
-    planned = [item for source in sources for item in _plan_source(source, clients)]
+    planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri)
+    clients = planned.clients
     target = None
-    if any(isinstance(item, _LocalFile) for item in planned):
+    if planned.local_files and staging_uri:
         target = _open_target(staging_uri, clients, expires_in, upload_token)
     try:
         if target is not None:
             target.check()
-        return _execute(planned, target, clients, expires_in)
+        return _execute(planned.items, target, clients, expires_in)
     except StagingError:
         raise
     except StorageError as exc:  # e.g. the bucket is missing: its message says so
@@ -235,6 +276,135 @@ def stage_assets(
     finally:
         if isinstance(target, _LoopbackTarget):
             target.close()
+
+
+def check_sources(
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    staging_uri: str | None = None,
+    *,
+    s3_client: Any = None,
+    probe_timeout: float | None = DEFAULT_PROBE_TIMEOUT,
+) -> None:
+    """Every check :func:`stage_assets` makes, with nothing uploaded or encoded: a pre-flight.
+
+    Also asks each http(s) input for its first bytes (HEAD, then a ranged GET;
+    ``probe_timeout`` seconds each, ``None`` to skip), because the API fetches
+    URLs only after the submit is billed. Raises :class:`StagingError` naming
+    every problem.
+    """
+    planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri)
+    if probe_timeout is not None:
+        check_urls([item for item in planned.items if isinstance(item, StagedAsset)], probe_timeout)
+
+
+def check_urls(assets: Sequence[StagedAsset], timeout: float = DEFAULT_PROBE_TIMEOUT) -> None:
+    """Probe every URL among ``assets`` that the API will fetch as the user gave it;
+    :class:`StagingError` naming each one that does not answer with an image."""
+    problems = [
+        problem
+        for asset in assets
+        if asset.passed_through
+        and (problem := probe_image_url(asset.url, timeout=timeout)) is not None
+    ]
+    if problems:
+        raise StagingError("; ".join(problems))
+
+
+def probe_image_url(url: str, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> str | None:
+    """Whether ``url`` answers with an image, asked cheaply; None if so, else the problem.
+
+    HEAD first; when the server refuses HEAD (pre-signed S3 URLs are signed for
+    GET) or names no image type, a GET of the first bytes, judged by the bytes.
+    The problem text names the URL without its signature.
+    """
+    shown = strip_signature(url)
+    host = urlsplit(url).hostname or ""
+    try:
+        # A loopback URL must not go through a proxy from the environment.
+        with httpx.Client(
+            follow_redirects=True, timeout=timeout, trust_env=not is_loopback_host(host)
+        ) as http:
+            head = http.head(url)
+            content_type = head.headers.get("content-type", "").split(";")[0].strip().lower()
+            if head.status_code == 200 and content_type.startswith("image/"):
+                return None
+            if head.status_code in (404, 410):
+                return f"{shown}: HTTP {head.status_code} (not found)"
+            with http.stream("GET", url, headers={"Range": f"bytes=0-{SNIFF_BYTES - 1}"}) as got:
+                if got.status_code not in (200, 206):
+                    return f"{shown}: HTTP {got.status_code}"
+                first_bytes = b""
+                for chunk in got.iter_bytes():
+                    first_bytes += chunk
+                    if len(first_bytes) >= SNIFF_BYTES:
+                        break
+    except httpx.HTTPError as exc:
+        return f"{shown}: not reachable ({type(exc).__name__})"
+    if sniff_image_type(first_bytes) is None:
+        served = got.headers.get("content-type", "no content type")
+        return f"{shown}: not an image (served as {served})"
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    items: list[_Planned]
+    clients: _S3Clients
+
+    @property
+    def local_files(self) -> list[_LocalFile]:
+        return [item for item in self.items if isinstance(item, _LocalFile)]
+
+
+def _plan(
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    expires_in: int,
+    clients: _S3Clients,
+    staging_uri: str | None,
+) -> _Plan:
+    """Phase one: expand and check every source, and the inline caps when there is no
+    staging location; nothing written anywhere."""
+    if isinstance(sources, str | os.PathLike):
+        sources = [sources]
+    if not sources:
+        raise StagingError("no sources given")
+    if not 1 <= expires_in <= MAX_URL_EXPIRES_IN:
+        raise StagingError(f"expires_in must be between 1 and {MAX_URL_EXPIRES_IN} seconds")
+    plan = _Plan([item for source in sources for item in _plan_source(source, clients)], clients)
+    if plan.local_files and not staging_uri:
+        _check_inline(plan.local_files)
+    return plan
+
+
+def _check_inline(files: list[_LocalFile]) -> None:
+    """The provider's inline caps, all problems at once, with the sizes."""
+    problems = []
+    for item in files:
+        encoded = data_uri_length(item.size_bytes, item.content_type)
+        if encoded > INLINE_MAX_ENCODED_BYTES:
+            problems.append(
+                f"{item.path}: {format_mib(item.size_bytes)} is too large to send inline "
+                f"({format_mib(encoded)} as a data: URI; at most "
+                f"{format_mib(INLINE_MAX_ENCODED_BYTES)}, about "
+                f"{format_mib(INLINE_MAX_ENCODED_BYTES * 3 // 4)} of file)"
+            )
+        pixels = image_pixel_count(item.path)
+        if pixels is not None and pixels > MAX_INPUT_PIXELS:
+            problems.append(
+                f"{item.path}: {pixels / 1e6:.1f} megapixels is over the provider's cap of "
+                f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels; downscale it"
+            )
+    total = sum(data_uri_length(item.size_bytes, item.content_type) for item in files)
+    if total > INLINE_MAX_REQUEST_BYTES - _REQUEST_RESERVE_BYTES:
+        problems.append(
+            f"together the {len(files)} local images are {format_mib(total)} as data: URIs, "
+            f"over the {format_mib(INLINE_MAX_REQUEST_BYTES)} one request may carry"
+        )
+    if problems:
+        raise StagingError(
+            "; ".join(problems) + f". Without a staging location local images go inline; "
+            f"{_STAGING_HINT}. Nothing was submitted."
+        )
 
 
 class _S3Clients:
@@ -252,7 +422,7 @@ class _S3Clients:
 def _execute(
     planned: list[_Planned], target: _Target | None, clients: _S3Clients, expires_in: int
 ) -> list[StagedAsset]:
-    """Phase two: uploads and signatures. Everything here has already been validated."""
+    """Phase two: uploads, signatures or inline data. Everything here has been validated."""
     staged: list[StagedAsset] = []
     urls: dict[str, str] = {}  # key -> signed URL, for duplicates within this call
     for item in planned:
@@ -268,8 +438,9 @@ def _execute(
                     size_bytes=item.size_bytes,
                 )
             )
+        elif target is None:  # no staging location: the caps were checked in phase one
+            staged.append(_inline(item))
         else:
-            assert target is not None  # guaranteed by stage_assets
             key = join_key(target.prefix, f"{item.sha256}{extension_for(item.content_type)}")
             uploaded = False
             url = urls.get(key) or target.existing_url(key)
@@ -291,14 +462,25 @@ def _execute(
     return staged
 
 
+def _inline(item: _LocalFile) -> StagedAsset:
+    try:
+        content = item.path.read_bytes()
+    except OSError as exc:
+        raise StagingError(f"{item.path}: cannot read file: {exc.strerror}") from exc
+    payload = base64.b64encode(content).decode("ascii")
+    return StagedAsset(
+        source=str(item.path),
+        url=f"data:{item.content_type};base64,{payload}",
+        sha256=item.sha256,
+        content_type=item.content_type,
+        size_bytes=item.size_bytes,
+        inline=True,
+    )
+
+
 def _open_target(
-    staging_uri: str | None, clients: _S3Clients, expires_in: int, upload_token: str | None
+    staging_uri: str, clients: _S3Clients, expires_in: int, upload_token: str | None
 ) -> _Target:
-    if not staging_uri:
-        raise StagingError(
-            "local files need a staging_uri (s3://bucket/prefix or a loopback store URL) "
-            "to be uploaded to, so the API can fetch them"
-        )
     location = _parse(staging_uri)
     if isinstance(location, S3Location):
         return _S3Target(clients.backend(location.bucket), location.key, expires_in)
@@ -314,7 +496,8 @@ def _open_target(
         return _LoopbackTarget(base_url, parts.path.strip("/"), token, expires_in)
     raise StagingError(
         f"staging_uri {staging_uri!r} is a local folder; the API cannot fetch from it — "
-        "use s3://bucket/prefix or a loopback store URL"
+        "use s3://bucket/prefix or a loopback store URL, or give none to send local images "
+        "inline (up to 6 MiB each)"
     )
 
 

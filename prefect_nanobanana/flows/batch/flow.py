@@ -88,7 +88,8 @@ async def batch_edit(
         archive_uri: Where outputs, metadata.json files and the ledger go: a local
             folder, s3://bucket/prefix or s3-bucket://BLOCK/prefix.
         staging_uri: Where local inputs are uploaded for RunComfy to fetch
-            (s3://…, s3-bucket://…, or a loopback object store's URL).
+            (s3://…, s3-bucket://…, or a loopback object store's URL). Without one,
+            local images are sent inline as data: URIs (up to 6 MiB each).
         aspect_ratio: Default output ratio of rows that set none.
         resolution: Default resolution of rows that set none.
         output_format: Default format of rows that set none.

@@ -15,8 +15,11 @@ from ...client import (
 )
 from ...storage import (
     Ledger,
+    StagingError,
     StorageError,
+    check_sources,
     job_key_for,
+    probe_image_url,
     read_manifest,
     redact_text,
     stage_assets,
@@ -53,18 +56,48 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
 def _stage_rows(
     plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None
 ) -> None:
-    """Stage the images of rows that still need a submit; a bad image fails only its row."""
+    """Stage the images of rows that still need a submit; a bad image fails only its row.
+
+    An http(s) input is asked for its first bytes (once per URL) before its row is
+    submitted, since the API fetches it only after billing. Without a staging
+    location local images are only checked here (inline caps included); the row
+    encodes them right before its submit.
+    """
     location, s3_client = resolve_location(staging_uri, aws_credentials)
+    probed: dict[str, str | None] = {}
     for plan in plans:
         # A request id known, or a claim in flight: the guard will not submit this row.
         if plan.error or (plan.entry and plan.entry.status != "failed"):
             continue
         try:
+            if location is None and _has_local_images(plan.job.images):
+                # Checked now (URLs probed too), encoded at submit; the count is checked then.
+                check_sources(plan.job.images, s3_client=s3_client)
+                plan.inline_at_submit = True
+                continue
             staged = stage_assets(plan.job.images, location, s3_client=s3_client)
+            for asset in staged:
+                if asset.passed_through:
+                    if asset.url not in probed:
+                        probed[asset.url] = probe_image_url(asset.url)
+                    if probed[asset.url] is not None:
+                        raise StagingError(probed[asset.url])
             plan.image_urls = [asset.url for asset in staged]
+            plan.sources = [asset.provenance for asset in staged]
             NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
         except (StorageError, ValidationError, ValueError) as error:
             plan.error = f"row {plan.row}: {redact_text(str(error))}"
+
+
+def _has_local_images(images: list[str]) -> bool:
+    return any(not image.startswith(("s3://", "http://", "https://")) for image in images)
+
+
+def inline_images(plan: _RowPlan) -> None:
+    """Encode a row's local images (checked at planning) as data: URIs, right before its submit."""
+    staged = stage_assets(plan.job.images)
+    plan.image_urls = [asset.url for asset in staged]
+    plan.sources = [asset.provenance for asset in staged]
 
 
 @task(name="plan-batch", **SIGNED_RESULT_OPTIONS)

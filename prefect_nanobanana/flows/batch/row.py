@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from anyio import to_thread
 from prefect import task
 from prefect.logging import get_run_logger
 
@@ -28,6 +29,7 @@ from ...tasks.guard import (
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import aarchive_request
 from .models import BatchRowResult, RowStatus, _RowPlan
+from .plan import inline_images
 
 
 class _Batch:
@@ -67,11 +69,15 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
     if plan.row not in batch.attempted:
         known = VersionedEntry(plan.entry, plan.version) if plan.entry and plan.version else None
     batch.attempted.add(plan.row)
+    if plan.inline_at_submit and not plan.image_urls:
+        await to_thread.run_sync(inline_images, plan)
     edit: NanoBananaEditInput | None = None
     if plan.image_urls:
         edit = NanoBananaEditInput(
             prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options
         )
+    if plan.inline_at_submit:
+        plan.image_urls = []  # megabytes of data URIs: kept only as long as the submit needs them
 
     submitted = await submit_once(
         plan.job_key,
@@ -82,7 +88,7 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
             "row": plan.row,
             "model_id": NANO_BANANA_EDIT_MODEL_ID,
             "parameters": plan.options,
-            "sources": plan.image_urls,
+            "sources": plan.sources or plan.image_urls,
             "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
         },
         known=known,
@@ -167,7 +173,7 @@ async def aedit_batch_row(
             prompt=plan.job.prompt,
             parameters=plan.options,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=plan.job.images,
+            sources=plan.sources or plan.job.images,
             row=plan.row,
             row_id=plan.job.id,
             created_at=result.created_at,
