@@ -73,10 +73,12 @@ def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) 
 def run_edit_command(args: argparse.Namespace) -> int:
     """Stage, submit through the guard, wait with a live line, archive with metadata.json.
 
-    The job's record goes to the archive's ledger, like a batch row's: with
-    `--job-key`, running the same command again (after a crash, Ctrl-C or on
-    another machine sharing an S3 archive) adopts the request instead of paying
-    again; without it every run is a new edit.
+    With `--archive` or `--job-key` the job's record goes to the archive's ledger,
+    like a batch row's: with `--job-key`, running the same command again (after a
+    crash, Ctrl-C or on another machine sharing an S3 archive) adopts the request
+    instead of paying again. A plain `--out DIR` is a person's folder of images:
+    every run is a new edit, its request id printed at once and kept in its
+    metadata file, and no `_ledger/` is left beside the images.
     """
     from ..storage import (
         ArchiveMetadata,
@@ -87,6 +89,7 @@ def run_edit_command(args: argparse.Namespace) -> int:
         stage_assets,
     )
     from ..tasks.guard import submit_once_blocking
+    from ..tasks.records import MemoryRecordStore
 
     options = {
         "aspect_ratio": args.aspect_ratio,
@@ -102,13 +105,15 @@ def run_edit_command(args: argparse.Namespace) -> int:
         prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
     )
     archive_uri = args.archive or args.out or DEFAULT_OUT
-    ledger = Ledger(archive_uri)
-    ledger.check()
+    records: Ledger | MemoryRecordStore = MemoryRecordStore()
+    if args.archive or args.job_key:
+        records = Ledger(archive_uri)
+        records.check()
     job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
     with client_for(args) as client:
         handle = submit_once_blocking(
             job_key,
-            ledger,
+            records,
             client,
             edit,
             facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": options},
