@@ -50,6 +50,7 @@ _EXPORTS: dict[str, str] = {
         ".archive",
     ),
     **dict.fromkeys(["Ledger", "LedgerEntry", "job_key_for"], ".ledger"),
+    **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".previews"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
 }
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import datetime
 from functools import partial
+from typing import Any
 
 from anyio import to_thread
 from prefect import task
 from prefect.logging import get_run_logger
 
-from ... import observe
+from ... import observe, previews
 from ...client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AsyncRunComfyClient,
@@ -26,10 +28,22 @@ from ...storage import (
     Ledger,
     LedgerEntry,
     redact_text,
+    strip_signature,
 )
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import aarchive_request
 from .models import BatchRowResult, _RowPlan
+
+
+class BatchRowError(RuntimeError):
+    """A row that could not be submitted: invalid, unstageable, or its earlier submit unknown."""
+
+
+class _RowLog(logging.LoggerAdapter):
+    """The row's task-run logger, every line led by the row's id: `row 3 (harbour-sunset): …`."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['label']}: {msg}", kwargs
 
 
 class _Batch:
@@ -100,11 +114,18 @@ async def _request_of(
         raise
     # Kept before the ledger write, so an issued id is reported even if that write fails.
     batch.request_ids[plan.row] = handle.request_id
-    get_run_logger().debug("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
+    get_run_logger().info("%s: submitted as RunComfy request %s", plan.label, handle.request_id)
     observe.emit_request_event(
         observe.EVENT_SUBMITTED,
         handle.request_id,
-        payload={"job_key": job_key, "row": plan.row, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+        payload=observe.event_payload(
+            handle.request_id,
+            "submitted",
+            row=plan.row,
+            row_id=plan.job.id,
+            job_key=job_key,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
+        ),
     )
     recording = asyncio.ensure_future(
         to_thread.run_sync(
@@ -125,7 +146,7 @@ async def _request_of(
 
 @task(
     name="edit-row",
-    task_run_name="row-{plan.row}",
+    task_run_name="{plan.run_name}",
     retry_condition_fn=retry_if_transient,
     **TASK_OPTIONS,
 )
@@ -141,6 +162,9 @@ async def aedit_batch_row(
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
+    if plan.error:
+        raise BatchRowError(plan.error)  # found while planning; nothing was paid
+    log = _RowLog(get_run_logger(), {"label": plan.label})
     request_id, recording, submitted_at = await _request_of(plan, batch)
     waiting = asyncio.ensure_future(
         batch.client.wait(
@@ -148,6 +172,7 @@ async def aedit_batch_row(
             batch.timeout_seconds,
             resolution=plan.options["resolution"],
             submitted_at=submitted_at,
+            log=log,
         )
     )
     if recording is not None:
@@ -163,7 +188,9 @@ async def aedit_batch_row(
         observe.emit_request_event(
             observe.EVENT_FOR_STATUS[status],
             request_id,
-            payload={"row": plan.row, "error": str(error)},
+            payload=observe.event_payload(
+                request_id, status, row=plan.row, row_id=plan.job.id, error=str(error)
+            ),
         )
         await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
@@ -171,7 +198,14 @@ async def aedit_batch_row(
     observe.emit_request_event(
         observe.EVENT_COMPLETED,
         request_id,
-        payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
+        payload=observe.event_payload(
+            request_id,
+            "completed",
+            row=plan.row,
+            row_id=plan.job.id,
+            cost=result.cost,
+            outputs=len(result.output_urls),
+        ),
     )
     metadata = ArchiveMetadata(
         prompt=plan.job.prompt,
@@ -196,6 +230,17 @@ async def aedit_batch_row(
     await to_thread.run_sync(
         batch.ledger.mark_archived, plan.job_key, record.metadata_location, record.output_locations
     )
+    previews.announce_archived(
+        log,
+        "Archived",
+        record,
+        sources=[strip_signature(source) for source in plan.job.images],
+        model_id=NANO_BANANA_EDIT_MODEL_ID,
+        prompt=plan.job.prompt,
+        cost=result.cost,
+        row=plan.row,
+        row_id=plan.job.id,
+    )
     return plan.result(
         "archived",
         request_id=request_id,
@@ -206,35 +251,51 @@ async def aedit_batch_row(
 
 
 async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) -> BatchRowResult:
-    """The row's task, its failure turned into a failed row so the batch goes on."""
+    """The row's task run, its failure turned into a failed row so the batch goes on.
+
+    A failed row is a red `row-N` in the run's graph, whatever stopped it (invalid,
+    unstageable, the job failed, not archived), and `nanobanana.row.failed` is
+    emitted unless its request's own failure event already said so.
+    """
     started = time.monotonic()
     try:
-        row = await aedit_batch_row(plan, batch, request_ended)
-        return row.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
-    except Exception as error:
+        state = await aedit_batch_row(plan, batch, request_ended, return_state=True)
+        outcome = await state.aresult(raise_on_failure=False)
+        if not isinstance(outcome, BaseException) and state.is_completed():
+            return outcome.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+        error = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message)
         request_id = batch.request_ids.get(plan.row) or getattr(error, "request_id", None)
-        get_run_logger().error("Row %d failed (request %s): %s", plan.row, request_id, error)
+        message = redact_text(str(error))
+        get_run_logger().error("%s failed (request %s): %s", plan.label, request_id, message)
+        if not isinstance(error, JobFailedError):
+            observe.emit_row_failed(
+                plan.row,
+                plan.job.id,
+                message,
+                request_id=request_id,
+                task_run_id=state.state_details.task_run_id,
+            )
         return plan.result(
             "failed",
             request_id=request_id,
             seconds=round(time.monotonic() - started, 3),
-            error=redact_text(str(error)),
+            error=message,
         )
     finally:
         request_ended.set()
 
 
 def _settled_without_api(plan: _RowPlan, ledger: Ledger) -> BatchRowResult | None:
-    """The outcome of a row that needs no request: invalid, done earlier, or unknowable."""
-    if plan.error:
-        return plan.result("failed", error=plan.error)
-    if plan.entry is not None and plan.entry.status == "archived":
-        return _skipped(plan)
-    if plan.entry is not None and plan.entry.status == "submitting":
+    """The outcome of a row that was archived earlier; None for one that needs its task run.
+
+    A row that cannot be submitted (invalid, or an earlier submit's outcome is
+    unknown) is not settled here: its task run fails at once, so it shows red.
+    """
+    if plan.entry is not None and plan.entry.status == "submitting" and not plan.error:
         assert plan.job_key is not None
-        return plan.result(
-            "failed", error=str(_unknown_outcome(plan.job_key, ledger.location(plan.job_key)))
-        )
+        plan.error = str(_unknown_outcome(plan.job_key, ledger.location(plan.job_key)))
+    if plan.entry is not None and plan.entry.status == "archived" and not plan.error:
+        return _skipped(plan)
     return None
 
 
