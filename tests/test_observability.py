@@ -207,3 +207,31 @@ def test_the_automation_pauses_the_nightly_deployment(stack: Stack, failing_batc
                 break
             time.sleep(0.5)
     assert paused, stack.log_tail()
+
+
+def test_a_rows_log_lines_are_in_its_task_run_and_name_it(stack: Stack, failing_batch: Any) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[failing_batch.id]))
+        )
+        task_runs = {
+            run.id: run.name
+            for run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[failing_batch.id]))
+            )
+        }
+    row_lines = [log for log in logs if log.message.startswith("row 1 (lighthouse): ")]
+    messages = [log.message for log in row_lines]
+    # The request's status lines (from the shared client) and where its outputs went.
+    assert any(" is completed" in message for message in messages), messages
+    assert any("archived to " in message and "metadata.json" in message for message in messages)
+    assert {task_runs.get(log.task_run_id) for log in row_lines} == {"row-1 lighthouse"}
+    assert {"row-2 broken-1", "row-3 broken-2", "row-4 broken-3"} <= set(task_runs.values())
