@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from prefect.artifacts import acreate_link_artifact, acreate_table_artifact
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging import get_logger
@@ -29,7 +29,24 @@ EVENT_SUBMITTED = f"{EVENT_PREFIX}.submitted"
 EVENT_COMPLETED = f"{EVENT_PREFIX}.completed"
 EVENT_FAILED = f"{EVENT_PREFIX}.failed"
 EVENT_CANCELLED = f"{EVENT_PREFIX}.cancelled"
-REQUEST_EVENTS = (EVENT_SUBMITTED, EVENT_COMPLETED, EVENT_FAILED, EVENT_CANCELLED)
+# After the outputs of a completed request were archived: where they went.
+EVENT_ARCHIVED = f"{EVENT_PREFIX}.archived"
+REQUEST_EVENTS = (EVENT_SUBMITTED, EVENT_COMPLETED, EVENT_FAILED, EVENT_CANCELLED, EVENT_ARCHIVED)
+# A batch row that failed for any reason but its request failing (that one is
+# `nanobanana.request.failed`): invalid, unstageable, unknown submit, not archived.
+# So every failure is announced once, and an automation counts both names.
+EVENT_ROW_FAILED = "nanobanana.row.failed"
+# The keys every event payload of the package has (None when not known yet).
+PAYLOAD_KEYS = (
+    "row",
+    "row_id",
+    "request_id",
+    "status",
+    "cost",
+    "metadata_location",
+    "output_locations",
+    "error",
+)
 
 # The final status of a request -> the event that announces it.
 EVENT_FOR_STATUS = {
@@ -39,6 +56,10 @@ EVENT_FOR_STATUS = {
 }
 
 OUTCOME_TABLE_KEY = "nanobanana-request-outcomes"
+# Before/after thumbnails and where every output and metadata.json went.
+EDIT_PREVIEW_KEY = "nanobanana-edit-preview"
+BATCH_ROWS_KEY = "nanobanana-batch-rows"
+BATCH_REPORT_KEY = "nanobanana-batch-report"
 _MAX_URL_CHARS = 200
 
 logger = get_logger("prefect_nanobanana.observe")
@@ -61,6 +82,89 @@ def request_resource(request_id: str) -> dict[str, str]:
         "prefect.resource.id": f"runcomfy.request.{request_id}",
         "prefect.resource.name": request_id,
     }
+
+
+def event_payload(
+    request_id: str | None,
+    status: str,
+    *,
+    row: int | None = None,
+    row_id: str | None = None,
+    cost: float | None = None,
+    metadata_location: str | None = None,
+    output_locations: Sequence[str] = (),
+    error: str | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """The one payload shape of every event here: `PAYLOAD_KEYS`, then event-specific details.
+
+    An automation or a dashboard reads `payload.row_id` or `payload.cost` the same
+    way whichever flow (single edit, batch row, job block) sent the event.
+    """
+    return {
+        "row": row,
+        "row_id": row_id,
+        "request_id": request_id,
+        "status": status,
+        "cost": cost,
+        "metadata_location": metadata_location,
+        "output_locations": list(output_locations),
+        "error": error,
+        **details,
+    }
+
+
+def emit_row_failed(
+    row: int,
+    row_id: str | None,
+    error: str,
+    *,
+    request_id: str | None = None,
+    task_run_id: UUID | None = None,
+) -> None:
+    """Announce a failed batch row; its resource is `nanobanana.row.<flow run>.<row>`.
+
+    Related to the flow run and to the row's task run, so the event links to the
+    red `row-N` in the UI.
+    """
+    flow_run_id = current_flow_run_id()
+    related = (
+        [
+            {
+                "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+                "prefect.resource.role": "flow-run",
+            }
+        ]
+        if flow_run_id
+        else []
+    )
+    if task_run_id:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.task-run.{task_run_id}",
+                "prefect.resource.role": "task-run",
+            }
+        )
+    try:
+        emit_event(
+            EVENT_ROW_FAILED,
+            resource={
+                "prefect.resource.id": f"nanobanana.row.{flow_run_id}.{row}",
+                "prefect.resource.name": row_id or f"row {row}",
+            },
+            related=related,
+            payload=event_payload(request_id, "failed", row=row, row_id=row_id, error=error),
+        )
+    except Exception:
+        logger.warning("Could not emit %s for row %s", EVENT_ROW_FAILED, row, exc_info=True)
+
+
+def short_error(error: str | None, limit: int = 240) -> str | None:
+    """An error fit for a table cell: its first line, at most `limit` characters."""
+    if not error:
+        return error
+    first = error.strip().splitlines()[0] if error.strip() else error
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 def emit_request_event(
@@ -117,35 +221,38 @@ def _in_a_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def _link_arguments(request_id: str, result_url: str, job_key: str | None) -> dict[str, Any]:
-    description = f"RunComfy request `{request_id}`"
-    if job_key:
-        description += f" for job key `{job_key}`"
+def _request_note_arguments(
+    request_id: str, result_url: str, job_key: str | None
+) -> dict[str, Any]:
+    # Markdown, not a link artifact: the result URL answers 401 to a browser (it needs
+    # the token as a Bearer header), so it is shown as text with the way to collect it.
+    key_line = f"\n\nJob key: `{job_key}`." if job_key else ""
     return {
-        "link": result_url,
-        "link_text": f"RunComfy request {request_id}",
         "key": _artifact_key(f"runcomfy-request-{request_id}"),
-        "description": description
-        + ". Fetching it needs the RunComfy API token as a Bearer header.",
+        "markdown": (
+            f"### RunComfy request `{request_id}`\n\n"
+            f"Result: `{describe_url(result_url)}` (the API asks for the RunComfy token as a "
+            "Bearer header, so a browser cannot open it). To collect the output later: "
+            f"`nanobanana result {request_id} --download DIR`.{key_line}"
+        ),
+        "description": f"RunComfy request {request_id}",
     }
 
 
 async def alink_request(
     request_id: str, result_url: str | None, job_key: str | None = None
 ) -> None:
-    """A link artifact to the request's result URL, made as soon as the request exists.
+    """A note naming the request and how to collect it, made as soon as the request exists.
 
-    The link (not the token) is what a person needs to collect an output when
+    The request id (not the token) is what a person needs to collect an output when
     the run that asked for it is gone.
     """
     if not result_url or not _in_a_run():
         return
     try:
-        await acreate_link_artifact(**_link_arguments(request_id, result_url, job_key))
+        await acreate_markdown_artifact(**_request_note_arguments(request_id, result_url, job_key))
     except Exception:
-        logger.warning(
-            "Could not create the link artifact of request %s", request_id, exc_info=True
-        )
+        logger.warning("Could not create the artifact of request %s", request_id, exc_info=True)
 
 
 def outcome_row(
@@ -182,10 +289,19 @@ def _outcome_table_arguments(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _outcome_payload(row: dict[str, Any]) -> dict[str, Any]:
+    details = {name: value for name, value in row.items() if name not in PAYLOAD_KEYS}
+    return event_payload(
+        row["request_id"], row["status"], cost=row["cost"], error=row["error"], **details
+    )
+
+
 async def arecord_outcome(row: dict[str, Any]) -> None:
     """Announce how a request ended: the final event and a table artifact."""
     emit_request_event(
-        EVENT_FOR_STATUS.get(row["status"], EVENT_FAILED), row["request_id"], payload=row
+        EVENT_FOR_STATUS.get(row["status"], EVENT_FAILED),
+        row["request_id"],
+        payload=_outcome_payload(row),
     )
     if not _in_a_run():
         return

@@ -175,6 +175,8 @@ def test_a_saved_block_picked_in_a_deployment_form_starts_a_run(prefect_harness,
         "picked-in-a-form", overwrite=True
     )
     picked = {"$ref": {"block_document_id": str(block_id)}}
+    # An unsaved block as its fields: `request_timeout` is what tells it from a reference.
+    inline = {"base_url": "http://127.0.0.1:14", "request_timeout": 30}
     required = (
         {"prompt": "p", "image_urls": ["https://example.com/a.png"]}
         if flow_name == "edit_image"
@@ -191,12 +193,12 @@ def test_a_saved_block_picked_in_a_deployment_form_starts_a_run(prefect_harness,
             client.create_flow_run_from_deployment(
                 deployment_id, parameters={**required, "credentials": credentials}
             )
-            for credentials in (picked, "picked-in-a-form", {"base_url": "http://127.0.0.1:14"})
+            for credentials in (picked, "picked-in-a-form", inline)
         ]
     assert [run.parameters["credentials"] for run in runs] == [
         picked,
         "picked-in-a-form",
-        {"base_url": "http://127.0.0.1:14"},
+        inline,
     ]
     # What the flow then gets when the run starts: the saved block, loaded.
     started_with = flow_.validate_parameters(runs[0].parameters)["credentials"]

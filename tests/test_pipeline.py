@@ -289,7 +289,8 @@ async def test_a_retried_row_resumes_its_request_or_resubmits_only_a_refused_one
     assert (result.archived, result.failed) == (2, 0)
     assert emulator.stats.submits_accepted == 2  # one paid request per row
     assert emulator.stats.calls[endpoint] >= 7
-    runs = {run.name: run for run in await _task_runs(state.state_details.flow_run_id)}
+    # Named `row-N <id>`: keyed here by `row-N`.
+    runs = {run.name.split()[0]: run for run in await _task_runs(state.state_details.flow_run_id)}
     assert runs["row-1"].run_count == 2 and runs["row-2"].run_count == 1, runs
     assert runs["row-1"].state.is_completed()
     assert len(list((tmp_path / "archive").rglob("metadata.json"))) == 2

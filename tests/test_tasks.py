@@ -92,7 +92,7 @@ def test_submit_and_wait_in_a_flow(prefect_harness, use_emulator, emulator, imag
     assert emulator.stats.submits_accepted == 1
 
     names = {task_run.name for task_run in task_runs_of(flow_run_id(state))}
-    assert f"submit-edit-{submitted.job_key}" in names
+    assert f"submit-edit-{submitted.job_key[:8]}" in names
     assert f"wait-{submitted.request_id}" in names
 
 

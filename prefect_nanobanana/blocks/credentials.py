@@ -27,18 +27,40 @@ def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
         return None
 
 
-def _closed_block_schema(schema: dict[str, Any], model: type[Block]) -> None:
-    """Prefect's block schema, closed to fields the block does not have.
+# What a saved block's document always holds and a `{"$ref": ...}` never does.
+_DISCRIMINATING_FIELD = "request_timeout"
 
-    Every field here may be empty (the environment fills in), so an open schema
-    also matches `{"$ref": {...}}`, the form in which the UI sends a saved block as
-    a deployment parameter; Prefect's server then finds the value valid both as a
-    reference and as inline credentials and refuses the run (409). Closed, a
-    reference is only a reference. Loading is unchanged: extra fields are still
-    allowed in saved documents.
+
+def _unambiguous_block_schema(schema: dict[str, Any], model: type[Block]) -> None:
+    """Prefect's block schema, made so a picked block matches only as a reference.
+
+    Every field may be empty (the environment fills in), so an open schema also
+    matches `{"$ref": {"block_document_id": ...}}`, the form in which the UI sends
+    a saved block as a deployment parameter, and Prefect finds the value valid both
+    as a reference and as inline credentials ("not valid under any of the given
+    schemas"). Two validators see the schema: the server's run creation sees the
+    deployment's schema, and the UI's "Validate parameters" posts its own copy to
+    `/api/ui/schemas/validate`, a copy that keeps only a few keywords (`type`,
+    `properties`, `required`, `anyOf`, `format`, ...) and drops
+    `additionalProperties`. So the block's shape is closed for the first and has a
+    required field for both: `request_timeout`, which has a default, so every
+    document Python or the UI saves has it, and a reference never does.
+
+    The token's schema is a plain password string: pydantic's `anyOf` with `null`
+    makes the UI's block form show a text area in clear instead of a password field.
+    Leaving it out of `required` still lets it be empty.
     """
     schema_extra(schema, model)
     schema["additionalProperties"] = False
+    schema["required"] = sorted({*schema.get("required", []), _DISCRIMINATING_FIELD})
+    token = schema["properties"]["api_token"]
+    schema["properties"]["api_token"] = {
+        "title": token.get("title"),
+        "description": token.get("description"),
+        "type": "string",
+        "format": "password",
+        "writeOnly": True,
+    }
 
 
 class RunComfyCredentials(CredentialsBlock):
@@ -62,7 +84,7 @@ class RunComfyCredentials(CredentialsBlock):
         ```
     """
 
-    model_config = ConfigDict(json_schema_extra=_closed_block_schema)
+    model_config = ConfigDict(json_schema_extra=_unambiguous_block_schema)
 
     _block_type_name = "RunComfy Credentials"
     _logo_url = "https://www.runcomfy.com/apple-touch-icon.png"

@@ -44,6 +44,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     # Prefect gives its temporary server 20 s to start; a busy machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from ..flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
+    from ..observe import short_error
 
     def show(done: int, total: int) -> None:
         width = 30
@@ -74,11 +75,17 @@ def run_batch_command(args: argparse.Namespace) -> int:
         result, code = error.result, EXIT_JOB_FAILED
     finally:
         ROW_PROGRESS.reset(token)
-    print(f"{'row':>4}  {'status':<8}  {'request_id':<36}  {'cost':>6}  output / error")
+    print(
+        f"{'row':>4}  {'id':<16}  {'status':<8}  {'request_id':<36}  {'cost':>6}  outputs / error"
+    )
     for row in result.rows:
-        detail = row.output_locations[0] if row.output_locations else (row.error or "")
+        # Every output of the row; an error on one line (the full text is in the manifest).
+        detail = ", ".join(row.output_locations) or (short_error(row.error) or "")
         cost = f"{row.cost:.2f}" if row.cost is not None else "-"
-        print(f"{row.row:>4}  {row.status:<8}  {row.request_id or '-':<36}  {cost:>6}  {detail}")
+        print(
+            f"{row.row:>4}  {row.id or '-':<16}  {row.status:<8}  {row.request_id or '-':<36}  "
+            f"{cost:>6}  {detail}"
+        )
     print(
         f"{result.archived} archived, {result.skipped} skipped, {result.adopted} adopted "
         f"(another run's request), {result.failed} failed; total cost "

@@ -198,6 +198,7 @@ class _ClientCore:
         resolution: str | None,
         on_status: StatusCallback | None,
         submitted_at: datetime | None,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> WaitTracker:
         return WaitTracker(
             request_id,
@@ -205,7 +206,7 @@ class _ClientCore:
             policy=self.polling_policy,
             estimator=self.duration_estimator,
             resolution=resolution,
-            logger=self.logger,
+            logger=log or self.logger,
             on_status=on_status,
             submitted_at=submitted_at,
         )
@@ -304,14 +305,17 @@ class RunComfyClient(_ClientCore):
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
         submitted_at: datetime | None = None,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
         """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
 
         When the wait resumes a request submitted a while ago (a retry, a rerun), give
         `submitted_at`: the job may have run for some time already, and the schedule
-        then does not sleep through a quiet window as if it had just started.
+        then does not sleep through a quiet window as if it had just started. `log`
+        takes this wait's status lines instead of the client's logger: a client shared
+        by many jobs can log each job's lines where that job is watched.
         """
-        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
+        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         poll: RequestStatus | RequestResult = self.status(request_id)
         while True:
             delay = tracker.observe(poll)
@@ -422,8 +426,9 @@ class AsyncRunComfyClient(_ClientCore):
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
         submitted_at: datetime | None = None,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
-        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
+        tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         poll: RequestStatus | RequestResult = await self.status(request_id)
         while True:
             delay = tracker.observe(poll)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from prefect import flow
+from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from .. import observe
+from .. import observe, previews
 from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
@@ -115,6 +116,24 @@ def edit_and_archive(
         aws_credentials,
     )
     assert record.metadata_location is not None  # set whenever every output was archived
+    sources = [asset.source for asset in staged]
+    previews.announce_archived(
+        get_run_logger(),
+        "Edit",
+        record,
+        sources=sources,
+        model_id=NANO_BANANA_EDIT_MODEL_ID,
+        prompt=prompt,
+        cost=outcome.cost,
+    )
+    previews.show_edit(
+        record,
+        sources=sources,
+        prompt=prompt,
+        cost=outcome.cost,
+        archive_uri=archive_uri,
+        aws_credentials=aws_credentials,
+    )
     return EditAndArchiveResult(
         request_id=submitted.request_id,
         output_locations=record.output_locations,

@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["ClaimOwner", "Ledger", "LedgerEntry", "VersionedEntry", "job_key_for"], ".ledger"
     ),
+    **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".previews"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
 }
 

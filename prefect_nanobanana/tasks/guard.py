@@ -141,7 +141,11 @@ def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
 
 
 def submit_run_name(parameters: dict[str, Any]) -> str:
-    """`submit-edit-<job key>`: the request id does not exist yet when the run is named."""
+    """`submit-edit-<short job key>`: the request id does not exist yet when the run is named.
+
+    Eight hex digits tell a run's submits apart in the UI; the full key is in the
+    task's parameters and in the request's artifact.
+    """
     job_key = parameters.get("job_key")
     flow_run_context = FlowRunContext.get()
     if not job_key and flow_run_context is not None and flow_run_context.flow_run is not None:
@@ -150,7 +154,7 @@ def submit_run_name(parameters: dict[str, Any]) -> str:
         except ValueError:
             return "submit-edit"  # the task itself reports the invalid input
         job_key = default_job_key(edit, str(flow_run_context.flow_run.id))
-    return f"submit-edit-{job_key}" if job_key else "submit-edit"
+    return f"submit-edit-{job_key[:8]}" if job_key else "submit-edit"
 
 
 # --------------------------------------------------------------------------- owners

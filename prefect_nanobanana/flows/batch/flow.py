@@ -45,6 +45,7 @@ from ...client import (
     OutputFormat,
     Resolution,
 )
+from ...previews import DEFAULT_PREVIEW_ROWS
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
@@ -78,6 +79,7 @@ async def batch_edit(
     results_uri: str | None = None,
     chunk_size: Annotated[int, Field(ge=1)] | None = None,
     chunk_deployment: str | None = None,
+    preview_rows: Annotated[int, Field(ge=0)] = DEFAULT_PREVIEW_ROWS,
 ) -> BatchEditResult:
     """Run many Nano Banana Pro edits: stage, submit, wait and archive every row.
 
@@ -110,6 +112,8 @@ async def batch_edit(
             many, each a child run of `chunk_deployment`, all at once.
         chunk_deployment: The deployment of this flow that runs the chunks, as
             "flow-name/deployment-name" (e.g. "nano-banana-batch/chunk").
+        preview_rows: How many rows the report artifact shows with before/after
+            thumbnails (the first ones); every row is in the table artifact.
     """
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
@@ -131,6 +135,7 @@ async def batch_edit(
             "credentials": _credentials_parameter(credentials),
             "aws_credentials": aws_credentials,
             "timeout_seconds": timeout_seconds,
+            "preview_rows": preview_rows,
         }
         # Made here, once: children starting together would race to create it.
         await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
@@ -138,7 +143,9 @@ async def batch_edit(
         rows = await _run_in_chunks(
             jobs, chunk_size, chunk_deployment, options, results_location, aws_credentials
         )
-        return await _finish_batch(rows, results_location, allow_partial, aws_credentials)
+        return await _finish_batch(
+            rows, results_location, allow_partial, aws_credentials, archive_uri, preview_rows
+        )
     defaults = {
         "aspect_ratio": aspect_ratio,
         "resolution": resolution,
@@ -184,5 +191,10 @@ async def batch_edit(
         rows = [outcomes[plan.row] for plan in plans]
 
     return await _finish_batch(
-        rows, _results_location(archive_uri, results_uri), allow_partial, aws_credentials
+        rows,
+        _results_location(archive_uri, results_uri),
+        allow_partial,
+        aws_credentials,
+        archive_uri,
+        preview_rows,
     )

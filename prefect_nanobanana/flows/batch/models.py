@@ -103,6 +103,16 @@ class _RowPlan(BaseModel):
     sources: list[str] = Field(default_factory=list)
     error: str | None = None
 
+    @property
+    def label(self) -> str:
+        """How logs and reports name the row: `row 3 (harbour-sunset)`, or `row 3`."""
+        return f"row {self.row} ({self.job.id})" if self.job.id else f"row {self.row}"
+
+    @property
+    def run_name(self) -> str:
+        """The row's task run name: `row-3`, with the row's id when it has one."""
+        return f"row-{self.row} {self.job.id}" if self.job.id else f"row-{self.row}"
+
     def result(self, status: RowStatus, **facts: Any) -> BatchRowResult:
         return BatchRowResult(
             row=self.row,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
+from typing import Any
 from uuid import UUID, uuid4
 
 from anyio import to_thread
@@ -18,6 +19,7 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 
 from ... import observe
+from ...previews import DEFAULT_PREVIEW_ROWS, ShownRow, preview_markdown
 from ...storage import (
     write_results_manifest,
 )
@@ -45,28 +47,53 @@ def _results_location(archive_uri: str, results_uri: str | None) -> str:
     return f"{archive_uri.rstrip('/')}/{RESULTS_FOLDER}/batch-{stamp}-{run_id}.jsonl"
 
 
-def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
-    lines = [
-        "# Nano Banana batch",
-        "",
+def _shown(row: BatchRowResult) -> ShownRow:
+    return ShownRow(
+        label=row.id or f"row {row.row}",
+        status=row.status,
+        request_id=row.request_id,
+        sources=row.sources,
+        output_locations=row.output_locations,
+        metadata_location=row.metadata_location,
+        error=observe.short_error(row.error),
+    )
+
+
+def _report_markdown(
+    rows: list[BatchRowResult], total_cost: float, s3_client: Any, preview_rows: int
+) -> str:
+    summary = (
         f"{sum(r.status == 'archived' for r in rows)} archived, "
         f"{sum(r.status == 'skipped' for r in rows)} skipped (done earlier), "
         f"{sum(r.status == 'adopted' for r in rows)} adopted (another run's request), "
-        f"{sum(r.status == 'failed' for r in rows)} failed; total cost ${total_cost:.2f}.",
-        "",
-        "| row | request | status | inputs | outputs |",
-        "| --- | --- | --- | --- | --- |",
+        f"{sum(r.status == 'failed' for r in rows)} failed; total cost ${total_cost:.2f}."
+    )
+    return preview_markdown(
+        "Nano Banana batch",
+        [_shown(row) for row in rows],
+        s3_client=s3_client,
+        preview_rows=preview_rows,
+        summary=summary,
+    )
+
+
+def _table_rows(rows: list[BatchRowResult]) -> list[dict[str, Any]]:
+    """The table artifact: every row by its id, all its outputs, a one-line error."""
+    return [
+        {
+            "row": row.row,
+            "id": row.id,
+            "status": row.status,
+            "request_id": row.request_id,
+            "adopted_from": row.adopted_from,
+            "seconds": row.seconds,
+            "cost": row.cost,
+            "outputs": "\n".join(row.output_locations),
+            "metadata": row.metadata_location,
+            "error": observe.short_error(row.error),
+        }
+        for row in rows
     ]
-    for row in rows:
-        inputs = " ".join(f"[in {i}]({source})" for i, source in enumerate(row.sources))
-        outputs = " ".join(
-            f"[out {i}]({location})" for i, location in enumerate(row.output_locations)
-        )
-        detail = outputs or (row.error or "").replace("|", "/")[:200]
-        lines.append(
-            f"| {row.row} | `{row.request_id or '-'}` | {row.status} | {inputs} | {detail} |"
-        )
-    return "\n".join(lines)
 
 
 async def _finish_batch(
@@ -74,6 +101,8 @@ async def _finish_batch(
     results_location: str,
     allow_partial: bool,
     aws_credentials: str | None,
+    archive_uri: str,
+    preview_rows: int = DEFAULT_PREVIEW_ROWS,
 ) -> BatchEditResult:
     """Write the results manifest and artifacts; raise when rows failed, unless allowed."""
     results_target, results_s3 = resolve_location(results_location, aws_credentials)
@@ -99,24 +128,16 @@ async def _finish_batch(
         paid_cost=round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6),
     )
     await acreate_table_artifact(
-        key="nanobanana-batch-rows",
-        table=[
-            {
-                "row": row.row,
-                "request_id": row.request_id,
-                "status": row.status,
-                "adopted_from": row.adopted_from,
-                "seconds": row.seconds,
-                "cost": row.cost,
-                "output": row.output_locations[0] if row.output_locations else None,
-                "error": row.error,
-            }
-            for row in rows
-        ],
+        key=observe.BATCH_ROWS_KEY,
+        table=_table_rows(rows),
         description=f"Rows of the batch; results manifest: {results_location}",
     )
+    _, archive_s3 = resolve_location(archive_uri, aws_credentials)
+    report = await to_thread.run_sync(_report_markdown, rows, total_cost, archive_s3, preview_rows)
     await acreate_markdown_artifact(
-        key="nanobanana-batch-report", markdown=_report_markdown(rows, total_cost)
+        key=observe.BATCH_REPORT_KEY,
+        markdown=report,
+        description=f"Before and after of the first {preview_rows} rows, and where they went",
     )
     get_run_logger().info(
         "Batch done: %d archived, %d skipped, %d adopted, %d failed; total cost $%.2f "

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from typing import Any
 
 from anyio import to_thread
 from prefect import task
 from prefect.logging import get_run_logger
 
-from ... import observe
+from ... import observe, previews
 from ...client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AsyncRunComfyClient,
@@ -17,7 +19,14 @@ from ...client import (
     JobFailedError,
     NanoBananaEditInput,
 )
-from ...storage import ArchiveError, ArchiveMetadata, Ledger, VersionedEntry, redact_text
+from ...storage import (
+    ArchiveError,
+    ArchiveMetadata,
+    Ledger,
+    VersionedEntry,
+    redact_text,
+    strip_signature,
+)
 from ...tasks.guard import (
     SubmittedRequest,
     Unread,
@@ -30,6 +39,17 @@ from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import aarchive_request
 from .models import BatchRowResult, RowStatus, _RowPlan
 from .plan import inline_images
+
+
+class BatchRowError(RuntimeError):
+    """A row that could not be submitted: invalid or unstageable (found while planning)."""
+
+
+class _RowLog(logging.LoggerAdapter):
+    """The row's task-run logger, every line led by the row's id: `row 3 (harbour-sunset): …`."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"{self.extra['label']}: {msg}", kwargs
 
 
 class _Batch:
@@ -95,17 +115,20 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
     )
     batch.request_ids[plan.row] = submitted.request_id
     if not (submitted.resumed or submitted.adopted):
-        get_run_logger().debug(
-            "Row %d submitted as RunComfy request %s", plan.row, submitted.request_id
+        get_run_logger().info(
+            "%s: submitted as RunComfy request %s", plan.label, submitted.request_id
         )
         observe.emit_request_event(
             observe.EVENT_SUBMITTED,
             submitted.request_id,
-            payload={
-                "job_key": plan.job_key,
-                "row": plan.row,
-                "model_id": NANO_BANANA_EDIT_MODEL_ID,
-            },
+            payload=observe.event_payload(
+                submitted.request_id,
+                "submitted",
+                row=plan.row,
+                row_id=plan.job.id,
+                job_key=plan.job_key,
+                model_id=NANO_BANANA_EDIT_MODEL_ID,
+            ),
         )
     return submitted
 
@@ -129,7 +152,10 @@ async def aedit_batch_row(
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
+    if plan.error:
+        raise BatchRowError(plan.error)  # found while planning; nothing was paid
     assert plan.job_key is not None
+    log = _RowLog(get_run_logger(), {"label": plan.label})
     submitted = await _request_of(plan, batch)
     request_id = submitted.request_id
     status: RowStatus = "adopted" if submitted.adopted else "archived"
@@ -139,6 +165,7 @@ async def aedit_batch_row(
             batch.timeout_seconds,
             resolution=plan.options["resolution"],
             submitted_at=submitted.submitted_at,
+            log=log,
         )
     except (JobFailedError, JobCancelledError) as error:
         if not submitted.adopted:
@@ -146,7 +173,9 @@ async def aedit_batch_row(
             observe.emit_request_event(
                 observe.EVENT_FOR_STATUS[ended],
                 request_id,
-                payload={"row": plan.row, "error": str(error)},
+                payload=observe.event_payload(
+                    request_id, ended, row=plan.row, row_id=plan.job.id, error=str(error)
+                ),
             )
         await mark_failed(batch.ledger, plan.job_key, error)
         raise
@@ -155,7 +184,14 @@ async def aedit_batch_row(
         observe.emit_request_event(
             observe.EVENT_COMPLETED,
             request_id,
-            payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
+            payload=observe.event_payload(
+                request_id,
+                "completed",
+                row=plan.row,
+                row_id=plan.job.id,
+                cost=result.cost,
+                outputs=len(result.output_urls),
+            ),
         )
     async with archive_claim(batch.ledger, plan.job_key) as archived_elsewhere:
         if archived_elsewhere is not None:
@@ -196,6 +232,17 @@ async def aedit_batch_row(
             output_locations=record.output_locations,
             cost=result.cost,
         )
+    previews.announce_archived(
+        log,
+        "Archived",
+        record,
+        sources=[strip_signature(source) for source in plan.job.images],
+        model_id=NANO_BANANA_EDIT_MODEL_ID,
+        prompt=plan.job.prompt,
+        cost=result.cost,
+        row=plan.row,
+        row_id=plan.job.id,
+    )
     return plan.result(
         status,
         request_id=request_id,
@@ -207,14 +254,31 @@ async def aedit_batch_row(
 
 
 async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) -> BatchRowResult:
-    """The row's task, its failure turned into a failed row so the batch goes on."""
+    """The row's task run, its failure turned into a failed row so the batch goes on.
+
+    A failed row is a red `row-N` in the run's graph, whatever stopped it (invalid,
+    unstageable, outcome unknown, the job failed, not archived), and
+    `nanobanana.row.failed` is emitted unless its request's own failure event
+    already said so.
+    """
     started = time.monotonic()
     try:
-        row = await aedit_batch_row(plan, batch, request_ended)
-        return row.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
-    except Exception as error:
+        state = await aedit_batch_row(plan, batch, request_ended, return_state=True)
+        outcome = await state.aresult(raise_on_failure=False)
+        if not isinstance(outcome, BaseException) and state.is_completed():
+            return outcome.model_copy(update={"seconds": round(time.monotonic() - started, 3)})
+        error = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message)
         request_id = batch.request_ids.get(plan.row) or getattr(error, "request_id", None)
-        get_run_logger().error("Row %d failed (request %s): %s", plan.row, request_id, error)
+        message = redact_text(str(error))
+        get_run_logger().error("%s failed (request %s): %s", plan.label, request_id, message)
+        if not isinstance(error, JobFailedError):
+            observe.emit_row_failed(
+                plan.row,
+                plan.job.id,
+                message,
+                request_id=request_id,
+                task_run_id=state.state_details.task_run_id,
+            )
         # Outputs archived before another one failed are kept: the row lists them.
         partial = error.partial_record if isinstance(error, ArchiveError) else None
         return plan.result(
@@ -222,17 +286,19 @@ async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) 
             request_id=request_id,
             output_locations=partial.output_locations if partial else [],
             seconds=round(time.monotonic() - started, 3),
-            error=redact_text(str(error)),
+            error=message,
         )
     finally:
         request_ended.set()
 
 
 def _settled_without_api(plan: _RowPlan) -> BatchRowResult | None:
-    """The outcome of a row that needs no request: invalid, or archived earlier."""
-    if plan.error:
-        return plan.result("failed", error=plan.error)
-    if plan.entry is not None and plan.entry.status == "archived":
+    """The outcome of a row archived earlier; None for one that needs its task run.
+
+    A row that cannot be submitted (invalid, or an earlier submit's outcome is
+    unknown) is not settled here: its task run fails at once, so it shows red.
+    """
+    if plan.entry is not None and plan.entry.status == "archived" and not plan.error:
         return _skipped(plan)
     return None
 
