@@ -135,7 +135,7 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
 
 @task(
     name="edit-row",
-    task_run_name="row-{plan.row}",
+    task_run_name="{plan.run_name}",
     retry_condition_fn=retry_if_transient,
     **TASK_OPTIONS,
 )
