@@ -219,3 +219,26 @@ def test_sigterm_right_after_the_api_accepted_a_submit_still_records_the_request
     entry = Ledger(archive).lookup("stopped-job")
     assert emulator.stats.submits_accepted == 1
     assert entry.status == "submitted" and emulator.job(entry.request_id) is not None
+
+
+@pytest.mark.prefect
+def test_prefect_record_store_creates_once_among_concurrent_writers(prefect_harness):
+    """The bare tasks' and the job block's store: only one of many simultaneous claims wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_nanobanana.tasks.records import PrefectRecordStore
+
+    job_key = f"prefect-store-race-{os.getpid()}-{time.monotonic_ns()}"
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def claim(index: int) -> str | None:
+        entry = LedgerEntry(
+            job_key=job_key, status="submitting", submitted_at=now, updated_at=now, error=str(index)
+        )
+        return PrefectRecordStore().create(entry)  # a store each: as separate processes would
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(claim, range(16)))
+    assert sum(version is not None for version in versions) == 1
+    entry, version = PrefectRecordStore().read(job_key)
+    assert versions[int(entry.error)] == version  # the record is the winner's

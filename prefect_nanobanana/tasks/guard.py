@@ -283,6 +283,9 @@ def _hook_sigterm() -> None:
 
 
 atexit.register(_flush_pending)
+# Now, while imported in the main thread: sync tasks run the guard on Prefect's loop
+# thread, where no signal handler can be set.
+_hook_sigterm()
 
 
 async def _record(store: RecordStore, entry: LedgerEntry, version: str) -> str | None:

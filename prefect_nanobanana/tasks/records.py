@@ -25,6 +25,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -203,12 +204,22 @@ class PrefectRecordStore:
     def _locked(self, key: str) -> Iterator[None]:
         lock_manager = self.result_store.lock_manager
         assert lock_manager is not None
-        acquired = lock_manager.acquire_lock(
-            key,
-            holder=self.holder,
-            acquire_timeout=_LOCK_WAIT_SECONDS,
-            hold_timeout=_LOCK_HOLD_SECONDS,
-        )
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while True:
+            try:
+                acquired = lock_manager.acquire_lock(
+                    key,
+                    holder=self.holder,
+                    acquire_timeout=max(deadline - time.monotonic(), 0.0),
+                    hold_timeout=_LOCK_HOLD_SECONDS,
+                )
+                break
+            except ValueError:
+                # Prefect's file lock creates its file, then writes who holds it: a
+                # waiter that reads in between finds it empty. Locked, so wait and ask again.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
         if not acquired:
             raise TimeoutError(f"could not lock the submit record {key!r}")
         try:
