@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 
@@ -18,7 +19,12 @@ from prefect_nanobanana import (
     RunComfyClient,
     estimate_cost,
 )
-from prefect_nanobanana.client.pricing import format_usd, row_estimate_usd
+from prefect_nanobanana.client.pricing import (
+    daily_spend,
+    format_usd,
+    row_estimate_usd,
+    spend_by_resolution,
+)
 from prefect_nanobanana.emulator.__main__ import parse_prices
 
 FAST_RETRIES = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05)
@@ -180,3 +186,28 @@ def test_emulator_command_serves_its_prices_and_bill():
         process.wait(timeout=10)
     assert answer["base_price_usd"] == 0.2
     assert "  bills 2x the listed prices\n" in banner
+
+
+# -- accounting --------------------------------------------------------------------------
+
+
+def test_daily_spend_sums_bills_by_utc_day_of_the_submit():
+    utc = dt.timezone.utc
+    bills = [
+        (dt.datetime(2026, 11, 30, 23, 30, tzinfo=utc), 0.15),
+        (dt.datetime(2026, 12, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=2))), 0.30),
+        (dt.datetime(2026, 12, 1, 9, 0, tzinfo=utc), 0.30),
+        (dt.datetime(2026, 12, 1, 10, 0, tzinfo=utc), None),
+    ]
+    assert daily_spend(bills) == {
+        dt.date(2026, 11, 30): pytest.approx(0.45),
+        dt.date(2026, 12, 1): pytest.approx(0.30),
+    }
+    assert daily_spend(bills, since=dt.date(2026, 12, 1)) == {dt.date(2026, 12, 1): 0.30}
+
+
+def test_spend_by_resolution_sets_estimates_beside_bills():
+    lines = spend_by_resolution([("4K", 0.3, 0.6), ("1K", 0.15, 0.3), ("1K", 0.15, None)])
+    assert [(line.resolution, line.rows) for line in lines] == [("1K", 2), ("4K", 1)]
+    assert (lines[0].estimated_usd, lines[0].billed_usd) == (0.3, 0.3)
+    assert (lines[1].estimated_usd, lines[1].billed_usd) == (0.3, 0.6)

@@ -9,6 +9,7 @@ as soon as it is known.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -152,3 +153,45 @@ class CostBudget:
         with self._lock:
             self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
             self.billed_usd += estimate_usd if billed_usd is None else billed_usd
+
+
+def daily_spend(
+    bills: Iterable[tuple[dt.datetime, float | None]], *, since: dt.date | None = None
+) -> dict[dt.date, float]:
+    """Billed cost summed by UTC day of the submit (requests with no bill are left out).
+
+    `since` keeps the days from that date on: the monthly-bill check of a data team.
+    """
+    by_day: dict[dt.date, float] = {}
+    for submitted_at, billed_usd in bills:
+        if billed_usd is None:
+            continue
+        if submitted_at.tzinfo is None:  # a naive time is taken as UTC
+            submitted_at = submitted_at.replace(tzinfo=dt.timezone.utc)
+        day = submitted_at.astimezone(dt.timezone.utc).date()
+        if since is None or day >= since:
+            by_day[day] = by_day.get(day, 0.0) + billed_usd
+    return {day: round(total, 6) for day, total in sorted(by_day.items())}
+
+
+@dataclass
+class ResolutionSpend:
+    """One line of a run's cost summary: what was estimated and what was billed."""
+
+    resolution: str
+    rows: int = 0
+    estimated_usd: float = 0.0
+    billed_usd: float = 0.0
+
+
+def spend_by_resolution(
+    rows: Iterable[tuple[str, float | None, float | None]],
+) -> list[ResolutionSpend]:
+    """`(resolution, estimate, bill)` per paid row, summed by resolution (sorted)."""
+    lines: dict[str, ResolutionSpend] = {}
+    for resolution, estimated_usd, billed_usd in rows:
+        line = lines.setdefault(resolution, ResolutionSpend(resolution))
+        line.rows += 1
+        line.estimated_usd = round(line.estimated_usd + (estimated_usd or 0.0), 6)
+        line.billed_usd = round(line.billed_usd + (billed_usd or 0.0), 6)
+    return [lines[key] for key in sorted(lines)]
