@@ -7,13 +7,14 @@ them. Exit codes are distinct per failure kind so scripts can branch on them
 
 - `__init__.py`: the parser and `main` (the `nanobanana` script);
 - `requests.py`: `submit`, `status`, `cancel`, `result`;
-- `edit.py`: `edit`; `batch.py`: `batch`; `demo.py`: `demo`; `emulator` is the
+- `edit.py`: `edit`; `batch.py`: `batch`; `spend.py`: `spend`; `demo.py`: `demo`; `emulator` is the
   offline room's own command line (`prefect_nanobanana.emulator.__main__`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from .exit_codes import (
     EXIT_JOB_FAILED,
     EXIT_OK,
     EXIT_OUTCOME_UNKNOWN,
+    EXIT_OVER_BUDGET,
     EXIT_TIMEOUT,
     failure_of,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "EXIT_JOB_FAILED",
     "EXIT_OK",
     "EXIT_OUTCOME_UNKNOWN",
+    "EXIT_OVER_BUDGET",
     "EXIT_TIMEOUT",
     "build_parser",
     "main",
@@ -62,6 +65,23 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", default="1K", choices=get_args(Resolution))
     parser.add_argument("--output-format", default="png", choices=get_args(OutputFormat))
     parser.add_argument("--num-images", type=int, default=1, choices=range(1, 5))
+
+
+def _add_max_cost_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="Budget: refuse before paying when the estimate is over it (or the price is "
+        "unknown), and submit no row past it.",
+    )
+
+
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     destination.add_argument("--archive", metavar="URI", help="Archive to a folder or s3://.")
     edit.add_argument("--staging", metavar="URI", help="Where local inputs are uploaded.")
     edit.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait.")
+    _add_max_cost_option(edit)
     _add_connection_options(edit)
     edit.set_defaults(handler="edit:run_edit_command")
 
@@ -97,7 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-concurrency", type=int, default=8)
     batch.add_argument("--allow-partial", action="store_true")
     batch.add_argument("--credentials", default="default", help="RunComfyCredentials block.")
+    _add_max_cost_option(batch)
+    batch.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Validate every row and print the rows to pay and the estimate; submit nothing.",
+    )
     batch.set_defaults(handler="batch:run_batch_command")
+
+    spend = verbs.add_parser(
+        "spend", help="Sum the billed cost by day from an archive's ledger (the bill check)."
+    )
+    spend.add_argument("--archive", required=True, metavar="URI")
+    spend.add_argument(
+        "--since", type=_date, metavar="YYYY-MM-DD", help="Only days from this one on (UTC)."
+    )
+    spend.add_argument("--json", action="store_true", help="Print JSON for scripts.")
+    spend.set_defaults(handler="spend:run_spend_command")
 
     submit = verbs.add_parser("submit", help="Submit one edit and print its request id.")
     _add_edit_options(submit)

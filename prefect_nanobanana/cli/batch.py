@@ -9,12 +9,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING
 
-from .exit_codes import EXIT_JOB_FAILED, EXIT_OK
+from ..client.pricing import format_usd
+from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK, EXIT_OVER_BUDGET
+
+if TYPE_CHECKING:
+    from ..flows.batch import BatchDryRun
+
+
+def print_dry_run(plan: BatchDryRun) -> int:
+    """The rows to pay, the rows already done and the estimate; EXIT_BAD_INPUT if rows are
+    invalid (a real run would fail them)."""
+    for row in plan.rows:
+        if row.action == "invalid":
+            print(f"row {row.row}: invalid: {row.error}")
+    print(
+        f"Dry run, nothing submitted: {plan.rows_to_pay} rows to pay, {plan.rows_done} already "
+        f"done (archived), {plan.rows_adopted} submitted earlier (adopted, nothing to pay), "
+        f"{plan.rows_invalid} invalid"
+    )
+    if plan.estimated_cost is None:
+        print("Estimated cost: unknown (the price lookup failed)")
+    else:
+        by_resolution = ", ".join(
+            f"{resolution} {format_usd(usd)}"
+            for resolution, usd in plan.estimated_by_resolution.items()
+        )
+        print(
+            f"Estimated cost: {format_usd(plan.estimated_cost)} (an estimate from the listed "
+            f"{format_usd(plan.base_price_usd or 0.0)} per image"
+            + (f"; {by_resolution}" if by_resolution else "")
+            + "; the bill may differ)"
+        )
+    return EXIT_BAD_INPUT if plan.rows_invalid else EXIT_OK
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    from ..flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
+    from ..flows.batch import ROW_PROGRESS, BatchDryRun, BatchFailedError, batch_edit
 
     def show(done: int, total: int) -> None:
         width = 30
@@ -36,22 +68,31 @@ def run_batch_command(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 allow_partial=args.allow_partial,
                 credentials=args.credentials,
+                max_cost_usd=args.max_cost,
+                dry_run=args.dry_run,
             )
         )
         code = EXIT_OK
     except BatchFailedError as error:
         if error.result is None:
             raise
-        result, code = error.result, EXIT_JOB_FAILED
+        result = error.result
+        code = EXIT_JOB_FAILED if result.failed else EXIT_OVER_BUDGET
     finally:
         ROW_PROGRESS.reset(token)
-    print(f"{'row':>4}  {'status':<8}  {'request_id':<36}  {'cost':>6}  output / error")
+    if isinstance(result, BatchDryRun):
+        return print_dry_run(result)
+    print(f"{'row':>4}  {'status':<11}  {'request_id':<36}  {'cost':>6}  output / error")
     for row in result.rows:
         detail = row.output_locations[0] if row.output_locations else (row.error or "")
         cost = f"{row.cost:.2f}" if row.cost is not None else "-"
-        print(f"{row.row:>4}  {row.status:<8}  {row.request_id or '-':<36}  {cost:>6}  {detail}")
+        print(f"{row.row:>4}  {row.status:<11}  {row.request_id or '-':<36}  {cost:>6}  {detail}")
+    estimated = (
+        "" if result.estimated_cost is None else f" (estimated {format_usd(result.estimated_cost)})"
+    )
     print(
-        f"{result.archived} archived, {result.skipped} skipped, {result.failed} failed; "
-        f"total cost ${result.total_cost:.2f}; results manifest {result.results_manifest}"
+        f"{result.archived} archived, {result.skipped} skipped, {result.failed} failed, "
+        f"{result.over_budget} over budget; total billed {format_usd(result.total_cost)}"
+        f"{estimated}; results manifest {result.results_manifest}"
     )
     return code

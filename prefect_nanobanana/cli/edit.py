@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Any
 
-from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
+from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
+from ..client.pricing import estimate_edit, format_usd
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
 from .exit_codes import EXIT_OK
 
@@ -59,6 +60,23 @@ def _cancel_if_queued(client: RunComfyClient, request_id: str, display: _StatusD
         )
 
 
+def _refuse_over_budget(
+    client: RunComfyClient, edit: NanoBananaEditInput, max_cost_usd: float, display: _StatusDisplay
+) -> None:
+    """`--max-cost`: the listed price, and `BudgetExceededError` before anything is paid."""
+    info, failure = None, None
+    try:
+        info = client.model_info()
+    except RunComfyError as error:
+        failure = f"the price lookup failed: {error}"
+    estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
+    if estimate is not None:
+        display.say(
+            f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
+            f"price; budget {format_usd(max_cost_usd)})"
+        )
+
+
 def run_edit_command(args: argparse.Namespace) -> int:
     from ..storage import ArchiveMetadata, archive_outputs, stage_assets
 
@@ -68,13 +86,15 @@ def run_edit_command(args: argparse.Namespace) -> int:
         "output_format": args.output_format,
         "num_images": args.num_images,
     }
-    NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
+    checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
-    staged = stage_assets(args.images, args.staging)
-    edit = NanoBananaEditInput(
-        prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
-    )
     with RunComfyClient(base_url=args.base_url) as client:
+        if args.max_cost is not None:
+            _refuse_over_budget(client, checked, args.max_cost, display)
+        staged = stage_assets(args.images, args.staging)
+        edit = NanoBananaEditInput(
+            prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
+        )
         handle = client.submit_edit(edit)
         display.say(f"Submitted request {handle.request_id}")
         try:

@@ -7,6 +7,7 @@ error classes of the client, nothing else until something failed.
 from __future__ import annotations
 
 from ..client import errors
+from ..client.pricing import BudgetExceededError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -16,6 +17,7 @@ EXIT_BALANCE = 4
 EXIT_TIMEOUT = 5
 EXIT_JOB_FAILED = 6
 EXIT_OUTCOME_UNKNOWN = 7
+EXIT_OVER_BUDGET = 8
 EXIT_INTERRUPTED = 130
 
 
@@ -53,6 +55,11 @@ _FAILURES: list[tuple[tuple[type[BaseException], ...], int, str]] = [
         (errors.JobFailedError, errors.JobCancelledError),
         EXIT_JOB_FAILED,
         "Check the prompt and that every input URL is publicly fetchable.",
+    ),
+    (
+        (BudgetExceededError,),
+        EXIT_OVER_BUDGET,
+        "Raise --max-cost or run fewer rows; `nanobanana batch ... --dry-run` shows the estimate.",
     ),
     (
         (errors.SubmitOutcomeUnknownError,),

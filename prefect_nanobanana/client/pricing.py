@@ -10,13 +10,20 @@ as soon as it is known.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # light at runtime: the CLI's exit-code table imports this module
+    from .models import ModelInfo, NanoBananaEditInput
 
 # Third-party prices are about $0.15 an image at 1K and 2K and $0.30 at 4K, while the
 # API lists one base price: 4K counts double unless the caller knows better.
 DEFAULT_RESOLUTION_FACTORS: Mapping[str, float] = {"1K": 1.0, "2K": 1.0, "4K": 2.0}
+# A hair of tolerance in comparisons: twelve additions of 0.15 are not exactly 1.80.
+BUDGET_TOLERANCE_USD = 1e-9
 
 
 def format_usd(amount: float) -> str:
@@ -110,6 +117,64 @@ class BudgetExceededError(Exception):
         super().__init__(f"{message}; nothing was submitted")
 
 
+def refuse_over_budget(
+    estimate: CostEstimate | None,
+    max_cost_usd: float | None,
+    *,
+    rows_to_pay: int,
+    lookup_failure: str | None = None,
+) -> None:
+    """The check before the first submit: raise `BudgetExceededError` when over (or unknown).
+
+    Without a budget nothing is refused: an unknown price only costs the estimate.
+    """
+    if max_cost_usd is None or rows_to_pay == 0:
+        return
+    if estimate is None:
+        raise BudgetExceededError(
+            estimate_usd=None,
+            max_cost_usd=max_cost_usd,
+            rows_to_pay=rows_to_pay,
+            reason=lookup_failure,
+        )
+    if estimate.estimate_usd > max_cost_usd + BUDGET_TOLERANCE_USD:
+        raise BudgetExceededError(
+            estimate_usd=estimate.estimate_usd, max_cost_usd=max_cost_usd, rows_to_pay=rows_to_pay
+        )
+
+
+def base_price_of(info: ModelInfo) -> float:
+    """The listed base price; a ValueError when the answer has none to estimate from."""
+    if info.base_price_usd is None or info.base_price_usd < 0:
+        raise ValueError(f"the model {info.model_id!r} lists no usable base_price_usd")
+    return info.base_price_usd
+
+
+def estimate_edit(
+    info: ModelInfo | None,
+    edit: NanoBananaEditInput,
+    max_cost_usd: float | None,
+    *,
+    lookup_failure: str | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> CostEstimate | None:
+    """One edit's estimate from a price lookup's answer, refused when over `max_cost_usd`.
+
+    `info` None means the lookup failed (`lookup_failure` says why): under a budget
+    that refuses, without one it is a warning and no estimate.
+    """
+    estimate = None
+    if info is not None:
+        try:
+            estimate = estimate_cost(base_price_of(info), [(edit.resolution, edit.num_images)])
+        except ValueError as error:
+            lookup_failure = str(error)
+    if estimate is None and max_cost_usd is None and log is not None:
+        log.warning("No price for an estimate (%s); going on without one", lookup_failure)
+    refuse_over_budget(estimate, max_cost_usd, rows_to_pay=1, lookup_failure=lookup_failure)
+    return estimate
+
+
 class CostBudget:
     """Spent = billed cost of finished requests + estimates of those in flight.
 
@@ -134,10 +199,9 @@ class CostBudget:
     def reserve(self, estimate_usd: float) -> bool:
         """Count `estimate_usd` as in flight if it still fits the budget; False holds the row."""
         with self._lock:
-            # A hair of tolerance: twelve additions of 0.15 are not exactly 1.80.
             if (
                 self.max_cost_usd is not None
-                and self.spent_usd + estimate_usd > self.max_cost_usd + 1e-9
+                and self.spent_usd + estimate_usd > self.max_cost_usd + BUDGET_TOLERANCE_USD
             ):
                 return False
             self.in_flight_usd += estimate_usd

@@ -29,7 +29,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["sniff_image_type"], ".media"),
     **dict.fromkeys(["DEFAULT_ARCHIVE_URI", "make_s3_client", "require_bucket"], ".backends"),
     **dict.fromkeys(
-        ["DEFAULT_EXPIRES_IN", "MAX_INPUT_BYTES", "StagedAsset", "stage_assets"], ".staging"
+        ["DEFAULT_EXPIRES_IN", "MAX_INPUT_BYTES", "StagedAsset", "check_assets", "stage_assets"],
+        ".staging",
     ),
     "STAGING_TOKEN_ENV": ".staging",
     # Old import path: the server lives in the offline room now (it imports no Prefect either).

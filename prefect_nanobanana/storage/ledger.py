@@ -47,6 +47,11 @@ class LedgerEntry(BaseModel):
     metadata_location: str | None = None
     output_locations: list[str] = Field(default_factory=list)
     error: str | None = None
+    cost: float | None = Field(
+        default=None,
+        description="What `request_id` was billed (USD), once known: the monthly-bill check "
+        "and a rerun's report read it here.",
+    )
     previous_request_ids: list[str] = Field(default_factory=list)
 
 
@@ -162,9 +167,13 @@ class Ledger:
             ) from exc
 
     def mark_archived(
-        self, job_key: str, metadata_location: str, output_locations: Sequence[str]
+        self,
+        job_key: str,
+        metadata_location: str,
+        output_locations: Sequence[str],
+        cost: float | None = None,
     ) -> LedgerEntry:
-        """Record that the job's outputs are safely archived; the job is done."""
+        """Record that the job's outputs are safely archived, and what it was billed."""
         entry = self._require(job_key)
         return self._write(
             entry.model_copy(
@@ -174,17 +183,29 @@ class Ledger:
                     "metadata_location": metadata_location,
                     "output_locations": list(output_locations),
                     "error": None,
+                    "cost": cost if cost is not None else entry.cost,
                 }
             )
         )
 
-    def mark_failed(self, job_key: str, error: str | BaseException) -> LedgerEntry:
-        """Record that the job failed (the text is kept with URLs signature-stripped)."""
+    def mark_failed(
+        self, job_key: str, error: str | BaseException, cost: float | None = None
+    ) -> LedgerEntry:
+        """Record that the job failed (the text is kept with URLs signature-stripped).
+
+        `cost` is the request's bill when the API reported one (a failed job is
+        usually not billed).
+        """
         entry = self._require(job_key)
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return self._write(
             entry.model_copy(
-                update={"status": "failed", "updated_at": _now(), "error": redact_text(text)}
+                update={
+                    "status": "failed",
+                    "updated_at": _now(),
+                    "error": redact_text(text),
+                    "cost": cost if cost is not None else entry.cost,
+                }
             )
         )
 

@@ -237,6 +237,36 @@ def stage_assets(
             target.close()
 
 
+def check_assets(
+    sources: Sequence[str | os.PathLike[str]],
+    staging_uri: str | None = None,
+    *,
+    s3_client: Any = None,
+    upload_token: str | None = None,
+) -> int:
+    """Validate sources as `stage_assets` does, and that the staging store answers, uploading
+    nothing (a dry run's check); the number of images found. Raises :class:`StagingError`."""
+    if not sources:
+        raise StagingError("no sources given")
+    clients = _S3Clients(s3_client)
+    planned = [item for source in sources for item in _plan_source(source, clients)]
+    if not any(isinstance(item, _LocalFile) for item in planned):
+        return len(planned)
+    target = _open_target(staging_uri, clients, DEFAULT_EXPIRES_IN, upload_token)
+    try:
+        target.check()
+    except StagingError:
+        raise
+    except StorageError as exc:
+        raise StagingError(str(exc)) from exc
+    except (BotoCoreError, httpx.HTTPError) as exc:
+        raise StagingError(f"staging check failed: {redact_text(str(exc))}") from exc
+    finally:
+        if isinstance(target, _LoopbackTarget):
+            target.close()
+    return len(planned)
+
+
 class _S3Clients:
     """One S3 client for the whole call, created only if some source or target needs it."""
 

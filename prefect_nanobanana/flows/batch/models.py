@@ -16,7 +16,9 @@ from ...storage import (
     strip_signature,
 )
 
-RowStatus = Literal["archived", "skipped", "failed"]
+RowStatus = Literal["archived", "skipped", "failed", "over_budget"]
+# What a dry run says it would do with a row.
+PlannedAction = Literal["pay", "adopt", "skip", "invalid"]
 
 
 class BatchJob(BaseModel):
@@ -41,10 +43,18 @@ class BatchRowResult(BaseModel):
     status: RowStatus
     request_id: str | None = None
     prompt: str
+    resolution: str | None = None
     sources: list[str] = Field(default_factory=list, description="Inputs, signatures removed.")
     output_locations: list[str] = Field(default_factory=list)
     metadata_location: str | None = None
-    cost: float | None = None
+    cost: float | None = Field(
+        default=None, description="What the row's request was billed (USD), earlier runs too."
+    )
+    estimated_cost: float | None = Field(
+        default=None,
+        description="An estimate from the listed price, for a row this run had to pay for; "
+        "not a bill.",
+    )
     seconds: float | None = None
     error: str | None = None
 
@@ -57,15 +67,53 @@ class BatchEditResult(BaseModel):
     archived: int
     skipped: int
     failed: int
-    total_cost: float
+    total_cost: float = Field(
+        description="Billed cost (USD) of every row's request, the skipped rows' from the ledger."
+    )
+    over_budget: int = Field(default=0, description="Rows `max_cost_usd` held back, unpaid.")
+    estimated_cost: float | None = Field(
+        default=None,
+        description="The estimate, before the run, of the rows it had to pay for (None when "
+        "the price could not be looked up).",
+    )
 
     @property
     def output_locations(self) -> list[str]:
         return [location for row in self.rows for location in row.output_locations]
 
 
+class PlannedRow(BaseModel):
+    """What a dry run found for one row."""
+
+    row: int
+    id: str | None = None
+    action: PlannedAction = Field(
+        description="pay: needs a paid submit; adopt: waits on a request submitted earlier; "
+        "skip: archived earlier; invalid: would fail before any submit."
+    )
+    request_id: str | None = None
+    estimated_cost: float | None = Field(default=None, description="An estimate, not a bill.")
+    error: str | None = None
+
+
+class BatchDryRun(BaseModel):
+    """What `batch_edit(dry_run=True)` found: nothing was submitted."""
+
+    rows: list[PlannedRow]
+    rows_to_pay: int
+    rows_done: int = Field(description="Rows archived earlier: skipped, nothing to pay.")
+    rows_adopted: int = Field(description="Rows whose request was submitted earlier.")
+    rows_invalid: int
+    base_price_usd: float | None = Field(description="The listed price per image; None: unknown.")
+    estimated_cost: float | None = Field(
+        description="The estimate of the rows to pay (None when the price is unknown)."
+    )
+    estimated_by_resolution: dict[str, float] = Field(default_factory=dict)
+
+
 class BatchFailedError(RuntimeError):
-    """Some rows failed (and `allow_partial` was off); `result` has every row."""
+    """Some rows failed or were held back by the budget (and `allow_partial` was off);
+    `result` has every row."""
 
     def __init__(self, message: str, result: BatchEditResult | None = None) -> None:
         super().__init__(message)
@@ -86,6 +134,12 @@ class _RowPlan(BaseModel):
     entry: LedgerEntry | None = None
     image_urls: list[str] = Field(default_factory=list)
     error: str | None = None
+    estimated_cost: float | None = None
+
+    @property
+    def needs_paid_submit(self) -> bool:
+        """Valid, and neither archived nor owning a request from an earlier run."""
+        return self.error is None and (self.entry is None or self.entry.status == "failed")
 
     def result(self, status: RowStatus, **facts: Any) -> BatchRowResult:
         return BatchRowResult(
@@ -93,6 +147,7 @@ class _RowPlan(BaseModel):
             id=self.job.id,
             status=status,
             prompt=self.job.prompt,
+            resolution=self.options.get("resolution"),
             sources=[strip_signature(source) for source in self.job.images],
             **facts,
         )

@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from ...client import (
     NanoBananaEditInput,
 )
+from ...client.pricing import CostEstimate, estimate_cost, row_estimate_usd
 from ...storage import (
     Ledger,
     StorageError,
+    check_assets,
     job_key_for,
     read_manifest,
     redact_text,
@@ -45,19 +47,48 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
 
 
 def _stage_rows(
-    plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None
+    plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None, dry_run: bool
 ) -> None:
-    """Stage the images of rows that still need a submit; a bad image fails only its row."""
+    """Stage the images of rows that still need a submit; a bad image fails only its row.
+
+    A dry run checks the same (sources, staging store) and uploads nothing.
+    """
     location, s3_client = resolve_location(staging_uri, aws_credentials)
     for plan in plans:
         if plan.error or (plan.entry and plan.entry.status in ("submitted", "archived")):
             continue
         try:
+            if dry_run:
+                check_assets(plan.job.images, location, s3_client=s3_client)
+                continue
             staged = stage_assets(plan.job.images, location, s3_client=s3_client)
             plan.image_urls = [asset.url for asset in staged]
             NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
         except (StorageError, ValidationError, ValueError) as error:
             plan.error = f"row {plan.row}: {redact_text(str(error))}"
+
+
+def estimate_rows(
+    plans: list[_RowPlan],
+    base_price_usd: float | None,
+    resolution_factors: dict[str, float] | None,
+) -> CostEstimate | None:
+    """Give each row that still needs a paid submit its estimate; their sum (None: no price)."""
+    if base_price_usd is None:
+        return None
+    to_pay = [plan for plan in plans if plan.needs_paid_submit]
+    for plan in to_pay:
+        plan.estimated_cost = row_estimate_usd(
+            base_price_usd,
+            resolution=plan.options["resolution"],
+            num_images=plan.options["num_images"],
+            resolution_factors=resolution_factors,
+        )
+    return estimate_cost(
+        base_price_usd,
+        [(plan.options["resolution"], plan.options["num_images"]) for plan in to_pay],
+        resolution_factors=resolution_factors,
+    )
 
 
 @task(name="plan-batch", **SIGNED_RESULT_OPTIONS)
@@ -67,13 +98,14 @@ async def aplan_batch(
     archive_uri: str,
     staging_uri: str | None,
     aws_credentials: str | None,
+    dry_run: bool = False,
 ) -> list[_RowPlan]:
     """Validate rows, find what earlier runs did, stage the inputs still needed."""
     location, s3_client = resolve_location(archive_uri, aws_credentials)
     ledger = Ledger(location, s3_client=s3_client)
     await to_thread.run_sync(ledger.check)
     plans = await to_thread.run_sync(_plan_rows, jobs, defaults, ledger)
-    await to_thread.run_sync(_stage_rows, plans, staging_uri, aws_credentials)
+    await to_thread.run_sync(_stage_rows, plans, staging_uri, aws_credentials, dry_run)
     return plans
 
 

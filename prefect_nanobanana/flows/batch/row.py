@@ -21,6 +21,7 @@ from ...client import (
     RunComfyError,
     SubmitOutcomeUnknownError,
 )
+from ...client.pricing import CostBudget, format_usd
 from ...storage import (
     ArchiveMetadata,
     Ledger,
@@ -43,6 +44,7 @@ class _Batch:
         aws_credentials: str | None,
         max_concurrency: int,
         timeout_seconds: float,
+        budget: CostBudget | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -55,6 +57,59 @@ class _Batch:
         self.request_ids: dict[int, str] = {}
         # Job keys this run has tried to submit: their retries must ask the ledger again.
         self.submits_tried: set[str] = set()
+        self.budget = budget or CostBudget(None)
+        # Row → the estimate counted in flight for it, until its bill replaces it.
+        self.in_flight: dict[int, float] = {}
+        # Row → what its request (submitted by this run) was billed, once known.
+        self.bills: dict[int, float | None] = {}
+
+    def reserve(self, plan: _RowPlan) -> bool:
+        """The budget check of a paid submit: count the row's estimate in flight, or hold it.
+
+        A retry of the row's task (after a submit the API refused) keeps its first
+        reservation instead of counting the row twice.
+        """
+        if plan.row in self.in_flight:
+            return True
+        estimate = plan.estimated_cost or 0.0
+        if not self.budget.reserve(estimate):
+            return False
+        self.in_flight[plan.row] = estimate
+        return True
+
+    def settle(self, row: int, billed_usd: float | None) -> None:
+        """The row's request ended: its bill (None: unknown, the estimate counts) replaces
+        its estimate in the spend."""
+        if (estimate := self.in_flight.pop(row, None)) is not None:
+            self.budget.settle(estimate, billed_usd)
+            if billed_usd is not None:
+                self.bills[row] = billed_usd
+
+    def release(self, row: int) -> None:
+        """The row's submit provably cost nothing: its estimate leaves the spend."""
+        if (estimate := self.in_flight.pop(row, None)) is not None:
+            self.budget.release(estimate)
+
+    def held_back(self, plan: _RowPlan) -> BatchRowResult:
+        """The row `max_cost_usd` did not let through: unpaid, and said so everywhere."""
+        budget = self.budget
+        assert budget.max_cost_usd is not None
+        reason = (
+            f"held back by the budget: spent {format_usd(budget.spent_usd)} (billed, plus "
+            f"estimates of requests in flight) and this row's estimated "
+            f"{format_usd(plan.estimated_cost or 0.0)} would pass max_cost_usd="
+            f"{format_usd(budget.max_cost_usd)}; nothing was submitted for it"
+        )
+        observe.emit_over_budget_event(
+            plan.job_key or str(plan.row),
+            {
+                "row": plan.row,
+                "estimated_cost": plan.estimated_cost,
+                "spent": round(budget.spent_usd, 6),
+                "max_cost_usd": budget.max_cost_usd,
+            },
+        )
+        return plan.result("over_budget", estimated_cost=plan.estimated_cost, error=reason)
 
 
 def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
@@ -67,8 +122,9 @@ def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
 
 async def _request_of(
     plan: _RowPlan, batch: _Batch
-) -> tuple[str, asyncio.Future[LedgerEntry] | None, datetime | None]:
-    """The row's request: the one an earlier attempt or run recorded, else one submit.
+) -> tuple[str, asyncio.Future[LedgerEntry] | None, datetime | None] | None:
+    """The row's request: the one an earlier attempt or run recorded, else one submit;
+    None when the budget holds the row back (nothing submitted).
 
     At most once: a marker goes to the ledger before the submit, the request id right
     after. That second write is returned still running, so the caller can start
@@ -89,13 +145,18 @@ async def _request_of(
     if entry is not None and entry.status == "submitting":
         raise _unknown_outcome(job_key, ledger.location(job_key))
     edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
+    # The one budget check, right before the paid submit.
+    if not batch.reserve(plan):
+        return None
     batch.submits_tried.add(job_key)
     await to_thread.run_sync(ledger.record_submitting, job_key)
     try:
         handle = await batch.client.submit_edit(edit)
     except SubmitOutcomeUnknownError:
+        batch.settle(plan.row, None)  # it may have been billed: its estimate counts
         raise  # the marker stays: a rerun must not submit blindly
     except RunComfyError as error:
+        batch.release(plan.row)  # refused by the API: not billed
         await to_thread.run_sync(ledger.mark_failed, job_key, error)
         raise
     # Kept before the ledger write, so an issued id is reported even if that write fails.
@@ -116,6 +177,7 @@ async def _request_of(
                 model_id=NANO_BANANA_EDIT_MODEL_ID,
                 parameters=edit.model_dump(exclude={"image_urls"}),
                 sources=edit.image_urls,
+                estimated_cost=plan.estimated_cost,
                 flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
             )
         )
@@ -141,7 +203,10 @@ async def aedit_batch_row(
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
-    request_id, recording, submitted_at = await _request_of(plan, batch)
+    found = await _request_of(plan, batch)
+    if found is None:
+        return batch.held_back(plan)
+    request_id, recording, submitted_at = found
     waiting = asyncio.ensure_future(
         batch.client.wait(
             request_id,
@@ -159,6 +224,7 @@ async def aedit_batch_row(
     try:
         result = await waiting
     except (JobFailedError, JobCancelledError) as error:
+        batch.settle(plan.row, 0.0)  # a job that did not complete is not billed
         status = "cancelled" if isinstance(error, JobCancelledError) else "failed"
         observe.emit_request_event(
             observe.EVENT_FOR_STATUS[status],
@@ -167,11 +233,18 @@ async def aedit_batch_row(
         )
         await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
         raise
+    # Before the lane moves on: its next row's budget check must see this bill.
+    batch.settle(plan.row, result.cost)
     request_ended.set()  # first: the lane's next submit is the batch's critical path
     observe.emit_request_event(
         observe.EVENT_COMPLETED,
         request_id,
-        payload={"row": plan.row, "cost": result.cost, "outputs": len(result.output_urls)},
+        payload={
+            "row": plan.row,
+            "cost": result.cost,
+            "estimated_cost": plan.estimated_cost,
+            "outputs": len(result.output_urls),
+        },
     )
     metadata = ArchiveMetadata(
         prompt=plan.job.prompt,
@@ -194,7 +267,11 @@ async def aedit_batch_row(
         batch.aws_credentials,
     )
     await to_thread.run_sync(
-        batch.ledger.mark_archived, plan.job_key, record.metadata_location, record.output_locations
+        batch.ledger.mark_archived,
+        plan.job_key,
+        record.metadata_location,
+        record.output_locations,
+        result.cost,
     )
     return plan.result(
         "archived",
@@ -202,6 +279,7 @@ async def aedit_batch_row(
         output_locations=record.output_locations,
         metadata_location=record.metadata_location,
         cost=result.cost,
+        estimated_cost=plan.estimated_cost,
     )
 
 
@@ -214,10 +292,16 @@ async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) 
     except Exception as error:
         request_id = batch.request_ids.get(plan.row) or getattr(error, "request_id", None)
         get_run_logger().error("Row %d failed (request %s): %s", plan.row, request_id, error)
+        if request_id is None:
+            batch.release(plan.row)
+        # Still open: the request's end is unknown (it may be billed), so its estimate stays.
+        batch.settle(plan.row, None)
         return plan.result(
             "failed",
             request_id=request_id,
             seconds=round(time.monotonic() - started, 3),
+            cost=batch.bills.get(plan.row),
+            estimated_cost=plan.estimated_cost,
             error=redact_text(str(error)),
         )
     finally:
@@ -246,5 +330,5 @@ def _skipped(plan: _RowPlan) -> BatchRowResult:
         request_id=entry.request_id,
         output_locations=entry.output_locations,
         metadata_location=entry.metadata_location,
-        cost=entry.facts.get("cost"),
+        cost=entry.cost,
     )
