@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import subprocess
 import sys
 
@@ -100,6 +101,10 @@ def test_budget_error_names_the_estimate_the_budget_and_the_rows():
         estimate_usd=None, max_cost_usd=1.0, rows_to_pay=3, reason="price lookup failed"
     )
     assert "price lookup failed" in str(unknown) and "$1.00" in str(unknown)
+    # A failed flow's exception travels pickled (a deployment's run): the figures with it.
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.estimate_usd, copy.max_cost_usd, copy.rows_to_pay) == (1.8, 1.0, 12)
+    assert str(copy) == str(error)
 
 
 # -- the budget during a run ------------------------------------------------------------

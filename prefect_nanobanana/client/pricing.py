@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # light at runtime: the CLI's exit-code table imports this module
     from .models import ModelInfo, NanoBananaEditInput
@@ -95,7 +95,6 @@ class BudgetExceededError(Exception):
 
     def __init__(
         self,
-        *,
         estimate_usd: float | None,
         max_cost_usd: float,
         rows_to_pay: int,
@@ -104,6 +103,7 @@ class BudgetExceededError(Exception):
         self.estimate_usd = estimate_usd
         self.max_cost_usd = max_cost_usd
         self.rows_to_pay = rows_to_pay
+        self.reason = reason
         if estimate_usd is None:
             message = (
                 f"No estimate for {rows_to_pay} rows to pay ({reason or 'the price is unknown'}), "
@@ -115,6 +115,10 @@ class BudgetExceededError(Exception):
                 f"over the budget max_cost_usd={format_usd(max_cost_usd)}"
             )
         super().__init__(f"{message}; nothing was submitted")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect pickles a failed flow's exception (a deployment's run): keep the figures.
+        return (type(self), (self.estimate_usd, self.max_cost_usd, self.rows_to_pay, self.reason))
 
 
 def refuse_over_budget(
