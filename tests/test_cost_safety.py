@@ -83,11 +83,20 @@ async def test_a_failed_price_lookup_refuses_under_a_budget_and_warns_without(
 
 
 async def test_the_budget_holds_during_the_run_when_bills_exceed_the_listed_price(
-    emulator_factory, use_emulator, image_server, tmp_path
+    emulator_factory, use_emulator, image_server, tmp_path, monkeypatch
 ):
     from prefect.client.orchestration import get_client
 
-    from prefect_nanobanana import batch_edit
+    from prefect_nanobanana import batch_edit, observe
+
+    emitted: list[tuple[str, dict]] = []
+    real_emit = observe.emit_event
+
+    def recording_emit(event: str, **fields):
+        emitted.append((event, fields.get("payload") or {}))
+        return real_emit(event, **fields)
+
+    monkeypatch.setattr(observe, "emit_event", recording_emit)
 
     emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE, bill_multiplier=2.0))
     archive = tmp_path / "archive"
@@ -119,6 +128,14 @@ async def test_the_budget_holds_during_the_run_when_bills_exceed_the_listed_pric
     assert all(line["cost"] == pytest.approx(0.30) for line in archived)
     assert all(line["estimated_cost"] == pytest.approx(0.15) for line in archived)
     assert result.total_cost == pytest.approx(emulator.stats.spent_usd)
+    over_budget_events = [payload for event, payload in emitted if event.endswith("over_budget")]
+    assert sorted(payload["row"] for payload in over_budget_events) == sorted(
+        line["row"] for line in held
+    )
+    completed = [payload for event, payload in emitted if event == "nanobanana.request.completed"]
+    assert len(completed) == paid
+    assert all(payload["cost"] == pytest.approx(0.30) for payload in completed)
+    assert all(payload["estimated_cost"] == pytest.approx(0.15) for payload in completed)
 
     async with get_client() as client:
         artifacts = await client.read_artifacts()
