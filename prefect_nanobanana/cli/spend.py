@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..client.pricing import daily_spend, format_usd
 from .exit_codes import EXIT_OK
@@ -16,8 +17,13 @@ from .exit_codes import EXIT_OK
 
 def run_spend_command(args: argparse.Namespace) -> int:
     from ..storage import Ledger
+    from ..storage.ledger import LEDGER_PREFIX
 
-    bills = [(entry.submitted_at, entry.cost) for entry in Ledger(args.archive).entries()]
+    ledger = Ledger(args.archive)
+    bills = [(entry.submitted_at, entry.cost) for entry in ledger.entries()]
+    if not bills:
+        # A mistyped archive would otherwise look like a month without a bill.
+        print(f"No ledger entries at {ledger.backend.location(LEDGER_PREFIX)}", file=sys.stderr)
     by_day = daily_spend(bills, since=args.since)
     total = round(sum(by_day.values()), 6)
     unbilled = sum(cost is None for _, cost in bills)

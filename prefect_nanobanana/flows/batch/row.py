@@ -61,7 +61,7 @@ class _Batch:
         # Row → the estimate counted in flight for it, until its bill replaces it.
         self.in_flight: dict[int, float] = {}
         # Row → what its request (submitted by this run) was billed, once known.
-        self.bills: dict[int, float | None] = {}
+        self.bills: dict[int, float] = {}
 
     def reserve(self, plan: _RowPlan) -> bool:
         """The budget check of a paid submit: count the row's estimate in flight, or hold it.
