@@ -91,8 +91,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
         "" if result.estimated_cost is None else f" (estimated {format_usd(result.estimated_cost)})"
     )
     print(
-        f"{result.archived} archived, {result.skipped} skipped, {result.failed} failed, "
-        f"{result.over_budget} over budget; total billed {format_usd(result.total_cost)}"
-        f"{estimated}; results manifest {result.results_manifest}"
+        f"{result.archived} archived, {result.skipped} skipped, {result.adopted} adopted "
+        f"(another run's request), {result.failed} failed, {result.over_budget} over budget; "
+        f"total billed {format_usd(result.total_cost)} ({format_usd(result.paid_cost)} paid by "
+        f"this run){estimated}; results manifest {result.results_manifest}"
     )
     return code

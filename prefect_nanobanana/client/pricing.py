@@ -86,11 +86,13 @@ def estimate_cost(
 
 
 class BudgetExceededError(Exception):
-    """A run would (or could no longer be shown not to) cost more than `max_cost_usd`.
+    """A submit would cost more than `max_cost_usd` (or the price to tell is unknown).
 
-    Raised before anything is paid: the message names the estimate, the budget and
-    how many rows were to be paid for. `estimate_usd` is None when the price lookup
-    failed, since under a budget an unknown price refuses just like a high one.
+    Raised before anything is paid: before a run's first submit, the message names
+    the estimate, the budget and how many rows were to be paid for; during a batch
+    (`spent_usd` given), it names what was spent so far and the held-back row's
+    estimate. `estimate_usd` is None when the price lookup failed, since under a
+    budget an unknown price refuses just like a high one.
     """
 
     def __init__(
@@ -99,26 +101,36 @@ class BudgetExceededError(Exception):
         max_cost_usd: float,
         rows_to_pay: int,
         reason: str | None = None,
+        spent_usd: float | None = None,
     ) -> None:
         self.estimate_usd = estimate_usd
         self.max_cost_usd = max_cost_usd
         self.rows_to_pay = rows_to_pay
         self.reason = reason
+        self.spent_usd = spent_usd
+        budget = f"max_cost_usd={format_usd(max_cost_usd)}"
         if estimate_usd is None:
             message = (
                 f"No estimate for {rows_to_pay} rows to pay ({reason or 'the price is unknown'}), "
-                f"so the budget max_cost_usd={format_usd(max_cost_usd)} cannot be checked"
+                f"so the budget {budget} cannot be checked; nothing was submitted"
+            )
+        elif spent_usd is not None:
+            message = (
+                f"held back by the budget: spent {format_usd(spent_usd)} (billed, plus estimates "
+                f"of requests in flight) and this row's estimated {format_usd(estimate_usd)} "
+                f"would pass {budget}; nothing was submitted for it"
             )
         else:
             message = (
                 f"The estimated cost {format_usd(estimate_usd)} of {rows_to_pay} rows to pay is "
-                f"over the budget max_cost_usd={format_usd(max_cost_usd)}"
+                f"over the budget {budget}; nothing was submitted"
             )
-        super().__init__(f"{message}; nothing was submitted")
+        super().__init__(message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Prefect pickles a failed flow's exception (a deployment's run): keep the figures.
-        return (type(self), (self.estimate_usd, self.max_cost_usd, self.rows_to_pay, self.reason))
+        figures = (self.estimate_usd, self.max_cost_usd, self.rows_to_pay)
+        return (type(self), (*figures, self.reason, self.spent_usd))
 
 
 def refuse_over_budget(

@@ -59,6 +59,7 @@ from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
 )
+from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
 from .chunks import _credentials_parameter, _run_in_chunks
 from .lanes import run_in_lanes
@@ -205,7 +206,7 @@ async def batch_edit(
         outcomes: dict[int, BatchRowResult] = {}
         runnable: list[_RowPlan] = []
         for plan in plans:
-            settled = _settled_without_api(plan, batch.ledger)
+            settled = _settled_without_api(plan)
             if settled is None:
                 runnable.append(plan)
             else:
@@ -270,9 +271,14 @@ def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDr
             action = "pay"
         elif entry is not None and entry.status == "archived":
             action = "skip"
-        elif entry is not None and entry.status == "submitting":
-            action, plan.error = "invalid", "an earlier run stopped while submitting this row"
-        else:
+        elif (
+            entry is not None
+            and entry.status == "submitting"
+            and not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS)
+        ):
+            action = "invalid"
+            plan.error = "an earlier run stopped while submitting this row (outcome unknown)"
+        else:  # a request id, or another run submitting it right now
             action = "adopt"
         rows.append(
             PlannedRow(

@@ -16,7 +16,10 @@ from ...storage import (
     strip_signature,
 )
 
-RowStatus = Literal["archived", "skipped", "failed", "over_budget"]
+# adopted: another run submitted (and paid for) the row's request while this one ran;
+# this run waited on it and reports its outputs (archived once, by whichever got there).
+# over_budget: `max_cost_usd` held the row back before its paid submit; nothing was paid.
+RowStatus = Literal["archived", "skipped", "adopted", "failed", "over_budget"]
 # What a dry run says it would do with a row.
 PlannedAction = Literal["pay", "adopt", "skip", "invalid"]
 
@@ -48,7 +51,7 @@ class BatchRowResult(BaseModel):
     output_locations: list[str] = Field(default_factory=list)
     metadata_location: str | None = None
     cost: float | None = Field(
-        default=None, description="What the row's request was billed (USD), earlier runs too."
+        default=None, description="What RunComfy billed for the row, whichever run paid it."
     )
     estimated_cost: float | None = Field(
         default=None,
@@ -57,6 +60,9 @@ class BatchRowResult(BaseModel):
     )
     seconds: float | None = None
     error: str | None = None
+    adopted_from: str | None = Field(
+        default=None, description="When adopted: the flow run that submitted the request."
+    )
 
 
 class BatchEditResult(BaseModel):
@@ -67,9 +73,9 @@ class BatchEditResult(BaseModel):
     archived: int
     skipped: int
     failed: int
-    total_cost: float = Field(
-        description="Billed cost (USD) of every row's request, the skipped rows' from the ledger."
-    )
+    total_cost: float = Field(description="What the batch's rows cost, whichever run paid.")
+    adopted: int = Field(default=0, description="Rows another run submitted meanwhile.")
+    paid_cost: float = Field(default=0.0, description="What this run itself paid for.")
     over_budget: int = Field(default=0, description="Rows `max_cost_usd` held back, unpaid.")
     estimated_cost: float | None = Field(
         default=None,
@@ -132,6 +138,7 @@ class _RowPlan(BaseModel):
     options: dict[str, Any]
     job_key: str | None = None
     entry: LedgerEntry | None = None
+    version: str | None = Field(default=None, description="The entry's version, as read.")
     image_urls: list[str] = Field(default_factory=list)
     error: str | None = None
     estimated_cost: float | None = None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from anyio import to_thread
 from prefect.artifacts import (
@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.logging import get_run_logger
 
+from ... import observe
 from ...client.pricing import format_usd, spend_by_resolution
 from ...storage import (
     write_results_manifest,
@@ -33,10 +34,16 @@ ROW_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar(
 
 
 def _results_location(archive_uri: str, results_uri: str | None) -> str:
+    """`{archive}/_results/batch-{time}-{flow run id}.jsonl`: unique per run.
+
+    The time sorts the manifests; the run id keeps two runs that end in the same
+    second from writing one file.
+    """
     if results_uri:
         return results_uri
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    return f"{archive_uri.rstrip('/')}/{RESULTS_FOLDER}/batch-{stamp}.jsonl"
+    run_id = observe.current_flow_run_id() or uuid4()
+    return f"{archive_uri.rstrip('/')}/{RESULTS_FOLDER}/batch-{stamp}-{run_id}.jsonl"
 
 
 def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
@@ -45,6 +52,7 @@ def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
         "",
         f"{sum(r.status == 'archived' for r in rows)} archived, "
         f"{sum(r.status == 'skipped' for r in rows)} skipped (done earlier), "
+        f"{sum(r.status == 'adopted' for r in rows)} adopted (another run's request), "
         f"{sum(r.status == 'failed' for r in rows)} failed, "
         f"{sum(r.status == 'over_budget' for r in rows)} held back by the budget; "
         f"total billed {format_usd(total_cost)}.",
@@ -117,16 +125,23 @@ async def _finish_batch(
             s3_client=results_s3,
         )
     )
+    # The batch's cost counts every row's bill, whichever run paid for it (a rerun
+    # reports the whole batch; a failed row carries one only when it was billed);
+    # `paid_cost` is what this run itself paid.
     total_cost = round(sum(row.cost or 0.0 for row in rows), 6)
     result = BatchEditResult(
         rows=rows,
         results_manifest=results_location,
         archived=sum(row.status == "archived" for row in rows),
         skipped=sum(row.status == "skipped" for row in rows),
+        adopted=sum(row.status == "adopted" for row in rows),
         failed=sum(row.status == "failed" for row in rows),
         over_budget=sum(row.status == "over_budget" for row in rows),
         total_cost=total_cost,
         estimated_cost=estimated_cost,
+        paid_cost=round(
+            sum(row.cost or 0.0 for row in rows if row.status in ("archived", "failed")), 6
+        ),
     )
     await acreate_table_artifact(
         key="nanobanana-batch-rows",
@@ -135,6 +150,7 @@ async def _finish_batch(
                 "row": row.row,
                 "request_id": row.request_id,
                 "status": row.status,
+                "adopted_from": row.adopted_from,
                 "seconds": row.seconds,
                 "cost": row.cost,
                 "estimated_cost": row.estimated_cost,
@@ -154,13 +170,15 @@ async def _finish_batch(
         description="Estimated beside billed cost, by resolution",
     )
     get_run_logger().info(
-        "Batch done: %d archived, %d skipped, %d failed, %d held back by the budget; "
-        "total billed %s (estimated for this run's rows: %s); results in %s",
+        "Batch done: %d archived, %d skipped, %d adopted, %d failed, %d held back by the "
+        "budget; total billed %s (%s paid by this run; estimated for its rows: %s); results in %s",
         result.archived,
         result.skipped,
+        result.adopted,
         result.failed,
         result.over_budget,
         format_usd(total_cost),
+        format_usd(result.paid_cost),
         "unknown" if estimated_cost is None else format_usd(estimated_cost),
         results_location,
     )

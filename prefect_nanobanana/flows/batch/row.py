@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
 from functools import partial
 
-from anyio import to_thread
 from prefect import task
 from prefect.logging import get_run_logger
 
@@ -21,16 +19,19 @@ from ...client import (
     RunComfyError,
     SubmitOutcomeUnknownError,
 )
-from ...client.pricing import CostBudget, format_usd
-from ...storage import (
-    ArchiveMetadata,
-    Ledger,
-    LedgerEntry,
-    redact_text,
+from ...client.pricing import BudgetExceededError, CostBudget
+from ...storage import ArchiveError, ArchiveMetadata, Ledger, VersionedEntry, redact_text
+from ...tasks.guard import (
+    SubmittedRequest,
+    Unread,
+    archive_claim,
+    mark_archived,
+    mark_failed,
+    submit_once,
 )
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import aarchive_request
-from .models import BatchRowResult, _RowPlan
+from .models import BatchRowResult, RowStatus, _RowPlan
 
 
 class _Batch:
@@ -55,27 +56,31 @@ class _Batch:
         self.flow_run_id = observe.current_flow_run_id()
         # Row → its request, as soon as the request exists: a failed row still names it.
         self.request_ids: dict[int, str] = {}
-        # Job keys this run has tried to submit: their retries must ask the ledger again.
-        self.submits_tried: set[str] = set()
+        # Rows whose task ran before: a retry reads the ledger afresh, not the plan's copy.
+        self.attempted: set[int] = set()
         self.budget = budget or CostBudget(None)
         # Row → the estimate counted in flight for it, until its bill replaces it.
         self.in_flight: dict[int, float] = {}
         # Row → what its request (submitted by this run) was billed, once known.
         self.bills: dict[int, float] = {}
 
-    def reserve(self, plan: _RowPlan) -> bool:
-        """The budget check of a paid submit: count the row's estimate in flight, or hold it.
+    async def check_budget(self, plan: _RowPlan) -> None:
+        """The budget check of a paid submit (the guard calls it right before sending): count
+        the row's estimate in flight, or raise `BudgetExceededError` to hold the row back.
 
         A retry of the row's task (after a submit the API refused) keeps its first
         reservation instead of counting the row twice.
         """
         if plan.row in self.in_flight:
-            return True
+            return
         estimate = plan.estimated_cost or 0.0
+        spent = self.budget.spent_usd
         if not self.budget.reserve(estimate):
-            return False
+            assert self.budget.max_cost_usd is not None
+            raise BudgetExceededError(
+                estimate, self.budget.max_cost_usd, rows_to_pay=1, spent_usd=spent
+            )
         self.in_flight[plan.row] = estimate
-        return True
 
     def settle(self, row: int, billed_usd: float | None) -> None:
         """The row's request ended: its bill (None: unknown, the estimate counts) replaces
@@ -90,99 +95,76 @@ class _Batch:
         if (estimate := self.in_flight.pop(row, None)) is not None:
             self.budget.release(estimate)
 
-    def held_back(self, plan: _RowPlan) -> BatchRowResult:
+    def held_back(self, plan: _RowPlan, refusal: BudgetExceededError) -> BatchRowResult:
         """The row `max_cost_usd` did not let through: unpaid, and said so everywhere."""
-        budget = self.budget
-        assert budget.max_cost_usd is not None
-        reason = (
-            f"held back by the budget: spent {format_usd(budget.spent_usd)} (billed, plus "
-            f"estimates of requests in flight) and this row's estimated "
-            f"{format_usd(plan.estimated_cost or 0.0)} would pass max_cost_usd="
-            f"{format_usd(budget.max_cost_usd)}; nothing was submitted for it"
-        )
         observe.emit_over_budget_event(
             plan.job_key or str(plan.row),
             {
                 "row": plan.row,
                 "estimated_cost": plan.estimated_cost,
-                "spent": round(budget.spent_usd, 6),
-                "max_cost_usd": budget.max_cost_usd,
+                "spent": refusal.spent_usd,
+                "max_cost_usd": refusal.max_cost_usd,
             },
         )
-        return plan.result("over_budget", estimated_cost=plan.estimated_cost, error=reason)
+        return plan.result("over_budget", estimated_cost=plan.estimated_cost, error=str(refusal))
 
 
-def _unknown_outcome(job_key: str, location: str) -> SubmitOutcomeUnknownError:
-    return SubmitOutcomeUnknownError(
-        f"an earlier run stopped while submitting job {job_key}, so RunComfy may have accepted "
-        "(and billed) it. It was NOT submitted again. Check your RunComfy request history; to "
-        f"submit anew, delete the ledger entry {location}"
-    )
+async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
+    """The row's request, through the one submit guard: recorded, adopted, or one submit.
 
-
-async def _request_of(
-    plan: _RowPlan, batch: _Batch
-) -> tuple[str, asyncio.Future[LedgerEntry] | None, datetime | None] | None:
-    """The row's request: the one an earlier attempt or run recorded, else one submit;
-    None when the budget holds the row back (nothing submitted).
-
-    At most once: a marker goes to the ledger before the submit, the request id right
-    after. That second write is returned still running, so the caller can start
-    polling at once (a late first poll makes the schedule expect the job's end too
-    late) and must await it before anything else touches the row's ledger entry.
-    A recorded request comes with when it was submitted, for the wait that resumes
-    it. The planning step looked the row up already; only a retry of the row's task
-    (which may follow a submit that went through) asks the ledger again.
+    The plan's read of the ledger saves the guard a read on the row's first attempt;
+    whatever happened since (another run claimed the row) the guard's atomic claim
+    sees, and then it adopts instead of submitting.
     """
     assert plan.job_key is not None
-    ledger, job_key = batch.ledger, plan.job_key
-    entry = plan.entry
-    if job_key in batch.submits_tried:
-        entry = await to_thread.run_sync(ledger.lookup, job_key)
-    if entry is not None and entry.status in ("submitted", "archived") and entry.request_id:
-        batch.request_ids[plan.row] = entry.request_id
-        return entry.request_id, None, entry.submitted_at
-    if entry is not None and entry.status == "submitting":
-        raise _unknown_outcome(job_key, ledger.location(job_key))
-    edit = NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
-    # The one budget check, right before the paid submit.
-    if not batch.reserve(plan):
-        return None
-    batch.submits_tried.add(job_key)
-    await to_thread.run_sync(ledger.record_submitting, job_key)
+    known: VersionedEntry | object | None = Unread
+    if plan.row not in batch.attempted:
+        known = VersionedEntry(plan.entry, plan.version) if plan.entry and plan.version else None
+    batch.attempted.add(plan.row)
+    edit: NanoBananaEditInput | None = None
+    if plan.image_urls:
+        edit = NanoBananaEditInput(
+            prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options
+        )
+
     try:
-        handle = await batch.client.submit_edit(edit)
+        submitted = await submit_once(
+            plan.job_key,
+            batch.ledger,
+            batch.client,
+            edit,
+            facts={
+                "row": plan.row,
+                "model_id": NANO_BANANA_EDIT_MODEL_ID,
+                "parameters": plan.options,
+                "sources": plan.image_urls,
+                "estimated_cost": plan.estimated_cost,
+                "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
+            },
+            before_submit=partial(batch.check_budget, plan),
+            known=known,
+        )
     except SubmitOutcomeUnknownError:
         batch.settle(plan.row, None)  # it may have been billed: its estimate counts
-        raise  # the marker stays: a rerun must not submit blindly
-    except RunComfyError as error:
-        batch.release(plan.row)  # refused by the API: not billed
-        await to_thread.run_sync(ledger.mark_failed, job_key, error)
         raise
-    # Kept before the ledger write, so an issued id is reported even if that write fails.
-    batch.request_ids[plan.row] = handle.request_id
-    get_run_logger().debug("Row %d submitted as RunComfy request %s", plan.row, handle.request_id)
-    observe.emit_request_event(
-        observe.EVENT_SUBMITTED,
-        handle.request_id,
-        payload={"job_key": job_key, "row": plan.row, "model_id": NANO_BANANA_EDIT_MODEL_ID},
-    )
-    recording = asyncio.ensure_future(
-        to_thread.run_sync(
-            partial(
-                ledger.record_submit,
-                job_key,
-                handle.request_id,
-                row=plan.row,
-                model_id=NANO_BANANA_EDIT_MODEL_ID,
-                parameters=edit.model_dump(exclude={"image_urls"}),
-                sources=edit.image_urls,
-                estimated_cost=plan.estimated_cost,
-                flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
-            )
+    except RunComfyError:
+        batch.release(plan.row)  # refused by the API: not billed
+        raise
+    batch.request_ids[plan.row] = submitted.request_id
+    if not (submitted.resumed or submitted.adopted):
+        get_run_logger().debug(
+            "Row %d submitted as RunComfy request %s", plan.row, submitted.request_id
         )
-    )
-    return handle.request_id, recording, None
+        observe.emit_request_event(
+            observe.EVENT_SUBMITTED,
+            submitted.request_id,
+            payload={
+                "job_key": plan.job_key,
+                "row": plan.row,
+                "model_id": NANO_BANANA_EDIT_MODEL_ID,
+            },
+        )
+    return submitted
 
 
 @task(
@@ -194,92 +176,105 @@ async def _request_of(
 async def aedit_batch_row(
     plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event
 ) -> BatchRowResult:
-    """One row in one task run: submit (at most once), wait, archive, mark archived.
+    """One row in one task run: submit (at most once), wait, archive (once), mark archived.
 
     One task run per row rather than one per step, because the Prefect server
     records every task run's state changes as events, and at three task runs a row
     that bookkeeping, not the API, set the pace of a batch. A retry comes back here
-    and resumes the request its first attempt recorded. `request_ended` is set once
+    and resumes the request its first attempt recorded; a row another run submitted
+    meanwhile is adopted (waited on, never paid again). `request_ended` is set once
     the request is over, so the row's lane can start the next row while this one
     archives: archiving is our I/O, not a request in flight.
     """
-    found = await _request_of(plan, batch)
-    if found is None:
-        return batch.held_back(plan)
-    request_id, recording, submitted_at = found
-    waiting = asyncio.ensure_future(
-        batch.client.wait(
+    assert plan.job_key is not None
+    try:
+        submitted = await _request_of(plan, batch)
+    except BudgetExceededError as refusal:
+        return batch.held_back(plan, refusal)
+    request_id = submitted.request_id
+    # Set only for a request this run pays for (an adopted one was paid by another run).
+    estimated_cost = None if submitted.adopted else plan.estimated_cost
+    status: RowStatus = "adopted" if submitted.adopted else "archived"
+    try:
+        result = await batch.client.wait(
             request_id,
             batch.timeout_seconds,
             resolution=plan.options["resolution"],
-            submitted_at=submitted_at,
+            submitted_at=submitted.submitted_at,
         )
-    )
-    if recording is not None:
-        try:
-            await recording
-        except BaseException:
-            waiting.cancel()
-            raise
-    try:
-        result = await waiting
     except (JobFailedError, JobCancelledError) as error:
         batch.settle(plan.row, 0.0)  # a job that did not complete is not billed
-        status = "cancelled" if isinstance(error, JobCancelledError) else "failed"
-        observe.emit_request_event(
-            observe.EVENT_FOR_STATUS[status],
-            request_id,
-            payload={"row": plan.row, "error": str(error)},
-        )
-        await to_thread.run_sync(batch.ledger.mark_failed, plan.job_key, error)
+        if not submitted.adopted:
+            ended = "cancelled" if isinstance(error, JobCancelledError) else "failed"
+            observe.emit_request_event(
+                observe.EVENT_FOR_STATUS[ended],
+                request_id,
+                payload={"row": plan.row, "error": str(error)},
+            )
+        await mark_failed(batch.ledger, plan.job_key, error)
         raise
     # Before the lane moves on: its next row's budget check must see this bill.
     batch.settle(plan.row, result.cost)
     request_ended.set()  # first: the lane's next submit is the batch's critical path
-    observe.emit_request_event(
-        observe.EVENT_COMPLETED,
-        request_id,
-        payload={
-            "row": plan.row,
-            "cost": result.cost,
-            "estimated_cost": plan.estimated_cost,
-            "outputs": len(result.output_urls),
-        },
-    )
-    metadata = ArchiveMetadata(
-        prompt=plan.job.prompt,
-        parameters=plan.options,
-        model_id=NANO_BANANA_EDIT_MODEL_ID,
-        sources=plan.job.images,
-        row=plan.row,
-        row_id=plan.job.id,
-        created_at=result.created_at,
-        finished_at=result.finished_at,
-        cost=result.cost,
-        flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
-    )
-    record = await aarchive_request.fn(
-        request_id,
-        result.output_urls,
-        batch.archive_uri,
-        metadata,
-        result.created_at,
-        batch.aws_credentials,
-    )
-    await to_thread.run_sync(
-        batch.ledger.mark_archived,
-        plan.job_key,
-        record.metadata_location,
-        record.output_locations,
-        result.cost,
-    )
+    if not submitted.adopted:
+        observe.emit_request_event(
+            observe.EVENT_COMPLETED,
+            request_id,
+            payload={
+                "row": plan.row,
+                "cost": result.cost,
+                "estimated_cost": estimated_cost,
+                "outputs": len(result.output_urls),
+            },
+        )
+    async with archive_claim(batch.ledger, plan.job_key) as archived_elsewhere:
+        if archived_elsewhere is not None:
+            return plan.result(
+                status,
+                request_id=request_id,
+                output_locations=archived_elsewhere.output_locations,
+                metadata_location=archived_elsewhere.metadata_location,
+                cost=archived_elsewhere.cost
+                if archived_elsewhere.cost is not None
+                else result.cost,
+                estimated_cost=estimated_cost,
+                adopted_from=submitted.submitted_by if submitted.adopted else None,
+            )
+        metadata = ArchiveMetadata(
+            prompt=plan.job.prompt,
+            parameters=plan.options,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
+            sources=plan.job.images,
+            row=plan.row,
+            row_id=plan.job.id,
+            created_at=result.created_at,
+            finished_at=result.finished_at,
+            cost=result.cost,
+            flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
+        )
+        record = await aarchive_request.fn(
+            request_id,
+            result.output_urls,
+            batch.archive_uri,
+            metadata,
+            result.created_at,
+            batch.aws_credentials,
+        )
+        await mark_archived(
+            batch.ledger,
+            plan.job_key,
+            metadata_location=record.metadata_location,
+            output_locations=record.output_locations,
+            cost=result.cost,
+        )
     return plan.result(
-        "archived",
+        status,
         request_id=request_id,
         output_locations=record.output_locations,
         metadata_location=record.metadata_location,
         cost=result.cost,
-        estimated_cost=plan.estimated_cost,
+        estimated_cost=estimated_cost,
+        adopted_from=submitted.submitted_by if submitted.adopted else None,
     )
 
 
@@ -292,6 +287,8 @@ async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) 
     except Exception as error:
         request_id = batch.request_ids.get(plan.row) or getattr(error, "request_id", None)
         get_run_logger().error("Row %d failed (request %s): %s", plan.row, request_id, error)
+        # Outputs archived before another one failed are kept: the row lists them.
+        kept = error.partial_record if isinstance(error, ArchiveError) else None
         if request_id is None:
             batch.release(plan.row)
         # Still open: the request's end is unknown (it may be billed), so its estimate stays.
@@ -299,26 +296,22 @@ async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) 
         return plan.result(
             "failed",
             request_id=request_id,
+            output_locations=kept.output_locations if kept else [],
             seconds=round(time.monotonic() - started, 3),
             cost=batch.bills.get(plan.row),
-            estimated_cost=plan.estimated_cost,
+            estimated_cost=plan.estimated_cost if plan.row in batch.bills else None,
             error=redact_text(str(error)),
         )
     finally:
         request_ended.set()
 
 
-def _settled_without_api(plan: _RowPlan, ledger: Ledger) -> BatchRowResult | None:
-    """The outcome of a row that needs no request: invalid, done earlier, or unknowable."""
+def _settled_without_api(plan: _RowPlan) -> BatchRowResult | None:
+    """The outcome of a row that needs no request: invalid, or archived earlier."""
     if plan.error:
         return plan.result("failed", error=plan.error)
     if plan.entry is not None and plan.entry.status == "archived":
         return _skipped(plan)
-    if plan.entry is not None and plan.entry.status == "submitting":
-        assert plan.job_key is not None
-        return plan.result(
-            "failed", error=str(_unknown_outcome(plan.job_key, ledger.location(plan.job_key)))
-        )
     return None
 
 
@@ -330,5 +323,6 @@ def _skipped(plan: _RowPlan) -> BatchRowResult:
         request_id=entry.request_id,
         output_locations=entry.output_locations,
         metadata_location=entry.metadata_location,
-        cost=entry.cost,
+        # Entries of earlier releases kept no cost of their own.
+        cost=entry.cost if entry.cost is not None else entry.facts.get("cost"),
     )
