@@ -10,8 +10,6 @@ as soon as it is known.
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -172,12 +170,11 @@ def estimate_edit(
     max_cost_usd: float | None,
     *,
     lookup_failure: str | None = None,
-    log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> CostEstimate | None:
     """One edit's estimate from a price lookup's answer, refused when over `max_cost_usd`.
 
     `info` None means the lookup failed (`lookup_failure` says why): under a budget
-    that refuses, without one it is a warning and no estimate.
+    that refuses; without one there is no estimate.
     """
     estimate = None
     if info is not None:
@@ -185,8 +182,6 @@ def estimate_edit(
             estimate = estimate_cost(base_price_of(info), [(edit.resolution, edit.num_images)])
         except ValueError as error:
             lookup_failure = str(error)
-    if estimate is None and max_cost_usd is None and log is not None:
-        log.warning("No price for an estimate (%s); going on without one", lookup_failure)
     refuse_over_budget(estimate, max_cost_usd, rows_to_pay=1, lookup_failure=lookup_failure)
     return estimate
 
@@ -196,8 +191,8 @@ class CostBudget:
 
     `reserve` is asked right before each paid submit and says no once the row's
     estimate would take the spend over the budget, so the overshoot is bounded by
-    the bills of the rows already in flight exceeding their estimates. Thread-safe:
-    the sync flows call it from worker threads.
+    the bills of the rows already in flight exceeding their estimates. One batch's
+    rows share it in one event loop, so a check and its reservation are one step.
     """
 
     def __init__(self, max_cost_usd: float | None) -> None:
@@ -206,7 +201,6 @@ class CostBudget:
         self.max_cost_usd = max_cost_usd
         self.billed_usd = 0.0
         self.in_flight_usd = 0.0
-        self._lock = threading.Lock()
 
     @property
     def spent_usd(self) -> float:
@@ -214,25 +208,22 @@ class CostBudget:
 
     def reserve(self, estimate_usd: float) -> bool:
         """Count `estimate_usd` as in flight if it still fits the budget; False holds the row."""
-        with self._lock:
-            if (
-                self.max_cost_usd is not None
-                and self.spent_usd + estimate_usd > self.max_cost_usd + BUDGET_TOLERANCE_USD
-            ):
-                return False
-            self.in_flight_usd += estimate_usd
-            return True
+        if (
+            self.max_cost_usd is not None
+            and self.spent_usd + estimate_usd > self.max_cost_usd + BUDGET_TOLERANCE_USD
+        ):
+            return False
+        self.in_flight_usd += estimate_usd
+        return True
 
     def release(self, estimate_usd: float) -> None:
         """The submit provably cost nothing (refused, never sent): forget its estimate."""
-        with self._lock:
-            self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
+        self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
 
     def settle(self, estimate_usd: float, billed_usd: float | None) -> None:
         """The request ended: its bill replaces its estimate (None: count the estimate)."""
-        with self._lock:
-            self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
-            self.billed_usd += estimate_usd if billed_usd is None else billed_usd
+        self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
+        self.billed_usd += estimate_usd if billed_usd is None else billed_usd
 
 
 def daily_spend(
