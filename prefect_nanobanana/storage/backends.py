@@ -142,16 +142,7 @@ class LocalBackend:
             return None
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
-        temp = self.temp_file(key)
-        try:
-            with temp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return self.commit_file(temp, key, content_type)
+        return self.commit_file(self._complete_temp(key, data), key, content_type)
 
     def temp_file(self, key: str) -> Path:
         # Next to the destination, so the final rename stays on one filesystem (atomic).
@@ -183,6 +174,7 @@ class LocalBackend:
             return None
 
     def _complete_temp(self, key: str, data: bytes) -> Path:
+        """A scratch file next to ``key`` holding ``data``, flushed to disk."""
         temp = self.temp_file(key)
         try:
             with temp.open("wb") as handle:

@@ -191,11 +191,13 @@ def claim_alive(owner: ClaimOwner | None, trusted_seconds: float) -> bool:
     """Whether the process that made a claim may still be working on it."""
     if owner is None:
         return False
+    if owner.host == socket.gethostname() and owner.pid == os.getpid():
+        return owner.token in _LIVE_CLAIMS
+    # No claim is worked on longer than `trusted_seconds`, even by a process that runs on.
+    young = (_now() - owner.claimed_at).total_seconds() < trusted_seconds
     if owner.host == socket.gethostname():
-        if owner.pid == os.getpid():
-            return owner.token in _LIVE_CLAIMS
-        return _pid_runs(owner.pid)
-    return (_now() - owner.claimed_at).total_seconds() < trusted_seconds
+        return young and _pid_runs(owner.pid)
+    return young
 
 
 def _same_run(owner: ClaimOwner | None, me: ClaimOwner) -> bool:
@@ -278,6 +280,9 @@ def _hook_sigterm() -> None:
 
 
 atexit.register(_flush_pending)
+# Now, while imported in the main thread: sync tasks run the guard on Prefect's loop
+# thread, where no signal handler can be set.
+_hook_sigterm()
 
 
 async def _record(store: RecordStore, entry: LedgerEntry, version: str) -> str | None:
@@ -392,10 +397,12 @@ def submit_once_blocking(
     edit: NanoBananaEditInput,
     *,
     facts: Mapping[str, Any] | None = None,
+    known: VersionedEntry | object | None = Unread,
 ) -> SubmittedRequest:
     """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
     sending with a blocking client."""
-    return asyncio.run(submit_once(job_key, store, client, edit, facts=facts))  # type: ignore[arg-type]
+    claiming = submit_once(job_key, store, client, edit, facts=facts, known=known)  # type: ignore[arg-type]
+    return asyncio.run(claiming)
 
 
 async def _claim(
