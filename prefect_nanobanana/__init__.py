@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     **{name: f".blocks{module}" for name, module in _BLOCK_EXPORTS.items()},
     **dict.fromkeys(
         [
+            "BatchDryRun",
             "BatchEditResult",
             "BatchFailedError",
             "BatchJob",

@@ -48,6 +48,9 @@ PAYLOAD_KEYS = (
     "error",
 )
 
+# A batch row that `max_cost_usd` held back: no request exists, so the resource is the job.
+EVENT_ROW_OVER_BUDGET = "nanobanana.row.over_budget"
+
 # The final status of a request -> the event that announces it.
 EVENT_FOR_STATUS = {
     "completed": EVENT_COMPLETED,
@@ -179,6 +182,25 @@ def emit_request_event(
     `flow_run_id` is for callers outside the run's context (an on_cancellation
     hook in the runner's process); inside a run it is found from the context.
     """
+    _emit(event, request_resource(request_id), request_id, payload, flow_run_id)
+
+
+def emit_over_budget_event(job_key: str, payload: dict[str, Any]) -> None:
+    """Emit `EVENT_ROW_OVER_BUDGET` about the job `job_key` (a row with no request)."""
+    resource = {
+        "prefect.resource.id": f"nanobanana.job.{job_key}",
+        "prefect.resource.name": job_key,
+    }
+    _emit(EVENT_ROW_OVER_BUDGET, resource, job_key, payload, None)
+
+
+def _emit(
+    event: str,
+    resource: dict[str, str],
+    about: str,
+    payload: dict[str, Any] | None,
+    flow_run_id: UUID | None,
+) -> None:
     flow_run_id = flow_run_id or current_flow_run_id()
     related = (
         [
@@ -191,14 +213,9 @@ def emit_request_event(
         else None
     )
     try:
-        emit_event(
-            event,
-            resource=request_resource(request_id),
-            related=related,
-            payload=payload or {},
-        )
+        emit_event(event, resource=resource, related=related, payload=payload or {})
     except Exception:
-        logger.warning("Could not emit %s for request %s", event, request_id, exc_info=True)
+        logger.warning("Could not emit %s about %s", event, about, exc_info=True)
 
 
 def describe_url(url: str) -> str:

@@ -7,13 +7,14 @@ them. Exit codes are distinct per failure kind so scripts can branch on them
 
 - `__init__.py`: the parser and `main` (the `nanobanana` script);
 - `requests.py`: `submit`, `status`, `cancel`, `result`;
-- `edit.py`: `edit`; `batch.py`: `batch`; `demo.py`: `demo`; `emulator` is the
+- `edit.py`: `edit`; `batch.py`: `batch`; `spend.py`: `spend`; `demo.py`: `demo`; `emulator` is the
   offline room's own command line (`prefect_nanobanana.emulator.__main__`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import sys
 import traceback
@@ -32,6 +33,7 @@ from .exit_codes import (
     EXIT_NOT_SAVED,
     EXIT_OK,
     EXIT_OUTCOME_UNKNOWN,
+    EXIT_OVER_BUDGET,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     FailureContext,
@@ -48,6 +50,7 @@ __all__ = [
     "EXIT_NOT_SAVED",
     "EXIT_OK",
     "EXIT_OUTCOME_UNKNOWN",
+    "EXIT_OVER_BUDGET",
     "EXIT_TIMEOUT",
     "EXIT_UNREACHABLE",
     "build_parser",
@@ -69,6 +72,23 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", default="1K", choices=get_args(Resolution))
     parser.add_argument("--output-format", default="png", choices=get_args(OutputFormat))
     parser.add_argument("--num-images", type=int, default=1, choices=range(1, 5))
+
+
+def _add_max_cost_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="Budget: refuse before paying when the estimate is over it (or the price is "
+        "unknown), and submit no row past it.",
+    )
+
+
+def _date(text: str) -> datetime.date:
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--job-key",
         help="Name the job: the same key again adopts its request instead of paying twice.",
     )
+    _add_max_cost_option(edit)
     add_connection_options(edit)
     edit.set_defaults(handler="edit:run_edit_command")
 
@@ -137,7 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="A saved RunComfyCredentials block (default: 'default' if saved, else "
         "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL).",
     )
+    _add_max_cost_option(batch)
+    batch.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Validate every row and print the rows to pay and the estimate; submit nothing.",
+    )
     batch.set_defaults(handler="batch:run_batch_command")
+
+    spend = verbs.add_parser(
+        "spend",
+        parents=[common],
+        help="Sum the billed cost by day from an archive's ledger (the bill check).",
+    )
+    spend.add_argument("--archive", required=True, metavar="URI")
+    spend.add_argument(
+        "--since", type=_date, metavar="YYYY-MM-DD", help="Only days from this one on (UTC)."
+    )
+    spend.add_argument("--json", action="store_true", help="Print JSON for scripts.")
+    spend.set_defaults(handler="spend:run_spend_command")
 
     submit = verbs.add_parser(
         "submit", parents=[common], help="Submit one edit and print its request id."

@@ -14,9 +14,41 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK
+from ..client.pricing import format_usd
+from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK, EXIT_OVER_BUDGET
 from .preflight import preflight_batch
+
+if TYPE_CHECKING:
+    from ..flows.batch import BatchDryRun
+
+
+def print_dry_run(plan: BatchDryRun) -> int:
+    """The rows to pay, the rows already done and the estimate; EXIT_BAD_INPUT if rows are
+    invalid (a real run would fail them)."""
+    for row in plan.rows:
+        if row.action == "invalid":
+            print(f"row {row.row}: invalid: {row.error}")
+    print(
+        f"Dry run, nothing submitted: {plan.rows_to_pay} rows to pay, {plan.rows_done} already "
+        f"done (archived), {plan.rows_adopted} submitted earlier (adopted, nothing to pay), "
+        f"{plan.rows_invalid} invalid"
+    )
+    if plan.estimated_cost is None:
+        print("Estimated cost: unknown (the price lookup failed)")
+    else:
+        by_resolution = ", ".join(
+            f"{resolution} {format_usd(usd)}"
+            for resolution, usd in plan.estimated_by_resolution.items()
+        )
+        print(
+            f"Estimated cost: {format_usd(plan.estimated_cost)} (an estimate from the listed "
+            f"{format_usd(plan.base_price_usd or 0.0)} per image"
+            + (f"; {by_resolution}" if by_resolution else "")
+            + "; the bill may differ)"
+        )
+    return EXIT_BAD_INPUT if plan.rows_invalid else EXIT_OK
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
@@ -43,7 +75,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         print(f"--allow-partial: running the other {checked.rows - bad} rows.", file=sys.stderr)
     # Prefect gives its temporary server 20 s to start; a busy machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    from ..flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
+    from ..flows.batch import ROW_PROGRESS, BatchDryRun, BatchFailedError, batch_edit
     from ..observe import short_error
 
     def show(done: int, total: int) -> None:
@@ -66,30 +98,38 @@ def run_batch_command(args: argparse.Namespace) -> int:
                 max_concurrency=args.max_concurrency,
                 allow_partial=args.allow_partial,
                 credentials=args.credentials,
+                max_cost_usd=args.max_cost,
+                dry_run=args.dry_run,
             )
         )
         code = EXIT_OK
     except BatchFailedError as error:
         if error.result is None:
             raise
-        result, code = error.result, EXIT_JOB_FAILED
+        result = error.result
+        code = EXIT_JOB_FAILED if result.failed else EXIT_OVER_BUDGET
     finally:
         ROW_PROGRESS.reset(token)
+    if isinstance(result, BatchDryRun):
+        return print_dry_run(result)
     print(
-        f"{'row':>4}  {'id':<16}  {'status':<8}  {'request_id':<36}  {'cost':>6}  outputs / error"
+        f"{'row':>4}  {'id':<16}  {'status':<11}  {'request_id':<36}  {'cost':>6}  outputs / error"
     )
     for row in result.rows:
         # Every output of the row; an error on one line (the full text is in the manifest).
         detail = ", ".join(row.output_locations) or (short_error(row.error) or "")
         cost = f"{row.cost:.2f}" if row.cost is not None else "-"
         print(
-            f"{row.row:>4}  {row.id or '-':<16}  {row.status:<8}  {row.request_id or '-':<36}  "
+            f"{row.row:>4}  {row.id or '-':<16}  {row.status:<11}  {row.request_id or '-':<36}  "
             f"{cost:>6}  {detail}"
         )
+    estimated = (
+        "" if result.estimated_cost is None else f" (estimated {format_usd(result.estimated_cost)})"
+    )
     print(
         f"{result.archived} archived, {result.skipped} skipped, {result.adopted} adopted "
-        f"(another run's request), {result.failed} failed; total cost "
-        f"${result.total_cost:.2f} (${result.paid_cost:.2f} paid by this run); "
-        f"results manifest {result.results_manifest}"
+        f"(another run's request), {result.failed} failed, {result.over_budget} over budget; "
+        f"total billed {format_usd(result.total_cost)} ({format_usd(result.paid_cost)} paid by "
+        f"this run){estimated}; results manifest {result.results_manifest}"
     )
     return code

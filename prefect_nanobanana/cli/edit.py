@@ -17,7 +17,8 @@ import time
 from typing import Any
 from uuid import uuid4
 
-from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
+from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
+from ..client.pricing import estimate_edit, format_usd
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
 from .connection import client_for
 from .exit_codes import EXIT_OK
@@ -70,6 +71,23 @@ def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) 
         )
 
 
+def _refuse_over_budget(
+    client: RunComfyClient, edit: NanoBananaEditInput, max_cost_usd: float, display: _StatusDisplay
+) -> None:
+    """`--max-cost`: the listed price, and `BudgetExceededError` before anything is paid."""
+    info, failure = None, None
+    try:
+        info = client.model_info()
+    except RunComfyError as error:
+        failure = f"the price lookup failed: {error}"
+    estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
+    if estimate is not None:
+        display.say(
+            f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
+            f"price; budget {format_usd(max_cost_usd)})"
+        )
+
+
 def run_edit_command(args: argparse.Namespace) -> int:
     """Stage, submit through the guard, wait with a live line, archive with metadata.json.
 
@@ -97,8 +115,11 @@ def run_edit_command(args: argparse.Namespace) -> int:
         "output_format": args.output_format,
         "num_images": args.num_images,
     }
-    NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
+    checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
+    with RunComfyClient(base_url=args.base_url) as client:
+        if args.max_cost is not None:
+            _refuse_over_budget(client, checked, args.max_cost, display)
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     edit = NanoBananaEditInput(

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..client import errors
+from ..client.pricing import BudgetExceededError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -37,6 +38,7 @@ EXIT_JOB_FAILED = 6
 EXIT_OUTCOME_UNKNOWN = 7
 EXIT_UNREACHABLE = 8
 EXIT_NOT_SAVED = 9
+EXIT_OVER_BUDGET = 10
 EXIT_INTERRUPTED = 130
 
 OFFLINE_HINT = 'For offline work, start the emulator: eval "$(nanobanana emulator --print-env)".'
@@ -109,6 +111,11 @@ _FAILURES: list[tuple[tuple[type[BaseException], ...], int, Hint]] = [
         (errors.JobFailedError, errors.JobCancelledError),
         EXIT_JOB_FAILED,
         "Check the prompt and that every input URL is publicly fetchable.",
+    ),
+    (
+        (BudgetExceededError,),
+        EXIT_OVER_BUDGET,
+        "Raise --max-cost or run fewer rows; `nanobanana batch ... --dry-run` shows the estimate.",
     ),
     (
         (errors.SubmitOutcomeUnknownError,),

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         [
             "CancelResult",
+            "ModelInfo",
             "NanoBananaEditInput",
             "RequestHandle",
             "RequestResult",
@@ -47,6 +48,9 @@ _EXPORTS: dict[str, str] = {
         ".vocabulary",
     ),
     **dict.fromkeys(["PollingPolicy", "RunDurationEstimator"], ".polling"),
+    **dict.fromkeys(
+        ["BudgetExceededError", "CostBudget", "CostEstimate", "estimate_cost"], ".pricing"
+    ),
     "RetryPolicy": ".retry",
 }
 

@@ -29,6 +29,7 @@ from .errors import (
 )
 from .models import (
     CancelResult,
+    ModelInfo,
     NanoBananaEditInput,
     RequestHandle,
     RequestResult,
@@ -275,6 +276,11 @@ class RunComfyClient(_ClientCore):
     def submit_edit(self, edit: EditInput) -> RequestHandle:
         return self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
+    def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
+        """The model's listed price, for an estimate before a paid submit. A read: retried."""
+        body = self._call(CallKind.READ, "GET", self._submit_path(model_id))
+        return ModelInfo.model_validate({"model_id": model_id, **body})
+
     def status(self, request_id: str) -> RequestStatus:
         body = self._call(
             CallKind.READ, "GET", self._request_path(request_id, "status"), request_id=request_id
@@ -395,6 +401,10 @@ class AsyncRunComfyClient(_ClientCore):
 
     async def submit_edit(self, edit: EditInput) -> RequestHandle:
         return await self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
+
+    async def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
+        body = await self._call(CallKind.READ, "GET", self._submit_path(model_id))
+        return ModelInfo.model_validate({"model_id": model_id, **body})
 
     async def status(self, request_id: str) -> RequestStatus:
         body = await self._call(

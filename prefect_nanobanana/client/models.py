@@ -131,6 +131,19 @@ class RequestResult(_ServerModel):
         return self.status in TERMINAL_STATES
 
 
+class ModelInfo(_ServerModel):
+    """A model's listed price (`GET /v1/models/{model_id}`, observed, not documented).
+
+    The listed base price is what an estimate starts from, not a guaranteed
+    minimum: the billed `cost` of a result is the truth.
+    """
+
+    model_id: str
+    base_price_usd: float | None = None
+    price_unit: str | None = None
+    pricing_note: str | None = None
+
+
 class CancelResult(_ServerModel):
     """A cancel answer: `outcome` says whether the job was still queued."""
 

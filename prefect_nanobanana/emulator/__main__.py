@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import EmulatorConfig
+from .config import DEFAULT_PRICE_PER_IMAGE_USD, EmulatorConfig
 from .faults import FaultPlan
 from .server import EmulatorServer
 
@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--balance", type=float, metavar="USD", help="account balance (default: unlimited)"
     )
     parser.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="RESOLUTION=USD",
+        help="listed price per image of a resolution, e.g. 4K=0.30; repeat for several "
+        "(default: 1K=0.15, 2K=0.15, 4K=0.30)",
+    )
+    parser.add_argument(
+        "--bill-multiplier",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="bill this many times the listed price, e.g. 2.0 (default: %(default)s)",
+    )
+    parser.add_argument(
         "--output-ttl", type=float, metavar="SECONDS", help="results and files expire after this"
     )
     parser.add_argument(
@@ -104,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_prices(specs: Sequence[str]) -> dict[str, float]:
+    """`["4K=0.5"]` over the default listed prices; a ValueError names a bad spec."""
+    prices = dict(DEFAULT_PRICE_PER_IMAGE_USD)
+    for spec in specs:
+        resolution, separator, usd = spec.partition("=")
+        resolution = resolution.strip().upper()
+        if not separator or resolution not in prices:
+            raise ValueError(f"--price {spec!r}: expected RESOLUTION=USD with 1K, 2K or 4K")
+        try:
+            prices[resolution] = float(usd)
+        except ValueError:
+            raise ValueError(f"--price {spec!r}: {usd!r} is not a number") from None
+        if prices[resolution] < 0:
+            raise ValueError(f"--price {spec!r}: a price must not be negative")
+    return prices
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until interrupted (0), or start in the background (--print-env); 2 on bad arguments."""
     parser = build_parser()
@@ -117,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fixed_duration_seconds=args.fixed_duration,
             seed=args.seed,
             balance_usd=args.balance,
+            price_per_image_usd=parse_prices(args.price),
+            bill_multiplier=args.bill_multiplier,
             output_ttl_seconds=args.output_ttl,
             output_min_bytes=args.output_min_bytes,
             auth_errors_as_http_200=args.auth_errors_as_http_200,
@@ -141,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"RunComfy emulator listening on {emulator.base_url}")
             print("# paste into the shell that runs nanobanana (or use --print-env):")
             print(export_lines(env))
+            if config.bill_multiplier != 1.0:
+                print(f"# bills {config.bill_multiplier:g}x the listed prices")
             if config.faults.faults:
                 print(f"# faults: {config.faults.to_spec()}")
             print("Press Ctrl-C to stop.", flush=True)

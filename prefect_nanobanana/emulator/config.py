@@ -38,6 +38,9 @@ class EmulatorConfig:
     price_per_image_usd: Mapping[str, float] = field(
         default_factory=lambda: dict(DEFAULT_PRICE_PER_IMAGE_USD)
     )
+    # The listed price is no guaranteed minimum: a bill above it (2.0 bills twice
+    # the listed price) lets tests check that a budget counts billed cost, not list.
+    bill_multiplier: float = 1.0
     output_ttl_seconds: float | None = None
     output_min_bytes: int = 0
     auth_errors_as_http_200: bool = False
@@ -64,10 +67,13 @@ class EmulatorConfig:
             raise ValueError("max_request_bytes must be at least 1")
         if self.output_min_bytes < 0:
             raise ValueError("output_min_bytes must not be negative")
+        if self.bill_multiplier < 0:
+            raise ValueError("bill_multiplier must not be negative")
         missing = {"1K", "2K", "4K"} - set(self.price_per_image_usd)
         if missing:
             raise ValueError(f"price_per_image_usd lacks {sorted(missing)}")
 
     def cost_usd(self, resolution: str, num_images: int) -> float:
-        """What a request is billed: the per-image price of its resolution times the count."""
-        return round(self.price_per_image_usd[resolution] * num_images, 6)
+        """What a request is billed: the listed per-image price of its resolution times the
+        count, times `bill_multiplier`."""
+        return round(self.price_per_image_usd[resolution] * num_images * self.bill_multiplier, 6)

@@ -5,11 +5,19 @@ Not to be confused with the top-level `flows/` folder of the repository: those a
 the small entry-point scripts deployments point at, which import these.
 """
 
-from .batch import BatchEditResult, BatchFailedError, BatchJob, BatchRowResult, batch_edit
+from .batch import (
+    BatchDryRun,
+    BatchEditResult,
+    BatchFailedError,
+    BatchJob,
+    BatchRowResult,
+    batch_edit,
+)
 from .edit import EditImageResult, edit_image
 from .pipeline import EditAndArchiveResult, edit_and_archive
 
 __all__ = [
+    "BatchDryRun",
     "BatchEditResult",
     "BatchFailedError",
     "BatchJob",

@@ -31,6 +31,7 @@ from ..client import (
     RunComfyError,
     WaitTimeoutError,
 )
+from ..client.pricing import estimate_edit, format_usd
 from ..tasks import (
     RequestOutcome,
     SubmittedRequest,
@@ -50,6 +51,9 @@ class EditImageResult(BaseModel):
     statuses: list[str] = Field(description="The statuses seen while waiting, in order.")
     output_urls: list[str] = Field(description="The edited images (data URIs in sync mode).")
     cost: float | None = Field(default=None, description="The cost RunComfy reported.")
+    estimated_cost: float | None = Field(
+        default=None, description="An estimate from the listed price (with max_cost_usd)."
+    )
     submitted_at: datetime | None = Field(default=None, description="When it was submitted.")
     finished_at: datetime | None = Field(default=None, description="When RunComfy finished it.")
     seconds: float | None = Field(
@@ -73,6 +77,29 @@ def remote_seconds(submitted: SubmittedRequest, outcome: RequestOutcome) -> floa
     if started is None or outcome.finished_at is None:
         return None
     return (outcome.finished_at - started) / timedelta(seconds=1)
+
+
+def estimate_within_budget(
+    credentials: RunComfyCredentials, edit: NanoBananaEditInput, max_cost_usd: float | None
+) -> float | None:
+    """With a budget: the listed price, and `BudgetExceededError` before the paid submit when
+    the edit's estimate is over `max_cost_usd` or the price cannot be looked up."""
+    if max_cost_usd is None:
+        return None
+    info, failure = None, None
+    try:
+        with credentials.get_client() as client:
+            info = client.model_info()
+    except RunComfyError as error:
+        failure = f"the price lookup failed: {error}"
+    estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
+    assert estimate is not None  # under a budget, no estimate is a refusal
+    get_run_logger().info(
+        "Cost %s, within the budget max_cost_usd=%s",
+        estimate.describe(),
+        format_usd(max_cost_usd),
+    )
+    return estimate.estimate_usd
 
 
 @contextmanager
@@ -109,6 +136,7 @@ def edit_image(
     sync_mode: bool = False,
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
     timeout_seconds: float = 600,
+    max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditImageResult:
     """Edit images with Google's Nano Banana Pro on the RunComfy Model API.
 
@@ -131,6 +159,9 @@ def edit_image(
             runs with nothing configured.
         timeout_seconds: How long to wait for the edit before giving up (a queued
             request is then cancelled).
+        max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
+            4K double) is over it, or the price cannot be looked up, the flow raises
+            `BudgetExceededError` before paying.
 
     Returns:
         The request id, statuses seen, output URLs, cost and timings.
@@ -145,6 +176,7 @@ def edit_image(
         sync_mode=sync_mode,
     )
     resolved = resolve_credentials(credentials)
+    estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd)
     submitted = submit_edit(edit, resolved)
     with withdrawn_if_abandoned(resolved, submitted.request_id):
         outcome = wait_for_request(
@@ -161,6 +193,7 @@ def edit_image(
         statuses=outcome.statuses,
         output_urls=outcome.output_urls,
         cost=outcome.cost,
+        estimated_cost=estimated_cost,
         submitted_at=submitted.submitted_at or outcome.created_at,
         finished_at=outcome.finished_at,
         seconds=remote_seconds(submitted, outcome),

@@ -27,7 +27,7 @@ from ..client import (
 from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
 from ..tasks.storage import archive_request, stage_images
-from .edit import remote_seconds, withdrawn_if_abandoned
+from .edit import estimate_within_budget, remote_seconds, withdrawn_if_abandoned
 
 
 class EditAndArchiveResult(BaseModel):
@@ -38,6 +38,9 @@ class EditAndArchiveResult(BaseModel):
     metadata_location: str = Field(description="The request's metadata.json.")
     statuses: list[str] = Field(description="The statuses seen while waiting.")
     cost: float | None = Field(default=None, description="The cost RunComfy reported.")
+    estimated_cost: float | None = Field(
+        default=None, description="An estimate from the listed price (with max_cost_usd)."
+    )
     seconds: float | None = Field(default=None, description="Submit to finish, in seconds.")
     resumed: bool = Field(description="True when an earlier attempt of this run submitted it.")
 
@@ -55,6 +58,7 @@ def edit_and_archive(
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
     aws_credentials: str | None = None,
     timeout_seconds: float = 600,
+    max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditAndArchiveResult:
     """Stage images, edit them with Nano Banana Pro, and archive the outputs with metadata.
 
@@ -74,6 +78,9 @@ def edit_and_archive(
         aws_credentials: The name of a prefect-aws `AwsCredentials` block for S3;
             None uses boto3's standard chain and AWS_ENDPOINT_URL.
         timeout_seconds: How long to wait for the edit (a queued request is then cancelled).
+        max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
+            4K double) is over it, or the price cannot be looked up, the flow raises
+            `BudgetExceededError` before staging or paying.
     """
     options = {
         "aspect_ratio": aspect_ratio,
@@ -82,8 +89,9 @@ def edit_and_archive(
         "num_images": num_images,
     }
     # Options and counts are checked before anything is uploaded or paid for.
-    NanoBananaEditInput(prompt=prompt, image_urls=images, **options)
+    checked = NanoBananaEditInput(prompt=prompt, image_urls=images, **options)
     resolved = resolve_credentials(credentials)
+    estimated_cost = estimate_within_budget(resolved, checked, max_cost_usd)
     staged = stage_images(images, staging_uri, aws_credentials)
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
     scope = str(observe.current_flow_run_id())
@@ -140,6 +148,7 @@ def edit_and_archive(
         metadata_location=record.metadata_location,
         statuses=outcome.statuses,
         cost=outcome.cost,
+        estimated_cost=estimated_cost,
         seconds=remote_seconds(submitted, outcome),
         resumed=submitted.resumed,
     )

@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
             "DEFAULT_EXPIRES_IN",
             "MAX_INPUT_BYTES",
             "StagedAsset",
+            "check_assets",
             "check_sources",
             "check_urls",
             "probe_image_url",

@@ -407,6 +407,34 @@ def _check_inline(files: list[_LocalFile]) -> None:
         )
 
 
+def check_assets(
+    sources: Sequence[str | os.PathLike[str]],
+    staging_uri: str | None = None,
+    *,
+    s3_client: Any = None,
+    upload_token: str | None = None,
+) -> int:
+    """Validate sources as `stage_assets` does (the inline caps without a staging
+    location), and that the staging store answers, uploading nothing (a dry run's
+    check); the number of images found. Raises :class:`StagingError`."""
+    planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri)
+    if not planned.local_files or not staging_uri:
+        return len(planned.items)
+    target = _open_target(staging_uri, planned.clients, DEFAULT_EXPIRES_IN, upload_token)
+    try:
+        target.check()
+    except StagingError:
+        raise
+    except StorageError as exc:
+        raise StagingError(str(exc)) from exc
+    except (BotoCoreError, httpx.HTTPError) as exc:
+        raise StagingError(f"staging check failed: {redact_text(str(exc))}") from exc
+    finally:
+        if isinstance(target, _LoopbackTarget):
+            target.close()
+    return len(planned.items)
+
+
 class _S3Clients:
     """One S3 client for the whole call, created only if some source or target needs it."""
 

@@ -72,6 +72,7 @@ from ..client import (
     RunComfyError,
     SubmitOutcomeUnknownError,
 )
+from ..client.pricing import BudgetExceededError
 from ..storage import ClaimOwner, LedgerEntry, VersionedEntry, job_key_for, redact, redact_text
 from .records import RECORD_LABEL_PREFIX, RecordStore, recorded_request_ids
 
@@ -464,8 +465,9 @@ async def _submit_claimed(
             handle = await client.submit_edit(edit)
     except SubmitOutcomeUnknownError:
         raise  # the claim stays "submitting": a rerun must not submit blindly
-    except (RunComfyError, ValueError) as error:
-        # Provably not sent (refused, or stopped before sending): release the claim.
+    except (RunComfyError, ValueError, BudgetExceededError) as error:
+        # Provably not sent (refused, held back by the budget, or stopped before sending):
+        # release the claim.
         released = claim.model_copy(
             update={"status": "failed", "updated_at": _now(), "error": _error_text(error)}
         )

@@ -12,11 +12,12 @@
 """
 
 from .flow import batch_edit
-from .models import BatchEditResult, BatchFailedError, BatchJob, BatchRowResult
+from .models import BatchDryRun, BatchEditResult, BatchFailedError, BatchJob, BatchRowResult
 from .report import ROW_PROGRESS
 
 __all__ = [
     "ROW_PROGRESS",
+    "BatchDryRun",
     "BatchEditResult",
     "BatchFailedError",
     "BatchJob",

@@ -33,6 +33,7 @@ from prefect import flow
 from prefect.artifacts import (
     acreate_progress_artifact,
 )
+from prefect.logging import get_run_logger
 from pydantic import Field
 
 from ...blocks.credentials import (
@@ -42,20 +43,38 @@ from ...blocks.credentials import (
 )
 from ...client import (
     AspectRatio,
+    AsyncRunComfyClient,
     OutputFormat,
     Resolution,
+    RunComfyError,
+)
+from ...client.pricing import (
+    CostBudget,
+    CostEstimate,
+    base_price_of,
+    format_usd,
+    refuse_over_budget,
 )
 from ...previews import DEFAULT_PREVIEW_ROWS
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
 )
+from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
 from .chunks import _credentials_parameter, _run_in_chunks
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
-from .models import BatchEditResult, BatchJob, BatchRowResult, _RowPlan
-from .plan import aplan_batch, aread_batch_manifest
+from .models import (
+    BatchDryRun,
+    BatchEditResult,
+    BatchJob,
+    BatchRowResult,
+    PlannedAction,
+    PlannedRow,
+    _RowPlan,
+)
+from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import _Batch, _run_row, _settled_without_api
 
@@ -80,7 +99,10 @@ async def batch_edit(
     chunk_size: Annotated[int, Field(ge=1)] | None = None,
     chunk_deployment: str | None = None,
     preview_rows: Annotated[int, Field(ge=0)] = DEFAULT_PREVIEW_ROWS,
-) -> BatchEditResult:
+    max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
+    dry_run: bool = False,
+    resolution_factors: dict[str, float] | None = None,
+) -> BatchEditResult | BatchDryRun:
     """Run many Nano Banana Pro edits: stage, submit, wait and archive every row.
 
     Args:
@@ -114,6 +136,15 @@ async def batch_edit(
             "flow-name/deployment-name" (e.g. "nano-banana-batch/chunk").
         preview_rows: How many rows the report artifact shows with before/after
             thumbnails (the first ones); every row is in the table artifact.
+        max_cost_usd: A budget in USD. Before any submit, an estimate of the rows to
+            pay over it (or a price lookup that fails) raises `BudgetExceededError`;
+            during the run, a row is submitted only while the billed cost so far plus
+            the estimates in flight plus its own estimate stay within it, and the
+            rows held back end `over_budget`.
+        dry_run: Validate every row and estimate the cost, submit nothing; returns a
+            `BatchDryRun` (rows to pay, rows done, the estimate).
+        resolution_factors: Multipliers of the listed price per resolution for the
+            estimate (default: 4K counts double).
     """
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
@@ -121,7 +152,13 @@ async def batch_edit(
         raise ValueError("give both `chunk_size` and `chunk_deployment`, or neither")
     if jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
-    if chunk_size is not None and chunk_deployment is not None and len(jobs) > chunk_size:
+    chunked = chunk_size is not None and len(jobs) > chunk_size and not dry_run
+    if chunked and max_cost_usd is not None:
+        raise ValueError(
+            "max_cost_usd does not span chunks yet (each child would get the whole budget); "
+            "run without chunk_size, or budget each chunk's run yourself"
+        )
+    if chunked and chunk_size is not None and chunk_deployment is not None:
         options = {
             "archive_uri": archive_uri,
             "staging_uri": staging_uri,
@@ -152,15 +189,17 @@ async def batch_edit(
         "output_format": output_format,
         "num_images": num_images,
     }
-    plans = await aplan_batch(jobs, defaults, archive_uri, staging_uri, aws_credentials)
-    shared_limit = await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
-
+    plans = await aplan_batch(jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run)
     location, s3_client = resolve_location(archive_uri, aws_credentials)
     resolved = await aresolve_credentials(credentials)
-    progress_id = await acreate_progress_artifact(
-        progress=0.0, description=f"Rows of this batch finished, of {len(plans)}."
-    )
     async with resolved.get_async_client() as client:
+        estimate = await _estimate_before_paying(client, plans, max_cost_usd, resolution_factors)
+        if dry_run:
+            return _dry_run_of(plans, estimate)
+        shared_limit = await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
+        progress_id = await acreate_progress_artifact(
+            progress=0.0, description=f"Rows of this batch finished, of {len(plans)}."
+        )
         batch = _Batch(
             client=client,
             ledger=Ledger(location, s3_client=s3_client),
@@ -168,6 +207,7 @@ async def batch_edit(
             aws_credentials=aws_credentials,
             max_concurrency=min(max_concurrency, shared_limit),
             timeout_seconds=timeout_seconds,
+            budget=CostBudget(max_cost_usd),
         )
 
         progress = BatchProgress(len(plans), progress_id)
@@ -197,4 +237,86 @@ async def batch_edit(
         aws_credentials,
         archive_uri,
         preview_rows,
+        estimated_cost=estimate.estimate_usd if estimate else None,
     )
+
+
+async def _estimate_before_paying(
+    client: AsyncRunComfyClient,
+    plans: list[_RowPlan],
+    max_cost_usd: float | None,
+    resolution_factors: dict[str, float] | None,
+) -> CostEstimate | None:
+    """Look up the price and estimate the rows to pay; refuse, before any submit, when the
+    estimate is over `max_cost_usd` or the price is unknown under a budget."""
+    logger = get_run_logger()
+    rows_to_pay = sum(plan.needs_paid_submit for plan in plans)
+    base_price, failure = None, None
+    try:
+        base_price = base_price_of(await client.model_info())
+    except (RunComfyError, ValueError) as error:
+        failure = f"the price lookup failed: {error}"
+    estimate = estimate_rows(plans, base_price, resolution_factors)
+    refuse_over_budget(estimate, max_cost_usd, rows_to_pay=rows_to_pay, lookup_failure=failure)
+    if estimate is None:
+        logger.warning("No cost estimate (%s); going on without one (no max_cost_usd)", failure)
+    else:
+        logger.info(
+            "Cost %s (listed %s per image)%s",
+            estimate.describe(),
+            format_usd(estimate.base_price_usd),
+            "" if max_cost_usd is None else f"; budget max_cost_usd={format_usd(max_cost_usd)}",
+        )
+    return estimate
+
+
+def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDryRun:
+    """What a run would do with each row, and what the rows to pay are estimated to cost."""
+    rows = []
+    for plan in plans:
+        entry = plan.entry
+        if plan.error:
+            action: PlannedAction = "invalid"
+        elif plan.needs_paid_submit:
+            action = "pay"
+        elif entry is not None and entry.status == "archived":
+            action = "skip"
+        elif (
+            entry is not None
+            and entry.status == "submitting"
+            and not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS)
+        ):
+            action = "invalid"
+            plan.error = "an earlier run stopped while submitting this row (outcome unknown)"
+        else:  # a request id, or another run submitting it right now
+            action = "adopt"
+        rows.append(
+            PlannedRow(
+                row=plan.row,
+                id=plan.job.id,
+                action=action,
+                request_id=entry.request_id if entry is not None else None,
+                estimated_cost=plan.estimated_cost,
+                error=plan.error,
+            )
+        )
+    dry_run = BatchDryRun(
+        rows=rows,
+        rows_to_pay=sum(row.action == "pay" for row in rows),
+        rows_done=sum(row.action == "skip" for row in rows),
+        rows_adopted=sum(row.action == "adopt" for row in rows),
+        rows_invalid=sum(row.action == "invalid" for row in rows),
+        base_price_usd=estimate.base_price_usd if estimate else None,
+        estimated_cost=estimate.estimate_usd if estimate else None,
+        estimated_by_resolution=dict(estimate.by_resolution) if estimate else {},
+    )
+    get_run_logger().info(
+        "Dry run, nothing submitted: %d rows to pay, %d done earlier, %d adopted, %d invalid; "
+        "estimated cost %s",
+        dry_run.rows_to_pay,
+        dry_run.rows_done,
+        dry_run.rows_adopted,
+        dry_run.rows_invalid,
+        "unknown" if dry_run.estimated_cost is None else format_usd(dry_run.estimated_cost),
+    )
+    return dry_run

@@ -18,7 +18,10 @@ from ...storage import (
 
 # adopted: another run submitted (and paid for) the row's request while this one ran;
 # this run waited on it and reports its outputs (archived once, by whichever got there).
-RowStatus = Literal["archived", "skipped", "adopted", "failed"]
+# over_budget: `max_cost_usd` held the row back before its paid submit; nothing was paid.
+RowStatus = Literal["archived", "skipped", "adopted", "failed", "over_budget"]
+# What a dry run says it would do with a row.
+PlannedAction = Literal["pay", "adopt", "skip", "invalid"]
 
 
 class BatchJob(BaseModel):
@@ -43,11 +46,17 @@ class BatchRowResult(BaseModel):
     status: RowStatus
     request_id: str | None = None
     prompt: str
+    resolution: str | None = None
     sources: list[str] = Field(default_factory=list, description="Inputs, signatures removed.")
     output_locations: list[str] = Field(default_factory=list)
     metadata_location: str | None = None
     cost: float | None = Field(
         default=None, description="What RunComfy billed for the row, whichever run paid it."
+    )
+    estimated_cost: float | None = Field(
+        default=None,
+        description="An estimate from the listed price, for a row this run had to pay for; "
+        "not a bill.",
     )
     seconds: float | None = None
     error: str | None = None
@@ -67,14 +76,50 @@ class BatchEditResult(BaseModel):
     total_cost: float = Field(description="What the batch's rows cost, whichever run paid.")
     adopted: int = Field(default=0, description="Rows another run submitted meanwhile.")
     paid_cost: float = Field(default=0.0, description="What this run itself paid for.")
+    over_budget: int = Field(default=0, description="Rows `max_cost_usd` held back, unpaid.")
+    estimated_cost: float | None = Field(
+        default=None,
+        description="The estimate, before the run, of the rows it had to pay for (None when "
+        "the price could not be looked up).",
+    )
 
     @property
     def output_locations(self) -> list[str]:
         return [location for row in self.rows for location in row.output_locations]
 
 
+class PlannedRow(BaseModel):
+    """What a dry run found for one row."""
+
+    row: int
+    id: str | None = None
+    action: PlannedAction = Field(
+        description="pay: needs a paid submit; adopt: waits on a request submitted earlier; "
+        "skip: archived earlier; invalid: would fail before any submit."
+    )
+    request_id: str | None = None
+    estimated_cost: float | None = Field(default=None, description="An estimate, not a bill.")
+    error: str | None = None
+
+
+class BatchDryRun(BaseModel):
+    """What `batch_edit(dry_run=True)` found: nothing was submitted."""
+
+    rows: list[PlannedRow]
+    rows_to_pay: int
+    rows_done: int = Field(description="Rows archived earlier: skipped, nothing to pay.")
+    rows_adopted: int = Field(description="Rows whose request was submitted earlier.")
+    rows_invalid: int
+    base_price_usd: float | None = Field(description="The listed price per image; None: unknown.")
+    estimated_cost: float | None = Field(
+        description="The estimate of the rows to pay (None when the price is unknown)."
+    )
+    estimated_by_resolution: dict[str, float] = Field(default_factory=dict)
+
+
 class BatchFailedError(RuntimeError):
-    """Some rows failed (and `allow_partial` was off); `result` has every row."""
+    """Some rows failed or were held back by the budget (and `allow_partial` was off);
+    `result` has every row."""
 
     def __init__(self, message: str, result: BatchEditResult | None = None) -> None:
         super().__init__(message)
@@ -102,6 +147,12 @@ class _RowPlan(BaseModel):
     # What the ledger and metadata.json say the inputs were (`StagedAsset.provenance`).
     sources: list[str] = Field(default_factory=list)
     error: str | None = None
+    estimated_cost: float | None = None
+
+    @property
+    def needs_paid_submit(self) -> bool:
+        """Valid, and neither archived nor owning a request from an earlier run."""
+        return self.error is None and (self.entry is None or self.entry.status == "failed")
 
     @property
     def label(self) -> str:
@@ -119,6 +170,7 @@ class _RowPlan(BaseModel):
             id=self.job.id,
             status=status,
             prompt=self.job.prompt,
+            resolution=self.options.get("resolution"),
             sources=[strip_signature(source) for source in self.job.images],
             **facts,
         )

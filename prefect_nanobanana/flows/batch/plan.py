@@ -13,10 +13,12 @@ from pydantic import ValidationError
 from ...client import (
     NanoBananaEditInput,
 )
+from ...client.pricing import CostEstimate, estimate_cost, row_estimate_usd
 from ...storage import (
     Ledger,
     StagingError,
     StorageError,
+    check_assets,
     check_sources,
     job_key_for,
     probe_image_url,
@@ -54,14 +56,15 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
 
 
 def _stage_rows(
-    plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None
+    plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None, dry_run: bool
 ) -> None:
     """Stage the images of rows that still need a submit; a bad image fails only its row.
 
     An http(s) input is asked for its first bytes (once per URL) before its row is
     submitted, since the API fetches it only after billing. Without a staging
     location local images are only checked here (inline caps included); the row
-    encodes them right before its submit.
+    encodes them right before its submit. A dry run checks the same (sources,
+    staging store) and uploads nothing.
     """
     location, s3_client = resolve_location(staging_uri, aws_credentials)
     probed: dict[str, str | None] = {}
@@ -70,6 +73,9 @@ def _stage_rows(
         if plan.error or (plan.entry and plan.entry.status != "failed"):
             continue
         try:
+            if dry_run:
+                check_assets(plan.job.images, location, s3_client=s3_client)
+                continue
             if location is None and _has_local_images(plan.job.images):
                 # Checked now (URLs probed too), encoded at submit; the count is checked then.
                 check_sources(plan.job.images, s3_client=s3_client)
@@ -100,6 +106,29 @@ def inline_images(plan: _RowPlan) -> None:
     plan.sources = [asset.provenance for asset in staged]
 
 
+def estimate_rows(
+    plans: list[_RowPlan],
+    base_price_usd: float | None,
+    resolution_factors: dict[str, float] | None,
+) -> CostEstimate | None:
+    """Give each row that still needs a paid submit its estimate; their sum (None: no price)."""
+    if base_price_usd is None:
+        return None
+    to_pay = [plan for plan in plans if plan.needs_paid_submit]
+    for plan in to_pay:
+        plan.estimated_cost = row_estimate_usd(
+            base_price_usd,
+            resolution=plan.options["resolution"],
+            num_images=plan.options["num_images"],
+            resolution_factors=resolution_factors,
+        )
+    return estimate_cost(
+        base_price_usd,
+        [(plan.options["resolution"], plan.options["num_images"]) for plan in to_pay],
+        resolution_factors=resolution_factors,
+    )
+
+
 @task(name="plan-batch", **SIGNED_RESULT_OPTIONS)
 async def aplan_batch(
     jobs: list[BatchJob],
@@ -107,13 +136,14 @@ async def aplan_batch(
     archive_uri: str,
     staging_uri: str | None,
     aws_credentials: str | None,
+    dry_run: bool = False,
 ) -> list[_RowPlan]:
     """Validate rows, find what earlier runs did, stage the inputs still needed."""
     location, s3_client = resolve_location(archive_uri, aws_credentials)
     ledger = Ledger(location, s3_client=s3_client)
     await to_thread.run_sync(ledger.check)
     plans = await to_thread.run_sync(_plan_rows, jobs, defaults, ledger)
-    await to_thread.run_sync(_stage_rows, plans, staging_uri, aws_credentials)
+    await to_thread.run_sync(_stage_rows, plans, staging_uri, aws_credentials, dry_run)
     return plans
 
 

@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 
 from ... import observe
+from ...client.pricing import format_usd, spend_by_resolution
 from ...previews import DEFAULT_PREVIEW_ROWS, ShownRow, preview_markdown
 from ...storage import (
     write_results_manifest,
@@ -66,7 +67,9 @@ def _report_markdown(
         f"{sum(r.status == 'archived' for r in rows)} archived, "
         f"{sum(r.status == 'skipped' for r in rows)} skipped (done earlier), "
         f"{sum(r.status == 'adopted' for r in rows)} adopted (another run's request), "
-        f"{sum(r.status == 'failed' for r in rows)} failed; total cost ${total_cost:.2f}."
+        f"{sum(r.status == 'failed' for r in rows)} failed, "
+        f"{sum(r.status == 'over_budget' for r in rows)} held back by the budget; "
+        f"total billed {format_usd(total_cost)}."
     )
     return preview_markdown(
         "Nano Banana batch",
@@ -88,12 +91,48 @@ def _table_rows(rows: list[BatchRowResult]) -> list[dict[str, Any]]:
             "adopted_from": row.adopted_from,
             "seconds": row.seconds,
             "cost": row.cost,
+            "estimated_cost": row.estimated_cost,
             "outputs": "\n".join(row.output_locations),
             "metadata": row.metadata_location,
             "error": observe.short_error(row.error),
         }
         for row in rows
     ]
+
+
+def cost_summary_markdown(rows: list[BatchRowResult]) -> str:
+    """The run's money: estimated beside billed, by resolution, for the rows it paid for."""
+    paid = [row for row in rows if row.estimated_cost is not None and row.status != "over_budget"]
+    lines = spend_by_resolution(
+        (row.resolution or "?", row.estimated_cost, row.cost) for row in paid
+    )
+    table = [
+        "# Nano Banana batch: cost",
+        "",
+        "Estimates come from the listed price (no guaranteed minimum); bills from RunComfy.",
+        "",
+        "| resolution | rows paid | estimated | billed |",
+        "| --- | --- | --- | --- |",
+    ]
+    for line in lines:
+        table.append(
+            f"| {line.resolution} | {line.rows} | {format_usd(line.estimated_usd)} (estimate) "
+            f"| {format_usd(line.billed_usd)} |"
+        )
+    table.append(
+        f"| all | {sum(line.rows for line in lines)} "
+        f"| {format_usd(sum(line.estimated_usd for line in lines))} (estimate) "
+        f"| {format_usd(sum(line.billed_usd for line in lines))} |"
+    )
+    held = [row for row in rows if row.status == "over_budget"]
+    earlier = sum(row.cost or 0.0 for row in rows if row.status == "skipped")
+    table += [
+        "",
+        f"Held back by the budget, unpaid: {len(held)} rows "
+        f"(estimated {format_usd(sum(row.estimated_cost or 0.0 for row in held))}).",
+        f"Billed in earlier runs for the rows archived then (skipped now): {format_usd(earlier)}.",
+    ]
+    return "\n".join(table)
 
 
 async def _finish_batch(
@@ -103,8 +142,10 @@ async def _finish_batch(
     aws_credentials: str | None,
     archive_uri: str,
     preview_rows: int = DEFAULT_PREVIEW_ROWS,
+    estimated_cost: float | None = None,
 ) -> BatchEditResult:
-    """Write the results manifest and artifacts; raise when rows failed, unless allowed."""
+    """Write the results manifest and artifacts; raise when rows failed or were held back by
+    the budget, unless allowed."""
     results_target, results_s3 = resolve_location(results_location, aws_credentials)
     await to_thread.run_sync(
         partial(
@@ -114,9 +155,10 @@ async def _finish_batch(
             s3_client=results_s3,
         )
     )
-    # The batch's cost counts every row with outputs, whichever run paid for it (a
-    # rerun reports the whole batch); `paid_cost` is what this run itself paid.
-    total_cost = round(sum(row.cost or 0.0 for row in rows if row.status != "failed"), 6)
+    # The batch's cost counts every row's bill, whichever run paid for it (a rerun
+    # reports the whole batch; a failed row carries one only when it was billed);
+    # `paid_cost` is what this run itself paid.
+    total_cost = round(sum(row.cost or 0.0 for row in rows), 6)
     result = BatchEditResult(
         rows=rows,
         results_manifest=results_location,
@@ -124,8 +166,12 @@ async def _finish_batch(
         skipped=sum(row.status == "skipped" for row in rows),
         adopted=sum(row.status == "adopted" for row in rows),
         failed=sum(row.status == "failed" for row in rows),
+        over_budget=sum(row.status == "over_budget" for row in rows),
         total_cost=total_cost,
-        paid_cost=round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6),
+        estimated_cost=estimated_cost,
+        paid_cost=round(
+            sum(row.cost or 0.0 for row in rows if row.status in ("archived", "failed")), 6
+        ),
     )
     await acreate_table_artifact(
         key=observe.BATCH_ROWS_KEY,
@@ -139,21 +185,36 @@ async def _finish_batch(
         markdown=report,
         description=f"Before and after of the first {preview_rows} rows, and where they went",
     )
+    await acreate_markdown_artifact(
+        key="nanobanana-batch-cost",
+        markdown=cost_summary_markdown(rows),
+        description="Estimated beside billed cost, by resolution",
+    )
     get_run_logger().info(
-        "Batch done: %d archived, %d skipped, %d adopted, %d failed; total cost $%.2f "
-        "($%.2f paid by this run); results in %s",
+        "Batch done: %d archived, %d skipped, %d adopted, %d failed, %d held back by the "
+        "budget; total billed %s (%s paid by this run; estimated for its rows: %s); results in %s",
         result.archived,
         result.skipped,
         result.adopted,
         result.failed,
-        total_cost,
-        result.paid_cost,
+        result.over_budget,
+        format_usd(total_cost),
+        format_usd(result.paid_cost),
+        "unknown" if estimated_cost is None else format_usd(estimated_cost),
         results_location,
     )
-    if result.failed and not allow_partial:
+    if (result.failed or result.over_budget) and not allow_partial:
+        problems = []
+        if result.failed:
+            problems.append(f"{result.failed} of {len(rows)} rows failed")
+        if result.over_budget:
+            problems.append(
+                f"{result.over_budget} of {len(rows)} rows were held back by the budget "
+                "(max_cost_usd), unpaid"
+            )
         raise BatchFailedError(
-            f"{result.failed} of {len(rows)} rows failed (every success is archived; see "
-            f"{results_location}); rerun to retry them, or pass allow_partial=True",
+            f"{' and '.join(problems)} (every success is archived; see {results_location}); "
+            "rerun to retry them, or pass allow_partial=True",
             result,
         )
     return result

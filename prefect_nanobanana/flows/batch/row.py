@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 from anyio import to_thread
@@ -18,7 +19,10 @@ from ...client import (
     JobCancelledError,
     JobFailedError,
     NanoBananaEditInput,
+    RunComfyError,
+    SubmitOutcomeUnknownError,
 )
+from ...client.pricing import BudgetExceededError, CostBudget
 from ...storage import (
     ArchiveError,
     ArchiveMetadata,
@@ -63,6 +67,7 @@ class _Batch:
         aws_credentials: str | None,
         max_concurrency: int,
         timeout_seconds: float,
+        budget: CostBudget | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -75,6 +80,55 @@ class _Batch:
         self.request_ids: dict[int, str] = {}
         # Rows whose task ran before: a retry reads the ledger afresh, not the plan's copy.
         self.attempted: set[int] = set()
+        self.budget = budget or CostBudget(None)
+        # Row → the estimate counted in flight for it, until its bill replaces it.
+        self.in_flight: dict[int, float] = {}
+        # Row → what its request (submitted by this run) was billed, once known.
+        self.bills: dict[int, float] = {}
+
+    async def check_budget(self, plan: _RowPlan) -> None:
+        """The budget check of a paid submit (the guard calls it right before sending): count
+        the row's estimate in flight, or raise `BudgetExceededError` to hold the row back.
+
+        A retry of the row's task (after a submit the API refused) keeps its first
+        reservation instead of counting the row twice.
+        """
+        if plan.row in self.in_flight:
+            return
+        estimate = plan.estimated_cost or 0.0
+        spent = self.budget.spent_usd
+        if not self.budget.reserve(estimate):
+            assert self.budget.max_cost_usd is not None
+            raise BudgetExceededError(
+                estimate, self.budget.max_cost_usd, rows_to_pay=1, spent_usd=spent
+            )
+        self.in_flight[plan.row] = estimate
+
+    def settle(self, row: int, billed_usd: float | None) -> None:
+        """The row's request ended: its bill (None: unknown, the estimate counts) replaces
+        its estimate in the spend."""
+        if (estimate := self.in_flight.pop(row, None)) is not None:
+            self.budget.settle(estimate, billed_usd)
+            if billed_usd is not None:
+                self.bills[row] = billed_usd
+
+    def release(self, row: int) -> None:
+        """The row's submit provably cost nothing: its estimate leaves the spend."""
+        if (estimate := self.in_flight.pop(row, None)) is not None:
+            self.budget.release(estimate)
+
+    def held_back(self, plan: _RowPlan, refusal: BudgetExceededError) -> BatchRowResult:
+        """The row `max_cost_usd` did not let through: unpaid, and said so everywhere."""
+        observe.emit_over_budget_event(
+            plan.job_key or str(plan.row),
+            {
+                "row": plan.row,
+                "estimated_cost": plan.estimated_cost,
+                "spent": refusal.spent_usd,
+                "max_cost_usd": refusal.max_cost_usd,
+            },
+        )
+        return plan.result("over_budget", estimated_cost=plan.estimated_cost, error=str(refusal))
 
 
 async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
@@ -99,20 +153,29 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
     if plan.inline_at_submit:
         plan.image_urls = []  # megabytes of data URIs: kept only as long as the submit needs them
 
-    submitted = await submit_once(
-        plan.job_key,
-        batch.ledger,
-        batch.client,
-        edit,
-        facts={
-            "row": plan.row,
-            "model_id": NANO_BANANA_EDIT_MODEL_ID,
-            "parameters": plan.options,
-            "sources": plan.sources or plan.image_urls,
-            "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
-        },
-        known=known,
-    )
+    try:
+        submitted = await submit_once(
+            plan.job_key,
+            batch.ledger,
+            batch.client,
+            edit,
+            facts={
+                "row": plan.row,
+                "model_id": NANO_BANANA_EDIT_MODEL_ID,
+                "parameters": plan.options,
+                "sources": plan.sources or plan.image_urls,
+                "estimated_cost": plan.estimated_cost,
+                "flow_run_id": str(batch.flow_run_id) if batch.flow_run_id else None,
+            },
+            before_submit=partial(batch.check_budget, plan),
+            known=known,
+        )
+    except SubmitOutcomeUnknownError:
+        batch.settle(plan.row, None)  # it may have been billed: its estimate counts
+        raise
+    except RunComfyError:
+        batch.release(plan.row)  # refused by the API: not billed
+        raise
     batch.request_ids[plan.row] = submitted.request_id
     if not (submitted.resumed or submitted.adopted):
         get_run_logger().info(
@@ -156,8 +219,13 @@ async def aedit_batch_row(
         raise BatchRowError(plan.error)  # found while planning; nothing was paid
     assert plan.job_key is not None
     log = _RowLog(get_run_logger(), {"label": plan.label})
-    submitted = await _request_of(plan, batch)
+    try:
+        submitted = await _request_of(plan, batch)
+    except BudgetExceededError as refusal:
+        return batch.held_back(plan, refusal)
     request_id = submitted.request_id
+    # Set only for a request this run pays for (an adopted one was paid by another run).
+    estimated_cost = None if submitted.adopted else plan.estimated_cost
     status: RowStatus = "adopted" if submitted.adopted else "archived"
     try:
         result = await batch.client.wait(
@@ -168,6 +236,7 @@ async def aedit_batch_row(
             log=log,
         )
     except (JobFailedError, JobCancelledError) as error:
+        batch.settle(plan.row, 0.0)  # a job that did not complete is not billed
         if not submitted.adopted:
             ended = "cancelled" if isinstance(error, JobCancelledError) else "failed"
             observe.emit_request_event(
@@ -179,6 +248,8 @@ async def aedit_batch_row(
             )
         await mark_failed(batch.ledger, plan.job_key, error)
         raise
+    # Before the lane moves on: its next row's budget check must see this bill.
+    batch.settle(plan.row, result.cost)
     request_ended.set()  # first: the lane's next submit is the batch's critical path
     if not submitted.adopted:
         observe.emit_request_event(
@@ -190,6 +261,7 @@ async def aedit_batch_row(
                 row=plan.row,
                 row_id=plan.job.id,
                 cost=result.cost,
+                estimated_cost=estimated_cost,
                 outputs=len(result.output_urls),
             ),
         )
@@ -203,6 +275,7 @@ async def aedit_batch_row(
                 cost=archived_elsewhere.cost
                 if archived_elsewhere.cost is not None
                 else result.cost,
+                estimated_cost=estimated_cost,
                 adopted_from=submitted.submitted_by if submitted.adopted else None,
             )
         metadata = ArchiveMetadata(
@@ -249,6 +322,7 @@ async def aedit_batch_row(
         output_locations=record.output_locations,
         metadata_location=record.metadata_location,
         cost=result.cost,
+        estimated_cost=estimated_cost,
         adopted_from=submitted.submitted_by if submitted.adopted else None,
     )
 
@@ -280,12 +354,18 @@ async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) 
                 task_run_id=state.state_details.task_run_id,
             )
         # Outputs archived before another one failed are kept: the row lists them.
-        partial = error.partial_record if isinstance(error, ArchiveError) else None
+        kept = error.partial_record if isinstance(error, ArchiveError) else None
+        if request_id is None:
+            batch.release(plan.row)
+        # Still open: the request's end is unknown (it may be billed), so its estimate stays.
+        batch.settle(plan.row, None)
         return plan.result(
             "failed",
             request_id=request_id,
-            output_locations=partial.output_locations if partial else [],
+            output_locations=kept.output_locations if kept else [],
             seconds=round(time.monotonic() - started, 3),
+            cost=batch.bills.get(plan.row),
+            estimated_cost=plan.estimated_cost if plan.row in batch.bills else None,
             error=message,
         )
     finally:
