@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["Ledger", "LedgerEntry", "job_key_for"], ".ledger"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
+    **dict.fromkeys(["RunTimeHistory"], ".run_times"),
 }
 
 __all__ = sorted(_EXPORTS)
