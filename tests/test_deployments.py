@@ -2,10 +2,9 @@
 
 `prefect server start` on loopback (SQLite in a temporary PREFECT_HOME), the
 process work pool made with `prefect work-pool create`, two `prefect worker start`
-processes and `prefect --no-prompt deploy --all` from the repository root. The
-emulator and a loopback staging store run in this process; the workers (and so
-their flow runs) find them through the environment, as a deployment finds the
-real API. Starting all this takes ~15 s, so the module's tests share one stack.
+processes and `prefect --no-prompt deploy --all` from the repository root, as
+tests/fixtures/prefect_stack.py starts them (tests/test_production.py runs the same
+stack on PostgreSQL). Starting all this takes ~15 s, so the module's tests share one stack.
 
 The workers take one flow run at a time (`--limit 1`), so two chunks started
 together must land on both workers: that is how the scale-out test sees them shared.
@@ -13,236 +12,48 @@ together must land on both workers: that is how the scale-out test sees them sha
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
-import httpx
 import pytest
 from PIL import Image
 
 from prefect_nanobanana.emulator import EmulatorConfig, EmulatorServer
-from prefect_nanobanana.storage import LoopbackObjectStore
+from tests.fixtures.prefect_stack import (
+    CHUNK,
+    NIGHTLY,
+    POOL,
+    REPO,
+    SINGLE_EDIT,
+    Stack,
+    archived_metadata,
+    read_deployment,
+    running_stack,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT_FILE = "deployments/prefect.yaml"
-POOL = "nanobanana-process"
 WORKERS = ("worker-a", "worker-b")
-SINGLE_EDIT = "nano-banana-edit-and-archive/single-edit"
-NIGHTLY = "nano-banana-batch/nightly-batch"
-CHUNK = "nano-banana-batch/chunk"
 TOKEN = "deploy-test-token"
 TIME_SCALE = 0.005
-STARTUP_SECONDS = 90
 RUN_SECONDS = 120
-
-
-@dataclass
-class Stack:
-    """A running Prefect server, two workers on the process pool, the emulator and a store."""
-
-    api_url: str
-    emulator: EmulatorServer
-    store: LoopbackObjectStore
-    images: Path
-    archive: Path
-    manifest: Path
-    env: dict[str, str]
-    logs: dict[str, Path] = field(default_factory=dict)
-
-    def log_tail(self, lines: int = 60) -> str:
-        """The end of every process's log: what a failed assertion shows."""
-        parts = []
-        for name, path in self.logs.items():
-            text = path.read_text(errors="replace").splitlines() if path.exists() else []
-            parts.append(f"----- {name} -----\n" + "\n".join(text[-lines:]))
-        return "\n".join(parts)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _prefect(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("prefect")), *args]
-
-
-def _spawn(command: list[str], env: dict[str, str], log: IO[bytes], cwd: Path) -> subprocess.Popen:
-    # A session (so a process group) of its own: teardown kills it with its flow runs.
-    return subprocess.Popen(
-        command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (a worker stops its flow runs), then SIGKILL to what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(5)
-
-
-def _wait_healthy(api_url: str, server: subprocess.Popen, stack: Stack) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"prefect server exited early\n{stack.log_tail()}")
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"prefect server not healthy after {STARTUP_SECONDS} s\n{stack.log_tail()}")
-
-
-def _wait_workers_online(stack: Stack) -> None:
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + STARTUP_SECONDS
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            online = {
-                worker.name
-                for worker in client.read_workers_for_work_pool(POOL)
-                if worker.status == "ONLINE"
-            }
-            if online >= set(WORKERS):
-                return
-            time.sleep(0.2)
-    raise RuntimeError(f"workers not online after {STARTUP_SECONDS} s\n{stack.log_tail()}")
-
-
-def _draw_images(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "a.png")
-    Image.new("RGB", (32, 32), (30, 200, 30)).save(folder / "b.jpg", quality=80)
-    Image.new("RGB", (40, 30), (30, 30, 200)).save(folder / "c.webp")
-    return folder
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Server, pool, two workers and the three deployments, for the whole module."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """Server (SQLite), pool, two workers and the three deployments, for the whole module."""
     root = tmp_path_factory.mktemp("deployments")
-    images = _draw_images(root / "images")
-    manifest = root / "nightly.jsonl"
-    manifest.write_text(
-        "".join(
-            json.dumps({"id": f"night-{i}", "prompt": f"night {i}", "images": [name]}) + "\n"
-            for i, name in enumerate(["images/a.png", "images/b.jpg", "images/c.webp"])
-        )
-    )
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    emulator = EmulatorServer(
-        EmulatorConfig(api_tokens=(TOKEN,), workers=8, time_scale=TIME_SCALE, seed=3)
-    ).start()
-    store = LoopbackObjectStore(root / "store", upload_token="deploy-test-upload").start()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_UI_ENABLED": "false",
-        # No run of the nightly schedule may appear mid-test (the test checks the schedule).
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-        "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
-        # What the flow runs inherit from their worker: the API, and where to stage.
-        "RUNCOMFY_API_TOKEN": TOKEN,
-        "RUNCOMFY_BASE_URL": emulator.base_url,
-        "RUNCOMFY_POLL_TIME_SCALE": str(TIME_SCALE),
-        "NANOBANANA_STAGING_TOKEN": store.upload_token,
-        # Read by `prefect deploy`: the deployments' default parameters.
-        "NANOBANANA_ARCHIVE_URI": str(root / "archive"),
-        "NANOBANANA_STAGING_URI": store.base_url,
-        "NANOBANANA_NIGHTLY_MANIFEST_URI": str(manifest),
-    }
-    stack = Stack(api_url, emulator, store, images, root / "archive", manifest, env)
-    processes: list[subprocess.Popen] = []
-    handles: list[IO[bytes]] = []
-
-    def start(name: str, command: list[str]) -> subprocess.Popen:
-        stack.logs[name] = root / f"{name}.log"
-        handles.append(stack.logs[name].open("wb"))
-        processes.append(_spawn(command, env, handles[-1], cwd=root))
-        return processes[-1]
-
-    try:
-        server = start(
-            "server", _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port))
-        )
-        _wait_healthy(api_url, server, stack)
-        subprocess.run(
-            _prefect("work-pool", "create", POOL, "--type", "process"),
-            env=env,
-            cwd=root,
-            check=True,
-            capture_output=True,
-        )
-        for name in WORKERS:
-            start(name, _prefect("worker", "start", "--pool", POOL, "--name", name, "--limit", "1"))
-        deploy = subprocess.run(
-            _prefect("--no-prompt", "deploy", "--all", "--prefect-file", PREFECT_FILE),
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        with temporary_settings({PREFECT_API_URL: api_url}):
-            _wait_workers_online(stack)
-            try:
-                yield stack
-            finally:
-                # Logs and events of runs made in this process go out before the server stops.
-                APILogWorker.drain_all(timeout=10)
-                EventsWorker.drain_all(timeout=10)
-    finally:
-        for process in reversed(processes):
-            _stop(process)
-        for handle in handles:
-            handle.close()
-        store.stop()
-        emulator.stop()
-
-
-def _deployment(name: str) -> Any:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name(name)
-
-
-def _metadata(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text()) for path in sorted(folder.rglob("metadata.json"))]
+    with (
+        EmulatorServer(
+            EmulatorConfig(api_tokens=(TOKEN,), workers=8, time_scale=TIME_SCALE, seed=3)
+        ) as emulator,
+        running_stack(root, emulator, WORKERS) as stack,
+    ):
+        yield stack
 
 
 def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None:
-    nightly = _deployment(NIGHTLY)
+    nightly = read_deployment(NIGHTLY)
     (schedule,) = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
     assert schedule.active
@@ -255,7 +66,7 @@ def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None
         "chunk_size": 500,
         "chunk_deployment": CHUNK,
     }
-    single = _deployment(SINGLE_EDIT)
+    single = read_deployment(SINGLE_EDIT)
     assert single.schedules == []
     form = single.parameter_openapi_schema
     assert form["required"] == ["prompt", "images"]
@@ -268,7 +79,7 @@ def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None
         "output_format": {"jpeg", "png", "webp"},
     }.items():
         assert choices <= set(form["properties"][name]["enum"]), name
-    chunk = _deployment(CHUNK)
+    chunk = read_deployment(CHUNK)
     assert chunk.work_queue_name == "chunks" and chunk.schedules == []
     for deployment in (nightly, single, chunk):
         assert deployment.work_pool_name == POOL
@@ -299,7 +110,9 @@ async def test_single_edit_deployment_runs_on_a_worker(stack: Stack) -> None:
     assert flow_run.labels["prefect.worker.name"] in WORKERS
     assert stack.emulator.stats.submits_accepted == submits_before + 1
     # Archived under the deployment's default archive_uri, staged through its staging_uri.
-    (metadata,) = [m for m in _metadata(stack.archive) if m["flow_run_id"] == str(flow_run.id)]
+    (metadata,) = [
+        m for m in archived_metadata(stack.archive) if m["flow_run_id"] == str(flow_run.id)
+    ]
     assert metadata["prompt"] == "make it look like a watercolour"
     assert metadata["parameters"]["aspect_ratio"] == "4:3"
     outputs = sorted((stack.archive).rglob(f"{metadata['request_id']}/*.jp*g"))
@@ -318,7 +131,7 @@ async def test_nightly_batch_deployment_runs_its_manifest(stack: Stack) -> None:
     )
     assert flow_run.state and flow_run.state.is_completed(), (flow_run.state, stack.log_tail())
     assert stack.emulator.stats.submits_accepted == submits_before + 3
-    nightly = [m for m in _metadata(stack.archive) if m["flow_run_id"] == str(flow_run.id)]
+    nightly = [m for m in archived_metadata(stack.archive) if m["flow_run_id"] == str(flow_run.id)]
     assert sorted(m["row_id"] for m in nightly) == ["night-0", "night-1", "night-2"]
 
 
@@ -372,7 +185,7 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     assert [row.prompt for row in result.rows] == [job["prompt"] for job in jobs]
     # Every row paid and archived exactly once, over all chunks.
     assert stack.emulator.stats.submits_accepted == submits_before + 10
-    assert len(_metadata(archive)) == 10
+    assert len(archived_metadata(archive)) == 10
     lines = Path(result.results_manifest).read_text().splitlines()
     assert [json.loads(line)["row"] for line in lines] == list(range(1, 11))
 
