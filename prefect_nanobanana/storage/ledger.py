@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -24,6 +25,7 @@ from .errors import LedgerError
 from .locations import LocalLocation, join_key, parse_location, redact, redact_text
 
 LEDGER_PREFIX = "_ledger"
+LOOKUP_PARALLELISM = 16
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 JobStatus = Literal["submitting", "submitted", "archived", "failed"]
@@ -160,6 +162,28 @@ class Ledger:
             raise LedgerError(
                 f"ledger entry {self.location(job_key)} is unreadable: {exc}"
             ) from exc
+
+    def lookup_many(
+        self, job_keys: Sequence[str], parallel: int = LOOKUP_PARALLELISM
+    ) -> dict[str, LedgerEntry | None]:
+        """The entries of many jobs at once: one listing of the ledger, reads of those that exist.
+
+        Planning a batch looked every row up one after another, a round trip each
+        before the first submit. The listing costs one request per 1,000 entries; only
+        the entries it names are read, `parallel` at a time.
+        """
+        wanted = set(job_keys)
+        existing = {
+            name.removesuffix(".json")
+            for key in self.backend.list_keys(LEDGER_PREFIX)
+            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
+        }
+        found: dict[str, LedgerEntry | None] = dict.fromkeys(job_keys)
+        to_read = sorted(wanted & existing)
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(to_read) or 1))) as pool:
+            for job_key, entry in zip(to_read, pool.map(self.lookup, to_read), strict=True):
+                found[job_key] = entry
+        return found
 
     def mark_archived(
         self, job_key: str, metadata_location: str, output_locations: Sequence[str]

@@ -202,6 +202,7 @@ def stage_assets(
     s3_client: Any = None,
     expires_in: int = DEFAULT_EXPIRES_IN,
     upload_token: str | None = None,
+    check_target: bool = True,
 ) -> list[StagedAsset]:
     """Validate every source, then upload local files and return one fetchable URL per image.
 
@@ -209,6 +210,8 @@ def stage_assets(
     or the base URL of a loopback object store (its token from ``upload_token`` or
     ``NANOBANANA_STAGING_TOKEN``); it is needed only when there are local files.
     Raises :class:`StagingError` before any upload if any source is unusable.
+    ``check_target=False`` skips the check that the target is usable (a request on
+    S3) for a caller staging many rows that checked it once already.
     """
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
@@ -223,7 +226,7 @@ def stage_assets(
     if any(isinstance(item, _LocalFile) for item in planned):
         target = _open_target(staging_uri, clients, expires_in, upload_token)
     try:
-        if target is not None:
+        if target is not None and check_target:
             target.check()
         return _execute(planned, target, clients, expires_in)
     except StagingError:
