@@ -404,7 +404,9 @@ async def test_batch_killed_midway_resumes_without_paying_twice(
     # a different limit name keeps this test from waiting for that.
     result = await batch_edit(**{**options, "concurrency_limit_name": "test-batch-kill-rerun"})
     assert emulator.stats.submits_accepted == 10  # one paid request per row, over both runs
-    assert result.failed == 0 and result.archived + result.skipped == 10
+    assert result.failed == 0 and result.archived + result.skipped + result.adopted == 10
+    # The killed run's requests in flight are adopted (waited on, archived), never paid again.
+    assert result.adopted == sum(row.status == "adopted" for row in result.rows) >= 1
     metadata_files = list(archive.rglob("metadata.json"))
     assert len(metadata_files) == 10
     assert "signature=" not in _all_text(archive)

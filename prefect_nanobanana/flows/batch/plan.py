@@ -33,9 +33,11 @@ STAGING_PARALLELISM = 16
 def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -> list[_RowPlan]:
     """Validate every row and look it up in the ledger, before anything is paid.
 
-    The lookups are one listing of the ledger plus reads of the entries that exist
-    (`Ledger.lookup_many`): one round trip per row, one after another, kept a
-    5,000-row batch on S3 waiting minutes for its first submit.
+    What a row's entry says now is a hint (rows archived earlier are skipped); the
+    submit guard decides again, atomically, when the row runs. The lookups are one
+    listing of the ledger plus reads of the entries that exist (`Ledger.read_many`):
+    a round trip per row, one after another, kept a 5,000-row batch on S3 waiting
+    minutes for its first submit.
     """
     plans = []
     for row, job in enumerate(jobs, start=1):
@@ -50,10 +52,11 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
         except (ValidationError, StorageError, ValueError) as error:
             plan.error = f"row {row} is invalid: {redact_text(str(error))}"
         plans.append(plan)
-    entries = ledger.lookup_many([plan.job_key for plan in plans if plan.job_key])
+    found = ledger.read_many([plan.job_key for plan in plans if plan.job_key])
     for plan in plans:
-        if plan.job_key:
-            plan.entry = entries[plan.job_key]
+        versioned = found.get(plan.job_key) if plan.job_key else None
+        if versioned is not None:
+            plan.entry, plan.version = versioned
     return plans
 
 
@@ -63,10 +66,11 @@ def _stage_rows(
     """Stage the images of rows that still need a submit, `STAGING_PARALLELISM` rows at a
     time; a bad image fails only its row."""
     location, s3_client = resolve_location(staging_uri, aws_credentials)
+    # A request id known, or a claim in flight: the guard will not submit such a row.
     pending = [
         plan
         for plan in plans
-        if not plan.error and not (plan.entry and plan.entry.status in ("submitted", "archived"))
+        if not plan.error and not (plan.entry and plan.entry.status != "failed")
     ]
 
     def stage(plan: _RowPlan, check_target: bool) -> None:
