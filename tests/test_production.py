@@ -215,17 +215,44 @@ def _wait_final(flow_run_id: UUID, stack: Stack, seconds: float = BATCH_SECONDS)
     raise AssertionError(f"flow run {flow_run_id} not final after {seconds} s\n{stack.log_tail()}")
 
 
+def _processes_of(worker_pid: int, flow_run_ids: set[str]) -> set[int]:
+    """The worker's descendants, and every process running one of these flow runs.
+
+    A flow run's process may sit in a session of its own, and the pid Prefect
+    records may be a launcher's; its environment names the flow run either way.
+    """
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            parents[int(entry.name)] = int(
+                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            )
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if any(
+                line.decode(errors="replace").partition("=")[2] in flow_run_ids
+                for line in environ
+                if line.startswith(b"PREFECT__FLOW_RUN_ID=")
+            ):
+                found.add(int(entry.name))
+    frontier = {worker_pid}
+    while frontier:
+        children = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= children
+        frontier = children
+    return found - {os.getpid()}
+
+
 def _kill_worker(stack: Stack, name: str, flow_runs: list[Any]) -> None:
     """SIGKILL a worker and its flow runs' processes: its machine died."""
     worker = stack.workers[name]
+    doomed = _processes_of(worker.pid, {str(run.id) for run in flow_runs})
     with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.pid, signal.SIGKILL)
-    for flow_run in flow_runs:
-        pid = int(str(flow_run.infrastructure_pid).rsplit(":", 1)[-1])
+    for pid in doomed:
         with contextlib.suppress(ProcessLookupError):
-            group = os.getpgid(pid)
-            if group != os.getpgrp():
-                os.killpg(group, signal.SIGKILL)
             os.kill(pid, signal.SIGKILL)
     worker.wait(10)
 

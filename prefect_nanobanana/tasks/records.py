@@ -165,6 +165,17 @@ def _from_stored(job_key: str, value: Any) -> LedgerEntry:
     return LedgerEntry.model_validate(value)
 
 
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(key: str) -> threading.Lock:
+    """This process's lock for one record key (one per key: a record and its flow run's
+    labels are locked one inside the other, so keys must not share a lock)."""
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.Lock())
+
+
 class PrefectRecordStore:
     """Records in Prefect's result store, mirrored to the current flow run's labels.
 
@@ -203,18 +214,23 @@ class PrefectRecordStore:
     def _locked(self, key: str) -> Iterator[None]:
         lock_manager = self.result_store.lock_manager
         assert lock_manager is not None
-        acquired = lock_manager.acquire_lock(
-            key,
-            holder=self.holder,
-            acquire_timeout=_LOCK_WAIT_SECONDS,
-            hold_timeout=_LOCK_HOLD_SECONDS,
-        )
-        if not acquired:
-            raise TimeoutError(f"could not lock the submit record {key!r}")
-        try:
-            yield
-        finally:
-            lock_manager.release_lock(key, holder=self.holder)
+        # Threads of this process take turns first: Prefect's file lock manager reads a
+        # lock file another thread may be half-way through writing (ValueError: EOF
+        # while parsing), which 16 concurrent submits of one flow run hit on PostgreSQL
+        # (tests/test_production.py). The file lock still keeps other processes out.
+        with _process_lock(key):
+            acquired = lock_manager.acquire_lock(
+                key,
+                holder=self.holder,
+                acquire_timeout=_LOCK_WAIT_SECONDS,
+                hold_timeout=_LOCK_HOLD_SECONDS,
+            )
+            if not acquired:
+                raise TimeoutError(f"could not lock the submit record {key!r}")
+            try:
+                yield
+            finally:
+                lock_manager.release_lock(key, holder=self.holder)
 
     def _read_labels(self) -> dict[str, Any]:
         if self.flow_run_id is None:
