@@ -1,12 +1,14 @@
 # The two quick-start commands: `make demo` and `make test`. Both build .venv on first use.
+# Another environment: `VENV=.venv-prefect388 CONSTRAINTS=.ci/constraints-prefect-3.8.8.txt make test`.
 VENV ?= .venv
 PYTHON ?= python3
+CONSTRAINTS ?=
 BIN := $(VENV)/bin
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 .PHONY: install demo test lint bench

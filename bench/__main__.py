@@ -13,7 +13,15 @@ import time
 
 from ._common import Verdict
 
-BENCHMARKS = ("polling", "memory", "startup", "batch_overhead", "scale")
+BENCHMARKS = (
+    "polling",
+    "learned_priors",
+    "memory",
+    "startup",
+    "batch_overhead",
+    "scale",
+    "s3_scale",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

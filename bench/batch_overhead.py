@@ -74,7 +74,7 @@ from ._common import Verdict, print_header, table, write_results
 ROWS = 200
 WORKERS = 16
 DURATION = 1.0  # D: every emulated job runs exactly this long (real seconds)
-RUNS = 3
+RUNS = 5
 WARMUP_ROWS = WORKERS  # one unmeasured round of each variant first (imports, connections)
 FLOOR_POLL_INTERVAL = 0.02  # one job polled at a time: 50 requests/s
 BARE_POLL_INTERVAL = 0.05
@@ -539,12 +539,17 @@ def run() -> Verdict:
         )
     )
     client, flow_ratio = medians["client"], medians["flow"]
+    # The flow's goal holds for every run, not only the median: a user sees one run.
+    flow_runs = [run.wall / ideal for run in runs if run.variant == "flow"]
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"flow runs x ideal: {', '.join(f'{ratio:.3f}' for ratio in flow_runs)}; load {load}")
     lost = [run for run in runs if run.ok != ROWS]
-    met = client <= CLIENT_GOAL and flow_ratio <= FLOW_GOAL and not lost
+    met = client <= CLIENT_GOAL and max(flow_runs) <= FLOW_GOAL and not lost
     detail = (
-        f"client {client:.3f} x ideal (goal <= {CLIENT_GOAL}), flow {flow_ratio:.3f} x ideal "
-        f"(goal <= {FLOW_GOAL}); floor {medians['floor']:.3f}, bare 16 in flight "
-        f"{medians['bare']:.3f}" + (f"; {len(lost)} runs lost rows" if lost else "")
+        f"client {client:.3f} x ideal (goal <= {CLIENT_GOAL}), flow {flow_ratio:.3f} x ideal, "
+        f"worst of {len(flow_runs)} {max(flow_runs):.3f} (goal <= {FLOW_GOAL} in every run); "
+        f"floor {medians['floor']:.3f}, bare 16 in flight {medians['bare']:.3f}"
+        + (f"; {len(lost)} runs lost rows" if lost else "")
     )
     verdict = Verdict("batch_overhead", met, detail)
     write_results(
@@ -558,6 +563,8 @@ def run() -> Verdict:
             "bare_poll_interval_seconds": BARE_POLL_INTERVAL,
             "floor_poll_interval_seconds": FLOOR_POLL_INTERVAL,
             "runs_per_variant": RUNS,
+            "flow_runs_x_ideal": flow_runs,
+            "load_average": load,
             "median_x_ideal": medians,
             "goals": {"client": CLIENT_GOAL, "flow": FLOW_GOAL},
             "runs": [asdict(run) for run in runs],

@@ -218,13 +218,14 @@ def simulate_policy(
     policy: PollingPolicy,
     *,
     workers: int = WORKERS,
+    estimator: RunDurationEstimator | None = None,
 ) -> list[Outcome]:
     """Run every job's wait concurrently on one simulated clock, sharing one estimator
-    (one client for the whole group, as a batch flow does)."""
+    (one client for the whole group, as a batch flow does): a new one unless given."""
     spans = fifo_timeline(jobs, workers)
     server = SimServer(jobs, spans)
     clock = SimClock()
-    estimator = RunDurationEstimator()
+    estimator = estimator or RunDurationEstimator()
     outcomes = [Outcome(finished_at=span.finish) for span in spans]
     waits = [
         _policy_wait(

@@ -292,6 +292,34 @@ def test_duration_estimator_learns_a_low_quantile_after_a_few_jobs():
     assert estimator.earliest_run(None, policy) is None
 
 
+def test_duration_estimator_starts_from_run_times_an_earlier_run_saw():
+    policy = PollingPolicy(time_scale=0.5)
+    earlier = RunDurationEstimator()
+    for seconds in (5.0, 5.5, 6.0, 6.5):  # scaled: 10-13 model seconds, reports say 17.5
+        earlier.record("1K", seconds)
+    saved = earlier.recorded(policy.time_scale)
+    assert saved == {"1K": [10.0, 11.0, 12.0, 13.0]}
+
+    fresh = RunDurationEstimator()
+    fresh.seed(saved, policy.time_scale)
+    assert fresh.earliest_run("1K", policy) == earlier.earliest_run("1K", policy)
+    assert fresh.earliest_run("1K", policy) < policy.prior_earliest_run("1K")
+    # What it saw itself is what it saves: seeded samples are never saved twice.
+    assert fresh.recorded() == {}
+    fresh.record("1K", 7.0)
+    assert fresh.recorded(policy.time_scale) == {"1K": [14.0]}
+
+
+def test_seeded_run_times_give_way_to_the_runs_own():
+    estimator = RunDurationEstimator(window=4, min_samples=3)
+    estimator.record("1K", 30.0)
+    estimator.seed({"1K": [1.0, 2.0, 3.0, 4.0]})  # older than what the run saw itself
+    estimator.record("1K", 31.0)
+    estimator.record("1K", 32.0)
+    estimator.record("1K", 33.0)
+    assert estimator.earliest_run("1K", PollingPolicy()) > 25.0
+
+
 async def test_async_client_retries_reads_like_the_sync_one():
     async with AsyncRunComfyClient(
         api_token=TOKEN, base_url=BASE, retry_policy=FAST_RETRIES

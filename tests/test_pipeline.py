@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from prefect_nanobanana.client import NANO_BANANA_EDIT_MODEL_ID
+from prefect_nanobanana.client.polling import RunDurationEstimator
 from prefect_nanobanana.emulator import Fault, FaultPlan
+from prefect_nanobanana.storage import RunTimeHistory
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -235,11 +238,25 @@ async def test_batch_rerun_skips_archived_rows_and_failed_rows_fail_the_flow(
         "staging_uri": loopback_store.base_url,
         "concurrency_limit_name": "test-batch-rerun",
     }
+    # Run times an earlier batch saw (model seconds), kept with the archive.
+    RunTimeHistory(archive).save(NANO_BANANA_EDIT_MODEL_ID, {"1K": [12.0, 13.0, 14.0]})
+    seeded: list[dict[str, list[float]]] = []
+    seed = RunDurationEstimator.seed
+    monkeypatch.setattr(
+        RunDurationEstimator,
+        "seed",
+        lambda self, runs, scale=1.0: (seeded.append(dict(runs)), seed(self, runs, scale)),
+    )
     with pytest.raises(BatchFailedError, match="1 of 4 rows failed"):
         await batch_edit(**options)
+    # The batch's wait schedule started from them; it added what it saw itself.
+    assert seeded == [{"1K": [12.0, 13.0, 14.0]}]
+    saved = RunTimeHistory(archive).load(NANO_BANANA_EDIT_MODEL_ID)["1K"]
+    assert saved[:3] == [12.0, 13.0, 14.0] and all(1 < run < 90 for run in saved)
     again = await batch_edit(**options)  # the failed row is resubmitted; the rest skipped
     assert (again.archived, again.skipped, again.failed) == (1, 3, 0)
     assert emulator.stats.submits_accepted == 5
+    assert seeded[1] == {"1K": saved}
 
 
 async def _task_runs(flow_run_id) -> list:

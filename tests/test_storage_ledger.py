@@ -79,6 +79,45 @@ def test_ledger_round_trip_on_s3(s3_client: Any, s3_bucket: str) -> None:
     assert all(key.startswith("archive/_ledger/") for key in keys) and len(keys) == 2
 
 
+def _many(ledger: Ledger) -> None:
+    keys = [job_key_for(f"row {i}", ["photo.png"], row_id=str(i)) for i in range(5)]
+    ledger.create(_entry(keys[1], "submitted", request_id="req-1"))
+    ledger.create(_entry(keys[3], "archived", request_id="req-3"))
+    found = ledger.read_many(keys)
+    assert list(found) == keys
+    assert found == {key: ledger.read(key) for key in keys}
+    assert [versioned and versioned.entry.status for versioned in found.values()] == [
+        None,
+        "submitted",
+        None,
+        "archived",
+        None,
+    ]
+
+
+def test_many_lookups_in_a_folder(tmp_path: Path) -> None:
+    _many(Ledger(str(tmp_path)))
+
+
+@pytest.mark.s3
+def test_many_lookups_on_s3_list_once_and_read_only_what_exists(
+    s3_client: Any, s3_bucket: str
+) -> None:
+    ledger = Ledger(f"s3://{s3_bucket}/archive", s3_client=s3_client)
+    calls: list[str] = []
+    s3_client.meta.events.register(
+        "before-call.s3.*", lambda model, **_: calls.append(model.name), unique_id="count"
+    )
+    try:
+        _many(ledger)
+        calls.clear()
+        keys = [job_key_for(f"row {i}", ["photo.png"], row_id=str(i)) for i in range(5)]
+        ledger.read_many(keys)
+    finally:
+        s3_client.meta.events.unregister("before-call.s3.*", unique_id="count")
+    assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2"]
+
+
 @pytest.mark.s3
 def test_ledger_check_names_a_missing_bucket(s3_client: Any) -> None:
     with pytest.raises(ValueError, match="bucket missing-ledger does not exist"):

@@ -22,7 +22,7 @@ import math
 import statistics
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
@@ -163,11 +163,16 @@ def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
 class RunDurationEstimator:
     """Learns how long jobs run and which are running; shared by a batch's waits.
 
+    A new estimator knows only the reported run times, which may be far off (a
+    quiet window from runs 1.5x too long makes a single job's lag seconds long).
+    `seed` gives it the run times earlier runs saw instead, so a new run starts
+    from what was observed; `recorded` is what this one saw, for the next run.
     Thread-safe: the waits of a batch run in threads or tasks of one client.
     """
 
     def __init__(self, window: int = 50, min_samples: int = 3) -> None:
         self._observed: dict[str, deque[float]] = {}
+        self._recorded: dict[str, list[float]] = {}
         self._window = window
         self._min_samples = min_samples
         self._lock = threading.Lock()
@@ -179,7 +184,34 @@ class RunDurationEstimator:
         key = resolution or "?"
         with self._lock:
             self._observed.setdefault(key, deque(maxlen=self._window)).append(seconds)
+            self._recorded.setdefault(key, []).append(seconds)
             self._fitted.pop(key, None)
+
+    def seed(self, run_seconds: Mapping[str, Sequence[float]], time_scale: float = 1.0) -> None:
+        """Learn from run times earlier runs observed, per resolution, oldest first.
+
+        They are in the model's seconds (`time_scale` shrinks them for an emulator,
+        as `PollingPolicy.time_scale` does). They count as this estimator's own
+        observations (the newest `window` of them), and this run's runs push them
+        out as they come; `recorded` leaves them out, so saving it never stores a
+        sample twice.
+        """
+        with self._lock:
+            for resolution, samples in run_seconds.items():
+                older = [run * time_scale for run in samples if run > 0]
+                newer = list(self._observed.get(resolution, ()))
+                self._observed[resolution] = deque([*older, *newer], maxlen=self._window)
+                self._fitted.pop(resolution, None)
+
+    def recorded(self, time_scale: float = 1.0) -> dict[str, list[float]]:
+        """The run times this estimator observed itself (not seeded), per resolution,
+        in the model's seconds (divided by `time_scale`)."""
+        scale = time_scale or 1.0
+        with self._lock:
+            return {
+                resolution: [run / scale for run in runs]
+                for resolution, runs in self._recorded.items()
+            }
 
     def _learned(self, resolution: str | None) -> list[float] | None:
         """The batch's run-time distribution as quantiles, once it has enough samples.

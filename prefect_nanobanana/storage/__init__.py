@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".previews"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
+    **dict.fromkeys(["RunTimeHistory"], ".run_times"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ the name exists) and a rename under an exclusive lock; on S3: `put_object` with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from .locations import HttpLocation, LocalLocation, join_key, parse_location
 DEFAULT_ARCHIVE_URI = "nanobanana-archive"
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+S3_MAX_CONNECTIONS = 32
 # A conditional write lost: the object exists (create) or changed (replace). S3 answers
 # 409 ConditionalRequestConflict when two conditional writes of one key overlap.
 _CONFLICT_CODES = frozenset({"412", "409", "PreconditionFailed", "ConditionalRequestConflict"})
@@ -42,10 +44,30 @@ def make_s3_client(**client_kwargs: Any) -> Any:
     The endpoint comes from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``),
     which boto3 honours natively, so MinIO, moto or LocalStack need no code here.
     Callers with their own client (e.g. built from prefect-aws blocks) pass it instead.
-    """
-    import boto3
 
-    return boto3.session.Session().client("s3", **client_kwargs)
+    Without arguments the client is shared by the process while the AWS_*
+    environment stays the same: building one loads botocore's service model
+    (about 0.3 CPU-seconds), which done per staged row or archived request
+    cost a batch more than its S3 round trips. boto3 clients are thread-safe.
+    """
+    if client_kwargs:
+        return _new_s3_client(**client_kwargs)
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _shared_s3_client(environment)
+
+
+def _new_s3_client(**client_kwargs: Any) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Enough connections for a batch's lanes and parallel staging, so none waits for one.
+    config = Config(max_pool_connections=S3_MAX_CONNECTIONS)
+    return boto3.session.Session().client("s3", **{"config": config, **client_kwargs})
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_s3_client(environment: tuple[tuple[str, str], ...]) -> Any:
+    return _new_s3_client()
 
 
 def require_bucket(s3_client: Any, bucket: str) -> None:

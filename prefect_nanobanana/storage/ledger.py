@@ -19,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, ValidationError
@@ -28,6 +29,7 @@ from .errors import LedgerError
 from .locations import LocalLocation, join_key, parse_location, redact
 
 LEDGER_PREFIX = "_ledger"
+LOOKUP_PARALLELISM = 16
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 JobStatus = Literal["submitting", "submitted", "archiving", "archived", "failed"]
@@ -153,6 +155,27 @@ class Ledger:
         """The entry for ``job_key``, or None if the job was never claimed."""
         found = self.read(job_key)
         return found.entry if found is not None else None
+
+    def read_many(
+        self, job_keys: Sequence[str], parallel: int = LOOKUP_PARALLELISM
+    ) -> dict[str, VersionedEntry | None]:
+        """`read` of many jobs at once: one listing of the ledger, reads of those that exist.
+
+        Planning a batch read every row's entry one after another, a round trip each
+        before the first submit. The listing costs one request per 1,000 entries; only
+        the entries it names are read, `parallel` at a time.
+        """
+        existing = {
+            name.removesuffix(".json")
+            for key in self.backend.list_keys(LEDGER_PREFIX)
+            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
+        }
+        found: dict[str, VersionedEntry | None] = dict.fromkeys(job_keys)
+        to_read = sorted(set(job_keys) & existing)
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(to_read) or 1))) as pool:
+            for job_key, versioned in zip(to_read, pool.map(self.read, to_read), strict=True):
+                found[job_key] = versioned
+        return found
 
     def create(self, entry: LedgerEntry) -> str | None:
         """Write a first entry for its job; its version, or None when one exists already."""

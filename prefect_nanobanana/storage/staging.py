@@ -249,6 +249,7 @@ def stage_assets(
     s3_client: Any = None,
     expires_in: int = DEFAULT_EXPIRES_IN,
     upload_token: str | None = None,
+    check_target: bool = True,
 ) -> list[StagedAsset]:
     """Validate every source, then upload local files and return one fetchable URL per image.
 
@@ -257,6 +258,8 @@ def stage_assets(
     ``NANOBANANA_STAGING_TOKEN``). Without one, local files are sent inline as
     ``data:`` URIs when they are within the provider's caps. Raises
     :class:`StagingError` before any upload if any source is unusable.
+    ``check_target=False`` skips the check that the target is usable (a request on
+    S3) for a caller staging many rows that checked it once already.
     """
     planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri)
     clients = planned.clients
@@ -264,7 +267,7 @@ def stage_assets(
     if planned.local_files and staging_uri:
         target = _open_target(staging_uri, clients, expires_in, upload_token)
     try:
-        if target is not None:
+        if target is not None and check_target:
             target.check()
         return _execute(planned.items, target, clients, expires_in)
     except StagingError:

@@ -166,6 +166,17 @@ def _from_stored(job_key: str, value: Any) -> LedgerEntry:
     return LedgerEntry.model_validate(value)
 
 
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(key: str) -> threading.Lock:
+    """This process's lock for one record key (one per key: a record and its flow run's
+    labels are locked one inside the other, so keys must not share a lock)."""
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(key, threading.Lock())
+
+
 class PrefectRecordStore:
     """Records in Prefect's result store, mirrored to the current flow run's labels.
 
@@ -204,28 +215,33 @@ class PrefectRecordStore:
     def _locked(self, key: str) -> Iterator[None]:
         lock_manager = self.result_store.lock_manager
         assert lock_manager is not None
-        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
-        while True:
+        # Threads of this process take turns first: Prefect's file lock manager reads a
+        # lock file another thread may be half-way through writing, which 16 concurrent
+        # submits of one flow run hit on PostgreSQL (tests/test_production.py). Another
+        # process can still be caught in between: see the retry below.
+        with _process_lock(key):
+            deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    acquired = lock_manager.acquire_lock(
+                        key,
+                        holder=self.holder,
+                        acquire_timeout=max(deadline - time.monotonic(), 0.0),
+                        hold_timeout=_LOCK_HOLD_SECONDS,
+                    )
+                    break
+                except ValueError:
+                    # Prefect's file lock creates its file, then writes who holds it: a
+                    # waiter that reads in between finds it empty. Locked, so ask again.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+            if not acquired:
+                raise TimeoutError(f"could not lock the submit record {key!r}")
             try:
-                acquired = lock_manager.acquire_lock(
-                    key,
-                    holder=self.holder,
-                    acquire_timeout=max(deadline - time.monotonic(), 0.0),
-                    hold_timeout=_LOCK_HOLD_SECONDS,
-                )
-                break
-            except ValueError:
-                # Prefect's file lock creates its file, then writes who holds it: a
-                # waiter that reads in between finds it empty. Locked, so wait and ask again.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-        if not acquired:
-            raise TimeoutError(f"could not lock the submit record {key!r}")
-        try:
-            yield
-        finally:
-            lock_manager.release_lock(key, holder=self.holder)
+                yield
+            finally:
+                lock_manager.release_lock(key, holder=self.holder)
 
     def _read_labels(self) -> dict[str, Any]:
         if self.flow_run_id is None:

@@ -77,6 +77,7 @@ from .models import (
 from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import _Batch, _run_row, _settled_without_api
+from .run_times import alearn_run_times, asave_run_times
 
 
 @flow(name="nano-banana-batch")
@@ -226,7 +227,9 @@ async def batch_edit(
             progress.row_done()
 
         lanes = min(batch.lanes, len(runnable))
+        history = await alearn_run_times(client, location, s3_client) if runnable else None
         await run_in_lanes(runnable, lanes, run_row, hold=lane_slots(concurrency_limit_name, lanes))
+        await asave_run_times(client, history)
         await progress.finish()
         rows = [outcomes[plan.row] for plan in plans]
 

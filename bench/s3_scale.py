@@ -1,0 +1,294 @@
+"""S3 cost as batches grow: requests per row, and the time to the first paid submit.
+
+A batch on S3 reads the ledger, stages inputs, writes ledger records, archives
+outputs and metadata. At 20-50 ms a round trip (S3 from another region, or a
+busy VPC endpoint), requests that run one after another before the first submit
+decide how long a 5,000-row batch waits before it pays for anything.
+
+The rig: moto's S3 server on loopback behind a loopback proxy that adds a fixed
+round trip (`RTT_SECONDS`) to every request and counts them by kind (GET, HEAD,
+PUT, LIST, POST); the emulator (fixed job duration, `WORKERS` workers); Prefect's
+temporary server. Every row has its own small input image (a local file, staged
+to S3), the archive and the ledger are on S3.
+
+* At `FULL_ROWS` rows the whole `batch_edit` flow runs: S3 requests per row in
+  all, and the time from the call to the first submit the emulator accepted.
+* At every size in `PLAN_ROWS`, the planning step alone (`aplan_batch`, what runs
+  before the first submit: ledger reads and staging) of a first run: its wall
+  time and S3 requests.
+
+Goals: at most 4 S3 requests per row in all; the first submit within 5 s at 5,000 rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+from unittest import mock
+
+from PIL import Image
+
+from ._common import Verdict, print_header, table, write_results
+from .batch_overhead import (
+    EmulatorProcess,
+    api_environment,
+    poll_time_scale,
+    prefect_server,
+)
+
+RTT_SECONDS = 0.020
+FULL_ROWS = 500
+PLAN_ROWS = (500, 5000)
+WORKERS = 16
+DURATION = 0.05  # each emulated job, seconds
+BUCKET = "bench-s3-scale"
+REQUESTS_GOAL = 4.0
+FIRST_SUBMIT_GOAL = 5.0  # seconds, at the largest PLAN_ROWS
+
+
+class _LatencyProxy(ThreadingHTTPServer):
+    """Forwards to moto after sleeping one round trip; counts requests by kind."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, upstream: str, rtt: float) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.rtt = rtt
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def count(self, kind: str) -> None:
+        with self.lock:
+            self.counts[kind] += 1
+
+    def take(self) -> Counter[str]:
+        with self.lock:
+            counts, self.counts = self.counts, Counter()
+        return counts
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    server: _LatencyProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        listing = self.command == "GET" and "list-type=" in self.path
+        self.server.count("LIST" if listing else self.command)
+        time.sleep(self.server.rtt)
+        upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        finally:
+            upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+@dataclass
+class Figures:
+    rows: int
+    phase: str
+    seconds: float
+    requests: dict[str, int]
+
+    @property
+    def per_row(self) -> float:
+        return sum(self.requests.values()) / self.rows
+
+
+@contextlib.contextmanager
+def s3_rig() -> Iterator[tuple[_LatencyProxy, Any]]:
+    """moto's server behind the latency proxy; a boto3 client through the proxy."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    proxy = _LatencyProxy(f"http://{host}:{port}", RTT_SECONDS)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    environment = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    try:
+        with mock.patch.dict(os.environ, environment):
+            client = boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            proxy.take()
+            yield proxy, client
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        moto.stop()
+
+
+def _draw_inputs(folder: Path, rows: int) -> list[Path]:
+    """A distinct small PNG per row (content-addressed staging uploads each once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for row in range(rows):
+        path = folder / f"in-{row:05d}.png"
+        if not path.exists():
+            Image.new("RGB", (16, 16), (row % 256, (row // 256) % 256, 90)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _jobs(inputs: list[Path]) -> list[Any]:
+    from prefect_nanobanana.flows.batch import BatchJob
+
+    return [
+        BatchJob(prompt=f"s3 scale {row}", images=[str(path)], id=f"row-{row}")
+        for row, path in enumerate(inputs)
+    ]
+
+
+def measure_planning(proxy: _LatencyProxy, workdir: Path, rows: int) -> Figures:
+    """The planning step alone: what stands between the call and the first submit."""
+    import asyncio
+
+    from prefect_nanobanana.flows.batch.plan import aplan_batch
+
+    archive = f"s3://{BUCKET}/plan-{rows}/archive"
+    jobs = _jobs(_draw_inputs(workdir / "inputs", rows))
+    proxy.take()
+    defaults = {"aspect_ratio": "auto", "resolution": "1K", "output_format": "png", "num_images": 1}
+    began = time.perf_counter()
+    asyncio.run(aplan_batch.fn(jobs, defaults, archive, f"s3://{BUCKET}/plan-{rows}/staging", None))
+    return Figures(rows, "planning", time.perf_counter() - began, dict(proxy.take()))
+
+
+def measure_full(
+    proxy: _LatencyProxy, emulator: EmulatorProcess, workdir: Path, rows: int
+) -> tuple[Figures, float]:
+    """The whole flow; its S3 requests and the seconds from the call to the first submit."""
+    import asyncio
+
+    from prefect_nanobanana.flows import batch_edit
+
+    from .batch_overhead import first_submit
+
+    jobs = _jobs(_draw_inputs(workdir / "inputs", rows))
+    proxy.take()
+    began_wall, began = time.time(), time.perf_counter()
+    result = asyncio.run(
+        batch_edit(
+            jobs=jobs,
+            archive_uri=f"s3://{BUCKET}/full-{rows}/archive",
+            staging_uri=f"s3://{BUCKET}/full-{rows}/staging",
+            max_concurrency=WORKERS,
+            concurrency_limit_name=f"bench-s3-scale-{rows}",
+        )
+    )
+    seconds = time.perf_counter() - began
+    counts = dict(proxy.take())
+    assert result.archived == rows, (result.archived, result.failed)
+    request_ids = [row.request_id for row in result.rows if row.request_id]
+    head = asyncio.run(first_submit(emulator.base_url, request_ids)) - began_wall
+    return Figures(rows, "full run", seconds, counts), head
+
+
+def run() -> Verdict:
+    """Measure, print the table, write the JSON."""
+    print_header("s3_scale: S3 requests per row and time to the first submit")
+    print(
+        f"moto's S3 behind a loopback proxy adding {RTT_SECONDS * 1000:.0f} ms a request; "
+        f"every row its own input image, archive and ledger on S3; emulator {WORKERS} workers, "
+        f"jobs of {DURATION} s"
+    )
+    uptime = Path("/proc/loadavg").read_text().split()[:3]
+    figures: list[Figures] = []
+    with TemporaryDirectory(prefix="bench-s3-") as folder, s3_rig() as (proxy, _client):
+        workdir = Path(folder)
+        for rows in PLAN_ROWS:
+            figures.append(measure_planning(proxy, workdir, rows))
+            print(f"  planned {rows} rows in {figures[-1].seconds:.1f} s", flush=True)
+        with (
+            EmulatorProcess(WORKERS, DURATION) as emulator,
+            api_environment(emulator.base_url, poll_time_scale(DURATION)),
+            prefect_server(),
+        ):
+            full, head = measure_full(proxy, emulator, workdir, FULL_ROWS)
+    kinds = ("GET", "HEAD", "PUT", "LIST", "POST")
+    rows_out = [
+        [
+            figure.phase,
+            figure.rows,
+            figure.seconds,
+            *(figure.requests.get(kind, 0) for kind in kinds),
+            figure.per_row,
+        ]
+        for figure in [*figures, full]
+    ]
+    print(table(["phase", "rows", "seconds", *kinds, "S3 req/row"], rows_out))
+    print(f"full run of {FULL_ROWS} rows: first submit {head:.2f} s after the call")
+    run_phase = full.per_row - figures[0].per_row
+    largest = figures[-1]
+    first_at_largest = largest.seconds + max(0.0, head - figures[0].seconds)
+    total_per_row = largest.per_row + run_phase
+    print(
+        f"at {largest.rows} rows: first submit about {first_at_largest:.1f} s after the call "
+        f"(planning + the flow's own start); about {total_per_row:.1f} S3 requests a row in all "
+        f"(planning {largest.per_row:.2f} + the rest of the run {run_phase:.2f}); load {uptime}"
+    )
+    met = total_per_row <= REQUESTS_GOAL and first_at_largest <= FIRST_SUBMIT_GOAL
+    verdict = Verdict(
+        "s3_scale",
+        met,
+        f"{total_per_row:.1f} S3 requests a row (goal <= {REQUESTS_GOAL:g}); first submit "
+        f"{first_at_largest:.1f} s at {largest.rows} rows (goal <= {FIRST_SUBMIT_GOAL:g} s)",
+    )
+    write_results(
+        "s3_scale",
+        {
+            "rtt_seconds": RTT_SECONDS,
+            "load_average": uptime,
+            "figures": [{**asdict(figure), "per_row": figure.per_row} for figure in figures],
+            "full_run": {**asdict(full), "per_row": full.per_row, "first_submit_seconds": head},
+            "first_submit_seconds_at_largest": first_at_largest,
+            "requests_per_row_in_all": total_per_row,
+            "verdict": asdict(verdict),
+        },
+    )
+    print(verdict.line())
+    return verdict

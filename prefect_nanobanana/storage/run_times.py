@@ -1,0 +1,86 @@
+"""Run times earlier runs observed, kept with the archive, so a new run starts from them.
+
+The client's wait schedule stays quiet while a running job is unlikely to be done;
+how long that is comes from run times. The reported ones are third-party guesses,
+and a run that learns only from its own jobs starts from the guess every time. So
+a run saves what it saw to ``{archive}/_run_times.json`` (per model and resolution,
+the newest ``keep`` runs, in the model's seconds) and the next run reads it first.
+
+Two runs saving at once may lose one's samples (last writer wins): these are
+priors, not records, and the next run saves again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .backends import DEFAULT_ARCHIVE_URI, open_backend
+
+RUN_TIMES_KEY = "_run_times.json"
+RUN_TIMES_SCHEMA = "prefect-nanobanana/run-times/v1"
+DEFAULT_KEEP = 50
+
+
+class RunTimeHistory:
+    """Observed run seconds per model and resolution under ``{archive_uri}/_run_times.json``."""
+
+    def __init__(
+        self,
+        archive_uri: str | os.PathLike[str] = DEFAULT_ARCHIVE_URI,
+        s3_client: Any = None,
+        keep: int = DEFAULT_KEEP,
+    ) -> None:
+        self.backend = open_backend(archive_uri, s3_client)
+        self.keep = keep
+
+    @property
+    def location(self) -> str:
+        return self.backend.location(RUN_TIMES_KEY)
+
+    def _document(self) -> dict[str, Any]:
+        raw = self.backend.read_bytes(RUN_TIMES_KEY)
+        if raw is None:
+            return {}
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return {}  # a damaged file is only a lost prior: start from the reported times
+        return document if isinstance(document, dict) else {}
+
+    def load(self, model_id: str) -> dict[str, list[float]]:
+        """The run seconds saved for `model_id`, per resolution, oldest first."""
+        models = self._document().get("models")
+        saved = models.get(model_id) if isinstance(models, dict) else None
+        if not isinstance(saved, dict):
+            return {}
+        return {
+            str(resolution): [float(run) for run in runs if isinstance(run, (int, float))]
+            for resolution, runs in saved.items()
+            if isinstance(runs, list)
+        }
+
+    def save(self, model_id: str, observed: Mapping[str, Sequence[float]]) -> None:
+        """Add this run's run seconds to what is saved; keep the newest `keep` per resolution."""
+        new = {resolution: list(runs) for resolution, runs in observed.items() if runs}
+        if not new:
+            return
+        document = self._document()
+        models = document.get("models") if isinstance(document.get("models"), dict) else {}
+        merged = self.load(model_id)
+        for resolution, runs in new.items():
+            merged[resolution] = [*merged.get(resolution, []), *runs][-self.keep :]
+        models[model_id] = {
+            resolution: [round(run, 3) for run in runs] for resolution, runs in merged.items()
+        }
+        body = {
+            "schema": RUN_TIMES_SCHEMA,
+            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "models": models,
+        }
+        self.backend.write_bytes(
+            RUN_TIMES_KEY, json.dumps(body, indent=2).encode(), "application/json"
+        )

@@ -1,0 +1,470 @@
+"""The production shape: a PostgreSQL-backed Prefect server, three workers, one of them dying.
+
+What a data team runs once it outgrows one laptop, on loopback: Debian's PostgreSQL
+(an unprivileged cluster in a temp dir), `prefect server start` on it, three
+`prefect worker start` processes on the process pool, deployments/prefect.yaml
+deployed and deployments/crash-zombie-flow-runs.yaml as the automation that marks
+a dead machine's flow runs Crashed. The `nightly-batch` deployment runs 300 short
+rows in chunks of 50; mid-chunk, one worker is SIGKILLed with its flow runs, at the
+moment one of its rows has been accepted (and billed) by the API but the answer
+has not come back: a loopback proxy in front of the emulator holds that answer.
+
+Marked `production` (3-6 minutes): `.ci/run` runs it, `-m 'not production'`
+leaves it out locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+
+from prefect_nanobanana.emulator import EmulatorConfig, EmulatorServer
+from tests.fixtures.postgres import running_postgres
+from tests.fixtures.prefect_stack import (
+    NIGHTLY,
+    REPO,
+    Stack,
+    archived_metadata,
+    prefect_command,
+    running_stack,
+    write_manifest,
+)
+
+# Minutes on a busy machine: more than the suite's 300 s per test.
+pytestmark = [pytest.mark.production, pytest.mark.timeout(900)]
+
+WORKERS = ("worker-a", "worker-b", "worker-c")
+TOKEN = "production-test-token"
+TIME_SCALE = 0.01  # 1K jobs of about 0.2 s
+ROWS = 300
+CHUNK_SIZE = 50
+LANES = 4  # per chunk; the shared limit below lets all six chunks run at once
+LIMIT_NAME = "runcomfy-production-test"
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+AUTOMATION = "deployments/crash-zombie-flow-runs.yaml"
+BATCH_SECONDS = 420
+
+
+class _HoldingProxy(ThreadingHTTPServer):
+    """Forwards every call to the emulator; can hold the answer of one accepted submit.
+
+    Armed with a set of prompts, the first submit of one of them goes through to
+    the emulator (which accepts and bills it), and its answer is then never sent:
+    to the client, the machine died mid-submit.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream = upstream
+        self.http = httpx.Client(base_url=upstream, timeout=60)
+        self.lock = threading.Lock()
+        self.hold_prompts: set[str] = set()
+        self.held: dict[str, str] = {}  # prompt -> request id the client never saw
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.submitted: set[str] = set()  # prompts of every submit seen
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def arm(self, prompts: set[str]) -> None:
+        with self.lock:
+            self.hold_prompts = set(prompts)
+
+    def should_hold(self, body: bytes) -> str | None:
+        try:
+            prompt = json.loads(body).get("prompt")
+        except (ValueError, AttributeError):
+            return None
+        with self.lock:
+            self.submitted.add(prompt)
+            if prompt in self.hold_prompts:
+                self.hold_prompts = set()
+                return prompt
+        return None
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    server: _HoldingProxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def do_POST(self) -> None:
+        self._forward("POST")
+
+    def _forward(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        held = self.server.should_hold(body) if method == "POST" else None
+        headers = {
+            name: value
+            for name, value in self.headers.items()
+            if name.lower() in ("authorization", "content-type", "accept")
+        }
+        answer = self.server.http.request(method, self.path, content=body, headers=headers)
+        if held is not None:
+            self.server.held[held] = answer.json().get("request_id", "")
+            self.server.holding.set()
+            self.server.release.wait(600)
+            self.close_connection = True
+            return
+        self.send_response(answer.status_code)
+        for name in ("Content-Type", "Retry-After"):
+            if name in answer.headers:
+                self.send_header(name, answer.headers[name])
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+
+@dataclass
+class Production:
+    stack: Stack
+    proxy: _HoldingProxy
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
+    root = tmp_path_factory.mktemp("production")
+    with contextlib.ExitStack() as stack_of:
+        database_url = stack_of.enter_context(running_postgres())
+        emulator = stack_of.enter_context(
+            EmulatorServer(
+                EmulatorConfig(api_tokens=(TOKEN,), workers=24, time_scale=TIME_SCALE, seed=15)
+            )
+        )
+        proxy = _HoldingProxy(emulator.base_url)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        stack_of.callback(proxy.server_close)
+        stack_of.callback(proxy.shutdown)
+        stack_of.callback(proxy.release.set)
+        stack = stack_of.enter_context(
+            running_stack(
+                root,
+                emulator,
+                WORKERS,
+                worker_limit=3,
+                api_base_url=proxy.base_url,
+                extra_env={
+                    "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+                },
+            )
+        )
+        created = subprocess.run(
+            prefect_command("automation", "create", "--from-file", AUTOMATION),
+            env=stack.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert created.returncode == 0 and "Failed" not in created.stdout, created.stdout
+        yield Production(stack, proxy)
+
+
+def _flow_runs(**filters: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(**filters), limit=200)
+
+
+def _children(parent_id: UUID) -> list[Any]:
+    from prefect.client.schemas.filters import FlowRunFilterParentFlowRunId
+
+    return _flow_runs(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+
+
+def _read_flow_run(flow_run_id: UUID) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _wait_final(flow_run_id: UUID, stack: Stack, seconds: float = BATCH_SECONDS) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        flow_run = _read_flow_run(flow_run_id)
+        if flow_run.state and flow_run.state.is_final():
+            return flow_run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not final after {seconds} s\n{stack.log_tail()}")
+
+
+def _processes_of(worker_pid: int, flow_run_ids: set[str]) -> set[int]:
+    """The worker's descendants, and every process running one of these flow runs.
+
+    A flow run's process may sit in a session of its own, and the pid Prefect
+    records may be a launcher's; its environment names the flow run either way.
+    """
+    parents: dict[int, int] = {}
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            parents[int(entry.name)] = int(
+                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            )
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if any(
+                line.decode(errors="replace").partition("=")[2] in flow_run_ids
+                for line in environ
+                if line.startswith(b"PREFECT__FLOW_RUN_ID=")
+            ):
+                found.add(int(entry.name))
+    frontier = {worker_pid}
+    while frontier:
+        children = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= children
+        frontier = children
+    return found - {os.getpid()}
+
+
+def _kill_worker(stack: Stack, name: str, flow_runs: list[Any]) -> None:
+    """SIGKILL a worker and its flow runs' processes: its machine died."""
+    worker = stack.workers[name]
+    doomed = _processes_of(worker.pid, {str(run.id) for run in flow_runs})
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    worker.wait(10)
+
+
+def _rows_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _task_runs(flow_run_id: UUID) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+        )
+
+
+def _wait_record_complete(flow_run: Any, archived: int, seconds: float = 60) -> list[Any]:
+    """The server has every `row-N` task run of the flow run, each in a final state.
+
+    The server writes task runs from events, a little after the flow run ended.
+    """
+    deadline = time.monotonic() + seconds
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        rows = [run for run in _task_runs(flow_run.id) if run.name.startswith("row-")]
+        completed = [run for run in rows if run.state and run.state.is_completed()]
+        if len(completed) >= archived and all(run.state and run.state.is_final() for run in rows):
+            return rows
+        time.sleep(1)
+    return rows
+
+
+def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(production: Production) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.deployments import run_deployment
+
+    stack, proxy, emulator = production.stack, production.proxy, production.stack.emulator
+    manifest = write_manifest(stack.archive.parent / "production.jsonl", ROWS, "prod")
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=LIMIT_NAME, limit=LANES * ROWS // CHUNK_SIZE)
+        )
+    parameters = {
+        "manifest_uri": str(manifest),
+        "chunk_size": CHUNK_SIZE,
+        "max_concurrency": LANES,
+        "concurrency_limit_name": LIMIT_NAME,
+    }
+    results = stack.archive / "_results"
+    submits_before = emulator.stats.submits_accepted
+    began = time.monotonic()
+
+    # From sync code, run_deployment runs as a plain call (Prefect's async_dispatch).
+    first = run_deployment(
+        NIGHTLY,
+        parameters={**parameters, "results_uri": str(results / "first.jsonl")},
+        timeout=0,
+        as_subflow=False,
+    )
+
+    # Mid-chunk: a chunk with rows submitted and rows to go, on a worker not running the parent.
+    deadline = time.monotonic() + BATCH_SECONDS
+    target, to_go = None, set()
+    while target is None and time.monotonic() < deadline:
+        parent_worker = _read_flow_run(first.id).labels.get("prefect.worker.name")
+        for child in _children(first.id):
+            worker = child.labels.get("prefect.worker.name")
+            prompts = {job["prompt"] for job in child.parameters["jobs"]}
+            to_go = prompts - proxy.submitted
+            if (
+                parent_worker
+                and worker not in (None, parent_worker)
+                and child.state
+                and child.state.is_running()
+                and len(prompts) - len(to_go) >= 5
+                and len(to_go) >= 15
+            ):
+                target = child
+                break
+        time.sleep(0.1)
+    assert target is not None, f"no chunk caught mid-way\n{stack.log_tail()}"
+    proxy.arm(to_go)
+    assert proxy.holding.wait(60), f"the chunk made no further submit\n{stack.log_tail()}"
+    victim = target.labels["prefect.worker.name"]
+    killed_runs = [
+        run
+        for run in _flow_runs()
+        if run.labels.get("prefect.worker.name") == victim and run.state and run.state.is_running()
+    ]
+    _kill_worker(stack, victim, killed_runs)
+    killed_at = time.monotonic()
+    ((held_prompt, held_request),) = proxy.held.items()
+
+    first = _wait_final(first.id, stack)
+    crashed_seconds = time.monotonic() - killed_at
+    assert first.state.is_failed(), (first.state, stack.log_tail())
+    for run in killed_runs:
+        assert _read_flow_run(run.id).state.is_crashed(), (run.name, stack.log_tail())
+    first_rows = _rows_of(results / "first.jsonl")
+    killed_jobs = {job["id"] for job in target.parameters["jobs"]}
+    failed_first = {row["id"] for row in first_rows if row["status"] == "failed"}
+    assert failed_first and failed_first <= killed_jobs | {
+        job["id"] for run in killed_runs for job in run.parameters.get("jobs", [])
+    }
+
+    # The operator reruns the night's batch (allow_partial: the unknown row stays reported).
+    rerun = run_deployment(
+        NIGHTLY,
+        parameters={
+            **parameters,
+            "results_uri": str(results / "rerun.jsonl"),
+            "allow_partial": True,
+        },
+        timeout=BATCH_SECONDS,
+        as_subflow=False,
+    )
+    assert rerun.state.is_completed(), (rerun.state, stack.log_tail())
+    wall = time.monotonic() - began
+    rerun_rows = _rows_of(results / "rerun.jsonl")
+    by_status: dict[str, list[dict[str, Any]]] = {}
+    for row in rerun_rows:
+        by_status.setdefault(row["status"], []).append(row)
+
+    # The row that died mid-submit: reported as outcome unknown, never sent again.
+    (unknown,) = by_status.get("failed", [])
+    assert unknown["prompt"] == held_prompt
+    assert "NOT submitted again" in unknown["error"]
+    # Every other row archived exactly once, over both runs.
+    metadata = archived_metadata(stack.archive)
+    archived_ids = sorted(m["row_id"] for m in metadata if m["row_id"].startswith("prod-"))
+    expected = sorted(f"prod-{i}" for i in range(ROWS) if f"prod {i}" != held_prompt)
+    assert archived_ids == expected
+    assert held_request not in {m["request_id"] for m in metadata}
+    # Paid once per row: the held submit was paid, and not sent again.
+    paid = emulator.stats.submits_accepted - submits_before
+    assert paid == ROWS
+    # The killed chunk's rows were finished by the rerun (archived or adopted there).
+    finished_by_rerun = {row["id"] for row in by_status.get("archived", [])}
+    assert finished_by_rerun and finished_by_rerun <= failed_first
+
+    # Prefect's record: every flow run final, a Completed `row-N` task run per archived row.
+    record_gaps = []
+    task_runs_recorded = 0
+    for parent_run in (first, rerun):
+        for child in _children(parent_run.id):
+            state = _read_flow_run(child.id).state
+            assert state and state.is_final(), (child.name, state)
+            if state.is_crashed():
+                continue
+            chunk_rows = _rows_of(Path(child.parameters["results_uri"]))
+            archived = sum(row["status"] == "archived" for row in chunk_rows)
+            recorded = _wait_record_complete(child, archived)
+            task_runs_recorded += len(recorded)
+            if sum(run.state.is_completed() for run in recorded) != archived:
+                record_gaps.append((child.name, archived, len(recorded)))
+    assert not record_gaps, record_gaps
+
+    production.figures.update(
+        rows=ROWS,
+        chunks=ROWS // CHUNK_SIZE,
+        paid_submits=paid,
+        archived_once=len(archived_ids),
+        outcome_unknown=1,
+        killed_worker=victim,
+        killed_flow_runs=[run.name for run in killed_runs],
+        failed_in_first_run=len(failed_first),
+        finished_by_rerun=len(finished_by_rerun),
+        seconds_to_crashed=round(crashed_seconds, 1),
+        row_task_runs_recorded=task_runs_recorded,
+        wall_seconds=round(wall, 1),
+    )
+    print("\nproduction shape:", json.dumps(production.figures, indent=2))
+
+
+def test_concurrent_submits_in_one_run_keep_every_label(
+    production: Production, image_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's server reads a flow run's labels, merges, writes: on PostgreSQL two
+    label writes at once can lose one. Every request id must survive in the labels,
+    where the run's cancellation hook looks for them."""
+    from prefect import flow
+
+    from prefect_nanobanana.tasks import asubmit_edit, recorded_request_ids
+
+    emulator = production.stack.emulator
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", TOKEN)
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", emulator.base_url)
+    image = image_server.url_for("wide.png")
+    submits = 16
+
+    @flow
+    async def submit_many() -> tuple[str, list[str]]:
+        from prefect.context import FlowRunContext
+
+        handles = await asyncio.gather(
+            *(
+                asubmit_edit({"prompt": f"label race {i}", "image_urls": [image]}, job_key=f"l{i}")
+                for i in range(submits)
+            )
+        )
+        context = FlowRunContext.get()
+        assert context and context.flow_run
+        return str(context.flow_run.id), [handle.request_id for handle in handles]
+
+    flow_run_id, request_ids = asyncio.run(submit_many())
+
+    labels = _read_flow_run(UUID(flow_run_id)).labels
+    assert len(set(request_ids)) == submits
+    kept = recorded_request_ids(labels)
+    production.figures["labels_kept"] = f"{len(set(kept) & set(request_ids))} of {submits}"
+    print("\nlabels kept on PostgreSQL:", production.figures["labels_kept"])
+    assert sorted(kept) == sorted(request_ids)
