@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.emulator",
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
+    "tests.fixtures.hostile",
 ]

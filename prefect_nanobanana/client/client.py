@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -50,7 +51,7 @@ from .transport import (
     install_deadlines,
     read_answer,
 )
-from .vocabulary import DEFAULT_BASE_URL, NANO_BANANA_EDIT_MODEL_ID
+from .vocabulary import DEFAULT_BASE_URL, DEFAULT_OUTPUT_HOSTS, NANO_BANANA_EDIT_MODEL_ID
 from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
 
 TOKEN_ENV_VAR = "RUNCOMFY_API_TOKEN"
@@ -90,6 +91,7 @@ class _ClientCore:
         duration_estimator: RunDurationEstimator | None,
         log: logging.Logger | logging.LoggerAdapter | None,
         max_answer_bytes: int,
+        output_hosts: Sequence[str] | None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
@@ -97,6 +99,14 @@ class _ClientCore:
         self._api_token = SecretStr(_plain_secret(api_token))
         self.base_url = (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip(
             "/"
+        )
+        # Where this API's outputs may be fetched from: the provider's output hosts and
+        # the API's own host (an emulator serves its outputs itself), unless told.
+        base_host = httpx.URL(self.base_url).netloc.decode()
+        self.output_hosts: tuple[str, ...] = (
+            tuple(output_hosts)
+            if output_hosts is not None
+            else tuple(dict.fromkeys([*DEFAULT_OUTPUT_HOSTS, base_host]))
         )
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy()
@@ -342,6 +352,9 @@ class RunComfyClient(_ClientCore):
 
     `timeout` is the wall-clock deadline of each HTTP attempt (connect, send and
     every read together); `max_answer_bytes` caps every JSON answer.
+    `output_hosts` (`host`, `host:port`, `*.domain`) are the only hosts outputs are
+    downloaded from; by default `*.runcomfy.net` and the base URL's own host. Add a
+    proxy's or CDN's host here if your outputs come from one.
     """
 
     def __init__(
@@ -355,6 +368,7 @@ class RunComfyClient(_ClientCore):
         duration_estimator: RunDurationEstimator | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        output_hosts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             api_token,
@@ -365,6 +379,7 @@ class RunComfyClient(_ClientCore):
             duration_estimator,
             logger,
             max_answer_bytes,
+            output_hosts,
         )
         self._http = httpx.Client(**self._http_options())
         install_deadlines(self._http)
@@ -527,6 +542,7 @@ class AsyncRunComfyClient(_ClientCore):
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         max_connections: int = 100,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        output_hosts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             api_token,
@@ -537,6 +553,7 @@ class AsyncRunComfyClient(_ClientCore):
             duration_estimator,
             logger,
             max_answer_bytes,
+            output_hosts,
         )
         self._http = httpx.AsyncClient(
             **self._http_options(),

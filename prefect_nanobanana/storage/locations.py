@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -26,6 +27,7 @@ __all__ = [
     "LocalLocation",
     "Location",
     "S3Location",
+    "host_allowed",
     "is_loopback_host",
     "join_key",
     "parse_location",
@@ -126,6 +128,47 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def host_allowed(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """True when the URL's host (and port) matches an entry of ``allowed_hosts``.
+
+    Entries are ``host``, ``host:port``, ``*.domain`` or ``*.domain:port``, matched
+    without regard to case. ``*.runcomfy.net`` matches ``a.runcomfy.net`` and
+    ``a.b.runcomfy.net``, not ``runcomfy.net`` itself; an entry without a port
+    matches every port, one with a port only that port.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    if not host:
+        return False
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return False
+    for entry in allowed_hosts:
+        pattern, entry_port = _split_host_entry(entry)
+        if entry_port is not None and entry_port != port:
+            continue
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def _split_host_entry(entry: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) as the lowercase host and the port, if any."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    return host.rstrip("."), int(port) if port.isdigit() else None
 
 
 def join_key(*parts: str) -> str:

@@ -40,7 +40,7 @@ from .locations import (
     strip_signature,
 )
 from .loopback import MAX_URL_EXPIRES_IN, STAGING_TOKEN_ENV
-from .media import SNIFF_BYTES, extension_for, sniff_image_type
+from .media import SNIFF_BYTES, extension_for, read_image_facts, sniff_image_type
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 DEFAULT_EXPIRES_IN = 6 * 3600
@@ -383,6 +383,7 @@ def _inspect_local(path: Path) -> _LocalFile:
                 hasher.update(chunk)
     except OSError as exc:
         raise StagingError(f"{path}: cannot read file: {exc.strerror}") from exc
+    read_image_facts(path, str(path))  # the header's pixel count: no pixel bombs
     return _LocalFile(path, hasher.hexdigest(), content_type, stat.st_size)
 
 
