@@ -1,4 +1,8 @@
-"""Entry point of the scheduled deployment: the nightly batch from a manifest URI."""
+"""Entry point of the scheduled deployment: the nightly batch from a manifest URI.
+
+A deployment entry point (see `deployments/prefect.yaml`); the flow itself lives in the
+package, `prefect_nanobanana/flows/`.
+"""
 
 from prefect_nanobanana.flows import batch_edit
 

@@ -1,5 +1,8 @@
 """Entry point of the on-demand deployment: one edit, triggered from the Prefect UI form.
 
+A deployment entry point (see `deployments/prefect.yaml`); the flow itself lives in the
+package, `prefect_nanobanana/flows/`.
+
 The form shows the prompt as text, the images as a list and the enums as drop-downs.
 """
 

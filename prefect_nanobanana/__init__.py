@@ -1,21 +1,24 @@
 """prefect-nanobanana: Nano Banana Pro image edits on the RunComfy Model API, as Prefect steps.
 
+The rooms (see the README's table): `client/` and `storage/` (no Prefect),
+`emulator/` (the offline stand-ins), and the Prefect layer: `blocks/`, `tasks/`
+(with the one submit guard, `tasks/guard.py`), `observe.py`, `flows/`; `cli/` for people.
+
 Every public name resolves on first use (see `_lazy`): `nanobanana --help` and
 plain client users never pay for importing Prefect, while
 `from prefect_nanobanana import RunComfyCredentials` and
 `prefect block register -m prefect_nanobanana` work as usual.
 """
 
-from ._lazy import lazy_exports
+from ._lazy import alias_modules, lazy_exports
+from .blocks import _EXPORTS as _BLOCK_EXPORTS
 from .client import _EXPORTS as _CLIENT_EXPORTS
 
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     **{name: f".client{module}" for name, module in _CLIENT_EXPORTS.items()},
-    "RunComfyCredentials": ".credentials",
-    "NanoBananaEditJob": ".jobs",
-    "NanoBananaEditJobRun": ".jobs",
+    **{name: f".blocks{module}" for name, module in _BLOCK_EXPORTS.items()},
     **dict.fromkeys(
         [
             "BatchEditResult",
@@ -33,3 +36,15 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+# Module paths of earlier releases, which users' code may import: the same modules.
+alias_modules(
+    __name__,
+    {
+        "credentials": "blocks.credentials",
+        "jobs": "blocks.jobs",
+        "storage_tasks": "tasks.storage",
+        "demo": "cli.demo",
+        "storage.loopback": "emulator.object_store",
+    },
+)

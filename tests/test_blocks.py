@@ -23,7 +23,7 @@ from prefect_nanobanana import (
     RunComfyClient,
     RunComfyCredentials,
 )
-from prefect_nanobanana.credentials import aresolve_credentials, resolve_credentials
+from prefect_nanobanana.blocks.credentials import aresolve_credentials, resolve_credentials
 from prefect_nanobanana.emulator import Fault, FaultPlan
 
 SECRET = "rc-block-secret-5e1f"

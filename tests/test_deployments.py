@@ -329,9 +329,10 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    from prefect_nanobanana.flows import batch, batch_edit
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import chunks
 
-    monkeypatch.setattr(batch, "CHUNK_POLL_SECONDS", 0.25)
+    monkeypatch.setattr(chunks, "CHUNK_POLL_SECONDS", 0.25)
     # The in-process rerun at the end reaches the emulator as the workers do.
     for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_BASE_URL", "RUNCOMFY_POLL_TIME_SCALE"):
         monkeypatch.setenv(name, stack.env[name])
@@ -399,7 +400,7 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
 
 def test_chunk_rows_come_back_in_the_parents_numbering(tmp_path: Path) -> None:
     from prefect_nanobanana.flows import BatchJob, BatchRowResult
-    from prefect_nanobanana.flows.batch import _in_parent_numbering, _read_chunk_rows
+    from prefect_nanobanana.flows.batch.chunks import _in_parent_numbering, _read_chunk_rows
 
     chunk = [
         BatchJob(prompt="p5", images=["a.png"]),

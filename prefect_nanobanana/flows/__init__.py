@@ -1,4 +1,9 @@
-"""Flows a deployment can point at; each module holds one flow and its result model."""
+"""The package's flows: `edit_image` (`edit.py`), `edit_and_archive` (`pipeline.py`),
+`batch_edit` (`batch/`), each with its result model.
+
+Not to be confused with the top-level `flows/` folder of the repository: those are
+the small entry-point scripts deployments point at, which import these.
+"""
 
 from .batch import BatchEditResult, BatchFailedError, BatchJob, BatchRowResult, batch_edit
 from .edit import EditImageResult, edit_image

@@ -1,4 +1,4 @@
-"""The edit flow: one Nano Banana Pro edit, submitted at most once and followed to its end.
+"""The `edit_image` flow: one Nano Banana Pro edit, submitted at most once and followed to its end.
 
 The remote job follows the Prefect run. If the run stops for good while the
 request is still queued (cancelled from the UI or API, timed out, SIGTERM,
@@ -22,6 +22,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
+from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
 from ..client import (
     AspectRatio,
     NanoBananaEditInput,
@@ -30,7 +31,6 @@ from ..client import (
     RunComfyError,
     WaitTimeoutError,
 )
-from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
 from ..tasks import (
     RequestOutcome,
     SubmittedRequest,

@@ -1,4 +1,4 @@
-"""The pipeline flow: stage inputs → edit → archive outputs, each step its own task.
+"""The `edit_and_archive` flow: stage inputs → edit → archive outputs, each step its own task.
 
 It runs the same submit and wait tasks as `edit_image`, so the remote job follows
 the Prefect run the same way (a queued request is withdrawn when the run stops
@@ -16,6 +16,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from .. import observe
+from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
@@ -23,10 +24,9 @@ from ..client import (
     OutputFormat,
     Resolution,
 )
-from ..credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
-from ..storage import DEFAULT_ARCHIVE_URI, job_key_for
-from ..storage_tasks import archive_request, stage_images
+from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
+from ..tasks.storage import archive_request, stage_images
 from .edit import remote_seconds, withdrawn_if_abandoned
 
 
@@ -100,16 +100,16 @@ def edit_and_archive(
         submitted.request_id,
         outcome.output_urls,
         archive_uri,
-        {
-            "prompt": prompt,
-            "parameters": options,
-            "model_id": NANO_BANANA_EDIT_MODEL_ID,
-            "sources": [asset.source for asset in staged],
-            "created_at": outcome.created_at,
-            "finished_at": outcome.finished_at,
-            "cost": outcome.cost,
-            "flow_run_id": scope,
-        },
+        ArchiveMetadata(
+            prompt=prompt,
+            parameters=options,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
+            sources=[asset.source for asset in staged],
+            created_at=outcome.created_at,
+            finished_at=outcome.finished_at,
+            cost=outcome.cost,
+            flow_run_id=scope,
+        ),
         outcome.created_at,
         aws_credentials,
     )

@@ -46,12 +46,15 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["DEFAULT_EXPIRES_IN", "MAX_INPUT_BYTES", "StagedAsset", "stage_assets"], ".staging"
     ),
-    **dict.fromkeys(["STAGING_TOKEN_ENV", "LoopbackObjectStore"], ".loopback"),
+    "STAGING_TOKEN_ENV": ".staging",
+    # Old import path: the server lives in the offline room now (it imports no Prefect either).
+    "LoopbackObjectStore": "..emulator.object_store",
     **dict.fromkeys(
         [
             "DEFAULT_DOWNLOAD_TIMEOUT",
             "MAX_OUTPUT_BYTES",
             "ArchiveError",
+            "ArchiveMetadata",
             "ArchiveLayout",
             "ArchiveRecord",
             "ArchivedOutput",

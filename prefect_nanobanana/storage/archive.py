@@ -42,7 +42,7 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..deadline import call_deadline, install_deadlines
 from .backends import DEFAULT_ARCHIVE_URI, Backend, open_backend
@@ -102,6 +102,42 @@ class ArchiveRecord(BaseModel):
     @property
     def output_locations(self) -> list[str]:
         return [output.location for output in self.outputs]
+
+
+class ArchiveMetadata(BaseModel):
+    """What a request's ``metadata.json`` says: schema ``prefect-nanobanana/archive/v1``.
+
+    The one model every archiving path writes (the flows, the batch's rows, the
+    CLI). Callers set what they know of the edit; :func:`archive_outputs` sets
+    ``schema``, ``request_id``, ``archive_date``, ``archived_at`` and ``outputs``.
+    Downstream ETL reads these names: fields may be added, never renamed. Only the
+    fields a caller set are written (a download by request id knows only the cost
+    and times), and keys the model does not name are kept as they are.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_: str = Field(default=METADATA_SCHEMA, alias="schema")
+    request_id: str | None = None
+    archive_date: dt.date | None = None
+    prompt: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="aspect_ratio, resolution, output_format, num_images."
+    )
+    model_id: str | None = None
+    sources: list[str] | None = Field(default=None, description="Inputs, signatures removed.")
+    row: int | None = Field(default=None, description="1-based row of a batch.")
+    row_id: str | None = Field(default=None, description="The batch row's own id.")
+    created_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    cost: float | None = None
+    flow_run_id: str | None = None
+    archived_at: dt.datetime | None = None
+    outputs: list[ArchivedOutput] | None = None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON-ready ``metadata.json``: set fields only, every URL signature-stripped."""
+        return redact(self.model_dump(by_alias=True, exclude_unset=True))
 
 
 @dataclass(frozen=True)
@@ -205,7 +241,7 @@ def archive_outputs(
     *,
     date: dt.date | None,
     archive_uri: str | os.PathLike[str] = DEFAULT_ARCHIVE_URI,
-    metadata: Mapping[str, Any] | None = None,
+    metadata: ArchiveMetadata | Mapping[str, Any] | None = None,
     s3_client: Any = None,
     max_bytes: int = MAX_OUTPUT_BYTES,
     retries: int = 3,
@@ -217,8 +253,9 @@ def archive_outputs(
 
     ``date`` is the request's creation date, so running again lands in the same
     folder (None means today in UTC: only for requests whose date is unknown).
-    ``metadata`` is whatever the caller wants kept (prompt, parameters, model id,
-    sources, times, cost, flow run id…) — every URL in it is signature-stripped.
+    ``metadata`` is what the caller knows of the edit (prompt, parameters, model id,
+    sources, times, cost, flow run id…), an :class:`ArchiveMetadata` or a mapping of
+    its fields — every URL in it is signature-stripped.
     Output URLs may be ``https://``, loopback ``http://`` or ``data:`` URIs.
     Transient fetch failures (connection errors, 5xx, 429) are retried ``retries``
     times with exponential ``backoff``; ``timeout`` is the wall-clock deadline of one
@@ -235,7 +272,9 @@ def archive_outputs(
     """
     day = _as_date(date or dt.datetime.now(dt.timezone.utc))
     layout = archive_layout(request_id, day)
-    caller_metadata = redact(dict(metadata or {}))
+    if not isinstance(metadata, ArchiveMetadata):
+        metadata = ArchiveMetadata.model_validate(dict(metadata or {}))
+    caller_metadata = metadata.document()
     clashes = sorted(_RESERVED_KEYS & caller_metadata.keys() - {"request_id"})
     if clashes or caller_metadata.get("request_id", request_id) != request_id:
         raise ValueError(
@@ -276,14 +315,16 @@ def archive_outputs(
             request_id=request_id, archive_date=day, outputs=archived, metadata_location=None
         )
         raise ArchiveError(request_id, failures, partial)
-    document = {
-        "schema": METADATA_SCHEMA,
-        "request_id": request_id,
-        "archive_date": day.isoformat(),
-        **caller_metadata,
-        "archived_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "outputs": [output.model_dump() for output in archived],
-    }
+    document = ArchiveMetadata.model_validate(
+        {
+            **caller_metadata,
+            "schema": METADATA_SCHEMA,
+            "request_id": request_id,
+            "archive_date": day,
+            "archived_at": dt.datetime.now(dt.timezone.utc),
+            "outputs": archived,
+        }
+    ).document()
     data = json.dumps(document, indent=2, ensure_ascii=False).encode()
     return ArchiveRecord(
         request_id=request_id,

@@ -10,7 +10,8 @@ once, and handed over as pre-signed GET URLs.
 Sources: local files, folders (the images inside, sorted, non-recursive), globs,
 ``s3://`` objects (HEAD + ranged GET, then a pre-signed URL), ``https://`` URLs
 (passed through untouched) and loopback ``http://`` URLs (tests, demo).
-Targets for local files: ``s3://bucket/prefix`` or a :class:`~.loopback.LoopbackObjectStore`.
+Targets for local files: ``s3://bucket/prefix`` or a loopback object store
+(:class:`prefect_nanobanana.emulator.LoopbackObjectStore`, the offline stand-in for S3).
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from .locations import (
     redact_text,
     strip_signature,
 )
-from .loopback import MAX_URL_EXPIRES_IN, STAGING_TOKEN_ENV
 from .media import SNIFF_BYTES, extension_for, read_image_facts, sniff_image_type
 
 MAX_INPUT_BYTES = 50 * 1024 * 1024
 DEFAULT_EXPIRES_IN = 6 * 3600
+# The loopback object store's protocol (served by `prefect_nanobanana.emulator.object_store`).
+STAGING_TOKEN_ENV = "NANOBANANA_STAGING_TOKEN"
+MAX_URL_EXPIRES_IN = 7 * 24 * 3600  # S3's own limit for SigV4 pre-signed URLs
 _GLOB_CHARS = frozenset("*?[")
 _HASH_CHUNK = 1024 * 1024
 _ACCEPTED = "PNG, JPEG, WebP, GIF or HEIC/HEIF"
@@ -132,7 +135,7 @@ class _S3Target:
 
 
 class _LoopbackTarget:
-    """A :class:`~.loopback.LoopbackObjectStore` (or anything speaking its protocol)."""
+    """A loopback object store (`prefect_nanobanana.emulator.LoopbackObjectStore`) as target."""
 
     def __init__(self, base_url: str, prefix: str, token: str, expires_in: int) -> None:
         self.base_url = base_url

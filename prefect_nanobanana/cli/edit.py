@@ -1,9 +1,7 @@
-"""The CLI's `edit` and `batch` verbs: what people run, with live progress.
+"""The CLI's `edit` verb: one edit with a live status line.
 
-`edit` works without Prefect (stage → submit → wait → save, straight through the
-client and storage rooms), so one image does not wait for a Prefect server. `batch`
-runs the `batch_edit` flow, with its ledger and concurrency limit, and draws a
-progress bar over rows as they finish.
+`edit` works without a Prefect server (stage → submit → wait → save, straight
+through the client and storage rooms), so one image does not wait for one.
 """
 
 from __future__ import annotations
@@ -14,8 +12,9 @@ import sys
 import time
 from typing import Any
 
-from .client import NanoBananaEditInput, RequestStatus, RunComfyClient
-from .client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
+from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
+from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
+from .exit_codes import EXIT_OK
 
 
 class _StatusDisplay:
@@ -61,8 +60,7 @@ def _cancel_if_queued(client: RunComfyClient, request_id: str, display: _StatusD
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
-    from .cli import EXIT_OK
-    from .storage import archive_outputs, stage_assets
+    from ..storage import ArchiveMetadata, archive_outputs, stage_assets
 
     options = {
         "aspect_ratio": args.aspect_ratio,
@@ -91,15 +89,15 @@ def run_edit_command(args: argparse.Namespace) -> int:
         result.output_urls,
         date=result.created_at.date() if result.created_at else None,
         archive_uri=args.archive or args.out or "nanobanana-output",
-        metadata={
-            "prompt": args.prompt,
-            "parameters": options,
-            "model_id": NANO_BANANA_EDIT_MODEL_ID,
-            "sources": [asset.source for asset in staged],
-            "created_at": result.created_at,
-            "finished_at": result.finished_at,
-            "cost": result.cost,
-        },
+        metadata=ArchiveMetadata(
+            prompt=args.prompt,
+            parameters=options,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
+            sources=[asset.source for asset in staged],
+            created_at=result.created_at,
+            finished_at=result.finished_at,
+            cost=result.cost,
+        ),
     )
     payload = {
         "request_id": handle.request_id,
@@ -114,50 +112,3 @@ def run_edit_command(args: argparse.Namespace) -> int:
             print(f"saved {location}")
         print(f"metadata {record.metadata_location}")
     return EXIT_OK
-
-
-def run_batch_command(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from .cli import EXIT_JOB_FAILED, EXIT_OK
-    from .flows.batch import ROW_PROGRESS, BatchFailedError, batch_edit
-
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = width * done // total
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} rows"
-        if sys.stderr.isatty():
-            sys.stderr.write("\r" + line + ("\n" if done == total else ""))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    token = ROW_PROGRESS.set(show)
-    try:
-        result = asyncio.run(
-            batch_edit(
-                manifest_uri=args.manifest,
-                archive_uri=args.archive,
-                staging_uri=args.staging,
-                max_concurrency=args.max_concurrency,
-                allow_partial=args.allow_partial,
-                credentials=args.credentials,
-            )
-        )
-        code = EXIT_OK
-    except BatchFailedError as error:
-        if error.result is None:
-            raise
-        result, code = error.result, EXIT_JOB_FAILED
-    finally:
-        ROW_PROGRESS.reset(token)
-    print(f"{'row':>4}  {'status':<8}  {'request_id':<36}  {'cost':>6}  output / error")
-    for row in result.rows:
-        detail = row.output_locations[0] if row.output_locations else (row.error or "")
-        cost = f"{row.cost:.2f}" if row.cost is not None else "-"
-        print(f"{row.row:>4}  {row.status:<8}  {row.request_id or '-':<36}  {cost:>6}  {detail}")
-    print(
-        f"{result.archived} archived, {result.skipped} skipped, {result.failed} failed; "
-        f"total cost ${result.total_cost:.2f}; results manifest {result.results_manifest}"
-    )
-    return code

@@ -11,7 +11,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import ConfigDict, Field, SecretStr
 
-from .client import AsyncRunComfyClient, RunComfyClient
+from ..client import AsyncRunComfyClient, RunComfyClient
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:

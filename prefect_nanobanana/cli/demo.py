@@ -7,6 +7,7 @@ on free loopback ports, draws a few input images, writes a manifest and runs the
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .emulator import EmulatorConfig, EmulatorServer
-from .storage import STAGING_TOKEN_ENV, LoopbackObjectStore
+from ..emulator import EmulatorConfig, EmulatorServer, LoopbackObjectStore
+from ..storage.staging import STAGING_TOKEN_ENV
 
 DEMO_TIME_SCALE = 0.1
 
@@ -117,7 +118,7 @@ def run_demo(out: str | os.PathLike[str] = "nanobanana-demo") -> int:
         print(f"Emulator of the RunComfy Model API on {emulator.base_url}")
         print(f"Loopback staging store on {store.base_url}")
         print(f"Running the batch_edit flow over {len(_ROWS)} rows of {manifest} ...")
-        from .flows import batch_edit
+        from ..flows import batch_edit
 
         result = asyncio.run(
             batch_edit(
@@ -144,3 +145,8 @@ def run_demo(out: str | os.PathLike[str] = "nanobanana-demo") -> int:
     print(f"Images and metadata.json files: {root / 'archive'}")
     print(f"Results manifest:               {result.results_manifest}")
     return 0 if result.failed == 0 else 1
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    """`nanobanana demo [--out DIR]`."""
+    return run_demo(args.out)

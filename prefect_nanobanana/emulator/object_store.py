@@ -38,13 +38,12 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .locations import is_loopback_host, redact_text
+from ..storage.locations import is_loopback_host, redact_text
+from ..storage.staging import MAX_URL_EXPIRES_IN, STAGING_TOKEN_ENV
 
 logger = logging.getLogger(__name__)
 
-STAGING_TOKEN_ENV = "NANOBANANA_STAGING_TOKEN"
 DEFAULT_URL_EXPIRES_IN = 3600
-MAX_URL_EXPIRES_IN = 7 * 24 * 3600  # S3's own limit for SigV4 pre-signed URLs
 _CHUNK = 1024 * 1024
 
 

@@ -20,8 +20,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials, S3Bucket
 
-from .storage import (
+from ..storage import (
     DEFAULT_EXPIRES_IN,
+    ArchiveMetadata,
     ArchiveRecord,
     StagedAsset,
     archive_outputs,
@@ -103,7 +104,7 @@ def _archive(
     request_id: str,
     output_urls: Sequence[str],
     archive_uri: str,
-    metadata: Mapping[str, Any],
+    metadata: ArchiveMetadata | Mapping[str, Any],
     created_at: dt.datetime | None,
     aws_credentials: AwsCredentialsLike,
 ) -> ArchiveRecord:
@@ -123,7 +124,7 @@ def archive_request(
     request_id: str,
     output_urls: list[str],
     archive_uri: str,
-    metadata: dict[str, Any],
+    metadata: ArchiveMetadata | dict[str, Any],
     created_at: dt.datetime | None = None,
     aws_credentials: AwsCredentialsLike = None,
 ) -> ArchiveRecord:
@@ -140,7 +141,7 @@ async def aarchive_request(
     request_id: str,
     output_urls: list[str],
     archive_uri: str,
-    metadata: dict[str, Any],
+    metadata: ArchiveMetadata | dict[str, Any],
     created_at: dt.datetime | None = None,
     aws_credentials: AwsCredentialsLike = None,
 ) -> ArchiveRecord:

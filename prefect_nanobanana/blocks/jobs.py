@@ -6,8 +6,8 @@ from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.blocks.abstract import JobBlock, JobRun
 from pydantic import BaseModel, Field
 
-from . import observe
-from .client import (
+from .. import observe
+from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
     CancelResult,

@@ -1,0 +1,141 @@
+"""Scale-out: a large batch as chunks, each a child run of a deployment of this flow."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from uuid import uuid4
+
+from anyio import to_thread
+from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
+from prefect.logging import get_run_logger
+
+from ...blocks.credentials import (
+    RunComfyCredentials,
+)
+from ...storage import (
+    redact_text,
+    strip_signature,
+)
+from ...storage.backends import open_object
+from ...tasks.storage import resolve_location
+from .models import BatchJob, BatchRowResult
+from .report import ROW_PROGRESS
+
+# How often the parent of a chunked batch asks the server whether a chunk's run ended.
+CHUNK_POLL_SECONDS = 5.0
+
+
+def _credentials_parameter(credentials: RunComfyCredentials | str) -> str:
+    """The parent's credentials as a child run's parameter: the block's name.
+
+    A block object cannot travel as a parameter (its token is a secret), so a saved
+    block goes by its name, which the child loads.
+    """
+    if isinstance(credentials, str):
+        return credentials
+    name = credentials._block_document_name
+    if name is None:
+        raise ValueError(
+            "a chunked batch passes its credentials to child runs, so they must be a saved "
+            "RunComfyCredentials block (or its name), not an unsaved one"
+        )
+    return name
+
+
+def _read_chunk_rows(location: str, aws_credentials: str | None) -> list[BatchRowResult]:
+    """The rows a chunk's run wrote to its results manifest; none if it wrote none."""
+    target, s3_client = resolve_location(location, aws_credentials)
+    assert target is not None
+    backend, key = open_object(target, s3_client)
+    raw = backend.read_bytes(key)
+    lines = raw.decode("utf-8").splitlines() if raw else []
+    return [BatchRowResult.model_validate_json(line) for line in lines if line.strip()]
+
+
+def _in_parent_numbering(
+    chunk: list[BatchJob], start: int, child_rows: list[BatchRowResult], missing: str
+) -> list[BatchRowResult]:
+    """A chunk's rows with the parent's row numbers and ids; a row the child never reported
+    (its run crashed, say) fails with `missing` as the reason."""
+    found = {row.row: row for row in child_rows}
+    rows = []
+    for offset, job in enumerate(chunk, start=1):
+        row = found.get(offset) or BatchRowResult(
+            row=offset,
+            status="failed",
+            prompt=job.prompt,
+            sources=[strip_signature(source) for source in job.images],
+            error=missing,
+        )
+        rows.append(row.model_copy(update={"row": start + offset, "id": job.id}))
+    return rows
+
+
+async def _run_in_chunks(
+    jobs: list[BatchJob],
+    chunk_size: int,
+    chunk_deployment: str,
+    options: dict[str, Any],
+    results_location: str,
+    aws_credentials: str | None,
+) -> list[BatchRowResult]:
+    """Run the rows as concurrent child runs of `chunk_deployment`; their rows, renumbered.
+
+    A child returns its rows through its results manifest, written next to the
+    parent's, rather than through Prefect's result storage: the manifest is written
+    even when the child fails on failed rows, it lives in the archive every worker
+    must share anyway (for the ledger), and persisting the flow's result would also
+    persist its tasks' results, which hold the API's signed output URLs.
+    """
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    parent = context.flow_run.name if context and context.flow_run else "batch"
+    # Fresh per run of the parent: a retried parent never reads an earlier attempt's rows.
+    token = uuid4().hex[:8]
+    starts = range(0, len(jobs), chunk_size)
+    done = 0
+
+    async def run_chunk(index: int, start: int) -> list[BatchRowResult]:
+        nonlocal done
+        chunk = jobs[start : start + chunk_size]
+        location = f"{results_location.removesuffix('.jsonl')}.chunk-{index:03d}-{token}.jsonl"
+        # A row without an id is told apart by its position: give it its position in
+        # the parent, so the child finds the same ledger entry as an unchunked run would.
+        child_jobs = [
+            {**job.model_dump(exclude_none=True), "id": job.id or str(start + offset)}
+            for offset, job in enumerate(chunk, start=1)
+        ]
+        child = await run_deployment(
+            name=chunk_deployment,
+            parameters={
+                **options,
+                "jobs": child_jobs,
+                "results_uri": location,
+                "chunk_size": None,
+                "chunk_deployment": None,
+            },
+            flow_run_name=f"{parent}-chunk-{index}-of-{len(starts)}",
+            poll_interval=CHUNK_POLL_SECONDS,
+            as_subflow=True,
+        )
+        ended = child.state.name if child.state else "unknown"
+        if child.state and child.state.message:
+            ended = redact_text(f"{ended} ({child.state.message})")
+        rows = f"{start + 1}-{start + len(chunk)}"
+        logger.info("Chunk %d (rows %s) ran as flow run %r: %s", index, rows, child.name, ended)
+        child_rows = await to_thread.run_sync(_read_chunk_rows, location, aws_credentials)
+        missing = (
+            f"chunk {index} (flow run {child.name}) ended {ended} without a result for this "
+            "row; rerun the batch to retry it (rows already archived are skipped)"
+        )
+        done += len(chunk)
+        if (listener := ROW_PROGRESS.get()) is not None:
+            listener(done, len(jobs))
+        return _in_parent_numbering(chunk, start, child_rows, missing)
+
+    chunks = await asyncio.gather(
+        *(run_chunk(index, start) for index, start in enumerate(starts, start=1))
+    )
+    return [row for rows in chunks for row in rows]

@@ -1,0 +1,57 @@
+"""The lane scheduler: work items through a fixed number of lanes, a lane per request in flight.
+
+Knows nothing of Prefect, rows or the API, so it can be tested alone. A lane hands
+an item an `asyncio.Event` and moves on to its next item as soon as the item sets
+it (for a row: its request ended), while the item finishes on its own (a row
+archives meanwhile: our I/O, not a request in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, nullcontext
+from typing import TypeVar
+
+Item = TypeVar("Item")
+
+
+async def run_in_lanes(
+    items: Iterable[Item],
+    lanes: int,
+    run_item: Callable[[Item, asyncio.Event], Awaitable[None]],
+    hold: AbstractAsyncContextManager[object] | None = None,
+) -> None:
+    """Run every item, at most `lanes` of them before their events are set; return when all end.
+
+    `hold` is entered for as long as lanes run (the batch's concurrency slots), not
+    while the last items finish. An item's event is set for it when it ends, however
+    it ends, so a lane never waits for an item that is gone. When this is cancelled
+    (the run stops early), the items still finishing are cancelled with it.
+    """
+    waiting = deque(items)
+    lanes = min(lanes, len(waiting))
+    if not lanes:
+        return
+    finishing: list[asyncio.Task[None]] = []
+
+    async def run_one(item: Item, released: asyncio.Event) -> None:
+        try:
+            await run_item(item, released)
+        finally:
+            released.set()
+
+    async def lane() -> None:
+        while waiting:
+            released = asyncio.Event()
+            finishing.append(asyncio.create_task(run_one(waiting.popleft(), released)))
+            await released.wait()
+
+    try:
+        async with hold or nullcontext():
+            await asyncio.gather(*(lane() for _ in range(lanes)))
+        await asyncio.gather(*finishing)
+    finally:
+        for task in finishing:
+            task.cancel()

@@ -1,0 +1,87 @@
+"""The house: which room may import what, and the old import paths users rely on.
+
+Each check runs in a fresh interpreter, because this test process has long
+imported Prefect for the other tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+FOREIGN = ("prefect", "prefect_aws")
+
+
+def imported_after(code: str) -> list[str]:
+    """The top-level packages in `sys.modules` after running `code` in a new interpreter."""
+    probe = (
+        code
+        + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return json.loads(answer.stdout.strip().splitlines()[-1])
+
+
+def every_module_of(package: str) -> str:
+    """Code that imports every module of `package` and resolves every lazy export."""
+    return (
+        "import importlib, pkgutil\n"
+        f"package = importlib.import_module({package!r})\n"
+        "for info in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "for name in package.__all__:\n"
+        "    getattr(package, name)\n"
+    )
+
+
+@pytest.mark.parametrize("room", ["prefect_nanobanana.client", "prefect_nanobanana.storage"])
+def test_client_and_storage_import_nothing_of_prefect(room: str) -> None:
+    modules = imported_after(every_module_of(room))
+    assert room.split(".")[0] in modules  # the probe did import the room
+    assert not [name for name in modules if name in FOREIGN]
+
+
+def test_the_emulator_imports_nothing_of_prefect() -> None:
+    modules = imported_after(every_module_of("prefect_nanobanana.emulator"))
+    assert not [name for name in modules if name in FOREIGN]
+
+
+def test_the_command_line_starts_without_prefect() -> None:
+    modules = imported_after("from prefect_nanobanana.cli import build_parser; build_parser()")
+    assert not [name for name in modules if name in FOREIGN]
+
+
+OLD_PATHS = {
+    "prefect_nanobanana.credentials": "prefect_nanobanana.blocks.credentials",
+    "prefect_nanobanana.jobs": "prefect_nanobanana.blocks.jobs",
+    "prefect_nanobanana.storage_tasks": "prefect_nanobanana.tasks.storage",
+    "prefect_nanobanana.demo": "prefect_nanobanana.cli.demo",
+    "prefect_nanobanana.storage.loopback": "prefect_nanobanana.emulator.object_store",
+}
+
+
+@pytest.mark.parametrize(("old", "new"), OLD_PATHS.items())
+def test_old_module_paths_give_the_very_same_modules(old: str, new: str) -> None:
+    # The same object, so a monkeypatch or an isinstance through the old path reaches the code.
+    assert importlib.import_module(old) is importlib.import_module(new)
+    assert importlib.import_module(new).__spec__.name == new
+
+
+def test_public_names_resolve_where_they_did() -> None:
+    import prefect_nanobanana
+    from prefect_nanobanana import blocks, emulator, storage, tasks
+    from prefect_nanobanana.cli import main
+
+    credentials = importlib.import_module("prefect_nanobanana.credentials")
+    assert credentials.RunComfyCredentials is blocks.RunComfyCredentials
+    assert prefect_nanobanana.NanoBananaEditJob is blocks.NanoBananaEditJob
+    assert storage.LoopbackObjectStore is emulator.LoopbackObjectStore
+    storage_tasks = importlib.import_module("prefect_nanobanana.storage_tasks")
+    assert storage_tasks.archive_request is tasks.archive_request
+    assert callable(main) and callable(prefect_nanobanana.batch_edit)
