@@ -449,3 +449,183 @@ def test_a_killed_download_leaves_no_scratch_file(hostile: HostileServer, tmp_pa
     )
     assert [output.width for output in record.outputs] == [64]
     assert sorted(path.name for path in folder.iterdir()) == ["0.png", "metadata.json"]
+
+
+# ------------------------------------------------------------------ the Prefect side
+
+
+def _flow_run_ids(states: list[Any]) -> list[Any]:
+    return [state.state_details.flow_run_id for state in states]
+
+
+def _prefect_record_of(flow_run_ids: list[Any]) -> list[str]:
+    """Every text Prefect keeps of these runs: logs, events, states (flow and task), artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.events.filters import EventFilter, EventRelatedFilter, EventResourceFilter
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    texts: list[str] = []
+    resource_ids = [f"prefect.flow-run.{run_id}" for run_id in flow_run_ids]
+    with get_client(sync_client=True) as client:
+        texts += [
+            log.message
+            for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))
+            )
+        ]
+        for run_id in flow_run_ids:
+            texts += [
+                json.dumps(s.model_dump(mode="json")) for s in client.read_flow_run_states(run_id)
+            ]
+        for task_run in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids))
+        ):
+            texts.append(json.dumps(task_run.state.model_dump(mode="json")))
+        for artifact in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids))
+        ):
+            texts.append(json.dumps(artifact.model_dump(mode="json")))
+
+    def events() -> list[str]:
+        found: list[str] = []
+        with get_client(sync_client=True) as client:
+            for events_filter in (
+                EventFilter(resource=EventResourceFilter(id=resource_ids)),
+                EventFilter(related=EventRelatedFilter(id=resource_ids)),
+            ):
+                page = client.read_events(filter=events_filter, limit=50)
+                while True:
+                    found += [event.model_dump_json() for event in page.events]
+                    if not page.next_page:
+                        break
+                    page = client.read_events_page(page.next_page)
+        return found
+
+    # The server stores events asynchronously: wait for every run's final state event.
+    for _ in range(100):
+        event_texts = events()
+        finals = sum('"prefect.flow-run.Failed"' in text for text in event_texts)
+        if finals >= len(flow_run_ids):
+            break
+        time.sleep(0.2)
+    return texts + event_texts
+
+
+@pytest.mark.prefect
+def test_an_echoing_server_leaves_no_signature_in_prefects_database(
+    prefect_harness: Any,
+    hostile: HostileServer,
+    secret_service: HostileServer,
+    loopback_store: LoopbackObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row 4: signatures landed in logs (13), events (15), states (6) and an artifact (1).
+
+    Four runs of `edit_and_archive` over a local image staged to the loopback store
+    (so its signed URL is in no flow parameter): a 422 echoing the input, a 500
+    quoting it, a failed job quoting it, and a completed job whose outputs carry
+    signatures and point to another host (refused, reported, never fetched).
+    """
+    from prefect_nanobanana import RunComfyCredentials, edit_and_archive
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    image = tmp_path / "in.png"
+    image.write_bytes(png_bytes((16, 16)))
+    credentials = RunComfyCredentials(api_token=HOSTILE_TOKEN, base_url=hostile.base_url)
+
+    def quote_input(handler: HostileHandler) -> str:
+        return json.loads(handler.body)["image_urls"][0]
+
+    def accepted(request_id: str) -> None:
+        hostile.route(
+            "POST",
+            SUBMIT_PATH,
+            lambda h: h.json(
+                200,
+                {
+                    "request_id": request_id,
+                    "result_url": f"{hostile.base_url}/v1/requests/{request_id}/result"
+                    f"?X-Amz-Signature={SIGNATURE}",
+                },
+            ),
+        )
+
+    def run() -> Any:
+        return edit_and_archive(
+            prompt="Add snow",
+            images=[str(image)],
+            archive_uri=str(tmp_path / "archive"),
+            staging_uri=loopback_store.base_url,
+            credentials=credentials,
+            return_state=True,
+        )
+
+    states = []
+    hostile.route("POST", SUBMIT_PATH, _echo_422)
+    states.append(run())
+    hostile.route(
+        "POST",
+        SUBMIT_PATH,
+        lambda h: h.json(500, {"error_code": 500001, "error_message": f"boom: {quote_input(h)}"}),
+    )
+    states.append(run())
+    accepted("rid-failed")
+    polls = [
+        {"status": f"paused-for {SIGNED_INPUT_URL}"},  # an unknown status: logged as it is
+        {"status": "failed", "error": f"cannot fetch {SIGNED_INPUT_URL} (Bearer {HOSTILE_TOKEN})"},
+    ]
+    hostile.route(
+        "GET",
+        "/v1/requests/rid-failed/",
+        lambda h: h.json(200, polls.pop(0) if len(polls) > 1 else polls[0]),
+    )
+    states.append(run())
+    accepted("rid-elsewhere")
+    outputs = [
+        f"{hostile.base_url}/out/0.png?X-Amz-Signature={SIGNATURE}",
+        f"{secret_service.base_url}/loot.png?X-Amz-Credential={CREDENTIAL}&X-Amz-Signature={SIGNATURE}",
+    ]
+    hostile.route(
+        "GET",
+        "/v1/requests/rid-elsewhere/",
+        lambda h: h.json(200, {"status": "completed", "output": {"images": outputs}}),
+    )
+    hostile.route("GET", "/out/", lambda h: h.image(png_bytes()))
+    states.append(run())
+
+    assert [state.type.value for state in states] == ["FAILED"] * 4
+    assert "rid-elsewhere" in states[3].message and "output hosts" in states[3].message
+    assert secret_service.hits == []
+    submits = hostile.hits_of("POST", SUBMIT_PATH)
+    assert len(submits) == 4
+    for hit in hostile.hits_of("GET", "/out/"):
+        assert "Authorization" not in hit.headers
+    record = _prefect_record_of(_flow_run_ids(states))
+    assert any("rid-failed" in text for text in record)  # the record is really there
+    assert any("rid-elsewhere" in text for text in record)
+    # Ours, and the loopback store's own signatures as the API received them.
+    signatures = {SIGNATURE, CREDENTIAL, HOSTILE_TOKEN, *_loopback_signatures(hostile)}
+    leaks = [(secret, text[:300]) for text in record for secret in signatures if secret in text]
+    assert leaks == []
+
+
+def _loopback_signatures(server: HostileServer) -> set[str]:
+    """The `signature` query values of the staged URLs the hostile API was sent."""
+    from urllib.parse import parse_qs, urlsplit
+
+    found = set()
+    for hit in server.hits_of("POST", SUBMIT_PATH):
+        for url in json.loads(hit.body)["image_urls"]:
+            found.update(parse_qs(urlsplit(url).query).get("signature", []))
+    assert found, "the staged URL carried no signature: the test would prove nothing"
+    return found

@@ -98,6 +98,7 @@ def run_edit_command(args: argparse.Namespace) -> int:
             finished_at=result.finished_at,
             cost=result.cost,
         ),
+        allowed_hosts=client.output_hosts,
     )
     payload = {
         "request_id": handle.request_id,

@@ -58,6 +58,7 @@ def cancel(args: argparse.Namespace) -> int:
 def result(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.result(args.request_id)
+        output_hosts = client.output_hosts
     payload = result.model_dump(mode="json")
     lines = [f"{result.request_id}: {result.status}"]
     if args.download and result.status == "completed":
@@ -71,6 +72,7 @@ def result(args: argparse.Namespace) -> int:
             metadata=ArchiveMetadata(
                 cost=result.cost, created_at=result.created_at, finished_at=result.finished_at
             ),
+            allowed_hosts=output_hosts,
         )
         payload["saved"] = record.output_locations
         lines.extend(f"saved {location}" for location in record.output_locations)

@@ -67,6 +67,25 @@ EditInput = NanoBananaEditInput | dict[str, Any]
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
+def resolve_base_url(base_url: str | None) -> str:
+    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API."""
+    return (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip("/")
+
+
+def output_hosts_for(
+    base_url: str | None, output_hosts: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """Where outputs may be downloaded from: `output_hosts` when given, else the defaults.
+
+    The defaults are the provider's output hosts (`*.runcomfy.net`) and the API's
+    own host with its port (an emulator serves its outputs itself).
+    """
+    if output_hosts is not None:
+        return tuple(output_hosts)
+    base_host = httpx.URL(resolve_base_url(base_url)).netloc.decode()
+    return tuple(dict.fromkeys([*DEFAULT_OUTPUT_HOSTS, base_host]))
+
+
 def _plain_secret(api_token: str | SecretStr | None) -> str:
     if isinstance(api_token, SecretStr):
         api_token = api_token.get_secret_value()
@@ -97,17 +116,8 @@ class _ClientCore:
             raise ValueError("timeout must be a positive number of seconds")
         self.max_answer_bytes = max_answer_bytes
         self._api_token = SecretStr(_plain_secret(api_token))
-        self.base_url = (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip(
-            "/"
-        )
-        # Where this API's outputs may be fetched from: the provider's output hosts and
-        # the API's own host (an emulator serves its outputs itself), unless told.
-        base_host = httpx.URL(self.base_url).netloc.decode()
-        self.output_hosts: tuple[str, ...] = (
-            tuple(output_hosts)
-            if output_hosts is not None
-            else tuple(dict.fromkeys([*DEFAULT_OUTPUT_HOSTS, base_host]))
-        )
+        self.base_url = resolve_base_url(base_url)
+        self.output_hosts = output_hosts_for(self.base_url, output_hosts)
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.polling_policy = polling_policy or PollingPolicy(

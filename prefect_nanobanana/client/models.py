@@ -67,9 +67,12 @@ class _ServerModel(BaseModel):
 
 
 class NanoBananaEditInput(BaseModel):
-    """The documented input of google/nano-banana/pro/edit, checked before a paid submit."""
+    """The documented input of google/nano-banana/pro/edit, checked before a paid submit.
 
-    model_config = ConfigDict(extra="forbid")
+    Validation errors do not quote the input: an image URL may be pre-signed.
+    """
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     prompt: str = Field(
         min_length=1,

@@ -20,6 +20,7 @@ from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials,
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
+    JobCancelledError,
     NanoBananaEditInput,
     OutputFormat,
     Resolution,
@@ -27,7 +28,7 @@ from ..client import (
 from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
 from ..tasks.storage import archive_request, stage_images
-from .edit import remote_seconds, withdrawn_if_abandoned
+from .edit import remote_seconds, withdrawn_if_abandoned, withdrawn_when_cancelling
 
 
 class EditAndArchiveResult(BaseModel):
@@ -88,14 +89,22 @@ def edit_and_archive(
     scope = str(observe.current_flow_run_id())
     job_key = hashlib.sha256(f"{scope}:{job_key_for(prompt, images, options)}".encode()).hexdigest()
     submitted = submit_edit(edit, resolved, job_key=job_key[:32])
-    with withdrawn_if_abandoned(resolved, submitted.request_id):
-        outcome = wait_for_request(
-            submitted.request_id,
-            resolved,
-            timeout_seconds=timeout_seconds,
-            resolution=resolution,
-            submitted_at=submitted.submitted_at,
-        )
+    with (
+        withdrawn_if_abandoned(resolved, submitted.request_id),
+        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
+    ):
+        try:
+            outcome = wait_for_request(
+                submitted.request_id,
+                resolved,
+                timeout_seconds=timeout_seconds,
+                resolution=resolution,
+                submitted_at=submitted.submitted_at,
+            )
+        except JobCancelledError:
+            if watch.fired:
+                return watch.cancelled_state()  # type: ignore[return-value]
+            raise
     record = archive_request(
         submitted.request_id,
         outcome.output_urls,
@@ -112,8 +121,11 @@ def edit_and_archive(
         ),
         outcome.created_at,
         aws_credentials,
+        resolved.allowed_output_hosts(),
     )
     assert record.metadata_location is not None  # set whenever every output was archived
+    if watch.fired:  # it ran already when the cancel came: archived, then cancelled
+        return watch.cancelled_state()  # type: ignore[return-value]
     return EditAndArchiveResult(
         request_id=submitted.request_id,
         output_locations=record.output_locations,

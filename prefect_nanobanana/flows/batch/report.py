@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.logging import get_run_logger
 
+from ...redaction import redact, redact_text
 from ...storage import (
     write_results_manifest,
 )
@@ -88,22 +89,24 @@ async def _finish_batch(
     )
     await acreate_table_artifact(
         key="nanobanana-batch-rows",
-        table=[
-            {
-                "row": row.row,
-                "request_id": row.request_id,
-                "status": row.status,
-                "seconds": row.seconds,
-                "cost": row.cost,
-                "output": row.output_locations[0] if row.output_locations else None,
-                "error": row.error,
-            }
-            for row in rows
-        ],
+        table=redact(
+            [
+                {
+                    "row": row.row,
+                    "request_id": row.request_id,
+                    "status": row.status,
+                    "seconds": row.seconds,
+                    "cost": row.cost,
+                    "output": row.output_locations[0] if row.output_locations else None,
+                    "error": row.error,
+                }
+                for row in rows
+            ]
+        ),
         description=f"Rows of the batch; results manifest: {results_location}",
     )
     await acreate_markdown_artifact(
-        key="nanobanana-batch-report", markdown=_report_markdown(rows, total_cost)
+        key="nanobanana-batch-report", markdown=redact_text(_report_markdown(rows, total_cost))
     )
     get_run_logger().info(
         "Batch done: %d archived, %d skipped, %d failed; total cost $%.2f; results in %s",

@@ -192,6 +192,7 @@ async def aedit_batch_row(
         metadata,
         result.created_at,
         batch.aws_credentials,
+        list(batch.client.output_hosts),
     )
     await to_thread.run_sync(
         batch.ledger.mark_archived, plan.job_key, record.metadata_location, record.output_locations
