@@ -629,3 +629,123 @@ def _loopback_signatures(server: HostileServer) -> set[str]:
             found.update(parse_qs(urlsplit(url).query).get("signature", []))
     assert found, "the staged URL carried no signature: the test would prove nothing"
     return found
+
+
+@pytest.mark.prefect
+def test_a_cancelling_direct_run_withdraws_its_queued_request(
+    prefect_harness: Any, use_emulator: Any, emulator_factory: Any, image_server: Any
+) -> None:
+    """Also: a direct `edit_image` ignored a cancel set through the API (0 cancel calls)."""
+    import threading
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Cancelling
+
+    from prefect_nanobanana import edit_image
+    from prefect_nanobanana.emulator import Fault, FaultPlan
+    from prefect_nanobanana.tasks import RECORD_LABEL_PREFIX
+
+    emulator = use_emulator(emulator_factory(faults=FaultPlan([Fault("stuck", endpoint="job")])))
+    name = f"cancel-direct-{uuid.uuid4().hex[:8]}"
+    ended: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: ended.append(
+            edit_image.with_options(flow_run_name=name)(
+                prompt="paint it teal",
+                image_urls=[image_server.url_for("wide.png")],
+                return_state=True,
+            )
+        ),
+        daemon=True,
+    )
+    runner.start()
+
+    def submitted() -> tuple[Any, str] | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))
+            )
+        for run in runs:
+            for key, value in (run.labels or {}).items():
+                if key.startswith(RECORD_LABEL_PREFIX) and value not in (
+                    "submitting",
+                    "not-submitted",
+                ):
+                    return run.id, value
+        return None
+
+    found = None
+    for _ in range(600):
+        if found := submitted():
+            break
+        time.sleep(0.1)
+    assert found, "the run never recorded its request"
+    run_id, request_id = found
+    assert emulator.job(request_id).status == "in_queue"
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    asked = time.monotonic()
+    while emulator.job(request_id).status != "cancelled" and time.monotonic() - asked < 10:
+        time.sleep(0.05)
+    withdrawn_after = time.monotonic() - asked
+    runner.join(timeout=60)
+
+    assert emulator.job(request_id).status == "cancelled"
+    assert withdrawn_after < 5
+    assert emulator.stats.cancel_outcomes == {"cancelled": 1, "not_cancellable": 0}
+    assert ended and ended[0].is_cancelled()
+
+
+@pytest.mark.prefect
+def test_a_pixel_bomb_or_a_long_prompt_ends_a_run_with_zero_submits(
+    prefect_harness: Any,
+    hostile: HostileServer,
+    loopback_store: LoopbackObjectStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows 6 and 7 through `edit_and_archive`: refused before anything is paid."""
+    from prefect_nanobanana import RunComfyCredentials, edit_and_archive
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes())
+    credentials = RunComfyCredentials(api_token=HOSTILE_TOKEN, base_url=hostile.base_url)
+    for prompt, image in (
+        ("Add snow", write_pixel_bomb(tmp_path / "bomb.png")),
+        ("x" * (MAX_PROMPT_CHARS + 1), good),  # (2,000,000 is over Prefect's own parameter cap)
+    ):
+        state = edit_and_archive(
+            prompt=prompt,
+            images=[str(image)],
+            archive_uri=str(tmp_path / "archive"),
+            staging_uri=loopback_store.base_url,
+            credentials=credentials,
+            return_state=True,
+        )
+        assert state.is_failed()
+    assert hostile.hits_of("POST") == []
+    assert list((loopback_store.folder / "objects").rglob("*.png")) == []
+
+
+def test_a_bad_value_in_a_manifest_names_its_line(tmp_path: Path) -> None:
+    """Also: an enum error or `num_images: 5` said "1 validation error for BatchJob"."""
+    import asyncio
+
+    from prefect_nanobanana.flows.batch.plan import aread_batch_manifest
+    from prefect_nanobanana.storage import ManifestError
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes())
+    for bad in ({"aspect_ratio": "7:1"}, {"num_images": 5}):
+        manifest = tmp_path / "m.jsonl"
+        rows = [
+            {"prompt": "ok", "images": [str(image)]},
+            {"prompt": "bad", "images": [str(image)], **bad},
+        ]
+        manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        with pytest.raises(ManifestError, match=r"m\.jsonl:2: " + next(iter(bad))):
+            asyncio.run(aread_batch_manifest.fn(str(manifest)))
