@@ -73,7 +73,10 @@ class RedactingFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when a handler formats it
+            return True
         redacted = redact_text(message)
         if redacted != message:
             record.msg, record.args = redacted, ()

@@ -75,9 +75,17 @@ def redact_text(text: str) -> str:
         return text
     text = _DATA_URI_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
     text = _URL_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
-    text = _SECRET_PARAM_RE.sub(lambda match: f"{match.group(1)}{match.group(2)}{MASK}", text)
+    text = _SECRET_PARAM_RE.sub(_mask_parameter, text)
     text = _AUTHORIZATION_RE.sub(lambda match: f"{match.group(1)}{match.group(2)}{MASK}", text)
     return _BEARER_RE.sub(lambda match: f"{match.group(1)}{match.group(2)}{MASK}", text)
+
+
+def _mask_parameter(match: re.Match[str]) -> str:
+    name, equals = match.group(1), match.group(2)
+    value = match.group(0)[len(name) + len(equals) :]
+    if not value.strip("."):
+        return match.group(0)  # a placeholder in prose ("pass api_token=..."), not a secret
+    return f"{name}{equals}{MASK}"
 
 
 def redact(value: Any) -> Any:
