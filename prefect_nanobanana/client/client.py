@@ -86,6 +86,14 @@ def output_hosts_for(
     return tuple(dict.fromkeys([*DEFAULT_OUTPUT_HOSTS, base_host]))
 
 
+class _OutOfTime(Exception):
+    """A poll of `wait` would retry past the wait's deadline; `wait` raises its timeout."""
+
+    def __init__(self, error: RunComfyError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _plain_secret(api_token: str | SecretStr | None) -> str:
     if isinstance(api_token, SecretStr):
         api_token = api_token.get_secret_value()
@@ -319,7 +327,7 @@ class _ClientCore:
             raise error
         delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
         if self._out_of_time(until, delay):
-            raise error
+            raise _OutOfTime(error)
         if isinstance(error, RateLimitedError):
             self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
@@ -461,8 +469,14 @@ class RunComfyClient(_ClientCore):
     def submit_edit(self, edit: EditInput) -> RequestHandle:
         return self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
-    def status(self, request_id: str, *, until: float | None = None) -> RequestStatus:
-        """The request's status; `until` (monotonic) stops retries past a caller's deadline."""
+    def status(self, request_id: str) -> RequestStatus:
+        return self._poll_status(request_id, None)
+
+    def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return self._poll_result(request_id, include_cost, None)
+
+    def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
+        """The request's status; `until` (monotonic) stops retries past a wait's deadline."""
         body = self._call(
             CallKind.READ,
             "GET",
@@ -472,8 +486,8 @@ class RunComfyClient(_ClientCore):
         )
         return self._status(body, request_id)
 
-    def result(
-        self, request_id: str, *, include_cost: bool = True, until: float | None = None
+    def _poll_result(
+        self, request_id: str, include_cost: bool, until: float | None
     ) -> RequestResult:
         body = self._call(
             CallKind.READ,
@@ -512,29 +526,26 @@ class RunComfyClient(_ClientCore):
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
         until = tracker.deadline
         try:
-            poll: RequestStatus | RequestResult = self.status(request_id, until=until)
+            poll: RequestStatus | RequestResult = self._poll_status(request_id, until)
             while True:
                 delay = tracker.observe(poll)
                 if delay is None:
                     result = (
                         poll
                         if isinstance(poll, RequestResult)
-                        else self.result(request_id, until=until)
+                        else self._poll_result(request_id, True, until)
                     )
                     if result.is_terminal:
                         return tracker.finish(result)
                     delay = tracker.result_not_ready()
                 time.sleep(delay)
                 poll = (
-                    self.result(request_id, until=until)
+                    self._poll_result(request_id, True, until)
                     if tracker.polls_result_next
-                    else self.status(request_id, until=until)
+                    else self._poll_status(request_id, until)
                 )
-        except RunComfyError as error:
-            timeout_error = tracker.timed_out(error)
-            if timeout_error is None:
-                raise
-            raise timeout_error from error
+        except _OutOfTime as stop:
+            raise tracker.timeout_error() from stop.error
 
 
 class AsyncRunComfyClient(_ClientCore):
@@ -640,7 +651,13 @@ class AsyncRunComfyClient(_ClientCore):
     async def submit_edit(self, edit: EditInput) -> RequestHandle:
         return await self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
-    async def status(self, request_id: str, *, until: float | None = None) -> RequestStatus:
+    async def status(self, request_id: str) -> RequestStatus:
+        return await self._poll_status(request_id, None)
+
+    async def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return await self._poll_result(request_id, include_cost, None)
+
+    async def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
         body = await self._call(
             CallKind.READ,
             "GET",
@@ -650,8 +667,8 @@ class AsyncRunComfyClient(_ClientCore):
         )
         return self._status(body, request_id)
 
-    async def result(
-        self, request_id: str, *, include_cost: bool = True, until: float | None = None
+    async def _poll_result(
+        self, request_id: str, include_cost: bool, until: float | None
     ) -> RequestResult:
         body = await self._call(
             CallKind.READ,
@@ -682,26 +699,23 @@ class AsyncRunComfyClient(_ClientCore):
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at)
         until = tracker.deadline
         try:
-            poll: RequestStatus | RequestResult = await self.status(request_id, until=until)
+            poll: RequestStatus | RequestResult = await self._poll_status(request_id, until)
             while True:
                 delay = tracker.observe(poll)
                 if delay is None:
                     result = (
                         poll
                         if isinstance(poll, RequestResult)
-                        else await self.result(request_id, until=until)
+                        else await self._poll_result(request_id, True, until)
                     )
                     if result.is_terminal:
                         return tracker.finish(result)
                     delay = tracker.result_not_ready()
                 await asyncio.sleep(delay)
                 poll = await (
-                    self.result(request_id, until=until)
+                    self._poll_result(request_id, True, until)
                     if tracker.polls_result_next
-                    else self.status(request_id, until=until)
+                    else self._poll_status(request_id, until)
                 )
-        except RunComfyError as error:
-            timeout_error = tracker.timed_out(error)
-            if timeout_error is None:
-                raise
-            raise timeout_error from error
+        except _OutOfTime as stop:
+            raise tracker.timeout_error() from stop.error

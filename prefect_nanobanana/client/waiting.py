@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from .errors import JobCancelledError, JobFailedError, RunComfyError, WaitTimeoutError
+from .errors import JobCancelledError, JobFailedError, WaitTimeoutError
 from .models import TERMINAL_STATES, RequestResult, RequestStatus
 from .polling import PollingPolicy, PollState, RunDurationEstimator, next_poll_delay
 
@@ -202,17 +202,8 @@ class WaitTracker:
         """The wait's end on the tracker's clock (`time.monotonic`), None for no deadline."""
         return self._deadline
 
-    def timed_out(self, error: RunComfyError) -> WaitTimeoutError | None:
-        """The timeout a transient poll failure past the deadline stands for, else None.
-
-        Past the deadline the client stops retrying a poll; the caller then learns
-        that the wait ran out (the job may still finish), not that one poll failed.
-        """
-        if not error.is_transient or self._deadline is None or self._clock() < self._deadline:
-            return None
-        return self._timeout_error()
-
-    def _timeout_error(self) -> WaitTimeoutError:
+    def timeout_error(self) -> WaitTimeoutError:
+        """The error of a wait past its deadline (the job may still finish remotely)."""
         self._estimator.job_ended(self.request_id)
         last = self._last.status if self._last else None
         return WaitTimeoutError(
@@ -228,7 +219,7 @@ class WaitTracker:
             return delay
         remaining = self._deadline - now
         if remaining <= 0:
-            raise self._timeout_error()
+            raise self.timeout_error()
         return min(delay, remaining)
 
     def _log_change(self, status: RequestStatus, now: float) -> None:
