@@ -28,12 +28,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from prefect.artifacts import (
-    acreate_link_artifact,
-    acreate_table_artifact,
-    create_link_artifact,
-    create_table_artifact,
-)
+from prefect.artifacts import acreate_link_artifact, acreate_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging import get_logger
@@ -195,26 +190,14 @@ def _link_arguments(request_id: str, result_url: str, job_key: str | None) -> di
     }
 
 
-def link_request(request_id: str, result_url: str | None, job_key: str | None = None) -> None:
+async def alink_request(
+    request_id: str, result_url: str | None, job_key: str | None = None
+) -> None:
     """A link artifact to the request's result URL, made as soon as the request exists.
 
     The link (not the token) is what a person needs to collect an output when
     the run that asked for it is gone.
     """
-    if not result_url or not _in_a_run():
-        return
-    try:
-        create_link_artifact(**_link_arguments(request_id, result_url, job_key), _sync=True)
-    except Exception:
-        logger.warning(
-            "Could not create the link artifact of request %s", request_id, exc_info=True
-        )
-
-
-async def alink_request(
-    request_id: str, result_url: str | None, job_key: str | None = None
-) -> None:
-    """The async twin of `link_request`."""
     if not result_url or not _in_a_run():
         return
     try:
@@ -259,23 +242,8 @@ def _outcome_table_arguments(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def record_outcome(row: dict[str, Any]) -> None:
-    """Announce how a request ended: the final event and a table artifact."""
-    emit_request_event(
-        EVENT_FOR_STATUS.get(row["status"], EVENT_FAILED), row["request_id"], payload=row
-    )
-    if not _in_a_run():
-        return
-    try:
-        create_table_artifact(**_outcome_table_arguments(row), _sync=True)
-    except Exception:
-        logger.warning(
-            "Could not create the outcome artifact of request %s", row["request_id"], exc_info=True
-        )
-
-
 async def arecord_outcome(row: dict[str, Any]) -> None:
-    """The async twin of `record_outcome`."""
+    """Announce how a request ended: the final event and a table artifact."""
     emit_request_event(
         EVENT_FOR_STATUS.get(row["status"], EVENT_FAILED), row["request_id"], payload=row
     )

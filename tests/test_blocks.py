@@ -6,6 +6,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import uuid
 from urllib.error import URLError
 from urllib.request import urlopen
 
@@ -242,6 +243,28 @@ def test_job_block_trigger_wait_and_fetch(
     assert len(result.output_urls) == 2
     assert run.fetch_result().output_urls == result.output_urls
     assert emulator.stats.submits_accepted == 1
+
+
+@pytest.mark.prefect
+def test_job_block_triggered_twice_with_one_job_key_submits_once(
+    prefect_harness, use_emulator, emulator, emulator_token, image_server
+):
+    use_emulator(emulator)
+    job = _job(emulator, emulator_token, image_server)
+    job_key = f"saved-edit-{uuid.uuid4().hex[:8]}"
+    first = job.trigger(job_key=job_key)
+    second = job.trigger(job_key=job_key)
+    assert emulator.stats.submits_received == 1
+    assert second.request_id == first.request_id and second.adopted and not first.adopted
+    assert second.wait_for_completion().status == "completed"
+
+    async def from_async_code() -> str:
+        return (await job.atrigger(job_key=job_key)).request_id
+
+    assert asyncio.run(from_async_code()) == first.request_id
+    # Without a key every trigger is a new edit, as before.
+    assert job.trigger().request_id != first.request_id
+    assert emulator.stats.submits_received == 2
 
 
 @pytest.mark.prefect

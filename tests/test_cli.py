@@ -143,7 +143,7 @@ def test_bad_token_and_bad_input_exit_codes(api, image_server, monkeypatch, caps
     assert "file.png" in capsys.readouterr().err
 
 
-def test_ctrl_c_cancels_a_queued_request(api, image_server):
+def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):
     emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
     child = subprocess.Popen(
         [
@@ -157,6 +157,7 @@ def test_ctrl_c_cancels_a_queued_request(api, image_server):
             image_server.url_for("square.png"),
         ],
         env=dict(os.environ),
+        cwd=tmp_path,  # the default output folder (and its ledger) lands here
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -387,7 +387,9 @@ async def test_batch_killed_midway_resumes_without_paying_twice(
     # a different limit name keeps this test from waiting for that.
     result = await batch_edit(**{**options, "concurrency_limit_name": "test-batch-kill-rerun"})
     assert emulator.stats.submits_accepted == 10  # one paid request per row, over both runs
-    assert result.failed == 0 and result.archived + result.skipped == 10
+    assert result.failed == 0 and result.archived + result.skipped + result.adopted == 10
+    # The killed run's requests in flight are adopted (waited on, archived), never paid again.
+    assert result.adopted == sum(row.status == "adopted" for row in result.rows) >= 1
     metadata_files = list(archive.rglob("metadata.json"))
     assert len(metadata_files) == 10
     assert "signature=" not in _all_text(archive)
@@ -449,3 +451,33 @@ def test_prefect_aws_blocks_given_by_name(
     assert result.output_locations[0].startswith(f"s3://{s3_bucket}/team/edited/")
     key = result.metadata_location.removeprefix(f"s3://{s3_bucket}/")
     assert s3_client.head_object(Bucket=s3_bucket, Key=key)["ContentLength"] > 0
+
+
+async def test_a_row_whose_second_output_cannot_be_fetched_lists_the_first_as_kept(
+    emulator_factory, use_emulator, sample_images, loopback_store, tmp_path, monkeypatch
+):
+    from prefect_nanobanana.flows import batch_edit
+
+    monkeypatch.setenv("NANOBANANA_STAGING_TOKEN", loopback_store.upload_token)
+    # Output 0 is fetched (call 1); output 1 fails on every try (calls 2-5).
+    faults = FaultPlan([Fault("server_error", endpoint="files", calls=[2, 3, 4, 5])])
+    emulator = use_emulator(emulator_factory(faults=faults))
+    archive = tmp_path / "archive"
+    options = {
+        "jobs": [{"id": "pair", "prompt": "two", "images": [str(sample_images / "a.png")]}],
+        "archive_uri": str(archive),
+        "staging_uri": loopback_store.base_url,
+        "num_images": 2,
+        "allow_partial": True,
+        "concurrency_limit_name": "test-partial-archive",
+    }
+    result = await batch_edit(**options)
+    (row,) = result.rows
+    assert row.status == "failed" and "1 of 2 outputs could not be archived" in row.error
+    assert len(row.output_locations) == 1 and Path(row.output_locations[0]).is_file()
+    manifest_row = json.loads(Path(result.results_manifest).read_text())
+    assert manifest_row["output_locations"] == row.output_locations
+    # A rerun archives what is missing from the same request: nothing is paid again.
+    again = await batch_edit(**options)
+    assert again.rows[0].status == "adopted" and len(again.rows[0].output_locations) == 2
+    assert emulator.stats.submits_accepted == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from prefect_nanobanana.storage import (
     Ledger,
+    LedgerEntry,
     LedgerError,
     ManifestError,
     job_key_for,
@@ -20,36 +22,50 @@ from prefect_nanobanana.storage import (
 SIGNED = "https://cdn.example.com/a.png?X-Amz-Signature=secret"
 
 
+def _entry(job_key: str, status: str = "submitting", **fields: Any) -> LedgerEntry:
+    now = dt.datetime.now(dt.timezone.utc)
+    return LedgerEntry(job_key=job_key, status=status, submitted_at=now, updated_at=now, **fields)
+
+
 def _round_trip(ledger: Ledger) -> None:
     key = job_key_for("make it blue", ["photo.png"], {"resolution": "2K"})
-    assert ledger.lookup(key) is None
+    assert ledger.read(key) is None and ledger.lookup(key) is None
 
-    submitted = ledger.record_submit(key, "req-1", model="m", sources=[SIGNED])
-    assert submitted.status == "submitted" and submitted.facts["sources"] == [SIGNED.split("?")[0]]
-    assert ledger.lookup(key) == submitted
+    # A claim is created once: the second create loses, whatever it carries.
+    claim = _entry(key)
+    first = ledger.create(claim)
+    assert first is not None
+    assert ledger.create(_entry(key, "submitted", request_id="req-other")) is None
+    assert ledger.read(key) == (claim, first)
 
-    archived = ledger.mark_archived(key, "archive/metadata.json", ["archive/0.png"])
-    assert (archived.status, archived.output_locations) == ("archived", ["archive/0.png"])
-    assert ledger.lookup(key) == archived
+    # Later writes name the version they read; a stale version loses.
+    submitted = claim.model_copy(
+        update={"status": "submitted", "request_id": "req-1", "facts": {"sources": [SIGNED]}}
+    )
+    second = ledger.replace(submitted, first)
+    assert second is not None and second != first
+    assert ledger.replace(claim.model_copy(update={"status": "failed"}), first) is None
+    entry, version = ledger.read(key)
+    assert (entry.status, entry.request_id, version) == ("submitted", "req-1", second)
+    assert entry.facts["sources"] == [SIGNED.split("?")[0]]  # no signature on disk
+    archived = entry.model_copy(update={"status": "archived", "cost": 0.15})
+    assert ledger.replace(archived, version) is not None
+    assert ledger.lookup(key).cost == 0.15
 
+    # A replace of a record that does not exist loses too.
     other = job_key_for("another", ["photo.png"])
-    ledger.record_submit(other, "req-2")
-    failed = ledger.mark_failed(other, RuntimeError(f"cannot fetch {SIGNED}"))
-    assert failed.status == "failed"
-    assert failed.error == "RuntimeError: cannot fetch https://cdn.example.com/a.png"
-
-    resubmitted = ledger.record_submit(other, "req-3")
-    assert resubmitted.previous_request_ids == ["req-2"] and resubmitted.error is None
+    assert ledger.replace(_entry(other), second) is None
+    assert ledger.create(_entry(other, "failed", error="boom")) is not None
 
     assert [entry.job_key for entry in ledger.entries()] == [key, other]
-    with pytest.raises(LedgerError, match="no ledger entry"):
-        ledger.mark_failed(job_key_for("never", []), "boom")
+    assert sorted(versioned.entry.job_key for versioned in ledger.scan()) == sorted([key, other])
 
 
 def test_ledger_round_trip_in_a_folder(tmp_path: Path) -> None:
     ledger = Ledger(str(tmp_path))
     _round_trip(ledger)
-    files = sorted(path.name for path in (tmp_path / "_ledger").iterdir())
+    # Hidden: the lock files of conditional replaces (never read as entries).
+    files = sorted(p.name for p in (tmp_path / "_ledger").iterdir() if not p.name.startswith("."))
     assert len(files) == 2 and all(name.endswith(".json") for name in files)
     assert "secret" not in "".join(path.read_text() for path in tmp_path.rglob("*.json"))
 
@@ -178,14 +194,24 @@ def test_missing_manifest(tmp_path: Path) -> None:
         read_manifest(str(tmp_path / "nope.csv"))
 
 
-def test_submitting_marker_keeps_history_and_is_replaced_by_the_request(tmp_path):
+def test_an_unreadable_entry_is_an_error_not_an_absent_job(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "archive")
     key = job_key_for("p", ["https://example.com/a.png"], row_id="7")
-    ledger.record_submit(key, "req-old")
-    ledger.mark_failed(key, "job failed")
-    marker = ledger.record_submitting(key)
-    assert (marker.status, marker.request_id) == ("submitting", None)
-    assert ledger.lookup(key).previous_request_ids == ["req-old"]
-    entry = ledger.record_submit(key, "req-new")
-    assert (entry.status, entry.request_id) == ("submitted", "req-new")
-    assert entry.previous_request_ids == ["req-old"]
+    assert ledger.create(_entry(key)) is not None
+    Path(ledger.location(key)).write_text("{not json")
+    # Absent would mean "never submitted": a second payment. Unreadable must stop.
+    with pytest.raises(LedgerError, match="unreadable"):
+        ledger.read(key)
+
+
+def test_local_creates_race_safely_across_threads(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = Ledger(tmp_path / "archive")
+    key = job_key_for("p", ["a.png"])
+    ledger.check()
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda i: ledger.create(_entry(key, error=str(i))), range(32)))
+    assert sum(version is not None for version in versions) == 1
+    winner = versions.index(next(v for v in versions if v is not None))
+    assert ledger.lookup(key).error == str(winner)

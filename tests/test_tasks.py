@@ -117,7 +117,8 @@ def test_the_same_job_is_submitted_once(prefect_harness, use_emulator, emulator,
     one = submit_with_key(job_key)
     state = submit_with_key(job_key, return_state=True)
     other = state.result()
-    assert other.resumed and other.request_id == one.request_id
+    # Another run with the same key adopts the request: not paid again, not its own.
+    assert other.adopted and not other.resumed and other.request_id == one.request_id
     assert emulator.stats.submits_accepted == 2
     # The second run now owns the request too: its cancellation hook must find it.
     with get_client(sync_client=True) as client:

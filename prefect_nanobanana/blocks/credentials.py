@@ -9,6 +9,7 @@ from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block, schema_extra
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import ConfigDict, Field, SecretStr
 
 from ..client import AsyncRunComfyClient, RunComfyClient
@@ -115,25 +116,22 @@ class RunComfyCredentials(CredentialsBlock):
         """The hosts outputs may be downloaded from (the field, else the defaults)."""
         return list(output_hosts_for(self.base_url, self.output_hosts))
 
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "api_token": self.api_token,
+            "base_url": self.base_url,
+            "timeout": self.request_timeout,
+            "logger": run_logger_or_none(),
+            "output_hosts": self.output_hosts,
+        }
+
     def get_client(self) -> RunComfyClient:
         """A blocking client; close it (or use it in a `with` block) when done."""
-        return RunComfyClient(
-            api_token=self.api_token,
-            base_url=self.base_url,
-            timeout=self.request_timeout,
-            logger=run_logger_or_none(),
-            output_hosts=self.output_hosts,
-        )
+        return RunComfyClient(**self._client_options())
 
     def get_async_client(self) -> AsyncRunComfyClient:
         """An async client; use it in an `async with` block or `await client.aclose()`."""
-        return AsyncRunComfyClient(
-            api_token=self.api_token,
-            base_url=self.base_url,
-            timeout=self.request_timeout,
-            logger=run_logger_or_none(),
-            output_hosts=self.output_hosts,
-        )
+        return AsyncRunComfyClient(**self._client_options())
 
 
 DEFAULT_CREDENTIALS_BLOCK = "default"
@@ -147,7 +145,7 @@ def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     )
 
 
-def resolve_credentials(
+async def aresolve_credentials(
     credentials: RunComfyCredentials | str | dict[str, Any] | None = DEFAULT_CREDENTIALS_BLOCK,
 ) -> RunComfyCredentials:
     """Turn what a flow was given for credentials into a block.
@@ -164,26 +162,6 @@ def resolve_credentials(
         return RunComfyCredentials()
     if isinstance(credentials, dict):
         if "$ref" in credentials:
-            return RunComfyCredentials.load_from_ref(credentials["$ref"], _sync=True)
-        return _from_parameter_dict(credentials)
-    try:
-        return RunComfyCredentials.load(credentials, _sync=True)
-    except ValueError:
-        if credentials != DEFAULT_CREDENTIALS_BLOCK:
-            raise
-        return RunComfyCredentials()
-
-
-async def aresolve_credentials(
-    credentials: RunComfyCredentials | str | dict[str, Any] | None = DEFAULT_CREDENTIALS_BLOCK,
-) -> RunComfyCredentials:
-    """The async twin of `resolve_credentials`."""
-    if isinstance(credentials, RunComfyCredentials):
-        return credentials
-    if credentials is None:
-        return RunComfyCredentials()
-    if isinstance(credentials, dict):
-        if "$ref" in credentials:
             return await RunComfyCredentials.aload_from_ref(credentials["$ref"])
         return _from_parameter_dict(credentials)
     try:
@@ -192,3 +170,10 @@ async def aresolve_credentials(
         if credentials != DEFAULT_CREDENTIALS_BLOCK:
             raise
         return RunComfyCredentials()
+
+
+def resolve_credentials(
+    credentials: RunComfyCredentials | str | dict[str, Any] | None = DEFAULT_CREDENTIALS_BLOCK,
+) -> RunComfyCredentials:
+    """The blocking face of `aresolve_credentials` (sync flows, the cancellation hook)."""
+    return run_coro_as_sync(aresolve_credentials(credentials))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.blocks.abstract import JobBlock, JobRun
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
 from .. import observe
@@ -17,6 +20,8 @@ from ..client import (
     RequestResult,
     Resolution,
 )
+from ..tasks.guard import default_job_key, job_scope, submit_once
+from ..tasks.records import PrefectRecordStore
 from .credentials import RunComfyCredentials
 
 
@@ -41,19 +46,28 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
         ),
     )
     result_url: str | None = Field(default=None, description="Where its result can be fetched.")
+    submitted_at: datetime | None = Field(
+        default=None, description="When it was submitted, so a later wait polls accordingly."
+    )
+    job_key: str | None = Field(default=None, description="The job key it was submitted under.")
+    adopted: bool = Field(
+        default=False, description="True when an earlier trigger with the job key submitted it."
+    )
 
     async def await_for_completion(self) -> RequestResult:
         """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
         async with self.credentials.get_async_client() as client:
             return await client.wait(
-                self.request_id, self.timeout_seconds, resolution=self.resolution
+                self.request_id,
+                self.timeout_seconds,
+                resolution=self.resolution,
+                submitted_at=self.submitted_at,
             )
 
     @async_dispatch(await_for_completion)
     def wait_for_completion(self) -> RequestResult:
         """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
-        with self.credentials.get_client() as client:
-            return client.wait(self.request_id, self.timeout_seconds, resolution=self.resolution)
+        return run_coro_as_sync(self.await_for_completion())
 
     async def afetch_result(self) -> RequestResult:
         """The result as it stands (with the current status while unfinished)."""
@@ -63,8 +77,7 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
     @async_dispatch(afetch_result)
     def fetch_result(self) -> RequestResult:
         """The result as it stands (with the current status while unfinished)."""
-        with self.credentials.get_client() as client:
-            return client.result(self.request_id)
+        return run_coro_as_sync(self.afetch_result())
 
     async def acancel(self) -> CancelResult:
         """Cancel the request if queued; a running one answers `not_cancellable`."""
@@ -76,10 +89,7 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
     @async_dispatch(acancel)
     def cancel(self) -> CancelResult:
         """Cancel the request if queued; a running one answers `not_cancellable`."""
-        with self.credentials.get_client() as client:
-            result = client.cancel(self.request_id)
-        observe.log_cancel_outcome(self.logger, self.request_id, result.outcome)
-        return result
+        return run_coro_as_sync(self.acancel())
 
 
 class NanoBananaEditJob(JobBlock):
@@ -87,8 +97,8 @@ class NanoBananaEditJob(JobBlock):
     A Nano Banana Pro image edit on the RunComfy Model API, saved with its settings.
 
     Save it once (in the UI or in code) and every `trigger()` submits the same
-    edit. `trigger` submits directly, without the at-most-once record of the
-    `submit_edit` task: use that task inside flows that may be retried.
+    edit, through the one submit guard: `trigger(job_key="...")` twice (in one
+    process or several) submits once, the second call adopting the first's request.
 
     Example:
         Run a saved edit and wait for its images:
@@ -146,32 +156,49 @@ class NanoBananaEditJob(JobBlock):
         """The validated request body, checked before a paid submit."""
         return NanoBananaEditInput(**self.model_dump(include=set(NanoBananaEditInput.model_fields)))
 
-    def _job_run(self, request_id: str, result_url: str | None) -> NanoBananaEditJobRun:
-        self.logger.info("Submitted RunComfy request %s", request_id)
-        observe.emit_request_event(
-            observe.EVENT_SUBMITTED, request_id, payload={"model_id": NANO_BANANA_EDIT_MODEL_ID}
-        )
+    async def atrigger(self, job_key: str | None = None) -> NanoBananaEditJobRun:
+        """Submit the edit through the submit guard (billed once per job key).
+
+        Args:
+            job_key: Names the job. The same key again (another trigger, another
+                run, another process of this machine) adopts the request instead of
+                paying twice. None: a fresh job, scoped to the current flow run
+                when there is one (a retry of the run resumes its request).
+        """
+        edit = self.edit_input()
+        job_key = job_key or default_job_key(edit, job_scope())
+
+        async with self.credentials.get_async_client() as client:
+            submitted = await submit_once(
+                job_key,
+                PrefectRecordStore(),
+                client,
+                edit,
+                facts={
+                    "model_id": NANO_BANANA_EDIT_MODEL_ID,
+                    "parameters": edit.model_dump(mode="json", exclude={"prompt", "image_urls"}),
+                },
+            )
+        if not (submitted.resumed or submitted.adopted):
+            self.logger.info("Submitted RunComfy request %s", submitted.request_id)
+            observe.emit_request_event(
+                observe.EVENT_SUBMITTED,
+                submitted.request_id,
+                payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+            )
+            await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
         return NanoBananaEditJobRun(
-            request_id=request_id,
+            request_id=submitted.request_id,
             credentials=self.credentials,
             resolution=self.resolution,
             timeout_seconds=self.timeout_seconds,
-            result_url=result_url,
+            result_url=submitted.result_url,
+            submitted_at=submitted.submitted_at,
+            job_key=job_key,
+            adopted=submitted.adopted or submitted.resumed,
         )
 
-    async def atrigger(self) -> NanoBananaEditJobRun:
-        """Submit the edit (billed; never retried unless provably not received)."""
-        async with self.credentials.get_async_client() as client:
-            handle = await client.submit_edit(self.edit_input())
-        job_run = self._job_run(handle.request_id, handle.result_url)
-        await observe.alink_request(handle.request_id, handle.result_url)
-        return job_run
-
     @async_dispatch(atrigger)
-    def trigger(self) -> NanoBananaEditJobRun:
-        """Submit the edit (billed; never retried unless provably not received)."""
-        with self.credentials.get_client() as client:
-            handle = client.submit_edit(self.edit_input())
-        job_run = self._job_run(handle.request_id, handle.result_url)
-        observe.link_request(handle.request_id, handle.result_url)
-        return job_run
+    def trigger(self, job_key: str | None = None) -> NanoBananaEditJobRun:
+        """Submit the edit through the submit guard (billed once per job key)."""
+        return run_coro_as_sync(self.atrigger(job_key))

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     destination.add_argument("--archive", metavar="URI", help="Archive to a folder or s3://.")
     edit.add_argument("--staging", metavar="URI", help="Where local inputs are uploaded.")
     edit.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait.")
+    edit.add_argument(
+        "--job-key",
+        help="Name the job: the same key again adopts its request instead of paying twice.",
+    )
     _add_connection_options(edit)
     edit.set_defaults(handler="edit:run_edit_command")
 

@@ -51,7 +51,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
         cost = f"{row.cost:.2f}" if row.cost is not None else "-"
         print(f"{row.row:>4}  {row.status:<8}  {row.request_id or '-':<36}  {cost:>6}  {detail}")
     print(
-        f"{result.archived} archived, {result.skipped} skipped, {result.failed} failed; "
-        f"total cost ${result.total_cost:.2f}; results manifest {result.results_manifest}"
+        f"{result.archived} archived, {result.skipped} skipped, {result.adopted} adopted "
+        f"(another run's request), {result.failed} failed; total cost "
+        f"${result.total_cost:.2f} (${result.paid_cost:.2f} paid by this run); "
+        f"results manifest {result.results_manifest}"
     )
     return code

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
+from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
@@ -47,12 +49,14 @@ class _StatusDisplay:
         self._stream.flush()
 
 
-def _cancel_if_queued(client: RunComfyClient, request_id: str, display: _StatusDisplay) -> None:
-    status = client.status(request_id)
-    if status.status == "in_queue":
-        outcome = client.cancel(request_id).outcome
+def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) -> None:
+    """Ctrl-C: withdraw the request if still queued (the guard's one way), and say so."""
+    from ..tasks.guard import cancel_if_queued
+
+    outcome = cancel_if_queued(client, request_id, log=logging.getLogger(__name__))
+    if outcome == "cancelled":
         display.say(f"Interrupted: request {request_id} was still queued; cancel: {outcome}.")
-    elif not status.is_terminal:
+    elif outcome is not None:
         display.say(
             f"Interrupted: request {request_id} is already running and cannot be cancelled; "
             f"collect it later with `nanobanana result {request_id} --download DIR`."
@@ -60,7 +64,15 @@ def _cancel_if_queued(client: RunComfyClient, request_id: str, display: _StatusD
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
-    from ..storage import ArchiveMetadata, archive_outputs, stage_assets
+    """Stage, submit through the guard, wait with a live line, archive with metadata.json.
+
+    The job's record goes to the archive's ledger, like a batch row's: with
+    `--job-key`, running the same command again (after a crash, Ctrl-C or on
+    another machine sharing an S3 archive) adopts the request instead of paying
+    again; without it every run is a new edit.
+    """
+    from ..storage import ArchiveMetadata, Ledger, archive_outputs, job_key_for, stage_assets
+    from ..tasks.guard import submit_once_blocking
 
     options = {
         "aspect_ratio": args.aspect_ratio,
@@ -74,21 +86,36 @@ def run_edit_command(args: argparse.Namespace) -> int:
     edit = NanoBananaEditInput(
         prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
     )
+    archive_uri = args.archive or args.out or "nanobanana-output"
+    ledger = Ledger(archive_uri)
+    ledger.check()
+    job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
     with RunComfyClient(base_url=args.base_url) as client:
-        handle = client.submit_edit(edit)
-        display.say(f"Submitted request {handle.request_id}")
+        handle = submit_once_blocking(
+            job_key,
+            ledger,
+            client,
+            edit,
+            facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": options},
+        )
+        verb = "Adopted" if handle.adopted or handle.resumed else "Submitted"
+        display.say(f"{verb} request {handle.request_id}")
         try:
             result = client.wait(
-                handle.request_id, args.timeout, resolution=args.resolution, on_status=display
+                handle.request_id,
+                args.timeout,
+                resolution=args.resolution,
+                on_status=display,
+                submitted_at=handle.submitted_at,
             )
         except KeyboardInterrupt:
-            _cancel_if_queued(client, handle.request_id, display)
+            _withdraw(client, handle.request_id, display)
             raise
     record = archive_outputs(
         handle.request_id,
         result.output_urls,
         date=result.created_at.date() if result.created_at else None,
-        archive_uri=args.archive or args.out or "nanobanana-output",
+        archive_uri=archive_uri,
         metadata=ArchiveMetadata(
             prompt=args.prompt,
             parameters=options,

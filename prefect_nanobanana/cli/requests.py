@@ -23,7 +23,12 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
 
 
 def submit(args: argparse.Namespace) -> int:
+    """One paid submit, through the submit guard (its record lives in this process only)."""
+    from uuid import uuid4
+
     from ..client import NanoBananaEditInput
+    from ..tasks.guard import submit_once_blocking
+    from ..tasks.records import MemoryRecordStore
 
     edit = NanoBananaEditInput(
         prompt=args.prompt,
@@ -35,8 +40,9 @@ def submit(args: argparse.Namespace) -> int:
         sync_mode=args.sync_mode,
     )
     with _client(args) as client:
-        handle = client.submit_edit(edit)
-    _emit(args, handle.model_dump(), handle.request_id)
+        handle = submit_once_blocking(uuid4().hex, MemoryRecordStore(), client, edit)
+    payload = handle.model_dump(include={"request_id", "status_url", "result_url", "cancel_url"})
+    _emit(args, payload, handle.request_id)
     return EXIT_OK
 
 

@@ -9,7 +9,6 @@ the flow run restages, and still resumes the same request.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from prefect import flow
@@ -87,8 +86,9 @@ def edit_and_archive(
     staged = stage_images(images, staging_uri, aws_credentials)
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
     scope = str(observe.current_flow_run_id())
-    job_key = hashlib.sha256(f"{scope}:{job_key_for(prompt, images, options)}".encode()).hexdigest()
-    submitted = submit_edit(edit, resolved, job_key=job_key[:32])
+    # The sources as given, not the staged URLs (new signatures on every retry).
+    job_key = job_key_for(prompt, images, options, scope=scope)
+    submitted = submit_edit(edit, resolved, job_key=job_key)
     with (
         withdrawn_if_abandoned(resolved, submitted.request_id),
         withdrawn_when_cancelling(resolved, submitted.request_id) as watch,

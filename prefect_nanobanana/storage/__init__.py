@@ -65,7 +65,9 @@ _EXPORTS: dict[str, str] = {
         ],
         ".archive",
     ),
-    **dict.fromkeys(["Ledger", "LedgerEntry", "job_key_for"], ".ledger"),
+    **dict.fromkeys(
+        ["ClaimOwner", "Ledger", "LedgerEntry", "VersionedEntry", "job_key_for"], ".ledger"
+    ),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
 }
 

@@ -9,6 +9,13 @@ A process killed mid-write cannot remove its scratch file, so every scratch name
 carries its writer (a hash of the host name and the process id):
 :meth:`LocalBackend.sweep_scratch` removes those whose writer is gone, and the
 archive sweeps a request's folder before archiving it.
+
+Records that several runs (on several machines) may write at once use the
+conditional trio `read_versioned` / `create_bytes` / `replace_bytes`: a create
+succeeds for exactly one writer, and a replace only if nobody wrote since the
+version it names. Locally: a hard link of a complete temp file (atomic, fails if
+the name exists) and a rename under an exclusive lock; on S3: `put_object` with
+`IfNoneMatch="*"` and `IfMatch=<ETag>`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -80,6 +88,11 @@ def sweep_scratch_files(folder: Path) -> int:
                 entry.unlink()
                 removed += 1
     return removed
+
+
+# A conditional write lost: the object exists (create) or changed (replace). S3 answers
+# 409 ConditionalRequestConflict when two conditional writes of one key overlap.
+_CONFLICT_CODES = frozenset({"412", "409", "PreconditionFailed", "ConditionalRequestConflict"})
 
 
 def make_s3_client(**client_kwargs: Any) -> Any:
@@ -143,6 +156,18 @@ class Backend(Protocol):
         """Move a filled scratch file to ``key`` (rename or multipart upload); its location."""
         ...
 
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its version (a token for `replace_bytes`), or None if missing."""
+        ...
+
+    def create_bytes(self, key: str, data: bytes, content_type: str) -> str | None:
+        """Write ``key`` only if it does not exist (atomic); its version, or None if it did."""
+        ...
+
+    def replace_bytes(self, key: str, data: bytes, content_type: str, version: str) -> str | None:
+        """Overwrite ``key`` only if it is still at ``version``; the new version, or None."""
+        ...
+
     def list_keys(self, prefix: str) -> list[str]:
         """Keys directly under ``prefix``, sorted."""
         ...
@@ -180,16 +205,7 @@ class LocalBackend:
             return None
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
-        temp = self.temp_file(key)
-        try:
-            with temp.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return self.commit_file(temp, key, content_type)
+        return self.commit_file(self._complete_temp(key, data), key, content_type)
 
     def temp_file(self, key: str) -> Path:
         # Next to the destination, so the final rename stays on one filesystem (atomic).
@@ -209,6 +225,71 @@ class LocalBackend:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(temp, target)
         return str(target)
+
+    @staticmethod
+    def _version(stat: os.stat_result) -> str:
+        # Every write is a new file (temp + rename or link): a new inode and mtime.
+        return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            with self._path(key).open("rb") as handle:
+                # One open file: its content and its version always belong together.
+                return handle.read(), self._version(os.fstat(handle.fileno()))
+        except FileNotFoundError:
+            return None
+
+    def _complete_temp(self, key: str, data: bytes) -> Path:
+        """A scratch file next to ``key`` holding ``data``, flushed to disk."""
+        temp = self.temp_file(key)
+        try:
+            with temp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
+    def create_bytes(self, key: str, data: bytes, content_type: str) -> str | None:
+        target = self._path(key)
+        temp = self._complete_temp(key, data)
+        try:
+            # link() of a complete file is atomic and refuses an existing name, so no
+            # reader ever sees a half-written record and only one creator wins.
+            os.link(temp, target)
+        except FileExistsError:
+            return None
+        finally:
+            temp.unlink(missing_ok=True)
+        return self._version(target.stat())
+
+    def replace_bytes(self, key: str, data: bytes, content_type: str, version: str) -> str | None:
+        target = self._path(key)
+        with self._exclusive(target):
+            try:
+                if self._version(target.stat()) != version:
+                    return None
+            except FileNotFoundError:
+                return None
+            temp = self._complete_temp(key, data)
+            os.replace(temp, target)
+            return self._version(target.stat())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _exclusive(target: Path) -> Iterator[None]:
+        """An exclusive lock on ``target`` among writers (readers need none: renames are atomic)."""
+        import fcntl  # POSIX only; imported here so that the module loads anywhere
+
+        lock_path = target.with_name(f".{target.name}.lock")
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
 
     def list_keys(self, prefix: str) -> list[str]:
         folder = self.root / prefix if prefix else self.root
@@ -279,6 +360,38 @@ class S3Backend:
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot write {self.location(key)}: {exc}") from exc
         return self.location(key)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            response = self.s3.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise StorageError(f"cannot read {self.location(key)}: {_error_code(exc)}") from exc
+        return response["Body"].read(), response["ETag"]
+
+    def _put_if(self, key: str, data: bytes, content_type: str, **condition: str) -> str | None:
+        try:
+            response = self.s3.put_object(
+                Bucket=self.bucket,
+                Key=self.object_key(key),
+                Body=data,
+                ContentType=content_type,
+                **condition,
+            )
+        except ClientError as exc:
+            if _error_code(exc) in _CONFLICT_CODES or is_missing(exc):
+                return None
+            raise StorageError(f"cannot write {self.location(key)}: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot write {self.location(key)}: {exc}") from exc
+        return response["ETag"]
+
+    def create_bytes(self, key: str, data: bytes, content_type: str) -> str | None:
+        return self._put_if(key, data, content_type, IfNoneMatch="*")
+
+    def replace_bytes(self, key: str, data: bytes, content_type: str, version: str) -> str | None:
+        return self._put_if(key, data, content_type, IfMatch=version)
 
     def temp_file(self, key: str) -> Path:
         handle, name = tempfile.mkstemp(prefix=_scratch_prefix("nanobanana"), suffix=".part")

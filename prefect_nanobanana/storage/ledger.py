@@ -1,10 +1,14 @@
-"""The ledger: a small record per logical job, so a crashed batch never pays twice.
+"""The ledger: a small record per logical job, so no job is ever paid twice.
 
-The Model API has no idempotency key and every submit is billed. So right after a
-submit the request id is written under ``{archive}/_ledger/{job_key}.json``; a
-rerun of the batch looks each job up first and resumes waiting on the recorded
-request instead of submitting again. ``job_key_for`` gives the same logical job
-the same key across runs.
+The Model API has no idempotency key and every submit is billed. So each job has
+a record under ``{archive}/_ledger/{job_key}.json``: claimed ("submitting") before
+the submit, the request id right after, then how the job ended. Several runs, on
+several machines, may work on one archive at once, so the ledger offers only
+*conditional* writes: `create` succeeds for exactly one writer, and `replace` only
+if nobody wrote since the version that was read (see `backends`). The rules of
+what may follow what live in one place, the submit guard of the Prefect layer;
+this module only stores records. ``job_key_for`` gives the same logical job the
+same key across runs.
 """
 
 from __future__ import annotations
@@ -15,18 +19,33 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field, ValidationError
 
 from .backends import DEFAULT_ARCHIVE_URI, open_backend
 from .errors import LedgerError
-from .locations import LocalLocation, join_key, parse_location, redact, redact_text
+from .locations import LocalLocation, join_key, parse_location, redact
 
 LEDGER_PREFIX = "_ledger"
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
-JobStatus = Literal["submitting", "submitted", "archived", "failed"]
+JobStatus = Literal["submitting", "submitted", "archiving", "archived", "failed"]
+
+
+class ClaimOwner(BaseModel):
+    """Who holds a claim on a job (its submit, or its archiving), and since when.
+
+    Enough to tell a live claim from one whose process died: the same process knows
+    its own live claims by ``token``, the same host can ask whether ``pid`` still
+    runs, and any other machine can only wait until the claim is old.
+    """
+
+    token: str = Field(description="One claim attempt, unique.")
+    host: str
+    pid: int
+    flow_run_id: str | None = None
+    claimed_at: dt.datetime
 
 
 class LedgerEntry(BaseModel):
@@ -48,6 +67,16 @@ class LedgerEntry(BaseModel):
     output_locations: list[str] = Field(default_factory=list)
     error: str | None = None
     previous_request_ids: list[str] = Field(default_factory=list)
+    owner: ClaimOwner | None = Field(default=None, description="Who claimed the submit.")
+    archiver: ClaimOwner | None = Field(default=None, description="Who claimed the archiving.")
+    cost: float | None = Field(default=None, description="What RunComfy billed, once known.")
+
+
+class VersionedEntry(NamedTuple):
+    """An entry as read, with the version a conditional `Ledger.replace` must name."""
+
+    entry: LedgerEntry
+    version: str
 
 
 def job_key_for(
@@ -55,14 +84,17 @@ def job_key_for(
     sources: Sequence[str | os.PathLike[str]],
     options: Mapping[str, Any] | None = None,
     row_id: str | None = None,
+    scope: str | None = None,
 ) -> str:
-    """A stable key for a logical job: sha256 of its prompt, sources, options and row id.
+    """The one job-key scheme: sha256 of a job's prompt, sources, options, row id and scope.
 
     Local paths are made absolute and URLs signature-stripped, so restaging (new
     signatures) does not change the key; options set to None count as unset.
     Defaults are not filled in here — pass options already normalised if ``"1K"``
     and an omitted resolution should be the same job. ``row_id`` tells identical
-    rows of a batch apart (two copies of a row are two paid jobs).
+    rows of a batch apart (two copies of a row are two paid jobs). ``scope`` narrows
+    the key to one context (a flow run id: "this run's edit", not "this edit ever");
+    unset, it is left out, so keys made before it existed stay the same.
     """
     canonical = {
         "prompt": prompt,
@@ -71,6 +103,7 @@ def job_key_for(
             key: value for key, value in sorted((options or {}).items()) if value is not None
         },
         "row_id": row_id,
+        **({"scope": scope} if scope is not None else {}),
     }
     encoded = json.dumps(redact(canonical), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -84,7 +117,7 @@ def _canonical_source(source: str | os.PathLike[str]) -> str:
 
 
 class Ledger:
-    """Job records under ``{archive_uri}/_ledger/``, local or on S3.
+    """Job records under ``{archive_uri}/_ledger/``, local or on S3, written conditionally.
 
     Nothing touches the network until used; call :meth:`check` before the first
     paid submit so a missing bucket fails early.
@@ -103,118 +136,59 @@ class Ledger:
         """Where the entry for ``job_key`` is stored."""
         return self.backend.location(_entry_key(job_key))
 
-    def record_submitting(self, job_key: str) -> LedgerEntry:
-        """Mark ``job_key`` as being submitted; call right before the (billed) submit.
-
-        If the process dies between the submit and :meth:`record_submit`, a rerun
-        finds this marker without a request id and must not submit blindly again.
-        """
-        now = _now()
-        previous = self.lookup(job_key)
-        history = list(previous.previous_request_ids) if previous else []
-        if previous is not None and previous.request_id:
-            history.append(previous.request_id)
-        return self._write(
-            LedgerEntry(
-                job_key=job_key,
-                status="submitting",
-                submitted_at=now,
-                updated_at=now,
-                previous_request_ids=history,
-            )
-        )
-
-    def record_submit(self, job_key: str, request_id: str, **facts: Any) -> LedgerEntry:
-        """Record that ``job_key`` was submitted as ``request_id``; call right after the submit.
-
-        ``facts`` (model id, parameters, staged sources, estimated cost…) are kept
-        with URLs signature-stripped. Recording a new request for a known job keeps
-        the old request id in ``previous_request_ids``.
-        """
-        now = _now()
-        previous = self.lookup(job_key)
-        history = []
-        if previous is not None:
-            history = previous.previous_request_ids
-            if previous.request_id and previous.request_id != request_id:
-                history = [*history, previous.request_id]
-        entry = LedgerEntry(
-            job_key=job_key,
-            request_id=request_id,
-            status="submitted",
-            submitted_at=now,
-            updated_at=now,
-            facts=redact(facts),
-            previous_request_ids=history,
-        )
-        return self._write(entry)
-
-    def lookup(self, job_key: str) -> LedgerEntry | None:
-        """The entry for ``job_key``, or None if the job was never submitted."""
-        raw = self.backend.read_bytes(_entry_key(job_key))
-        if raw is None:
+    def read(self, job_key: str) -> VersionedEntry | None:
+        """The entry for ``job_key`` with its version, or None if the job was never claimed."""
+        found = self.backend.read_versioned(_entry_key(job_key))
+        if found is None:
             return None
+        raw, version = found
         try:
-            return LedgerEntry.model_validate_json(raw)
+            return VersionedEntry(LedgerEntry.model_validate_json(raw), version)
         except ValidationError as exc:
             raise LedgerError(
                 f"ledger entry {self.location(job_key)} is unreadable: {exc}"
             ) from exc
 
-    def mark_archived(
-        self, job_key: str, metadata_location: str, output_locations: Sequence[str]
-    ) -> LedgerEntry:
-        """Record that the job's outputs are safely archived; the job is done."""
-        entry = self._require(job_key)
-        return self._write(
-            entry.model_copy(
-                update={
-                    "status": "archived",
-                    "updated_at": _now(),
-                    "metadata_location": metadata_location,
-                    "output_locations": list(output_locations),
-                    "error": None,
-                }
-            )
-        )
+    def lookup(self, job_key: str) -> LedgerEntry | None:
+        """The entry for ``job_key``, or None if the job was never claimed."""
+        found = self.read(job_key)
+        return found.entry if found is not None else None
 
-    def mark_failed(self, job_key: str, error: str | BaseException) -> LedgerEntry:
-        """Record that the job failed (the text is kept with URLs signature-stripped)."""
-        entry = self._require(job_key)
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        return self._write(
-            entry.model_copy(
-                update={"status": "failed", "updated_at": _now(), "error": redact_text(text)}
-            )
-        )
+    def create(self, entry: LedgerEntry) -> str | None:
+        """Write a first entry for its job; its version, or None when one exists already."""
+        return self.backend.create_bytes(_entry_key(entry.job_key), _encode(entry), _JSON)
 
-    def entries(self) -> list[LedgerEntry]:
-        """Every entry, sorted by submit time."""
+    def replace(self, entry: LedgerEntry, version: str) -> str | None:
+        """Overwrite the job's entry if it is still at ``version``; the new version, or None."""
+        return self.backend.replace_bytes(_entry_key(entry.job_key), _encode(entry), _JSON, version)
+
+    def scan(self) -> list[VersionedEntry]:
+        """Every entry with its version, from one listing of the ledger's prefix."""
         found = []
         for key in self.backend.list_keys(LEDGER_PREFIX):
             if key.endswith(".json"):
-                entry = self.lookup(key.rsplit("/", 1)[-1].removesuffix(".json"))
-                if entry is not None:
-                    found.append(entry)
-        return sorted(found, key=lambda entry: (entry.submitted_at, entry.job_key))
+                versioned = self.read(key.rsplit("/", 1)[-1].removesuffix(".json"))
+                if versioned is not None:
+                    found.append(versioned)
+        return found
 
-    def _require(self, job_key: str) -> LedgerEntry:
-        entry = self.lookup(job_key)
-        if entry is None:
-            raise LedgerError(f"no ledger entry for job {job_key}")
-        return entry
+    def entries(self) -> list[LedgerEntry]:
+        """Every entry, sorted by submit time."""
+        return sorted(
+            (versioned.entry for versioned in self.scan()),
+            key=lambda entry: (entry.submitted_at, entry.job_key),
+        )
 
-    def _write(self, entry: LedgerEntry) -> LedgerEntry:
-        data = entry.model_dump_json(indent=2).encode()
-        self.backend.write_bytes(_entry_key(entry.job_key), data, "application/json")
-        return entry
+
+_JSON = "application/json"
+
+
+def _encode(entry: LedgerEntry) -> bytes:
+    # URLs in facts and errors lose their signatures: a ledger is a file we write.
+    return json.dumps(redact(entry.model_dump(mode="json")), indent=2).encode()
 
 
 def _entry_key(job_key: str) -> str:
     if not _JOB_KEY_RE.match(job_key):
         raise ValueError(f"job key {job_key!r} must be 1-200 letters, digits, '.', '_' or '-'")
     return join_key(LEDGER_PREFIX, f"{job_key}.json")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

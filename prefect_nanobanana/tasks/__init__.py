@@ -1,7 +1,9 @@
 """Prefect tasks: the submit guard, the request tasks, the storage tasks.
 
-- `guard.py`: the one submit guard (job keys, their records, "outcome unknown",
-  withdrawing a queued request). Every paid submit goes through it.
+- `guard.py`: the one submit guard (job keys, claim / adopt, "outcome unknown",
+  archiving once, withdrawing a queued request). Every paid submit goes through it.
+- `records.py`: where the guard keeps its records (the `RecordStore` interface;
+  Prefect's result store + flow-run labels; memory; the archive's `Ledger` is one too).
 - `requests.py`: `submit_edit`, `get_request_status`, `get_request_result`,
   `cancel_request`, `wait_for_request`, each with an `a*` async twin.
 - `storage.py`: `stage_images` / `archive_request` (+ `a*`), over the storage room.
@@ -9,14 +11,24 @@
 """
 
 from .guard import (
-    RECORD_LABEL_PREFIX,
     SubmittedRequest,
+    archive_claim,
     cancel_if_queued,
     cancel_recorded_requests,
     default_job_key,
-    recorded_request_ids,
+    mark_archived,
+    mark_failed,
+    outcome_unknown,
+    submit_once,
 )
 from .options import TASK_OPTIONS, retry_if_transient
+from .records import (
+    RECORD_LABEL_PREFIX,
+    MemoryRecordStore,
+    PrefectRecordStore,
+    RecordStore,
+    recorded_request_ids,
+)
 from .requests import (
     RequestOutcome,
     acancel_request,
@@ -35,12 +47,16 @@ from .storage import aarchive_request, archive_request, astage_images, stage_ima
 __all__ = [
     "RECORD_LABEL_PREFIX",
     "TASK_OPTIONS",
+    "MemoryRecordStore",
+    "PrefectRecordStore",
+    "RecordStore",
     "RequestOutcome",
     "SubmittedRequest",
     "aarchive_request",
     "acancel_request",
     "aget_request_result",
     "aget_request_status",
+    "archive_claim",
     "archive_request",
     "astage_images",
     "asubmit_edit",
@@ -51,9 +67,13 @@ __all__ = [
     "default_job_key",
     "get_request_result",
     "get_request_status",
+    "mark_archived",
+    "mark_failed",
+    "outcome_unknown",
     "recorded_request_ids",
     "retry_if_transient",
     "stage_images",
     "submit_edit",
+    "submit_once",
     "wait_for_request",
 ]

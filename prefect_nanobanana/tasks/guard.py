@@ -1,22 +1,38 @@
-"""The one submit guard: a paid submit happens at most once per *job key*.
+"""The one submit guard: every paid submit of the package goes through `submit_once`.
 
-A submit is billed and the API has no idempotency key, so every path that
-submits keeps a record per job key and never submits twice for one key:
+A submit is billed and the API has no idempotency key, so each logical job has a
+*job key* and a record in a store (`records.py`: the archive's ledger, Prefect's
+result store + flow-run labels, or memory), and the guard keeps one rule for all:
 
-1. Before sending, a "submitting" marker is written; once the request id exists,
-   the id. For bare tasks both go to two places: Prefect's result store (works
-   for tasks outside a flow run too) and the flow run's labels (on the API, so a
-   rerun on another machine and an `on_cancellation` hook in the runner's process
-   can read them after the flow's process is gone).
-2. A retry of the task or the flow run, or a rerun after a crash, finds the record:
-   a request id means "resume polling it"; a bare "submitting" marker means an
-   attempt died mid-submit, whose outcome nobody knows, so it fails with
-   `SubmitOutcomeUnknownError` rather than risk a second bill.
-3. When the server provably refused the submit (auth, validation, balance, rate
-   limit), the marker is cleared so a retry may submit.
+1. **Claim.** Before sending, the guard *creates* the job's record as "submitting"
+   (an atomic create: of two runs, on two machines, exactly one wins). A record that
+   says "failed" (the server refused, or the job failed) may be claimed again, by a
+   conditional replace, so again only one claimant wins.
+2. **Submit, then record.** The winner submits and replaces its claim with the
+   request id at once (conditionally; only the claim's owner can). A submit the
+   server provably refused (auth, validation, balance, rate limit) turns the claim
+   into "failed", so a retry may claim it again.
+3. **Adopt.** Whoever finds a request id in the record never submits: it takes that
+   request (`resumed` when its own earlier attempt made it, `adopted` when another
+   run did) and waits on it like on its own. Whoever finds a live "submitting"
+   claim waits until the owner records the id, then adopts it.
+4. **Outcome unknown.** A "submitting" claim whose owner died mid-submit (or whose
+   submit ended ambiguously: a 5xx, a read timeout) stays as it is: RunComfy may or
+   may not have billed it, so the guard raises `SubmitOutcomeUnknownError` (the one
+   error for it) instead of paying again.
 
-The job key defaults to a hash of the flow run id and the inputs; pass `job_key`
-to span flow runs, or to tell apart two identical edits in one run.
+A claim is alive while its owner is: the same process knows its claims in flight,
+the same host asks whether the owner's pid runs, another host trusts a claim for
+`SUBMIT_CLAIM_SECONDS`. Once the id is recorded, archiving is claimed the same way
+(`archive_claim`), so every output is archived once even when two runs wait on
+one request. A request id the API issued is recorded even when the process is
+told to stop (SIGTERM) just after: pending records are written on the way out.
+
+**Job keys**, one scheme (`storage.job_key_for`): sha256 of the prompt, the sources
+(as the user gave them, signatures removed), the options, and a row id or scope.
+A batch row's key is its content and row id (so a rerun, or a second run of the
+same manifest, finds it); a task's default key adds the flow run id as scope (a
+retry or rerun of that flow run resumes its request; pass `job_key` to span runs).
 
 Also here: the one way to withdraw a request that is still queued when the run
 that owns it stops for good (`cancel_if_queued`, and the `on_cancellation` hook
@@ -25,40 +41,68 @@ that owns it stops for good (`cancel_if_queued`, and the `on_cancellation` hook
 
 from __future__ import annotations
 
-import hashlib
-import json
+import asyncio
+import atexit
+import contextlib
 import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID, uuid4
 
+from anyio import to_thread
 from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.loggers import flow_run_logger
-from prefect.results import get_result_store
 from prefect.states import State
 from pydantic import BaseModel, Field
 
 from .. import observe
 from ..blocks.credentials import resolve_credentials, run_logger_or_none
 from ..client import (
-    NANO_BANANA_EDIT_MODEL_ID,
+    AsyncRunComfyClient,
     NanoBananaEditInput,
-    RequestHandle,
     RunComfyClient,
     RunComfyError,
     SubmitOutcomeUnknownError,
 )
+from ..storage import ClaimOwner, LedgerEntry, VersionedEntry, job_key_for, redact, redact_text
+from .records import RECORD_LABEL_PREFIX, RecordStore, recorded_request_ids
 
-RECORD_LABEL_PREFIX = "nanobanana.job."
-_SUBMITTING = "submitting"
-_NOT_SUBMITTED = "not-submitted"
+__all__ = [
+    "RECORD_LABEL_PREFIX",
+    "SubmittedRequest",
+    "archive_claim",
+    "cancel_if_queued",
+    "cancel_recorded_requests",
+    "default_job_key",
+    "mark_archived",
+    "mark_failed",
+    "outcome_unknown",
+    "recorded_request_ids",
+    "submit_once",
+    "submit_once_blocking",
+]
+
+# A "submitting" claim made on another host is trusted this long: the submit's own
+# timeouts and its retries of refusals (connection refused, 429) end well before.
+SUBMIT_CLAIM_SECONDS = 300.0
+# An archiving claim made on another host is trusted this long (large outputs).
+ARCHIVE_CLAIM_SECONDS = 900.0
+# How often a waiting claimant reads the record again: quick at first, then calmer.
+_WAIT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+logger = logging.getLogger(__name__)
 
 
 class SubmittedRequest(BaseModel):
-    """The request a job key owns; `resumed` is True when an earlier attempt submitted it."""
+    """The request a job key owns, and how this caller came to hold it."""
 
     job_key: str
     request_id: str
@@ -68,18 +112,17 @@ class SubmittedRequest(BaseModel):
     submitted_at: datetime | None = Field(
         default=None, description="Unknown when resumed from a flow-run label alone."
     )
-    resumed: bool = False
-
-
-class _SubmitRecord(BaseModel):
-    state: Literal["submitting", "submitted", "not_submitted"]
-    request: SubmittedRequest | None = None
+    resumed: bool = Field(default=False, description="An earlier attempt of this run made it.")
+    adopted: bool = Field(default=False, description="Another run submitted it; not paid here.")
+    submitted_by: str | None = Field(
+        default=None, description="The flow run that submitted it, when known."
+    )
 
 
 # --------------------------------------------------------------------------- job keys
 
 
-def _job_scope() -> str:
+def job_scope() -> str:
     """What makes a default job key unique: the flow run, else the task run, else nothing."""
     flow_run_id = observe.current_flow_run_id()
     if flow_run_id:
@@ -92,21 +135,12 @@ def _job_scope() -> str:
 
 
 def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
-    """A hash of the scope (usually the flow run id), the model and the inputs."""
-    material = json.dumps(
-        {"scope": scope, "model": NANO_BANANA_EDIT_MODEL_ID, "input": edit.model_dump(mode="json")},
-        sort_keys=True,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    """The job key of an edit within `scope` (usually the flow run id)."""
+    options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
+    return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
 
 
-def _record_names(job_key: str) -> tuple[str, str]:
-    """The result-store key and the flow-run label of a job key (safe for paths and labels)."""
-    digest = hashlib.sha256(job_key.encode()).hexdigest()[:24]
-    return f"nanobanana-submit-{digest}", f"{RECORD_LABEL_PREFIX}{digest}"
-
-
-def _submit_run_name(parameters: dict[str, Any]) -> str:
+def submit_run_name(parameters: dict[str, Any]) -> str:
     """`submit-edit-<job key>`: the request id does not exist yet when the run is named."""
     job_key = parameters.get("job_key")
     flow_run_context = FlowRunContext.get()
@@ -119,154 +153,468 @@ def _submit_run_name(parameters: dict[str, Any]) -> str:
     return f"submit-edit-{job_key}" if job_key else "submit-edit"
 
 
-# --------------------------------------------------------------------------- the record
+# --------------------------------------------------------------------------- owners
 
 
-def _label_record(value: Any) -> _SubmitRecord | None:
-    if not isinstance(value, str) or not value:
-        return None
-    if value == _SUBMITTING:
-        return _SubmitRecord(state="submitting")
-    if value == _NOT_SUBMITTED:
-        return _SubmitRecord(state="not_submitted")
-    return _SubmitRecord(state="submitted", request=SubmittedRequest(job_key="", request_id=value))
+# Tokens of the claims this process holds right now (a claim outlives no process).
+_LIVE_CLAIMS: set[str] = set()
 
 
-def _label_value(record: _SubmitRecord) -> str:
-    if record.request is not None:
-        return record.request.request_id
-    return _SUBMITTING if record.state == "submitting" else _NOT_SUBMITTED
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
-def _merge(records: list[_SubmitRecord | None]) -> _SubmitRecord | None:
-    """A known request id wins; else any "submitting" marker; else whatever says "free"."""
-    known = [record for record in records if record is not None]
-    for state in ("submitted", "submitting", "not_submitted"):
-        for record in known:
-            if record.state == state:
-                return record
-    return None
-
-
-def recorded_request_ids(labels: dict[str, Any]) -> list[str]:
-    """The request ids a flow run recorded in its labels, in the order they were made."""
-    return [
-        value
-        for key, value in labels.items()
-        if key.startswith(RECORD_LABEL_PREFIX)
-        and isinstance(value, str)
-        and value not in (_SUBMITTING, _NOT_SUBMITTED)
-    ]
-
-
-class _JobLedger:
-    """The two records of one job key, read and written by `submit_edit`/`asubmit_edit`."""
-
-    def __init__(self, job_key: str) -> None:
-        self.job_key = job_key
-        self.storage_key, self.label = _record_names(job_key)
-        self.flow_run_id = observe.current_flow_run_id()
-        self.store = get_result_store()
-        # Whether this flow run's labels already name the request (see `labels_missing`).
-        self.labelled = False
-
-    @property
-    def labels_missing(self) -> bool:
-        """True when a request found elsewhere (another run's key) is not yet in this run's
-        labels, where this run's cancellation hook looks for it."""
-        return self.flow_run_id is not None and not self.labelled
-
-    def _from_labels(self, labels: dict[str, Any]) -> _SubmitRecord | None:
-        record = _label_record(labels.get(self.label))
-        self.labelled = record is not None and record.request is not None
-        return record
-
-    def _found(self, records: list[_SubmitRecord | None]) -> _SubmitRecord | None:
-        record = _merge(records)
-        if record is not None and record.request is not None:
-            record.request = record.request.model_copy(
-                update={"job_key": self.job_key, "resumed": True}
-            )
-        return record
-
-    def find(self) -> _SubmitRecord | None:
-        records: list[_SubmitRecord | None] = []
-        if self.store.exists(self.storage_key):
-            records.append(_SubmitRecord.model_validate(self.store.read(self.storage_key).result))
-        if self.flow_run_id is not None:
-            with get_client(sync_client=True) as client:
-                labels = client.read_flow_run(self.flow_run_id).labels
-            records.append(self._from_labels(labels))
-        return self._found(records)
-
-    async def afind(self) -> _SubmitRecord | None:
-        records: list[_SubmitRecord | None] = []
-        if await self.store.aexists(self.storage_key):
-            record = await self.store.aread(self.storage_key)
-            records.append(_SubmitRecord.model_validate(record.result))
-        if self.flow_run_id is not None:
-            async with get_client() as client:
-                labels = (await client.read_flow_run(self.flow_run_id)).labels
-            records.append(self._from_labels(labels))
-        return self._found(records)
-
-    def write(self, record: _SubmitRecord) -> None:
-        self.store.write(record.model_dump(mode="json"), key=self.storage_key)
-        if self.flow_run_id is not None:
-            with get_client(sync_client=True) as client:
-                client.update_flow_run_labels(self.flow_run_id, {self.label: _label_value(record)})
-
-    async def awrite(self, record: _SubmitRecord) -> None:
-        await self.store.awrite(record.model_dump(mode="json"), key=self.storage_key)
-        if self.flow_run_id is not None:
-            async with get_client() as client:
-                await client.update_flow_run_labels(
-                    self.flow_run_id, {self.label: _label_value(record)}
-                )
-
-
-def _unknown_from_marker(job_key: str) -> SubmitOutcomeUnknownError:
-    return SubmitOutcomeUnknownError(
-        f"An earlier attempt of job {job_key!r} stopped while submitting, so RunComfy may or "
-        "may not have accepted (and billed) that request. It was NOT submitted again. Check "
-        "your RunComfy request history; to submit anew on purpose, run with a new job_key"
+def new_owner() -> ClaimOwner:
+    """A claim owner for this process, this run and this moment."""
+    flow_run_id = observe.current_flow_run_id()
+    return ClaimOwner(
+        token=uuid4().hex,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        flow_run_id=str(flow_run_id) if flow_run_id else None,
+        claimed_at=_now(),
     )
 
 
-def _submitted(job_key: str, handle: RequestHandle) -> SubmittedRequest:
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
+
+
+def claim_alive(owner: ClaimOwner | None, trusted_seconds: float) -> bool:
+    """Whether the process that made a claim may still be working on it."""
+    if owner is None:
+        return False
+    if owner.host == socket.gethostname() and owner.pid == os.getpid():
+        return owner.token in _LIVE_CLAIMS
+    # No claim is worked on longer than `trusted_seconds`, even by a process that runs on.
+    young = (_now() - owner.claimed_at).total_seconds() < trusted_seconds
+    if owner.host == socket.gethostname():
+        return young and _pid_runs(owner.pid)
+    return young
+
+
+def _same_run(owner: ClaimOwner | None, me: ClaimOwner) -> bool:
+    if owner is None:
+        return False
+    if owner.flow_run_id or me.flow_run_id:
+        return owner.flow_run_id == me.flow_run_id
+    return (owner.host, owner.pid) == (me.host, me.pid)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def outcome_unknown(job_key: str, where: str) -> SubmitOutcomeUnknownError:
+    """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again."""
+    return SubmitOutcomeUnknownError(
+        f"An earlier attempt of job {job_key!r} stopped while submitting, so RunComfy may or "
+        "may not have accepted (and billed) that request. It was NOT submitted again. Check "
+        "your RunComfy request history; to submit anew on purpose, run with a new job_key "
+        f"(or delete the record: {where})"
+    )
+
+
+# --------------------------------------------------------------------------- store calls
+
+
+async def _read(store: RecordStore, job_key: str) -> VersionedEntry | None:
+    return await to_thread.run_sync(store.read, job_key)
+
+
+async def _create(store: RecordStore, entry: LedgerEntry) -> str | None:
+    return await to_thread.run_sync(store.create, entry)
+
+
+async def _replace(store: RecordStore, entry: LedgerEntry, version: str) -> str | None:
+    return await to_thread.run_sync(store.replace, entry, version)
+
+
+# --------------------------------------------------------------------------- pending records
+
+# Request ids the API issued whose record is being written. If the process is told
+# to stop meanwhile (SIGTERM, or an exit), they are written on the way out: an
+# issued id is always recorded.
+_PENDING: dict[str, tuple[RecordStore, LedgerEntry, str]] = {}
+_PENDING_LOCK = threading.Lock()
+_SIGTERM_HOOKED = False
+
+
+def _flush_pending() -> None:
+    with _PENDING_LOCK:
+        pending = list(_PENDING.values())
+        _PENDING.clear()
+    for store, entry, version in pending:
+        with contextlib.suppress(Exception):
+            store.replace(entry, version)  # None: it was written meanwhile
+
+
+def _on_sigterm(previous: Any) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        _flush_pending()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    return handler
+
+
+def _hook_sigterm() -> None:
+    """Chain a SIGTERM handler that writes pending records first (main thread only)."""
+    global _SIGTERM_HOOKED
+    if _SIGTERM_HOOKED or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_IGN,):
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm(previous))
+    _SIGTERM_HOOKED = True
+
+
+atexit.register(_flush_pending)
+
+
+async def _record(store: RecordStore, entry: LedgerEntry, version: str) -> str | None:
+    """Write the request id over the claim, even if this run is being cancelled meanwhile."""
+    with _PENDING_LOCK:
+        _PENDING[entry.owner.token if entry.owner else entry.job_key] = (store, entry, version)
+    writing = asyncio.ensure_future(_replace(store, entry, version))
+    try:
+        return await asyncio.shield(writing)
+    except asyncio.CancelledError:
+        # The run stops: the write goes on in its thread; wait for it, then stop.
+        with contextlib.suppress(Exception):
+            await writing
+        raise
+    finally:
+        with _PENDING_LOCK:
+            _PENDING.pop(entry.owner.token if entry.owner else entry.job_key, None)
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _held(entry: LedgerEntry, me: ClaimOwner) -> SubmittedRequest:
+    """The request a record names, as this caller now holds it (resumed or adopted)."""
+    assert entry.request_id is not None
+    same_run = _same_run(entry.owner, me)
+    log = run_logger_or_none() or observe.logger
+    log.info(
+        "Job %s already owns RunComfy request %s (%s); %s it instead of submitting again",
+        entry.job_key,
+        entry.request_id,
+        "submitted by this run" if same_run else "submitted by another run",
+        "resuming" if same_run else "adopting",
+    )
     return SubmittedRequest(
-        job_key=job_key,
+        job_key=entry.job_key,
+        request_id=entry.request_id,
+        status_url=entry.facts.get("status_url"),
+        result_url=entry.facts.get("result_url"),
+        cancel_url=entry.facts.get("cancel_url"),
+        submitted_at=entry.submitted_at if entry.owner is not None else None,
+        resumed=same_run,
+        adopted=not same_run,
+        submitted_by=entry.owner.flow_run_id if entry.owner else None,
+    )
+
+
+def _claim_over(entry: LedgerEntry, me: ClaimOwner) -> LedgerEntry:
+    """A "submitting" claim replacing a failed record; its request id goes to the history."""
+    history = list(entry.previous_request_ids)
+    if entry.request_id:
+        history.append(entry.request_id)
+    now = _now()
+    return LedgerEntry(
+        job_key=entry.job_key,
+        status="submitting",
+        submitted_at=now,
+        updated_at=now,
+        previous_request_ids=history,
+        owner=me,
+    )
+
+
+Unread = object()
+
+
+async def submit_once(
+    job_key: str,
+    store: RecordStore,
+    client: AsyncRunComfyClient,
+    edit: NanoBananaEditInput | None,
+    *,
+    facts: Mapping[str, Any] | None = None,
+    before_submit: Callable[[], Awaitable[None]] | None = None,
+    known: VersionedEntry | object | None = Unread,
+) -> SubmittedRequest:
+    """The request of `job_key`: the one its record names, else one paid `submit()`.
+
+    Args:
+        job_key: The logical job (see the module docstring for the scheme).
+        store: Where the job's record lives.
+        client: Sends the edit: the one call of the client's paid submit in the
+            package, made at most once, and only by the claim's winner.
+        edit: What to submit; None when the caller could not prepare it (a batch row
+            whose inputs were not staged because another run held the claim when
+            it planned): then the guard can only adopt, and a won claim is released.
+        facts: Kept in the record with the request id (model, parameters, sources…).
+        before_submit: Runs after the claim is won and just before the paid submit
+            (a budget check); raising there releases the claim, nothing is sent.
+        known: The job's record as the caller just read it (a batch's plan), to
+            save a read; the guard reads again whenever a write loses.
+
+    Raises:
+        SubmitOutcomeUnknownError: A claim stopped mid-submit (now or earlier).
+        RunComfyError: The server refused the submit (the claim is released).
+    """
+    me = new_owner()
+    _LIVE_CLAIMS.add(me.token)
+    try:
+        claim, version = await _claim(job_key, store, me, known)
+        if version is None:
+            return claim  # type: ignore[return-value]  # a request held, not a claim
+        return await _submit_claimed(store, claim, version, client, edit, facts, before_submit)
+    finally:
+        _LIVE_CLAIMS.discard(me.token)
+
+
+def submit_once_blocking(
+    job_key: str,
+    store: RecordStore,
+    client: RunComfyClient,
+    edit: NanoBananaEditInput,
+    *,
+    facts: Mapping[str, Any] | None = None,
+    known: VersionedEntry | object | None = Unread,
+) -> SubmittedRequest:
+    """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
+    sending with a blocking client."""
+    claiming = submit_once(job_key, store, client, edit, facts=facts, known=known)  # type: ignore[arg-type]
+    return asyncio.run(claiming)
+
+
+async def _claim(
+    job_key: str, store: RecordStore, me: ClaimOwner, known: VersionedEntry | object | None
+) -> tuple[Any, str | None]:
+    """(claim, version) when this caller won the claim, (request, None) when one exists."""
+    versioned = await _read(store, job_key) if known is Unread else known
+    waits = 0
+    while True:
+        assert versioned is None or isinstance(versioned, VersionedEntry)
+        if versioned is None:
+            now = _now()
+            claim = LedgerEntry(
+                job_key=job_key, status="submitting", submitted_at=now, updated_at=now, owner=me
+            )
+            if (version := await _create(store, claim)) is not None:
+                return claim, version
+        else:
+            entry = versioned.entry
+            if entry.request_id and entry.status in ("submitted", "archiving", "archived"):
+                return _held(entry, me), None
+            if entry.status == "submitting":
+                if not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS):
+                    raise outcome_unknown(job_key, store.location(job_key))
+                # Another run is submitting right now: wait for its request id.
+                await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
+                waits += 1
+            else:  # "failed": refused, or the job failed; may be submitted again
+                claim = _claim_over(entry, me)
+                if (version := await _replace(store, claim, versioned.version)) is not None:
+                    return claim, version
+        versioned = await _read(store, job_key)
+
+
+async def _submit_claimed(
+    store: RecordStore,
+    claim: LedgerEntry,
+    version: str,
+    client: AsyncRunComfyClient | RunComfyClient,
+    edit: NanoBananaEditInput | None,
+    facts: Mapping[str, Any] | None,
+    before_submit: Callable[[], Awaitable[None]] | None,
+) -> SubmittedRequest:
+    _hook_sigterm()
+    try:
+        if edit is None:
+            raise ValueError(
+                f"job {claim.job_key}: its inputs were not prepared by this run (another run "
+                "held the job when this one planned); rerun to take it up"
+            )
+        if before_submit is not None:
+            await before_submit()
+        if isinstance(client, RunComfyClient):
+            handle = await to_thread.run_sync(client.submit_edit, edit)
+        else:
+            handle = await client.submit_edit(edit)
+    except SubmitOutcomeUnknownError:
+        raise  # the claim stays "submitting": a rerun must not submit blindly
+    except (RunComfyError, ValueError) as error:
+        # Provably not sent (refused, or stopped before sending): release the claim.
+        released = claim.model_copy(
+            update={"status": "failed", "updated_at": _now(), "error": _error_text(error)}
+        )
+        with contextlib.suppress(Exception):
+            await _replace(store, released, version)
+        raise
+    now = _now()
+    recorded = claim.model_copy(
+        update={
+            "status": "submitted",
+            "request_id": handle.request_id,
+            "submitted_at": now,
+            "updated_at": now,
+            "facts": redact(
+                {
+                    **(facts or {}),
+                    "status_url": handle.status_url,
+                    "result_url": handle.result_url,
+                    "cancel_url": handle.cancel_url,
+                }
+            ),
+        }
+    )
+    submitted = SubmittedRequest(
+        job_key=claim.job_key,
         request_id=handle.request_id,
         status_url=handle.status_url,
         result_url=handle.result_url,
         cancel_url=handle.cancel_url,
-        submitted_at=datetime.now(timezone.utc),
+        submitted_at=now,
+        submitted_by=claim.owner.flow_run_id if claim.owner else None,
     )
+    try:
+        if await _record(store, recorded, version) is None:
+            raise RuntimeError("the claim was overwritten while submitting")
+    except Exception:
+        (run_logger_or_none() or observe.logger).warning(
+            "Could not record RunComfy request %s for job %s; this run goes on with it, but "
+            "a rerun after a crash will refuse to submit again until you check the request "
+            "history",
+            submitted.request_id,
+            submitted.job_key,
+            exc_info=True,
+        )
+    return submitted
 
 
-def _resumed_or_raise(record: _SubmitRecord | None, job_key: str) -> SubmittedRequest | None:
-    if record is None or record.state == "not_submitted":
-        return None
-    if record.request is None:
-        raise _unknown_from_marker(job_key)
-    logger = run_logger_or_none() or observe.logger
-    logger.info(
-        "Job %s already owns RunComfy request %s; resuming it instead of submitting again",
+def _error_text(error: BaseException) -> str:
+    return redact_text(f"{type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------- after the wait
+
+
+async def _claim_archive(store: RecordStore, job_key: str, me: ClaimOwner) -> LedgerEntry | None:
+    """None when `me` now holds the archiving; else the record of whoever archived or does."""
+    while True:
+        versioned = await _read(store, job_key)
+        if versioned is None:
+            return None  # no record (a store that lost it): archive, nothing is paid
+        entry = versioned.entry
+        if entry.status == "archived":
+            return entry
+        if (
+            entry.status == "archiving"
+            and entry.archiver is not None
+            and claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS)
+        ):
+            return entry
+        claimed = entry.model_copy(
+            update={"status": "archiving", "archiver": me, "updated_at": _now()}
+        )
+        if await _replace(store, claimed, versioned.version) is not None:
+            return None
+
+
+async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None:
+    """The record once another run's archiving ended well; None if it died or failed."""
+    waits = 0
+    while True:
+        versioned = await _read(store, job_key)
+        if versioned is None:
+            return None
+        entry = versioned.entry
+        if entry.status == "archived":
+            return entry
+        if entry.status != "archiving" or not claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS):
+            return None
+        await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
+        waits += 1
+
+
+@contextlib.asynccontextmanager
+async def archive_claim(store: RecordStore, job_key: str) -> AsyncIterator[LedgerEntry | None]:
+    """Hold the archiving of a finished request, so its outputs are archived once.
+
+    Yields None when this caller must archive now (it holds the claim until the
+    block ends: `mark_archived` inside it), or the record another run archived,
+    with its locations: then there is nothing to do. A run that died while
+    archiving is taken over (archiving is idempotent: it costs nothing and
+    writes only what is missing).
+    """
+    me = new_owner()
+    _LIVE_CLAIMS.add(me.token)
+    try:
+        archived_elsewhere = None
+        while True:
+            other = await _claim_archive(store, job_key, me)
+            if other is None:
+                break
+            archived_elsewhere = await _wait_archived(store, job_key)
+            if archived_elsewhere is not None:
+                break
+        yield archived_elsewhere
+    finally:
+        _LIVE_CLAIMS.discard(me.token)
+
+
+async def _settle(store: RecordStore, job_key: str, update: dict[str, Any]) -> LedgerEntry | None:
+    """Apply `update` to the job's record, rereading when another writer came first."""
+    while True:
+        versioned = await _read(store, job_key)
+        if versioned is None:
+            return None
+        entry = versioned.entry
+        settled = entry.model_copy(update={**update, "updated_at": _now()})
+        if await _replace(store, settled, versioned.version) is not None:
+            return settled
+
+
+async def mark_archived(
+    store: RecordStore,
+    job_key: str,
+    *,
+    metadata_location: str | None,
+    output_locations: list[str],
+    cost: float | None,
+) -> LedgerEntry | None:
+    """Record that the job's outputs are archived (and what it cost): the job is done."""
+    return await _settle(
+        store,
         job_key,
-        record.request.request_id,
+        {
+            "status": "archived",
+            "metadata_location": metadata_location,
+            "output_locations": list(output_locations),
+            "cost": cost,
+            "error": None,
+        },
     )
-    return record.request
 
 
-def _record_failure_warning(submitted: SubmittedRequest) -> None:
-    logger = run_logger_or_none() or observe.logger
-    logger.warning(
-        "Could not record RunComfy request %s for job %s; this run goes on with it, but a "
-        "rerun after a crash will refuse to submit again until you check the request history",
-        submitted.request_id,
-        submitted.job_key,
-        exc_info=True,
-    )
+async def mark_failed(store: RecordStore, job_key: str, error: str | BaseException) -> None:
+    """Record that the job failed after its submit (it may be claimed and paid again)."""
+    text = error if isinstance(error, str) else _error_text(error)
+    await _settle(store, job_key, {"status": "failed", "error": redact_text(text)})
 
 
 # --------------------------------------------------------------------------- release
@@ -293,7 +641,8 @@ def cancel_if_queued(
         return "not_cancellable"
     outcome = client.cancel(request_id).outcome
     observe.log_cancel_outcome(log, request_id, outcome)
-    if outcome == "cancelled":
+    # Events belong to a run; outside one (the CLI) there is no Prefect API to tell.
+    if outcome == "cancelled" and (flow_run_id or observe.current_flow_run_id()):
         observe.emit_request_event(observe.EVENT_CANCELLED, request_id, flow_run_id=flow_run_id)
     return outcome
 

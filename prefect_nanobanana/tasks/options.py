@@ -1,15 +1,22 @@
-"""What every request task shares: no caching, and Prefect retries only transient errors."""
+"""What every task here shares: one body for the sync and async twins; for request tasks,
+no caching, and Prefect retries only transient errors."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import Task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from ..client import RunComfyError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # The client already retries each call (six attempts with backoff); Prefect's
 # retries ride out a longer outage, and only for transient errors. No caching:
@@ -28,3 +35,30 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
     """
     error = state.data
     return isinstance(error, RunComfyError) and error.is_transient
+
+
+def sync_and_async_tasks(
+    body: Callable[P, Coroutine[Any, Any, R]],
+    *,
+    public_name: str | None = None,
+    **task_options: Any,
+) -> tuple[Task[P, R], Task[P, Coroutine[Any, Any, R]]]:
+    """A task and its `a*` async twin, both from one async body: the one mechanism here.
+
+    The async task awaits `body`; the sync one runs it to its end on Prefect's
+    loop thread (`run_coro_as_sync`, which carries the run's context along), so a
+    sync flow calls the same code an async flow awaits, and no body is written twice.
+    """
+
+    @functools.wraps(body)
+    async def run_async(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await body(*args, **kwargs)
+
+    @functools.wraps(body)
+    def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
+        return run_coro_as_sync(body(*args, **kwargs))
+
+    public_name = public_name or body.__name__.lstrip("_")
+    for function, name in ((run_sync, public_name), (run_async, f"a{public_name}")):
+        function.__name__ = function.__qualname__ = name
+    return task(run_sync, **task_options), task(run_async, **task_options)

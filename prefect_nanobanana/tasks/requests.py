@@ -1,10 +1,13 @@
 """Prefect tasks for RunComfy requests: submit at most once, poll, fetch, cancel, wait.
 
-`submit_edit` goes through the one submit guard (`guard.py`), which keeps a record
-per job key so a retry, a rerun or a second run never pays twice.
+`submit_edit` goes through the one submit guard (`guard.py`), with its records in
+Prefect's result store and the flow run's labels (`records.PrefectRecordStore`), so a
+retry, a rerun or another run with the same `job_key` never pays twice.
 
-Status and result polls never cache (`NO_CACHE`) and Prefect retries them only for
-transient errors; auth, validation and balance errors fail at once.
+Every task has one async body; `submit_edit` and `asubmit_edit` (and each other
+pair) are its sync and async faces (`options.sync_and_async_tasks`). Status and
+result polls never cache and Prefect retries them only for transient errors;
+auth, validation and balance errors fail at once.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import time
 from datetime import datetime
 from typing import Any
 
-from prefect import task
 from pydantic import BaseModel
 
 from .. import observe
@@ -28,20 +30,12 @@ from ..client import (
     RequestResult,
     RequestStatus,
     RunComfyError,
-    SubmitOutcomeUnknownError,
 )
-from .guard import (
-    SubmittedRequest,
-    _job_scope,
-    _JobLedger,
-    _record_failure_warning,
-    _resumed_or_raise,
-    _submit_run_name,
-    _SubmitRecord,
-    _submitted,
-    default_job_key,
-)
-from .options import TASK_OPTIONS, retry_if_transient
+from .guard import SubmittedRequest, default_job_key, job_scope, submit_once, submit_run_name
+from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
+from .records import PrefectRecordStore
+
+REQUEST_TASK_OPTIONS: dict[str, Any] = {"retry_condition_fn": retry_if_transient, **TASK_OPTIONS}
 
 
 class RequestOutcome(BaseModel):
@@ -58,172 +52,103 @@ class RequestOutcome(BaseModel):
     result: RequestResult
 
 
-def _announce(submitted: SubmittedRequest) -> None:
-    """Log and emit the submit; the link artifact is made by the caller (sync or async)."""
-    logger = run_logger_or_none() or observe.logger
-    logger.info(
-        "Submitted RunComfy request %s (job key %s)", submitted.request_id, submitted.job_key
-    )
-    observe.emit_request_event(
-        observe.EVENT_SUBMITTED,
-        submitted.request_id,
-        payload={"job_key": submitted.job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
-    )
-
-
-# --------------------------------------------------------------------------- submit
-
-
-@task(
-    name="submit-edit",
-    task_run_name=_submit_run_name,
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-def submit_edit(
+async def _submit_edit_once(
     edit: NanoBananaEditInput | dict[str, Any],
     credentials: RunComfyCredentials | None = None,
     job_key: str | None = None,
 ) -> SubmittedRequest:
-    """Submit a Nano Banana Pro edit at most once per job key; see the module docstring.
+    """Submit a Nano Banana Pro edit at most once per job key (through the submit guard).
 
     Args:
         edit: The edit's inputs, validated before anything is sent or recorded.
         credentials: RunComfy credentials; None uses the environment variables.
         job_key: Names the logical job. Defaults to a hash of the flow run id and
-            the inputs, so a retry or rerun of the same flow run resumes its request.
+            the inputs, so a retry or rerun of the same flow run resumes its request;
+            the same key in another run adopts the request instead of paying again.
 
     Returns:
-        The request this job owns, `resumed=True` if an earlier attempt made it.
+        The request this job owns: `resumed` if an earlier attempt of this run made
+        it, `adopted` if another run did.
     """
     edit = NanoBananaEditInput.model_validate(edit)
     credentials = credentials or RunComfyCredentials()
-    job_key = job_key or default_job_key(edit, _job_scope())
-    ledger = _JobLedger(job_key)
-    resumed = _resumed_or_raise(ledger.find(), job_key)
-    if resumed is not None:
-        if ledger.labels_missing:
-            ledger.write(_SubmitRecord(state="submitted", request=resumed))
-        return resumed
-    ledger.write(_SubmitRecord(state="submitting"))
-    try:
-        with credentials.get_client() as client:
-            handle = client.submit_edit(edit)
-    except SubmitOutcomeUnknownError:
-        raise  # the marker stays: a rerun must not submit blindly
-    except RunComfyError:
-        ledger.write(_SubmitRecord(state="not_submitted"))
-        raise
-    submitted = _submitted(job_key, handle)
-    try:
-        ledger.write(_SubmitRecord(state="submitted", request=submitted))
-    except Exception:
-        _record_failure_warning(submitted)
-    _announce(submitted)
-    observe.link_request(submitted.request_id, submitted.result_url, job_key)
-    return submitted
-
-
-@task(
-    name="submit-edit",
-    task_run_name=_submit_run_name,
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def asubmit_edit(
-    edit: NanoBananaEditInput | dict[str, Any],
-    credentials: RunComfyCredentials | None = None,
-    job_key: str | None = None,
-) -> SubmittedRequest:
-    """The async twin of `submit_edit`, with the same at-most-once record."""
-    edit = NanoBananaEditInput.model_validate(edit)
-    credentials = credentials or RunComfyCredentials()
-    job_key = job_key or default_job_key(edit, _job_scope())
-    ledger = _JobLedger(job_key)
-    resumed = _resumed_or_raise(await ledger.afind(), job_key)
-    if resumed is not None:
-        if ledger.labels_missing:
-            await ledger.awrite(_SubmitRecord(state="submitted", request=resumed))
-        return resumed
-    await ledger.awrite(_SubmitRecord(state="submitting"))
-    try:
-        async with credentials.get_async_client() as client:
-            handle = await client.submit_edit(edit)
-    except SubmitOutcomeUnknownError:
-        raise
-    except RunComfyError:
-        await ledger.awrite(_SubmitRecord(state="not_submitted"))
-        raise
-    submitted = _submitted(job_key, handle)
-    try:
-        await ledger.awrite(_SubmitRecord(state="submitted", request=submitted))
-    except Exception:
-        _record_failure_warning(submitted)
-    _announce(submitted)
+    job_key = job_key or default_job_key(edit, job_scope())
+    store = PrefectRecordStore()
+    async with credentials.get_async_client() as client:
+        submitted = await submit_once(
+            job_key,
+            store,
+            client,
+            edit,
+            facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": _parameters(edit)},
+        )
+    if submitted.resumed or submitted.adopted:
+        # This run's cancellation hook looks for its requests in its own labels.
+        store.ensure_label(job_key, submitted.request_id)
+        return submitted
+    (run_logger_or_none() or observe.logger).info(
+        "Submitted RunComfy request %s (job key %s)", submitted.request_id, job_key
+    )
+    observe.emit_request_event(
+        observe.EVENT_SUBMITTED,
+        submitted.request_id,
+        payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+    )
     await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
     return submitted
 
 
-# --------------------------------------------------------------------------- reads
+def _parameters(edit: NanoBananaEditInput) -> dict[str, Any]:
+    return edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
 
 
-@task(
-    name="get-request-status",
-    task_run_name="status-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
+submit_edit, asubmit_edit = sync_and_async_tasks(
+    _submit_edit_once,
+    public_name="submit_edit",
+    name="submit-edit",
+    task_run_name=submit_run_name,
+    **REQUEST_TASK_OPTIONS,
 )
-def get_request_status(
+
+
+async def _get_request_status(
     request_id: str, credentials: RunComfyCredentials | None = None
 ) -> RequestStatus:
     """The request's current status (and queue position while queued)."""
-    with (credentials or RunComfyCredentials()).get_client() as client:
-        return client.status(request_id)
-
-
-@task(
-    name="get-request-status",
-    task_run_name="status-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def aget_request_status(
-    request_id: str, credentials: RunComfyCredentials | None = None
-) -> RequestStatus:
-    """The async twin of `get_request_status`."""
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         return await client.status(request_id)
 
 
-@task(
-    name="get-request-result",
-    task_run_name="result-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
+get_request_status, aget_request_status = sync_and_async_tasks(
+    _get_request_status,
+    name="get-request-status",
+    task_run_name="status-{request_id}",
+    **REQUEST_TASK_OPTIONS,
 )
-def get_request_result(
+
+
+async def _get_request_result(
     request_id: str, credentials: RunComfyCredentials | None = None
 ) -> RequestResult:
     """The request's result with its cost; while unfinished, its current status."""
-    with (credentials or RunComfyCredentials()).get_client() as client:
-        return client.result(request_id)
-
-
-@task(
-    name="get-request-result",
-    task_run_name="result-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def aget_request_result(
-    request_id: str, credentials: RunComfyCredentials | None = None
-) -> RequestResult:
-    """The async twin of `get_request_result`."""
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         return await client.result(request_id)
 
 
-def _after_cancel(result: CancelResult) -> CancelResult:
+get_request_result, aget_request_result = sync_and_async_tasks(
+    _get_request_result,
+    name="get-request-result",
+    task_run_name="result-{request_id}",
+    **REQUEST_TASK_OPTIONS,
+)
+
+
+async def _cancel_request(
+    request_id: str, credentials: RunComfyCredentials | None = None
+) -> CancelResult:
+    """Cancel a queued request; one already running says `not_cancellable` and runs on."""
+    async with (credentials or RunComfyCredentials()).get_async_client() as client:
+        result = await client.cancel(request_id)
     observe.log_cancel_outcome(
         run_logger_or_none() or observe.logger, result.request_id, result.outcome
     )
@@ -232,33 +157,12 @@ def _after_cancel(result: CancelResult) -> CancelResult:
     return result
 
 
-@task(
+cancel_request, acancel_request = sync_and_async_tasks(
+    _cancel_request,
     name="cancel-request",
     task_run_name="cancel-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
+    **REQUEST_TASK_OPTIONS,
 )
-def cancel_request(request_id: str, credentials: RunComfyCredentials | None = None) -> CancelResult:
-    """Cancel a queued request; one already running says `not_cancellable` and runs on."""
-    with (credentials or RunComfyCredentials()).get_client() as client:
-        return _after_cancel(client.cancel(request_id))
-
-
-@task(
-    name="cancel-request",
-    task_run_name="cancel-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def acancel_request(
-    request_id: str, credentials: RunComfyCredentials | None = None
-) -> CancelResult:
-    """The async twin of `cancel_request`."""
-    async with (credentials or RunComfyCredentials()).get_async_client() as client:
-        return _after_cancel(await client.cancel(request_id))
-
-
-# --------------------------------------------------------------------------- wait
 
 
 class _StatusTrail:
@@ -314,13 +218,7 @@ def _success_row(outcome: RequestOutcome) -> dict[str, Any]:
     )
 
 
-@task(
-    name="wait-for-request",
-    task_run_name="wait-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-def wait_for_request(
+async def _wait_for_request(
     request_id: str,
     credentials: RunComfyCredentials | None = None,
     timeout_seconds: float | None = DEFAULT_WAIT_TIMEOUT,
@@ -343,38 +241,6 @@ def wait_for_request(
             not poll as if the job had just started.
     """
     trail = _StatusTrail()
-    with (credentials or RunComfyCredentials()).get_client() as client:
-        try:
-            result = client.wait(
-                request_id,
-                timeout_seconds,
-                resolution=resolution,
-                on_status=trail,
-                submitted_at=submitted_at,
-            )
-        except (JobFailedError, JobCancelledError) as error:
-            observe.record_outcome(trail.failure_row(request_id, error))
-            raise
-    outcome = trail.outcome(result)
-    observe.record_outcome(_success_row(outcome))
-    return outcome
-
-
-@task(
-    name="wait-for-request",
-    task_run_name="wait-{request_id}",
-    retry_condition_fn=retry_if_transient,
-    **TASK_OPTIONS,
-)
-async def await_for_request(
-    request_id: str,
-    credentials: RunComfyCredentials | None = None,
-    timeout_seconds: float | None = DEFAULT_WAIT_TIMEOUT,
-    resolution: str | None = None,
-    submitted_at: datetime | None = None,
-) -> RequestOutcome:
-    """The async twin of `wait_for_request`."""
-    trail = _StatusTrail()
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         try:
             result = await client.wait(
@@ -390,3 +256,11 @@ async def await_for_request(
     outcome = trail.outcome(result)
     await observe.arecord_outcome(_success_row(outcome))
     return outcome
+
+
+wait_for_request, await_for_request = sync_and_async_tasks(
+    _wait_for_request,
+    name="wait-for-request",
+    task_run_name="wait-{request_id}",
+    **REQUEST_TASK_OPTIONS,
+)

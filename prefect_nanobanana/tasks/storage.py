@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from anyio import to_thread
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials, S3Bucket
 
@@ -28,6 +27,7 @@ from ..storage import (
     archive_outputs,
     stage_assets,
 )
+from .options import sync_and_async_tasks
 
 S3_BUCKET_BLOCK_SCHEME = "s3-bucket://"
 # Staged URLs carry pre-signed signatures: never write them to result storage,
@@ -69,8 +69,7 @@ def _stage(
     return stage_assets(list(sources), location, s3_client=s3_client, expires_in=expires_in)
 
 
-@task(name="stage-images", **SIGNED_RESULT_OPTIONS)
-def stage_images(
+async def _stage_images(
     sources: list[str],
     staging_uri: str | None = None,
     aws_credentials: AwsCredentialsLike = None,
@@ -86,18 +85,12 @@ def stage_images(
             boto3's standard chain (and `AWS_ENDPOINT_URL`).
         expires_in: Lifetime of the pre-signed URLs, in seconds: queue plus run time.
     """
-    return _stage(sources, staging_uri, aws_credentials, expires_in)
-
-
-@task(name="stage-images", **SIGNED_RESULT_OPTIONS)
-async def astage_images(
-    sources: list[str],
-    staging_uri: str | None = None,
-    aws_credentials: AwsCredentialsLike = None,
-    expires_in: int = DEFAULT_EXPIRES_IN,
-) -> list[StagedAsset]:
-    """The async twin of `stage_images`."""
     return await to_thread.run_sync(_stage, sources, staging_uri, aws_credentials, expires_in)
+
+
+stage_images, astage_images = sync_and_async_tasks(
+    _stage_images, name="stage-images", **SIGNED_RESULT_OPTIONS
+)
 
 
 def _archive(
@@ -121,8 +114,7 @@ def _archive(
     )
 
 
-@task(name="archive-outputs", task_run_name="archive-{request_id}", cache_policy=NO_CACHE)
-def archive_request(
+async def _archive_request(
     request_id: str,
     output_urls: list[str],
     archive_uri: str,
@@ -138,22 +130,6 @@ def archive_request(
     (the credentials' `allowed_output_hosts()`) are the only hosts fetched from;
     an output elsewhere is refused and reported with the request id.
     """
-    return _archive(
-        request_id, output_urls, archive_uri, metadata, created_at, aws_credentials, allowed_hosts
-    )
-
-
-@task(name="archive-outputs", task_run_name="archive-{request_id}", cache_policy=NO_CACHE)
-async def aarchive_request(
-    request_id: str,
-    output_urls: list[str],
-    archive_uri: str,
-    metadata: ArchiveMetadata | dict[str, Any],
-    created_at: dt.datetime | None = None,
-    aws_credentials: AwsCredentialsLike = None,
-    allowed_hosts: list[str] | None = None,
-) -> ArchiveRecord:
-    """The async twin of `archive_request`."""
     return await to_thread.run_sync(
         _archive,
         request_id,
@@ -164,3 +140,11 @@ async def aarchive_request(
         aws_credentials,
         allowed_hosts,
     )
+
+
+archive_request, aarchive_request = sync_and_async_tasks(
+    _archive_request,
+    name="archive-outputs",
+    task_run_name="archive-{request_id}",
+    cache_policy=NO_CACHE,
+)

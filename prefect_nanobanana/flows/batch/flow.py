@@ -166,7 +166,7 @@ async def batch_edit(
         outcomes: dict[int, BatchRowResult] = {}
         runnable: list[_RowPlan] = []
         for plan in plans:
-            settled = _settled_without_api(plan, batch.ledger)
+            settled = _settled_without_api(plan)
             if settled is None:
                 runnable.append(plan)
             else:

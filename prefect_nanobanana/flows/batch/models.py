@@ -16,7 +16,9 @@ from ...storage import (
     strip_signature,
 )
 
-RowStatus = Literal["archived", "skipped", "failed"]
+# adopted: another run submitted (and paid for) the row's request while this one ran;
+# this run waited on it and reports its outputs (archived once, by whichever got there).
+RowStatus = Literal["archived", "skipped", "adopted", "failed"]
 
 
 class BatchJob(BaseModel):
@@ -44,9 +46,14 @@ class BatchRowResult(BaseModel):
     sources: list[str] = Field(default_factory=list, description="Inputs, signatures removed.")
     output_locations: list[str] = Field(default_factory=list)
     metadata_location: str | None = None
-    cost: float | None = None
+    cost: float | None = Field(
+        default=None, description="What RunComfy billed for the row, whichever run paid it."
+    )
     seconds: float | None = None
     error: str | None = None
+    adopted_from: str | None = Field(
+        default=None, description="When adopted: the flow run that submitted the request."
+    )
 
 
 class BatchEditResult(BaseModel):
@@ -57,7 +64,9 @@ class BatchEditResult(BaseModel):
     archived: int
     skipped: int
     failed: int
-    total_cost: float
+    total_cost: float = Field(description="What the batch's rows cost, whichever run paid.")
+    adopted: int = Field(default=0, description="Rows another run submitted meanwhile.")
+    paid_cost: float = Field(default=0.0, description="What this run itself paid for.")
 
     @property
     def output_locations(self) -> list[str]:
@@ -84,6 +93,7 @@ class _RowPlan(BaseModel):
     options: dict[str, Any]
     job_key: str | None = None
     entry: LedgerEntry | None = None
+    version: str | None = Field(default=None, description="The entry's version, as read.")
     image_urls: list[str] = Field(default_factory=list)
     error: str | None = None
 

@@ -28,7 +28,11 @@ from .models import BatchJob, _RowPlan
 
 
 def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -> list[_RowPlan]:
-    """Validate every row and look it up in the ledger, before anything is paid."""
+    """Validate every row and look it up in the ledger, before anything is paid.
+
+    What a row's entry says now is a hint (rows archived earlier are skipped); the
+    submit guard decides again, atomically, when the row runs.
+    """
     plans = []
     for row, job in enumerate(jobs, start=1):
         options = {
@@ -39,7 +43,9 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
         try:
             NanoBananaEditInput(prompt=job.prompt, image_urls=job.images, **options)
             plan.job_key = job_key_for(job.prompt, job.images, options, row_id=job.id or str(row))
-            plan.entry = ledger.lookup(plan.job_key)
+            found = ledger.read(plan.job_key)
+            if found is not None:
+                plan.entry, plan.version = found
         except (ValidationError, StorageError, ValueError) as error:
             plan.error = f"row {row} is invalid: {redact_text(str(error))}"
         plans.append(plan)
@@ -52,7 +58,8 @@ def _stage_rows(
     """Stage the images of rows that still need a submit; a bad image fails only its row."""
     location, s3_client = resolve_location(staging_uri, aws_credentials)
     for plan in plans:
-        if plan.error or (plan.entry and plan.entry.status in ("submitted", "archived")):
+        # A request id known, or a claim in flight: the guard will not submit this row.
+        if plan.error or (plan.entry and plan.entry.status != "failed"):
             continue
         try:
             staged = stage_assets(plan.job.images, location, s3_client=s3_client)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import datetime
 from functools import partial
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from anyio import to_thread
 from prefect.artifacts import (
@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.logging import get_run_logger
 
+from ... import observe
 from ...redaction import redact, redact_text
 from ...storage import (
     write_results_manifest,
@@ -33,10 +34,16 @@ ROW_PROGRESS: ContextVar[Callable[[int, int], None] | None] = ContextVar(
 
 
 def _results_location(archive_uri: str, results_uri: str | None) -> str:
+    """`{archive}/_results/batch-{time}-{flow run id}.jsonl`: unique per run.
+
+    The time sorts the manifests; the run id keeps two runs that end in the same
+    second from writing one file.
+    """
     if results_uri:
         return results_uri
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    return f"{archive_uri.rstrip('/')}/{RESULTS_FOLDER}/batch-{stamp}.jsonl"
+    run_id = observe.current_flow_run_id() or uuid4()
+    return f"{archive_uri.rstrip('/')}/{RESULTS_FOLDER}/batch-{stamp}-{run_id}.jsonl"
 
 
 def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
@@ -45,6 +52,7 @@ def _report_markdown(rows: list[BatchRowResult], total_cost: float) -> str:
         "",
         f"{sum(r.status == 'archived' for r in rows)} archived, "
         f"{sum(r.status == 'skipped' for r in rows)} skipped (done earlier), "
+        f"{sum(r.status == 'adopted' for r in rows)} adopted (another run's request), "
         f"{sum(r.status == 'failed' for r in rows)} failed; total cost ${total_cost:.2f}.",
         "",
         "| row | request | status | inputs | outputs |",
@@ -78,14 +86,18 @@ async def _finish_batch(
             s3_client=results_s3,
         )
     )
-    total_cost = round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6)
+    # The batch's cost counts every row with outputs, whichever run paid for it (a
+    # rerun reports the whole batch); `paid_cost` is what this run itself paid.
+    total_cost = round(sum(row.cost or 0.0 for row in rows if row.status != "failed"), 6)
     result = BatchEditResult(
         rows=rows,
         results_manifest=results_location,
         archived=sum(row.status == "archived" for row in rows),
         skipped=sum(row.status == "skipped" for row in rows),
+        adopted=sum(row.status == "adopted" for row in rows),
         failed=sum(row.status == "failed" for row in rows),
         total_cost=total_cost,
+        paid_cost=round(sum(row.cost or 0.0 for row in rows if row.status == "archived"), 6),
     )
     await acreate_table_artifact(
         key="nanobanana-batch-rows",
@@ -95,6 +107,7 @@ async def _finish_batch(
                     "row": row.row,
                     "request_id": row.request_id,
                     "status": row.status,
+                    "adopted_from": row.adopted_from,
                     "seconds": row.seconds,
                     "cost": row.cost,
                     "output": row.output_locations[0] if row.output_locations else None,
@@ -109,11 +122,14 @@ async def _finish_batch(
         key="nanobanana-batch-report", markdown=redact_text(_report_markdown(rows, total_cost))
     )
     get_run_logger().info(
-        "Batch done: %d archived, %d skipped, %d failed; total cost $%.2f; results in %s",
+        "Batch done: %d archived, %d skipped, %d adopted, %d failed; total cost $%.2f "
+        "($%.2f paid by this run); results in %s",
         result.archived,
         result.skipped,
+        result.adopted,
         result.failed,
         total_cost,
+        result.paid_cost,
         results_location,
     )
     if result.failed and not allow_partial:

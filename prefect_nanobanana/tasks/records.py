@@ -1,0 +1,286 @@
+"""Where the submit guard keeps its records: one small interface, three stores.
+
+A record is a `LedgerEntry` (the storage room's model) per job key, read with a
+*version* and written only conditionally:
+
+- `create(entry)` succeeds for exactly one writer of a job key (the claim);
+- `replace(entry, version)` succeeds only if nobody wrote since `version` was read;
+- `scan()` reads every record at once (a batch can plan from one listing).
+
+The stores:
+
+- the archive's `Ledger` (local folder or S3; `storage.ledger`), for flows that
+  have an archive: atomic across processes and machines (hard link / rename under
+  a lock locally, `IfNoneMatch` / `IfMatch` on S3);
+- `PrefectRecordStore`: Prefect's result store plus the flow run's labels, for bare
+  tasks and blocks. Conditional writes hold the result store's lock manager (a
+  file lock, so atomic across the processes of one machine; the labels carry the
+  request ids to any machine that reruns the flow run);
+- `MemoryRecordStore`: one process's memory (tests, and the CLI's raw `submit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Protocol
+from uuid import UUID, uuid4
+
+from prefect.client.orchestration import get_client
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.results import ResultStore, get_result_store
+from prefect.settings import PREFECT_HOME
+
+from .. import observe
+from ..storage import LedgerEntry, VersionedEntry
+
+RECORD_LABEL_PREFIX = "nanobanana.job."
+_LABEL_SUBMITTING = "submitting"
+_LABEL_NOT_SUBMITTED = "not-submitted"
+# How long a lock of the result store may be held (a crashed holder's lock expires).
+_LOCK_HOLD_SECONDS = 60.0
+_LOCK_WAIT_SECONDS = 60.0
+
+
+class RecordStore(Protocol):
+    """The records of the submit guard; `storage.Ledger` is one."""
+
+    def read(self, job_key: str) -> VersionedEntry | None:
+        """The job's record with its version, or None if the job was never claimed."""
+        ...
+
+    def create(self, entry: LedgerEntry) -> str | None:
+        """Write the job's first record; its version, or None when one exists (lost claim)."""
+        ...
+
+    def replace(self, entry: LedgerEntry, version: str) -> str | None:
+        """Overwrite the job's record if still at `version`; the new version, or None."""
+        ...
+
+    def scan(self) -> list[VersionedEntry]:
+        """Every record, with its version."""
+        ...
+
+    def location(self, job_key: str) -> str:
+        """Where the job's record is, for messages that tell a person what to look at."""
+        ...
+
+
+def _version_of(entry: LedgerEntry) -> str:
+    return hashlib.sha256(entry.model_dump_json().encode()).hexdigest()
+
+
+class MemoryRecordStore:
+    """Records in this process's memory: as conditional as the others, gone with the process."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, LedgerEntry] = {}
+        self._lock = threading.Lock()
+
+    def read(self, job_key: str) -> VersionedEntry | None:
+        with self._lock:
+            entry = self._entries.get(job_key)
+        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
+
+    def create(self, entry: LedgerEntry) -> str | None:
+        with self._lock:
+            if entry.job_key in self._entries:
+                return None
+            self._entries[entry.job_key] = entry
+        return _version_of(entry)
+
+    def replace(self, entry: LedgerEntry, version: str) -> str | None:
+        with self._lock:
+            current = self._entries.get(entry.job_key)
+            if current is None or _version_of(current) != version:
+                return None
+            self._entries[entry.job_key] = entry
+        return _version_of(entry)
+
+    def scan(self) -> list[VersionedEntry]:
+        with self._lock:
+            entries = list(self._entries.values())
+        return [VersionedEntry(entry, _version_of(entry)) for entry in entries]
+
+    def location(self, job_key: str) -> str:
+        return f"memory of process {os.getpid()} (job {job_key})"
+
+
+def record_names(job_key: str) -> tuple[str, str]:
+    """The result-store key and the flow-run label of a job key (safe for paths and labels)."""
+    digest = hashlib.sha256(job_key.encode()).hexdigest()[:24]
+    return f"nanobanana-submit-{digest}", f"{RECORD_LABEL_PREFIX}{digest}"
+
+
+def recorded_request_ids(labels: dict[str, Any]) -> list[str]:
+    """The request ids a flow run recorded in its labels, in the order they were made."""
+    return [
+        value
+        for key, value in labels.items()
+        if key.startswith(RECORD_LABEL_PREFIX)
+        and isinstance(value, str)
+        and value not in (_LABEL_SUBMITTING, _LABEL_NOT_SUBMITTED)
+    ]
+
+
+def _label_value(entry: LedgerEntry) -> str:
+    if entry.request_id:
+        return entry.request_id
+    return _LABEL_SUBMITTING if entry.status == "submitting" else _LABEL_NOT_SUBMITTED
+
+
+def _from_label(job_key: str, value: Any) -> LedgerEntry | None:
+    """What a label alone says (a rerun on a machine whose result store is elsewhere)."""
+    if not isinstance(value, str) or not value:
+        return None
+    now = datetime.now(timezone.utc)
+    if value == _LABEL_SUBMITTING:
+        # No owner: whoever wrote it is gone, so its outcome is unknown.
+        return LedgerEntry(job_key=job_key, status="submitting", submitted_at=now, updated_at=now)
+    if value == _LABEL_NOT_SUBMITTED:
+        return LedgerEntry(job_key=job_key, status="failed", submitted_at=now, updated_at=now)
+    return LedgerEntry(
+        job_key=job_key, request_id=value, status="submitted", submitted_at=now, updated_at=now
+    )
+
+
+def _from_stored(job_key: str, value: Any) -> LedgerEntry:
+    """A stored record; also the form earlier releases wrote (`{"state", "request"}`)."""
+    if isinstance(value, dict) and "state" in value:
+        request = value.get("request") or {}
+        now = datetime.now(timezone.utc)
+        status = {"submitting": "submitting", "submitted": "submitted"}.get(value["state"])
+        return LedgerEntry(
+            job_key=job_key,
+            request_id=request.get("request_id"),
+            status=status or "failed",
+            submitted_at=request.get("submitted_at") or now,
+            updated_at=now,
+        )
+    return LedgerEntry.model_validate(value)
+
+
+class PrefectRecordStore:
+    """Records in Prefect's result store, mirrored to the current flow run's labels.
+
+    The result store works for tasks outside a flow run too; the labels live on the
+    Prefect API, so a rerun of the flow run on another machine, and the
+    `on_cancellation` hook in the runner's process, read them after the flow's
+    process is gone. A known request id in either place wins.
+
+    Why it cannot race: a create or replace reads and writes while holding the
+    result store's lock for that record (Prefect's lock manager; a lock file made
+    with an exclusive create when the result store has none), so of two writers on
+    one machine one waits for the other and then sees its record. Label updates of
+    one flow run hold a lock too, so concurrent tasks of the run never lose one
+    another's labels.
+    """
+
+    def __init__(self, result_store: ResultStore | None = None) -> None:
+        store = result_store or get_result_store()
+        # Never from memory: another process may have written since.
+        update: dict[str, Any] = {"cache_result_in_memory": False}
+        if store.lock_manager is None:
+            locks = PREFECT_HOME.value() / "locks" / "nanobanana"
+            update["lock_manager"] = FileSystemLockManager(lock_files_directory=locks)
+        self.result_store = store.model_copy(update=update)
+        self.flow_run_id: UUID | None = observe.current_flow_run_id()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex}"
+
+    def location(self, job_key: str) -> str:
+        storage_key, label = record_names(job_key)
+        where = f"Prefect result record {storage_key!r}"
+        if self.flow_run_id is not None:
+            where += f" and label {label!r} of flow run {self.flow_run_id}"
+        return where
+
+    @contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        lock_manager = self.result_store.lock_manager
+        assert lock_manager is not None
+        acquired = lock_manager.acquire_lock(
+            key,
+            holder=self.holder,
+            acquire_timeout=_LOCK_WAIT_SECONDS,
+            hold_timeout=_LOCK_HOLD_SECONDS,
+        )
+        if not acquired:
+            raise TimeoutError(f"could not lock the submit record {key!r}")
+        try:
+            yield
+        finally:
+            lock_manager.release_lock(key, holder=self.holder)
+
+    def _read_labels(self) -> dict[str, Any]:
+        if self.flow_run_id is None:
+            return {}
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(self.flow_run_id).labels or {}
+
+    def _read_merged(self, job_key: str) -> LedgerEntry | None:
+        storage_key, label = record_names(job_key)
+        stored = None
+        if self.result_store.exists(storage_key):
+            value = self.result_store.read(storage_key, holder=self.holder).result
+            stored = _from_stored(job_key, value)
+        labelled = _from_label(job_key, self._read_labels().get(label))
+        if stored is not None and (stored.request_id or labelled is None):
+            return stored
+        if labelled is not None and labelled.request_id:
+            return labelled
+        return stored or labelled
+
+    def read(self, job_key: str) -> VersionedEntry | None:
+        entry = self._read_merged(job_key)
+        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
+
+    def _write(self, entry: LedgerEntry) -> str:
+        storage_key, label = record_names(entry.job_key)
+        self.result_store.write(entry.model_dump(mode="json"), key=storage_key, holder=self.holder)
+        # Only what the labels say changes the flow run's labels.
+        value = _label_value(entry)
+        if self.flow_run_id is not None and self._read_labels().get(label) != value:
+            with (
+                self._locked(f"labels-{self.flow_run_id}"),
+                get_client(sync_client=True) as client,
+            ):
+                client.update_flow_run_labels(self.flow_run_id, {label: value})
+        return _version_of(entry)
+
+    def ensure_label(self, job_key: str, request_id: str) -> None:
+        """Name a request found elsewhere (another run's record) in this run's labels too."""
+        _, label = record_names(job_key)
+        if self.flow_run_id is None or self._read_labels().get(label) == request_id:
+            return
+        with self._locked(f"labels-{self.flow_run_id}"), get_client(sync_client=True) as client:
+            client.update_flow_run_labels(self.flow_run_id, {label: request_id})
+
+    def create(self, entry: LedgerEntry) -> str | None:
+        storage_key, _ = record_names(entry.job_key)
+        with self._locked(storage_key):
+            if self._read_merged(entry.job_key) is not None:
+                return None
+            return self._write(entry)
+
+    def replace(self, entry: LedgerEntry, version: str) -> str | None:
+        storage_key, _ = record_names(entry.job_key)
+        with self._locked(storage_key):
+            current = self._read_merged(entry.job_key)
+            if current is None or _version_of(current) != version:
+                return None
+            return self._write(entry)
+
+    def scan(self) -> list[VersionedEntry]:
+        """The records this flow run's labels name (a result store cannot be listed)."""
+        found = []
+        for key, value in self._read_labels().items():
+            if key.startswith(RECORD_LABEL_PREFIX) and value:
+                entry = _from_label(key.removeprefix(RECORD_LABEL_PREFIX), value)
+                if entry is not None:
+                    found.append(VersionedEntry(entry, _version_of(entry)))
+        return found

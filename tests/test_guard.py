@@ -1,0 +1,221 @@
+"""The one submit guard: claims race across processes, losers adopt, dead claims stay unknown."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefect_nanobanana.client import (
+    AsyncRunComfyClient,
+    AuthenticationError,
+    NanoBananaEditInput,
+    SubmitOutcomeUnknownError,
+)
+from prefect_nanobanana.emulator import Fault, FaultPlan
+from prefect_nanobanana.storage import ClaimOwner, Ledger, LedgerEntry
+from prefect_nanobanana.tasks.guard import submit_once
+from prefect_nanobanana.tasks.records import MemoryRecordStore
+
+# Slow answers widen the window in which the losers find a live "submitting" claim.
+SLOW_SUBMITS = FaultPlan([Fault("slow", endpoint="submit", delay_seconds=0.3)])
+
+# Each process waits for the start file, then claims at once: the claims overlap.
+_CLAIMANT = """
+import json, os, sys, time
+from pathlib import Path
+from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
+from prefect_nanobanana.storage import Ledger
+from prefect_nanobanana.tasks.guard import submit_once_blocking
+
+archive, job_key, image_url, start = sys.argv[1:5]
+edit = NanoBananaEditInput(prompt="race", image_urls=[image_url])
+while not Path(start).exists():
+    time.sleep(0.005)
+with RunComfyClient() as client:
+    # known=None: every claimant read "no record" before any claimed (as batch plans do),
+    # so each goes straight to the atomic create, which only one may win.
+    held = submit_once_blocking(job_key, Ledger(archive), client, edit, known=None)
+print(json.dumps(held.model_dump(mode="json")))
+"""
+
+
+def _edit(image_server: Any) -> NanoBananaEditInput:
+    return NanoBananaEditInput(
+        prompt="paint it teal", image_urls=[image_server.url_for("wide.png")]
+    )
+
+
+def _race(archive: str, emulator: Any, image_server: Any, tmp_path: Path, processes: int) -> list:
+    start = tmp_path / "start"
+    env = {
+        **os.environ,
+        "RUNCOMFY_API_TOKEN": emulator.config.api_tokens[0],
+        "RUNCOMFY_BASE_URL": emulator.base_url,
+    }
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CLAIMANT,
+                archive,
+                "one-job",
+                image_server.url_for("wide.png"),
+                str(start),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    time.sleep(0.5)  # let them import; each then polls for the start file
+    start.touch()
+    answers = []
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        assert child.returncode == 0
+        answers.append(json.loads(out.strip().splitlines()[-1]))
+    return answers
+
+
+def _check_one_submit(answers: list, emulator: Any) -> None:
+    assert emulator.stats.submits_received == 1  # one paid submit for N claimants
+    assert len({answer["request_id"] for answer in answers}) == 1
+    assert sum(not answer["adopted"] for answer in answers) == 1  # the winner
+    assert sum(answer["adopted"] for answer in answers) == len(answers) - 1
+
+
+def test_processes_racing_on_one_job_key_submit_once(emulator_factory, image_server, tmp_path):
+    emulator = emulator_factory(faults=SLOW_SUBMITS)
+    answers = _race(str(tmp_path / "archive"), emulator, image_server, tmp_path, processes=3)
+    _check_one_submit(answers, emulator)
+    entry = Ledger(tmp_path / "archive").lookup("one-job")
+    assert (entry.status, entry.request_id) == ("submitted", answers[0]["request_id"])
+
+
+def _claim_of(owner_pid: int, job_key: str = "stuck") -> LedgerEntry:
+    now = dt.datetime.now(dt.timezone.utc)
+    owner = ClaimOwner(token="gone", host=os.uname().nodename, pid=owner_pid, claimed_at=now)
+    return LedgerEntry(
+        job_key=job_key, status="submitting", submitted_at=now, updated_at=now, owner=owner
+    )
+
+
+async def test_a_claim_whose_owner_died_mid_submit_stays_outcome_unknown(
+    emulator, image_server, tmp_path
+):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    ledger = Ledger(tmp_path / "archive")
+    ledger.check()
+    assert ledger.create(_claim_of(int(dead.stdout))) is not None
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        with pytest.raises(SubmitOutcomeUnknownError, match="NOT submitted again"):
+            await submit_once("stuck", ledger, client, _edit(image_server))
+    assert emulator.stats.submits_received == 0
+    assert ledger.lookup("stuck").status == "submitting"  # left for a person to check
+
+
+async def test_a_live_claim_is_waited_for_then_adopted(emulator, image_server):
+    store = MemoryRecordStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        first, second = await asyncio.gather(
+            submit_once("twice", store, client, _edit(image_server)),
+            submit_once("twice", store, client, _edit(image_server)),
+        )
+    assert first.request_id == second.request_id
+    assert emulator.stats.submits_received == 1
+
+
+async def test_a_refused_submit_releases_the_claim_and_keeps_the_history(emulator, image_server):
+    store = MemoryRecordStore()
+    async with AsyncRunComfyClient(api_token="wrong", base_url=emulator.base_url) as wrong:
+        with pytest.raises(AuthenticationError):
+            await submit_once("refused", store, wrong, _edit(image_server))
+    entry, _ = store.read("refused")
+    assert entry.status == "failed" and "AuthenticationError" in entry.error
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        held = await submit_once("refused", store, client, _edit(image_server))
+        entry, version = store.read("refused")
+        assert (entry.status, entry.request_id) == ("submitted", held.request_id)
+        # A job that failed after its submit may be claimed and paid again; the old id stays.
+        store.replace(entry.model_copy(update={"status": "failed"}), version)
+        again = await submit_once("refused", store, client, _edit(image_server))
+    assert again.request_id != held.request_id
+    assert store.read("refused").entry.previous_request_ids == [held.request_id]
+    assert emulator.stats.submits_accepted == 2
+
+
+# The record of the request id is slow to write (in its thread); SIGTERM lands meanwhile.
+_TERMINATED_WHILE_RECORDING = """
+import sys, threading, time
+from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
+from prefect_nanobanana.storage import Ledger
+from prefect_nanobanana.tasks.guard import submit_once_blocking
+
+class SlowLedger(Ledger):
+    def replace(self, entry, version):
+        in_its_thread = threading.current_thread() is not threading.main_thread()
+        if entry.status == "submitted" and in_its_thread:
+            print("recording", flush=True)
+            time.sleep(30)
+        return super().replace(entry, version)
+
+archive, image_url = sys.argv[1:3]
+edit = NanoBananaEditInput(prompt="stop", image_urls=[image_url])
+with RunComfyClient() as client:
+    submit_once_blocking("stopped-job", SlowLedger(archive), client, edit)
+print("finished", flush=True)
+"""
+
+
+def test_sigterm_right_after_the_api_accepted_a_submit_still_records_the_request_id(
+    emulator, image_server, tmp_path
+):
+    env = {
+        **os.environ,
+        "RUNCOMFY_API_TOKEN": emulator.config.api_tokens[0],
+        "RUNCOMFY_BASE_URL": emulator.base_url,
+    }
+    archive = tmp_path / "archive"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _TERMINATED_WHILE_RECORDING,
+            str(archive),
+            image_server.url_for("wide.png"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "recording"  # the id exists, unrecorded
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGTERM and "finished" not in out
+    entry = Ledger(archive).lookup("stopped-job")
+    assert emulator.stats.submits_accepted == 1
+    assert entry.status == "submitted" and emulator.job(entry.request_id) is not None
