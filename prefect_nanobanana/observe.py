@@ -8,12 +8,21 @@ automation can react to "any Nano Banana request failed" without knowing flows.
 Observability is best effort: a request that is already paid for must not fail
 because an artifact could not be written, so failures here are logged, not raised.
 Nothing here ever sees a token: only request ids, URLs and outcomes.
+
+This is also the Prefect side of the one redaction (`prefect_nanobanana.redaction`):
+server text and URLs reach Prefect's database through events, artifacts, logs and
+state messages. Event payloads and artifacts made here are redacted; log records
+are redacted by `RedactingFilter`, installed on the loggers whose records Prefect
+ships to its API (`install_log_redaction`, run when this module is imported);
+state messages come from exceptions, and ours (`RunComfyError`, `StorageError`)
+redact their message when they are made.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -23,6 +32,8 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging import get_logger
+
+from .redaction import redact, redact_text
 
 EVENT_PREFIX = "nanobanana.request"
 EVENT_SUBMITTED = f"{EVENT_PREFIX}.submitted"
@@ -64,6 +75,55 @@ EDIT_PREVIEW_KEY = "nanobanana-edit-preview"
 BATCH_ROWS_KEY = "nanobanana-batch-rows"
 BATCH_REPORT_KEY = "nanobanana-batch-report"
 _MAX_URL_CHARS = 200
+
+# The loggers whose records Prefect's logging configuration sends to its API
+# (`APILogHandler` on prefect.flow_runs, prefect.task_runs and prefect.extra), the
+# engine's own run loggers among them, and ours.
+API_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.extra", "prefect_nanobanana")
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record so that neither its message nor its traceback carries a secret.
+
+    A filter, not a formatter: it runs before any handler formats the record, so
+    Prefect's API handler, the console and any handler a user adds all see the
+    redacted text. The traceback is formatted here once and cached in `exc_text`,
+    which `logging.Formatter` uses instead of formatting the exception again.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it when a handler formats it
+            return True
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = redact_text(
+                "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+            )
+        return True
+
+
+_REDACTING_FILTER = RedactingFilter()
+
+
+def install_log_redaction() -> None:
+    """Put `RedactingFilter` on the API loggers and on the handlers attached to them.
+
+    On a logger it sees the records logged there directly (what `get_run_logger`
+    and the engines write), and survives Prefect reconfiguring logging; on a
+    handler it also sees records that propagate from child loggers. Idempotent.
+    """
+    for name in API_LOGGERS:
+        target = logging.getLogger(name)
+        for filterer in (target, *target.handlers):
+            if _REDACTING_FILTER not in filterer.filters:
+                filterer.addFilter(_REDACTING_FILTER)
+
+
+install_log_redaction()
 
 logger = get_logger("prefect_nanobanana.observe")
 
@@ -213,7 +273,7 @@ def _emit(
         else None
     )
     try:
-        emit_event(event, resource=resource, related=related, payload=payload or {})
+        emit_event(event, resource=resource, related=related, payload=redact(payload or {}))
     except Exception:
         logger.warning("Could not emit %s about %s", event, about, exc_info=True)
 
@@ -300,7 +360,7 @@ def outcome_row(
 
 def _outcome_table_arguments(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "table": [row],
+        "table": [redact(row)],
         "key": OUTCOME_TABLE_KEY,
         "description": f"Outcome of RunComfy request `{row['request_id']}`.",
     }

@@ -17,4 +17,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
     "tests.fixtures.deployments",
+    "tests.fixtures.hostile",
 ]

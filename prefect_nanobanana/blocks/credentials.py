@@ -13,6 +13,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import ConfigDict, Field, SecretStr
 
 from ..client import AsyncRunComfyClient, RunComfyClient
+from ..client.client import output_hosts_for
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
@@ -119,8 +120,23 @@ class RunComfyCredentials(CredentialsBlock):
     request_timeout: float = Field(
         default=30.0,
         gt=0,
-        description="Seconds to wait for one HTTP answer from the API.",
+        description=(
+            "Seconds one HTTP call to the API may take in all (connect, send and every "
+            "read), however slowly the server answers."
+        ),
     )
+    output_hosts: list[str] | None = Field(
+        default=None,
+        title="Output Hosts",
+        description=(
+            "The only hosts outputs are downloaded from, redirects included (host, "
+            "host:port or *.domain). When empty, *.runcomfy.net and the base URL's host."
+        ),
+    )
+
+    def allowed_output_hosts(self) -> list[str]:
+        """The hosts outputs may be downloaded from (the field, else the defaults)."""
+        return list(output_hosts_for(self.base_url, self.output_hosts))
 
     def _client_options(self) -> dict[str, Any]:
         return {
@@ -128,6 +144,7 @@ class RunComfyCredentials(CredentialsBlock):
             "base_url": self.base_url,
             "timeout": self.request_timeout,
             "logger": run_logger_or_none(),
+            "output_hosts": self.output_hosts,
         }
 
     def get_client(self) -> RunComfyClient:
@@ -146,6 +163,7 @@ def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     return RunComfyCredentials(
         base_url=credentials.get("base_url"),
         request_timeout=credentials.get("request_timeout") or 30.0,
+        output_hosts=credentials.get("output_hosts"),
     )
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from .. import observe
 from ..client import (
+    DEFAULT_WAIT_TIMEOUT,
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
     CancelResult,
@@ -38,7 +39,11 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
         default=None, description="The edit's resolution, so polling can expect its run time."
     )
     timeout_seconds: float | None = Field(
-        default=None, description="How long `wait_for_completion` waits before giving up."
+        default=DEFAULT_WAIT_TIMEOUT,
+        description=(
+            "How long `wait_for_completion` waits before giving up (30 minutes by "
+            "default); empty waits without limit."
+        ),
     )
     result_url: str | None = Field(default=None, description="Where its result can be fetched.")
     submitted_at: datetime | None = Field(

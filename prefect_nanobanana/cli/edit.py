@@ -168,6 +168,7 @@ def run_edit_command(args: argparse.Namespace) -> int:
             cost=result.cost,
         ),
         flat=args.archive is None,  # --out (or the default): the files right there
+        allowed_hosts=client.output_hosts,
     )
     payload = {
         "request_id": handle.request_id,

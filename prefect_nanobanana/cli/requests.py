@@ -86,6 +86,7 @@ def _shown(url: str) -> str:
 def result(args: argparse.Namespace) -> int:
     with client_for(args) as client:
         result = client.result(args.request_id)
+        output_hosts = client.output_hosts
     payload = result.model_dump(mode="json")
     lines = result_lines(result)
     if args.download and result.status == "completed":
@@ -100,6 +101,7 @@ def result(args: argparse.Namespace) -> int:
                 cost=result.cost, created_at=result.created_at, finished_at=result.finished_at
             ),
             flat=True,
+            allowed_hosts=output_hosts,
         )
         payload["saved"] = record.output_locations
         payload["metadata"] = record.metadata_location

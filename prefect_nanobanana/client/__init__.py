@@ -17,10 +17,12 @@ _EXPORTS: dict[str, str] = {
             "JobFailedError",
             "NotFoundError",
             "PermissionDeniedError",
+            "ProtocolError",
             "RateLimitedError",
             "RunComfyError",
             "ServerError",
             "SubmitOutcomeUnknownError",
+            "SubmitProtocolError",
             "WaitTimeoutError",
         ],
         ".errors",
@@ -28,17 +30,21 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         [
             "CancelResult",
+            "MAX_PROMPT_CHARS",
+            "MAX_REQUEST_ID_CHARS",
             "ModelInfo",
             "NanoBananaEditInput",
             "RequestHandle",
             "RequestResult",
             "RequestStatus",
+            "check_request_id",
         ],
         ".models",
     ),
     **dict.fromkeys(
         [
             "DEFAULT_BASE_URL",
+            "DEFAULT_OUTPUT_HOSTS",
             "NANO_BANANA_EDIT_MODEL_ID",
             "OUTPUT_PIXEL_SIZES",
             "AspectRatio",
@@ -52,6 +58,8 @@ _EXPORTS: dict[str, str] = {
         ["BudgetExceededError", "CostBudget", "CostEstimate", "estimate_cost"], ".pricing"
     ),
     "RetryPolicy": ".retry",
+    **dict.fromkeys(["MAX_ANSWER_BYTES", "MAX_INLINE_RESULT_BYTES"], ".transport"),
+    "DEFAULT_WAIT_TIMEOUT": ".waiting",
 }
 
 __all__ = sorted(_EXPORTS)

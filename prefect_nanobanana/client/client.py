@@ -2,28 +2,33 @@
 
 Both share `_ClientCore` for everything that is not I/O (configuration, request
 building, answer parsing, the retry decision), so the two loops that do I/O are
-the only code written twice.
+the only code written twice. Both speak through `transport.py`: each HTTP attempt
+ends by a wall-clock deadline (`timeout`) and every answer is read up to a cap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
+    ProtocolError,
     RateLimitedError,
     RunComfyError,
     ServerError,
     SubmitOutcomeUnknownError,
+    SubmitProtocolError,
     body_signals_error,
     error_from_response,
 )
@@ -34,11 +39,21 @@ from .models import (
     RequestHandle,
     RequestResult,
     RequestStatus,
+    check_request_id,
 )
 from .polling import PollingPolicy, RunDurationEstimator
 from .retry import CallKind, RetryPolicy, parse_retry_after, submit_server_error, transport_error
-from .vocabulary import DEFAULT_BASE_URL, NANO_BANANA_EDIT_MODEL_ID
-from .waiting import StatusCallback, WaitTracker
+from .transport import (
+    MAX_ANSWER_BYTES,
+    MAX_INLINE_RESULT_BYTES,
+    AnswerTooLarge,
+    aread_answer,
+    call_deadline,
+    install_deadlines,
+    read_answer,
+)
+from .vocabulary import DEFAULT_BASE_URL, DEFAULT_OUTPUT_HOSTS, NANO_BANANA_EDIT_MODEL_ID
+from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
 
 TOKEN_ENV_VAR = "RUNCOMFY_API_TOKEN"
 BASE_URL_ENV_VAR = "RUNCOMFY_BASE_URL"
@@ -50,6 +65,34 @@ logger = logging.getLogger("prefect_nanobanana.client")
 
 Payload = dict[str, Any] | BaseModel
 EditInput = NanoBananaEditInput | dict[str, Any]
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API."""
+    return (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip("/")
+
+
+def output_hosts_for(
+    base_url: str | None, output_hosts: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """Where outputs may be downloaded from: `output_hosts` when given, else the defaults.
+
+    The defaults are the provider's output hosts (`*.runcomfy.net`) and the API's
+    own host with its port (an emulator serves its outputs itself).
+    """
+    if output_hosts is not None:
+        return tuple(output_hosts)
+    base_host = httpx.URL(resolve_base_url(base_url)).netloc.decode()
+    return tuple(dict.fromkeys([*DEFAULT_OUTPUT_HOSTS, base_host]))
+
+
+class _OutOfTime(Exception):
+    """A poll of `wait` would retry past the wait's deadline; `wait` raises its timeout."""
+
+    def __init__(self, error: RunComfyError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _plain_secret(api_token: str | SecretStr | None) -> str:
@@ -75,11 +118,15 @@ class _ClientCore:
         polling_policy: PollingPolicy | None,
         duration_estimator: RunDurationEstimator | None,
         log: logging.Logger | logging.LoggerAdapter | None,
+        max_answer_bytes: int,
+        output_hosts: Sequence[str] | None,
     ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        self.max_answer_bytes = max_answer_bytes
         self._api_token = SecretStr(_plain_secret(api_token))
-        self.base_url = (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip(
-            "/"
-        )
+        self.base_url = resolve_base_url(base_url)
+        self.output_hosts = output_hosts_for(self.base_url, output_hosts)
         self.timeout = timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.polling_policy = polling_policy or PollingPolicy(
@@ -90,6 +137,9 @@ class _ClientCore:
         # A 429 pauses every call of this client, not just the one that saw it, so
         # a batch sharing one client slows down as a whole instead of hammering.
         self._paused_until = 0.0
+        # Requests this client submitted with sync_mode: their result carries the
+        # outputs inline, so it may be far larger than any other answer.
+        self._inline_requests: set[str] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_token='**********')"
@@ -101,6 +151,9 @@ class _ClientCore:
             "headers": {
                 "Authorization": f"Bearer {self._api_token.get_secret_value()}",
                 "Accept": "application/json",
+                # Answers are small JSON; a compressed one could inflate far past its cap
+                # inside a single chunk before the cap is checked.
+                "Accept-Encoding": "identity",
                 "User-Agent": "prefect-nanobanana",
             },
         }
@@ -114,8 +167,10 @@ class _ClientCore:
 
     @staticmethod
     def _request_path(request_id: str, action: str) -> str:
-        if not request_id or "/" in request_id:
-            raise InvalidRequestError(f"Not a request id: {request_id!r}")
+        try:
+            check_request_id(request_id)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
         return f"/v1/requests/{request_id}/{action}"
 
     @staticmethod
@@ -135,14 +190,47 @@ class _ClientCore:
     def _redact(self, text: str) -> str:
         return text.replace(self._api_token.get_secret_value(), "**********")
 
+    def _answer_limit(self, action: str, request_id: str | None) -> int:
+        if action == "result" and request_id in self._inline_requests:
+            return max(self.max_answer_bytes, MAX_INLINE_RESULT_BYTES)
+        return self.max_answer_bytes
+
+    @staticmethod
+    def _protocol_error(
+        kind: CallKind, message: str, *, status_code: int | None, request_id: str | None
+    ) -> ProtocolError:
+        """A broken answer; on a submit, the job may have been accepted all the same."""
+        if kind is CallKind.SUBMIT:
+            return SubmitProtocolError(
+                f"{message}; the job may have been accepted and billed. It was NOT "
+                "resubmitted. Check your RunComfy request history before submitting again",
+                status_code=status_code,
+            )
+        return ProtocolError(message, status_code=status_code, request_id=request_id)
+
+    def _too_large(
+        self, kind: CallKind, error: AnswerTooLarge, status_code: int, request_id: str | None
+    ) -> ProtocolError:
+        return self._protocol_error(
+            kind,
+            f"RunComfy's answer was cut off: {error}",
+            status_code=status_code,
+            request_id=request_id,
+        )
+
     def _outcome(
-        self, kind: CallKind, response: httpx.Response, request_id: str | None
+        self,
+        kind: CallKind,
+        response: httpx.Response,
+        content: bytes,
+        request_id: str | None,
     ) -> dict[str, Any] | RunComfyError:
         """The JSON body of a good answer, or the error it stands for."""
         try:
-            body: Any = response.json()
+            body: Any = json.loads(content)
         except ValueError:
-            body = {"message": self._redact(response.text[:300])}
+            text = content[:300].decode("utf-8", "replace")
+            body = {"message": self._redact(text)}
             if response.is_success:
                 message = f"RunComfy answered HTTP {response.status_code} with a non-JSON body"
                 if kind is CallKind.SUBMIT:
@@ -164,20 +252,83 @@ class _ClientCore:
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
         if not isinstance(body, dict):
-            return RunComfyError(
+            return self._protocol_error(
+                kind,
                 f"Unexpected answer from RunComfy: {type(body).__name__}",
                 status_code=response.status_code,
                 request_id=request_id,
             )
         return body
 
-    def _next_step(self, kind: CallKind, error: RunComfyError, attempt: int) -> float:
-        """Seconds to wait before retrying, or raise `error` (or its submit form)."""
+    def _parse(
+        self, model: type[_ModelT], body: dict[str, Any], kind: CallKind, request_id: str | None
+    ) -> _ModelT:
+        """The answer as its model, or a protocol error that quotes none of its values."""
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"]) or "answer"
+            raise self._protocol_error(
+                kind,
+                f"RunComfy's answer is not a valid {model.__name__}: {where}: {first['msg']}",
+                status_code=None,
+                request_id=request_id,
+            ) from None
+
+    def _handle(self, body: dict[str, Any], edit: BaseModel | dict[str, Any]) -> RequestHandle:
+        """A submit's answer, its request id checked before anyone uses or stores it."""
+        try:
+            check_request_id(body.get("request_id"))
+        except ValueError as exc:
+            raise self._protocol_error(
+                CallKind.SUBMIT, f"The submit answer's {exc}", status_code=None, request_id=None
+            ) from None
+        handle = self._parse(RequestHandle, body, CallKind.SUBMIT, None)
+        sync_mode = (
+            edit.get("sync_mode") if isinstance(edit, dict) else getattr(edit, "sync_mode", False)
+        )
+        if sync_mode:
+            self._inline_requests.add(handle.request_id)
+        return handle
+
+    def _status(self, body: dict[str, Any], request_id: str) -> RequestStatus:
+        # Our request id wins over whatever the server says it was.
+        return self._parse(
+            RequestStatus, {**body, "request_id": request_id}, CallKind.READ, request_id
+        )
+
+    def _result(self, body: dict[str, Any], request_id: str) -> RequestResult:
+        result = self._parse(
+            RequestResult, {**body, "request_id": request_id}, CallKind.READ, request_id
+        )
+        if result.is_terminal:
+            self._inline_requests.discard(request_id)
+        return result
+
+    def _cancel_result(self, body: dict[str, Any], request_id: str) -> CancelResult:
+        return self._parse(
+            CancelResult, {**body, "request_id": request_id}, CallKind.READ, request_id
+        )
+
+    def _out_of_time(self, until: float | None, delay: float = 0.0) -> bool:
+        return until is not None and time.monotonic() + delay >= until
+
+    def _next_step(
+        self, kind: CallKind, error: RunComfyError, attempt: int, until: float | None
+    ) -> float:
+        """Seconds to wait before retrying, or raise `error` (or its submit form).
+
+        `until` (a `time.monotonic()` instant) is the caller's own deadline: no
+        retry starts after it, so a `wait` ends by its deadline plus one attempt.
+        """
         if kind is CallKind.SUBMIT and isinstance(error, ServerError):
             raise submit_server_error(error)
         if not self.retry_policy.should_retry(kind, error, attempt):
             raise error
         delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
+        if self._out_of_time(until, delay):
+            raise _OutOfTime(error)
         if isinstance(error, RateLimitedError):
             self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
@@ -189,8 +340,11 @@ class _ClientCore:
         )
         return delay
 
-    def _pause_remaining(self) -> float:
-        return self._paused_until - time.monotonic()
+    def _pause_remaining(self, until: float | None) -> float:
+        """How long a 429 still pauses this client, never past the caller's deadline."""
+        now = time.monotonic()
+        end = self._paused_until if until is None else min(self._paused_until, until)
+        return end - now
 
     def _tracker(
         self,
@@ -214,7 +368,14 @@ class _ClientCore:
 
 
 class RunComfyClient(_ClientCore):
-    """Blocking client: `with RunComfyClient(api_token=...) as client: client.submit_edit(...)`."""
+    """Blocking client: `with RunComfyClient(api_token=...) as client: client.submit_edit(...)`.
+
+    `timeout` is the wall-clock deadline of each HTTP attempt (connect, send and
+    every read together); `max_answer_bytes` caps every JSON answer.
+    `output_hosts` (`host`, `host:port`, `*.domain`) are the only hosts outputs are
+    downloaded from; by default `*.runcomfy.net` and the base URL's own host. Add a
+    proxy's or CDN's host here if your outputs come from one.
+    """
 
     def __init__(
         self,
@@ -226,11 +387,22 @@ class RunComfyClient(_ClientCore):
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        output_hosts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
-            api_token, base_url, timeout, retry_policy, polling_policy, duration_estimator, logger
+            api_token,
+            base_url,
+            timeout,
+            retry_policy,
+            polling_policy,
+            duration_estimator,
+            logger,
+            max_answer_bytes,
+            output_hosts,
         )
         self._http = httpx.Client(**self._http_options())
+        install_deadlines(self._http)
 
     def __enter__(self) -> RunComfyClient:
         return self
@@ -241,6 +413,22 @@ class RunComfyClient(_ClientCore):
     def close(self) -> None:
         self._http.close()
 
+    def _attempt(
+        self,
+        kind: CallKind,
+        method: str,
+        path: str,
+        limit: int,
+        request_id: str | None,
+        **send: Any,
+    ) -> dict[str, Any] | RunComfyError:
+        with call_deadline(self.timeout), self._http.stream(method, path, **send) as response:
+            try:
+                content = read_answer(response, limit)
+            except AnswerTooLarge as exc:
+                return self._too_large(kind, exc, response.status_code, request_id)
+        return self._outcome(kind, response, content, request_id)
+
     def _call(
         self,
         kind: CallKind,
@@ -250,28 +438,36 @@ class RunComfyClient(_ClientCore):
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         request_id: str | None = None,
+        limit: int | None = None,
+        until: float | None = None,
     ) -> dict[str, Any]:
         attempt = 0
         while True:
             attempt += 1
-            if (pause := self._pause_remaining()) > 0:
+            if (pause := self._pause_remaining(until)) > 0:
                 time.sleep(pause)
             try:
-                response = self._http.request(method, path, json=json, params=params)
-                outcome = self._outcome(kind, response, request_id)
+                outcome = self._attempt(
+                    kind,
+                    method,
+                    path,
+                    limit or self.max_answer_bytes,
+                    request_id,
+                    json=json,
+                    params=params,
+                )
             except httpx.TransportError as exc:
                 # The base URL in the message: a person must see which API could not be reached.
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            time.sleep(self._next_step(kind, outcome, attempt))
+            time.sleep(self._next_step(kind, outcome, attempt, until))
 
     def submit(self, model_id: str, payload: Payload) -> RequestHandle:
         """Submit a job for any model id. Billed: retried only if provably not received."""
-        body = self._call(
-            CallKind.SUBMIT, "POST", self._submit_path(model_id), json=self._payload_json(payload)
-        )
-        return RequestHandle.model_validate(body)
+        body = self._payload_json(payload)
+        answer = self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
+        return self._handle(answer, body)
 
     def submit_edit(self, edit: EditInput) -> RequestHandle:
         return self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
@@ -282,31 +478,46 @@ class RunComfyClient(_ClientCore):
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     def status(self, request_id: str) -> RequestStatus:
-        body = self._call(
-            CallKind.READ, "GET", self._request_path(request_id, "status"), request_id=request_id
-        )
-        return RequestStatus.model_validate({"request_id": request_id, **body})
+        return self._poll_status(request_id, None)
 
     def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return self._poll_result(request_id, include_cost, None)
+
+    def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
+        """The request's status; `until` (monotonic) stops retries past a wait's deadline."""
+        body = self._call(
+            CallKind.READ,
+            "GET",
+            self._request_path(request_id, "status"),
+            request_id=request_id,
+            until=until,
+        )
+        return self._status(body, request_id)
+
+    def _poll_result(
+        self, request_id: str, include_cost: bool, until: float | None
+    ) -> RequestResult:
         body = self._call(
             CallKind.READ,
             "GET",
             self._request_path(request_id, "result"),
             params={"include_cost": "true"} if include_cost else None,
             request_id=request_id,
+            limit=self._answer_limit("result", request_id),
+            until=until,
         )
-        return RequestResult.model_validate({"request_id": request_id, **body})
+        return self._result(body, request_id)
 
     def cancel(self, request_id: str) -> CancelResult:
         body = self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
-        return CancelResult.model_validate({"request_id": request_id, **body})
+        return self._cancel_result(body, request_id)
 
     def wait(
         self,
         request_id: str,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         *,
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
@@ -315,6 +526,8 @@ class RunComfyClient(_ClientCore):
     ) -> RequestResult:
         """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
 
+        Returns or raises by `timeout` seconds (30 minutes by default, as the
+        provider's own clients; `None` waits for ever) plus one call's `timeout`.
         When the wait resumes a request submitted a while ago (a retry, a rerun), give
         `submitted_at`: the job may have run for some time already, and the schedule
         then does not sleep through a quiet window as if it had just started. `log`
@@ -322,16 +535,28 @@ class RunComfyClient(_ClientCore):
         by many jobs can log each job's lines where that job is watched.
         """
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
-        poll: RequestStatus | RequestResult = self.status(request_id)
-        while True:
-            delay = tracker.observe(poll)
-            if delay is None:
-                result = poll if isinstance(poll, RequestResult) else self.result(request_id)
-                if result.is_terminal:
-                    return tracker.finish(result)
-                delay = tracker.result_not_ready()
-            time.sleep(delay)
-            poll = self.result(request_id) if tracker.polls_result_next else self.status(request_id)
+        until = tracker.deadline
+        try:
+            poll: RequestStatus | RequestResult = self._poll_status(request_id, until)
+            while True:
+                delay = tracker.observe(poll)
+                if delay is None:
+                    result = (
+                        poll
+                        if isinstance(poll, RequestResult)
+                        else self._poll_result(request_id, True, until)
+                    )
+                    if result.is_terminal:
+                        return tracker.finish(result)
+                    delay = tracker.result_not_ready()
+                time.sleep(delay)
+                poll = (
+                    self._poll_result(request_id, True, until)
+                    if tracker.polls_result_next
+                    else self._poll_status(request_id, until)
+                )
+        except _OutOfTime as stop:
+            raise tracker.timeout_error() from stop.error
 
 
 class AsyncRunComfyClient(_ClientCore):
@@ -348,9 +573,19 @@ class AsyncRunComfyClient(_ClientCore):
         duration_estimator: RunDurationEstimator | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         max_connections: int = 100,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
+        output_hosts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
-            api_token, base_url, timeout, retry_policy, polling_policy, duration_estimator, logger
+            api_token,
+            base_url,
+            timeout,
+            retry_policy,
+            polling_policy,
+            duration_estimator,
+            logger,
+            max_answer_bytes,
+            output_hosts,
         )
         self._http = httpx.AsyncClient(
             **self._http_options(),
@@ -358,6 +593,7 @@ class AsyncRunComfyClient(_ClientCore):
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
         )
+        install_deadlines(self._http)
 
     async def __aenter__(self) -> AsyncRunComfyClient:
         return self
@@ -368,6 +604,23 @@ class AsyncRunComfyClient(_ClientCore):
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def _attempt(
+        self,
+        kind: CallKind,
+        method: str,
+        path: str,
+        limit: int,
+        request_id: str | None,
+        **send: Any,
+    ) -> dict[str, Any] | RunComfyError:
+        with call_deadline(self.timeout):
+            async with self._http.stream(method, path, **send) as response:
+                try:
+                    content = await aread_answer(response, limit)
+                except AnswerTooLarge as exc:
+                    return self._too_large(kind, exc, response.status_code, request_id)
+        return self._outcome(kind, response, content, request_id)
+
     async def _call(
         self,
         kind: CallKind,
@@ -377,27 +630,35 @@ class AsyncRunComfyClient(_ClientCore):
         json: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         request_id: str | None = None,
+        limit: int | None = None,
+        until: float | None = None,
     ) -> dict[str, Any]:
         attempt = 0
         while True:
             attempt += 1
-            if (pause := self._pause_remaining()) > 0:
+            if (pause := self._pause_remaining(until)) > 0:
                 await asyncio.sleep(pause)
             try:
-                response = await self._http.request(method, path, json=json, params=params)
-                outcome = self._outcome(kind, response, request_id)
+                outcome = await self._attempt(
+                    kind,
+                    method,
+                    path,
+                    limit or self.max_answer_bytes,
+                    request_id,
+                    json=json,
+                    params=params,
+                )
             except httpx.TransportError as exc:
                 # The base URL in the message: a person must see which API could not be reached.
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            await asyncio.sleep(self._next_step(kind, outcome, attempt))
+            await asyncio.sleep(self._next_step(kind, outcome, attempt, until))
 
     async def submit(self, model_id: str, payload: Payload) -> RequestHandle:
-        body = await self._call(
-            CallKind.SUBMIT, "POST", self._submit_path(model_id), json=self._payload_json(payload)
-        )
-        return RequestHandle.model_validate(body)
+        body = self._payload_json(payload)
+        answer = await self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
+        return self._handle(answer, body)
 
     async def submit_edit(self, edit: EditInput) -> RequestHandle:
         return await self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
@@ -407,31 +668,45 @@ class AsyncRunComfyClient(_ClientCore):
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     async def status(self, request_id: str) -> RequestStatus:
-        body = await self._call(
-            CallKind.READ, "GET", self._request_path(request_id, "status"), request_id=request_id
-        )
-        return RequestStatus.model_validate({"request_id": request_id, **body})
+        return await self._poll_status(request_id, None)
 
     async def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        return await self._poll_result(request_id, include_cost, None)
+
+    async def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
+        body = await self._call(
+            CallKind.READ,
+            "GET",
+            self._request_path(request_id, "status"),
+            request_id=request_id,
+            until=until,
+        )
+        return self._status(body, request_id)
+
+    async def _poll_result(
+        self, request_id: str, include_cost: bool, until: float | None
+    ) -> RequestResult:
         body = await self._call(
             CallKind.READ,
             "GET",
             self._request_path(request_id, "result"),
             params={"include_cost": "true"} if include_cost else None,
             request_id=request_id,
+            limit=self._answer_limit("result", request_id),
+            until=until,
         )
-        return RequestResult.model_validate({"request_id": request_id, **body})
+        return self._result(body, request_id)
 
     async def cancel(self, request_id: str) -> CancelResult:
         body = await self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
-        return CancelResult.model_validate({"request_id": request_id, **body})
+        return self._cancel_result(body, request_id)
 
     async def wait(
         self,
         request_id: str,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         *,
         resolution: str | None = None,
         on_status: StatusCallback | None = None,
@@ -439,15 +714,25 @@ class AsyncRunComfyClient(_ClientCore):
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
-        poll: RequestStatus | RequestResult = await self.status(request_id)
-        while True:
-            delay = tracker.observe(poll)
-            if delay is None:
-                result = poll if isinstance(poll, RequestResult) else await self.result(request_id)
-                if result.is_terminal:
-                    return tracker.finish(result)
-                delay = tracker.result_not_ready()
-            await asyncio.sleep(delay)
-            poll = await (
-                self.result(request_id) if tracker.polls_result_next else self.status(request_id)
-            )
+        until = tracker.deadline
+        try:
+            poll: RequestStatus | RequestResult = await self._poll_status(request_id, until)
+            while True:
+                delay = tracker.observe(poll)
+                if delay is None:
+                    result = (
+                        poll
+                        if isinstance(poll, RequestResult)
+                        else await self._poll_result(request_id, True, until)
+                    )
+                    if result.is_terminal:
+                        return tracker.finish(result)
+                    delay = tracker.result_not_ready()
+                await asyncio.sleep(delay)
+                poll = await (
+                    self._poll_result(request_id, True, until)
+                    if tracker.polls_result_next
+                    else self._poll_status(request_id, until)
+                )
+        except _OutOfTime as stop:
+            raise tracker.timeout_error() from stop.error

@@ -3,11 +3,18 @@
 Every error carries what a user needs to follow up at the provider: the HTTP
 status, the provider's `error_code`, its message and the request id when known.
 `is_transient` tells retry layers (ours and Prefect's) what is worth retrying.
+
+The server's words are not ours to trust: a 422 echoes its input, a failed job
+quotes the URL it could not fetch. So an error's message and detail go through the
+one redaction when the error is built, and no signature or token can ride an
+exception into a log, a state message or a traceback.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..redaction import redact, redact_text
 
 
 class RunComfyError(Exception):
@@ -24,11 +31,12 @@ class RunComfyError(Exception):
         request_id: str | None = None,
         detail: Any = None,
     ) -> None:
+        message = redact_text(message)
         self.message = message
         self.status_code = status_code
         self.error_code = error_code
         self.request_id = request_id
-        self.detail = detail
+        self.detail = None if detail is None else redact(detail)
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -102,6 +110,22 @@ class SubmitOutcomeUnknownError(RunComfyError):
     """A submit may or may not have been accepted (5xx or timeout after sending).
 
     Never retried: the API has no idempotency key and a submit is billed.
+    """
+
+
+class ProtocolError(RunComfyError):
+    """The server's answer breaks the API's contract: too large, not JSON, a malformed id.
+
+    Not transient: a server that answered so once will likely answer so again, and
+    retrying a hostile answer only costs time.
+    """
+
+
+class SubmitProtocolError(ProtocolError, SubmitOutcomeUnknownError):
+    """A submit's answer breaks the contract; the job may still have been accepted.
+
+    Also a `SubmitOutcomeUnknownError`, so the submit guards keep their marker and a
+    rerun does not pay twice for a job the server may have queued.
     """
 
 

@@ -7,6 +7,7 @@ may add some, and dropping them would hide information from users.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -16,8 +17,41 @@ from .vocabulary import AspectRatio, OutputFormat, Resolution
 
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "cancelled", "failed"})
 
+# The API documents no prompt limit. 20,000 characters is about 5,000 tokens, ten
+# times the longest edit instruction a person writes and far inside the model's
+# input window even beside 20 images; past it, a prompt is a pasted file or a
+# template bug, and is refused before it is paid for.
+MAX_PROMPT_CHARS = 20_000
+
+# A request id goes into URL paths, archive folder names, ledger keys and labels.
+# The provider issues UUIDs; anything outside this charset and length is refused.
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
 # Aliases seen in the provider's own clients.
 _STATUS_ALIASES = {"succeeded": "completed", "canceled": "cancelled"}
+
+
+def check_request_id(request_id: object) -> str:
+    """``request_id`` if it is safe to use in a URL path and a file name, else ValueError.
+
+    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so
+    never ``.`` or ``..``), at most :data:`MAX_REQUEST_ID_CHARS` characters. The
+    message quotes at most the id's first 40 characters.
+    """
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request id is missing or not a string ({type(request_id).__name__})")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise ValueError(
+            f"request id is {len(request_id)} characters long "
+            f"(at most {MAX_REQUEST_ID_CHARS}): {request_id[:40]!r}…"
+        )
+    if not _REQUEST_ID_RE.fullmatch(request_id):
+        raise ValueError(
+            f"request id {request_id!r} is not a request id "
+            "(letters, digits, '.', '_' and '-', starting with a letter or digit)"
+        )
+    return request_id
 
 
 def normalize_status(status: str | None) -> str:
@@ -33,11 +67,18 @@ class _ServerModel(BaseModel):
 
 
 class NanoBananaEditInput(BaseModel):
-    """The documented input of google/nano-banana/pro/edit, checked before a paid submit."""
+    """The documented input of google/nano-banana/pro/edit, checked before a paid submit.
 
-    model_config = ConfigDict(extra="forbid")
+    Validation errors do not quote the input: an image URL may be pre-signed.
+    """
 
-    prompt: str = Field(min_length=1, description="The edit instruction.")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description=f"The edit instruction (at most {MAX_PROMPT_CHARS:,} characters).",
+    )
     image_urls: list[str] = Field(
         min_length=1, max_length=20, description="1 to 20 publicly fetchable image URLs."
     )

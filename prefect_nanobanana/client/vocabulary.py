@@ -9,6 +9,9 @@ from typing import Literal
 
 NANO_BANANA_EDIT_MODEL_ID = "google/nano-banana/pro/edit"
 DEFAULT_BASE_URL = "https://model-api.runcomfy.net"
+# The provider serves outputs from its own subdomains (observed in its nodes, which
+# refuse any other host); the API's base URL host is added by the client.
+DEFAULT_OUTPUT_HOSTS: tuple[str, ...] = ("*.runcomfy.net",)
 
 AspectRatio = Literal[
     "auto", "21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16"

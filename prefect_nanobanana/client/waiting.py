@@ -20,6 +20,11 @@ from .polling import PollingPolicy, PollState, RunDurationEstimator, next_poll_d
 
 StatusCallback = Callable[[RequestStatus], None]
 
+# How long a wait polls unless told otherwise. The provider's own clients give up
+# after 30 minutes; a 4K job takes about a minute (p95 90 s), so 30 minutes leave a
+# long queue room and still end a wait on a stuck job. `timeout=None` waits for ever.
+DEFAULT_WAIT_TIMEOUT = 30 * 60.0
+
 _KNOWN_STATES = {"in_queue", "in_progress", *TERMINAL_STATES}
 
 
@@ -192,20 +197,29 @@ class WaitTracker:
     def elapsed(self) -> float:
         return self._clock() - self._started
 
+    @property
+    def deadline(self) -> float | None:
+        """The wait's end on the tracker's clock (`time.monotonic`), None for no deadline."""
+        return self._deadline
+
+    def timeout_error(self) -> WaitTimeoutError:
+        """The error of a wait past its deadline (the job may still finish remotely)."""
+        self._estimator.job_ended(self.request_id)
+        last = self._last.status if self._last else None
+        return WaitTimeoutError(
+            f"Request {self.request_id} did not finish within {self._timeout:g} s "
+            f"(last status: {last}); it may still run remotely and can be collected later "
+            "with its request id",
+            request_id=self.request_id,
+            last_status=last,
+        )
+
     def _within_deadline(self, delay: float, now: float) -> float:
         if self._deadline is None:
             return delay
         remaining = self._deadline - now
         if remaining <= 0:
-            self._estimator.job_ended(self.request_id)
-            last = self._last.status if self._last else None
-            raise WaitTimeoutError(
-                f"Request {self.request_id} did not finish within {self._timeout:g} s "
-                f"(last status: {last}); it may still run remotely and can be collected later "
-                "with its request id",
-                request_id=self.request_id,
-                last_status=last,
-            )
+            raise self.timeout_error()
         return min(delay, remaining)
 
     def _log_change(self, status: RequestStatus, now: float) -> None:

@@ -11,20 +11,33 @@ can still be collected. Two mechanisms make sure of it:
 - the `on_cancellation` hook, which Prefect's runner may call in its own process
   after killing the flow's, reads the request ids the run recorded in its labels
   from the API and does the same.
+
+A run started directly (a plain call, not through a deployment) has no runner:
+setting it to Cancelling through the API or the UI kills nothing and calls no
+hook. So while such a run waits, `withdrawn_when_cancelling` watches its state
+on the API and, once it is Cancelling, withdraws the queued request at once; the
+flow then ends Cancelled. A request already running cannot be withdrawn: the
+run waits for it and keeps its outputs (they are paid for), then ends Cancelled.
 """
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
+from uuid import UUID
 
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
 from ..client import (
     AspectRatio,
+    JobCancelledError,
     NanoBananaEditInput,
     OutputFormat,
     Resolution,
@@ -125,6 +138,75 @@ def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) ->
         raise
 
 
+# How often a direct run's state is read while it waits: "within a few seconds".
+CANCELLING_POLL_SECONDS = 1.0
+
+
+class CancellingWatch:
+    """Watches a direct flow run's state while it waits; on Cancelling, withdraws the request.
+
+    A daemon thread reads the run's state from the Prefect API every
+    `CANCELLING_POLL_SECONDS`. `fired` says whether the run was asked to cancel.
+    """
+
+    def __init__(
+        self, credentials: RunComfyCredentials, request_id: str, flow_run_id: UUID | None
+    ) -> None:
+        self.credentials = credentials
+        self.request_id = request_id
+        self.flow_run_id = flow_run_id
+        self.fired = False
+        self._log = get_run_logger()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="cancelling-watch", daemon=True)
+
+    def __enter__(self) -> "CancellingWatch":
+        if self.flow_run_id is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        assert self.flow_run_id is not None
+        with get_client(sync_client=True) as prefect_client:
+            while not self._stopped.wait(CANCELLING_POLL_SECONDS):
+                try:
+                    state = prefect_client.read_flow_run(self.flow_run_id).state
+                except Exception:  # the API being briefly away must not end the wait
+                    continue
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    self.fired = True
+                    self._withdraw()
+                    return
+
+    def _withdraw(self) -> None:
+        self._log.info("The run is Cancelling; withdrawing RunComfy request %s", self.request_id)
+        try:
+            with self.credentials.get_client() as client:
+                cancel_if_queued(client, self.request_id, log=self._log)
+        except RunComfyError as error:
+            self._log.warning("Could not cancel RunComfy request %s: %s", self.request_id, error)
+
+    def cancelled_state(self) -> State[Any]:
+        """The state a run ends in once it was asked to cancel."""
+        return Cancelled(
+            message=f"Cancelled through the API while waiting for RunComfy request "
+            f"{self.request_id}; a queued request was withdrawn"
+        )
+
+
+def withdrawn_when_cancelling(credentials: RunComfyCredentials, request_id: str) -> CancellingWatch:
+    """A `CancellingWatch` for this run if it was started directly (no runner to cancel it)."""
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context is not None else None
+    direct = flow_run is not None and flow_run.deployment_id is None
+    return CancellingWatch(credentials, request_id, flow_run.id if direct and flow_run else None)
+
+
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
 def edit_image(
     prompt: str,
@@ -178,14 +260,24 @@ def edit_image(
     resolved = resolve_credentials(credentials)
     estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd)
     submitted = submit_edit(edit, resolved)
-    with withdrawn_if_abandoned(resolved, submitted.request_id):
-        outcome = wait_for_request(
-            submitted.request_id,
-            resolved,
-            timeout_seconds=timeout_seconds,
-            resolution=resolution,
-            submitted_at=submitted.submitted_at,
-        )
+    with (
+        withdrawn_if_abandoned(resolved, submitted.request_id),
+        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
+    ):
+        try:
+            outcome = wait_for_request(
+                submitted.request_id,
+                resolved,
+                timeout_seconds=timeout_seconds,
+                resolution=resolution,
+                submitted_at=submitted.submitted_at,
+            )
+        except JobCancelledError:
+            if watch.fired:
+                return watch.cancelled_state()  # type: ignore[return-value]
+            raise
+    if watch.fired:
+        return watch.cancelled_state()  # type: ignore[return-value]
     return EditImageResult(
         request_id=submitted.request_id,
         job_key=submitted.job_key,

@@ -20,6 +20,7 @@ from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials,
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
+    JobCancelledError,
     NanoBananaEditInput,
     OutputFormat,
     Resolution,
@@ -27,7 +28,12 @@ from ..client import (
 from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
 from ..tasks.storage import archive_request, stage_images
-from .edit import estimate_within_budget, remote_seconds, withdrawn_if_abandoned
+from .edit import (
+    estimate_within_budget,
+    remote_seconds,
+    withdrawn_if_abandoned,
+    withdrawn_when_cancelling,
+)
 
 
 class EditAndArchiveResult(BaseModel):
@@ -98,14 +104,22 @@ def edit_and_archive(
     # The sources as given, not the staged URLs (new signatures on every retry).
     job_key = job_key_for(prompt, images, options, scope=scope)
     submitted = submit_edit(edit, resolved, job_key=job_key)
-    with withdrawn_if_abandoned(resolved, submitted.request_id):
-        outcome = wait_for_request(
-            submitted.request_id,
-            resolved,
-            timeout_seconds=timeout_seconds,
-            resolution=resolution,
-            submitted_at=submitted.submitted_at,
-        )
+    with (
+        withdrawn_if_abandoned(resolved, submitted.request_id),
+        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
+    ):
+        try:
+            outcome = wait_for_request(
+                submitted.request_id,
+                resolved,
+                timeout_seconds=timeout_seconds,
+                resolution=resolution,
+                submitted_at=submitted.submitted_at,
+            )
+        except JobCancelledError:
+            if watch.fired:
+                return watch.cancelled_state()  # type: ignore[return-value]
+            raise
     record = archive_request(
         submitted.request_id,
         outcome.output_urls,
@@ -122,6 +136,7 @@ def edit_and_archive(
         ),
         outcome.created_at,
         aws_credentials,
+        resolved.allowed_output_hosts(),
     )
     assert record.metadata_location is not None  # set whenever every output was archived
     sources = [asset.source for asset in staged]
@@ -142,6 +157,8 @@ def edit_and_archive(
         archive_uri=archive_uri,
         aws_credentials=aws_credentials,
     )
+    if watch.fired:  # it ran already when the cancel came: archived, then cancelled
+        return watch.cancelled_state()  # type: ignore[return-value]
     return EditAndArchiveResult(
         request_id=submitted.request_id,
         output_locations=record.output_locations,

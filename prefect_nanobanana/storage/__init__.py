@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
             "LocalLocation",
             "Location",
             "S3Location",
+            "host_allowed",
             "is_loopback_host",
             "parse_location",
             "redact",
@@ -26,7 +27,21 @@ _EXPORTS: dict[str, str] = {
         ],
         ".locations",
     ),
-    **dict.fromkeys(["sniff_image_type"], ".media"),
+    **dict.fromkeys(
+        [
+            "MAX_INLINE_BYTES",
+            "MAX_INPUT_PIXELS",
+            "MAX_URL_INPUT_BYTES",
+            "ImageFacts",
+            "check_inline_size",
+            "check_pixels",
+            "check_url_input_size",
+            "data_uri_length",
+            "read_image_facts",
+            "sniff_image_type",
+        ],
+        ".media",
+    ),
     **dict.fromkeys(["DEFAULT_ARCHIVE_URI", "make_s3_client", "require_bucket"], ".backends"),
     **dict.fromkeys(
         [
@@ -46,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "LoopbackObjectStore": "..emulator.object_store",
     **dict.fromkeys(
         [
+            "DEFAULT_DOWNLOAD_TIMEOUT",
             "MAX_OUTPUT_BYTES",
             "ArchiveError",
             "ArchiveMetadata",

@@ -18,6 +18,12 @@ writes nothing. Outputs are streamed through a temp file while hashed, never hel
 whole in memory. An output that cannot be fetched does not stop the others: all
 that can be archived is, then :class:`ArchiveError` reports the failures and
 carries the partial record, so nothing produced is dropped silently.
+
+Output URLs come from the API's answers, which are not ours to trust: given
+``allowed_hosts`` (the API's output hosts), nothing else is fetched, redirects
+included; no credential is ever sent; and each output's download, retries
+included, ends by a wall-clock deadline. Scratch files left by a killed run are
+swept from the request's folder when it is archived again.
 """
 
 from __future__ import annotations
@@ -43,14 +49,25 @@ import httpx
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..deadline import call_deadline, install_deadlines
 from .backends import DEFAULT_ARCHIVE_URI, Backend, open_backend
 from .errors import LocationError, StorageError
-from .locations import HttpLocation, parse_location, redact, redact_text, strip_signature
+from .locations import (
+    HttpLocation,
+    host_allowed,
+    parse_location,
+    redact,
+    redact_text,
+    strip_signature,
+)
 from .media import SNIFF_BYTES, extension_for, sniff_image_type
 
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 100 * 1024 * 1024
+# The deadline of one output's whole download, retries included: 100 MB (the size
+# cap) at about 3 Mbit/s; a 4K PNG of ~25 MB needs under 1 Mbit/s.
+DEFAULT_DOWNLOAD_TIMEOUT = 300.0
 METADATA_NAME = "metadata.json"
 METADATA_SCHEMA = "prefect-nanobanana/archive/v1"
 _RESERVED_KEYS = frozenset({"schema", "request_id", "archive_date", "archived_at", "outputs"})
@@ -263,8 +280,9 @@ def archive_outputs(
     max_bytes: int = MAX_OUTPUT_BYTES,
     retries: int = 3,
     backoff: float = 0.5,
-    timeout: float = 60.0,
+    timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
     flat: bool = False,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> ArchiveRecord:
     """Copy a request's outputs into the archive and write its ``metadata.json``.
 
@@ -277,7 +295,11 @@ def archive_outputs(
     ``flat`` writes the files named by the request straight into the archive root
     (see the module docstring) instead of a dated folder per request.
     Transient fetch failures (connection errors, 5xx, 429) are retried ``retries``
-    times with exponential ``backoff``.
+    times with exponential ``backoff``; ``timeout`` is the wall-clock deadline of one
+    output's whole download, every attempt and read included. ``allowed_hosts``
+    (``host``, ``host:port``, ``*.domain``; see
+    :func:`~.locations.host_allowed`) lists the only hosts fetched from, redirects
+    included; pass the client's ``output_hosts``. None fetches from any host.
 
     Returns the existing record (``already_archived=True``) without writing
     anything when the request is already archived. Raises :class:`ArchiveError`
@@ -298,6 +320,7 @@ def archive_outputs(
 
     backend = open_backend(archive_uri, s3_client)
     backend.check()
+    backend.sweep_scratch(layout.folder)
     existing = _load_record(backend, request_id, day, layout)
     if existing is not None and [o.index for o in existing.outputs] == list(
         range(len(output_urls))
@@ -306,7 +329,13 @@ def archive_outputs(
 
     archived: list[ArchivedOutput] = []
     failures: list[OutputFailure] = []
-    fetcher = _Fetcher(max_bytes=max_bytes, retries=retries, backoff=backoff, timeout=timeout)
+    fetcher = _Fetcher(
+        max_bytes=max_bytes,
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
+    )
     try:
         for index, url in enumerate(output_urls):
             try:
@@ -440,17 +469,42 @@ def _tls_context() -> ssl.SSLContext:
 class _Fetcher:
     """Streams outputs into files: https, loopback http and data: URIs, with retries."""
 
-    def __init__(self, *, max_bytes: int, retries: int, backoff: float, timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        retries: int,
+        backoff: float,
+        timeout: float,
+        allowed_hosts: tuple[str, ...] | None,
+    ) -> None:
         self.max_bytes = max_bytes
         self.retries = retries
         self.backoff = backoff
-        # Checked on every hop, redirects included: no downgrade to remote plain http.
+        self.timeout = timeout
+        self.allowed_hosts = allowed_hosts
+        # Checked on every hop, redirects included, before anything is sent: no
+        # downgrade to remote plain http, no host outside the list. This client
+        # holds no API token: an output host never sees it.
         self.http = httpx.Client(
             timeout=timeout,
             follow_redirects=True,
-            event_hooks={"request": [_refuse_insecure]},
+            event_hooks={"request": [self._refuse_foreign]},
             verify=_tls_context(),
         )
+        install_deadlines(self.http)
+
+    def _refuse_foreign(self, request: httpx.Request) -> None:
+        url = str(request.url)
+        try:
+            parse_location(url)
+        except LocationError as exc:
+            raise _FetchError(str(exc)) from exc
+        if self.allowed_hosts is not None and not host_allowed(url, self.allowed_hosts):
+            raise _FetchError(
+                f"refused to fetch from {request.url.netloc.decode()}: not one of the API's "
+                f"output hosts ({', '.join(self.allowed_hosts)})"
+            )
 
     def close(self) -> None:
         self.http.close()
@@ -464,21 +518,29 @@ class _Fetcher:
             raise _FetchError(str(exc)) from exc
         if not isinstance(location, HttpLocation):
             raise _FetchError("output URL must be https://, loopback http:// or data:")
+        with call_deadline(self.timeout):
+            return self._fetch_with_retries(url, handle, time.monotonic() + self.timeout)
+
+    def _fetch_with_retries(self, url: str, handle: IO[bytes], deadline: float) -> _Fetched:
         attempt = 0
         while True:
             try:
                 return self._fetch_once(url, handle)
             except (_TransientError, httpx.TransportError) as exc:
-                if attempt >= self.retries:
-                    raise _FetchError(
-                        f"gave up after {attempt + 1} attempts: {redact_text(str(exc))}"
-                    ) from exc
                 retry_after = getattr(exc, "retry_after", None)
-                time.sleep(
+                delay = (
                     min(retry_after, _MAX_RETRY_AFTER)
                     if retry_after is not None
                     else self.backoff * 2**attempt
                 )
+                out_of_time = time.monotonic() + delay >= deadline
+                if attempt >= self.retries or out_of_time:
+                    within = f" within the {self.timeout:g} s deadline" if out_of_time else ""
+                    raise _FetchError(
+                        f"gave up after {attempt + 1} attempts{within}: "
+                        f"{redact_text(str(exc)) or type(exc).__name__}"
+                    ) from exc
+                time.sleep(delay)
                 attempt += 1
             except httpx.HTTPError as exc:
                 raise _FetchError(redact_text(str(exc))) from exc
@@ -525,13 +587,6 @@ class _Fetcher:
         except binascii.Error as exc:
             raise _FetchError(f"data: URI holds invalid base64 ({exc})") from exc
         return sink.finish(declared_type)
-
-
-def _refuse_insecure(request: httpx.Request) -> None:
-    try:
-        parse_location(str(request.url))
-    except LocationError as exc:
-        raise _FetchError(str(exc)) from exc
 
 
 def _media_type(content_type: str | None) -> str:

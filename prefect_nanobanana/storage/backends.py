@@ -5,6 +5,11 @@ absolute path or ``s3://bucket/key``), so the archive and the ledger are written
 once and run unchanged on a laptop or against a bucket. Local writes are atomic
 (temp file + rename) so a crash never leaves a half-written file under its final name.
 
+A process killed mid-write cannot remove its scratch file, so every scratch name
+carries its writer (a hash of the host name and the process id):
+:meth:`LocalBackend.sweep_scratch` removes those whose writer is gone, and the
+archive sweeps a request's folder before archiving it.
+
 Records that several runs (on several machines) may write at once use the
 conditional trio `read_versioned` / `create_bytes` / `replace_bytes`: a create
 succeeds for exactly one writer, and a replace only if nobody wrote since the
@@ -17,8 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -32,6 +41,56 @@ from .locations import HttpLocation, LocalLocation, join_key, parse_location
 DEFAULT_ARCHIVE_URI = "nanobanana-archive"
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# `.{name}.{host}-{pid}.{random}.part`: the writer of a scratch file, in its name.
+_SCRATCH_RE = re.compile(r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.part$")
+# A scratch file no download could still be writing (every download has a deadline).
+_ABANDONED_AFTER_SECONDS = 24 * 3600
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _scratch_prefix(name: str) -> str:
+    return f".{name}.{_host_tag()}-{os.getpid()}."
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    if host != _host_tag():
+        return False  # another machine's process (a shared folder): not ours to judge
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+def sweep_scratch_files(folder: Path) -> int:
+    """Remove the scratch files in ``folder`` left by dead writers; how many were removed."""
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _SCRATCH_RE.match(entry.name)
+        if match is None:
+            continue
+        try:
+            abandoned = time.time() - entry.stat().st_mtime > _ABANDONED_AFTER_SECONDS
+        except OSError:
+            continue
+        if abandoned or _writer_gone(match["host"], int(match["pid"])):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed += 1
+    return removed
+
+
 S3_MAX_CONNECTIONS = 32
 # A conditional write lost: the object exists (create) or changed (replace). S3 answers
 # 409 ConditionalRequestConflict when two conditional writes of one key overlap.
@@ -135,6 +194,10 @@ class Backend(Protocol):
         """Keys directly under ``prefix``, sorted."""
         ...
 
+    def sweep_scratch(self, prefix: str) -> int:
+        """Remove scratch files under ``prefix`` whose writer died; how many were removed."""
+        ...
+
 
 class LocalBackend:
     """A folder on this machine."""
@@ -171,10 +234,13 @@ class LocalBackend:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".part"
+            dir=target.parent, prefix=_scratch_prefix(target.name), suffix=".part"
         )
         os.close(handle)
         return Path(name)
+
+    def sweep_scratch(self, prefix: str) -> int:
+        return sweep_scratch_files(self.root / prefix if prefix else self.root)
 
     def commit_file(self, temp: Path, key: str, content_type: str) -> str:
         target = self._path(key)
@@ -350,9 +416,13 @@ class S3Backend:
         return self._put_if(key, data, content_type, IfMatch=version)
 
     def temp_file(self, key: str) -> Path:
-        handle, name = tempfile.mkstemp(prefix="nanobanana-", suffix=".part")
+        handle, name = tempfile.mkstemp(prefix=_scratch_prefix("nanobanana"), suffix=".part")
         os.close(handle)
         return Path(name)
+
+    def sweep_scratch(self, prefix: str) -> int:
+        # Nothing reaches S3 before the upload; scratch files live in the system temp folder.
+        return sweep_scratch_files(Path(tempfile.gettempdir()))
 
     def put_file(self, path: Path, key: str, content_type: str) -> str:
         """Upload a local file to ``key`` (the file stays); returns the location."""

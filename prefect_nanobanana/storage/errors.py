@@ -7,9 +7,18 @@ with the exception type they already expect for bad input.
 
 from __future__ import annotations
 
+from ..redaction import redact_text
+
 
 class StorageError(Exception):
-    """Base class for everything the storage room raises on purpose."""
+    """Base class for everything the storage room raises on purpose.
+
+    Its messages often quote a URL or a server's answer, so they go through the one
+    redaction when the error is made: no signature rides it into a log or a state.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class LocationError(StorageError, ValueError):

@@ -3,7 +3,8 @@
 Pre-signed URLs are bearer credentials: whoever holds one can read the object
 until it expires. Everything here that turns a URL into text meant for people or
 files (metadata, logs, error messages) goes through :func:`strip_signature` or
-:func:`redact`, so a signature never leaks beyond the request that needs it.
+:func:`redact` (from :mod:`prefect_nanobanana.redaction`), so a signature never
+leaks beyond the request that needs it.
 """
 
 from __future__ import annotations
@@ -11,21 +12,32 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel
-
+from ..redaction import redact, redact_text, strip_signature
 from .errors import LocationError
+
+# The redaction lives in one neutral module (client, storage and the Prefect layer
+# share it); these names stay importable from here.
+__all__ = [
+    "HttpLocation",
+    "LocalLocation",
+    "Location",
+    "S3Location",
+    "host_allowed",
+    "is_loopback_host",
+    "join_key",
+    "parse_location",
+    "redact",
+    "redact_text",
+    "strip_signature",
+]
 
 # S3's rules for bucket names, loosely: 3-63 lowercase letters, digits, dots and hyphens.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_URL_IN_TEXT_RE = re.compile(r"\bhttps?://[^\s\"'<>]+")
-_DATA_URI_IN_TEXT_RE = re.compile(r"\bdata:[^,\s\"'<>]*,[^\s\"'<>]*")
 
 
 @dataclass(frozen=True)
@@ -118,53 +130,47 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def host_allowed(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """True when the URL's host (and port) matches an entry of ``allowed_hosts``.
+
+    Entries are ``host``, ``host:port``, ``*.domain`` or ``*.domain:port``, matched
+    without regard to case. ``*.runcomfy.net`` matches ``a.runcomfy.net`` and
+    ``a.b.runcomfy.net``, not ``runcomfy.net`` itself; an entry without a port
+    matches every port, one with a port only that port.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    if not host:
+        return False
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return False
+    for entry in allowed_hosts:
+        pattern, entry_port = _split_host_entry(entry)
+        if entry_port is not None and entry_port != port:
+            continue
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+def _split_host_entry(entry: str) -> tuple[str, int | None]:
+    """``host[:port]`` (IPv6 in brackets) as the lowercase host and the port, if any."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+    else:
+        host, port = entry, ""
+    return host.rstrip("."), int(port) if port.isdigit() else None
+
+
 def join_key(*parts: str) -> str:
     """Join S3 key segments with single slashes, skipping empty ones."""
     return "/".join(part.strip("/") for part in parts if part and part.strip("/"))
-
-
-def strip_signature(url: str) -> str:
-    """The URL without query string, fragment or user info — safe to log and to store.
-
-    ``data:`` URIs shrink to ``data:<type>`` (their payload is the image itself);
-    local paths and ``s3://`` locations carry no signature and come back unchanged.
-    """
-    if url.startswith("data:"):
-        media_type = url[len("data:") :].split(",", 1)[0].split(";", 1)[0]
-        return f"data:{media_type}"
-    if url.startswith("s3://"):
-        return url
-    parts = urlsplit(url)
-    if len(parts.scheme) <= 1:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def redact_text(text: str) -> str:
-    """Text with every embedded http(s) URL signature-stripped and every data: URI shortened."""
-    text = _DATA_URI_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
-    return _URL_IN_TEXT_RE.sub(lambda match: strip_signature(match.group(0)), text)
-
-
-def redact(value: Any) -> Any:
-    """A JSON-ready copy of ``value`` in which no string can carry a URL signature.
-
-    Callers hand metadata of every shape (datetimes, paths, pydantic models,
-    exceptions); converting and scrubbing in one walk means nothing reaches a file
-    through a ``default=str`` back door without being scrubbed.
-    """
-    if isinstance(value, str):
-        return redact_text(value)
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, Mapping):
-        return {str(key): redact(item) for key, item in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
-        return [redact(item) for item in items]
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, BaseModel):
-        return redact(value.model_dump(mode="json"))
-    return redact_text(str(value))

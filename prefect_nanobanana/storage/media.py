@@ -1,8 +1,10 @@
-"""Image types by magic bytes: what a file *is*, never what its name claims.
+"""Image checks before anything is paid: what a file *is*, how big it is, how many pixels.
 
 Files named ``.jpg`` are regularly PNGs (and worse); the API rejects what it
 cannot decode only after the request has been billed, so the type is decided
-from the first bytes before anything is uploaded.
+from the first bytes before anything is uploaded. The provider's caps (pixels,
+inline bytes, URL bytes) are checked here too, from headers only: staging (URL
+inputs) and inline data-URI sending both call these functions.
 """
 
 from __future__ import annotations
@@ -10,6 +12,12 @@ from __future__ import annotations
 import mimetypes
 import os
 import warnings
+from dataclasses import dataclass
+from typing import IO
+
+from PIL import Image
+
+from .errors import StagingError
 
 # Enough bytes for every signature below (the longest is the ISO-BMFF brand at 8..12).
 SNIFF_BYTES = 32
@@ -101,3 +109,103 @@ def format_mib(size_bytes: int) -> str:
     if size_bytes < 100 * 1024:
         return f"{size_bytes} bytes"
     return f"{size_bytes / MIB:.1f} MiB"
+
+
+# The documented cap for an image behind a URL (see ../shared/runcomfy-model-api.md);
+# the pixel and inline caps are above.
+MAX_INLINE_BYTES = INLINE_MAX_ENCODED_BYTES
+MAX_URL_INPUT_BYTES = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What an image's header says, read without decoding a single pixel.
+
+    ``width`` and ``height`` are None only for HEIC/HEIF, which Pillow cannot
+    read without a plugin: their pixel count is then not checked here.
+    """
+
+    content_type: str
+    width: int | None
+    height: int | None
+
+    @property
+    def pixels(self) -> int | None:
+        if self.width is None or self.height is None:
+            return None
+        return self.width * self.height
+
+
+_UNREADABLE_BY_PILLOW = frozenset({"image/heic", "image/heif"})
+
+
+def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> ImageFacts:
+    """Type (by magic bytes) and pixel size (Pillow's lazy open); refuses a pixel bomb.
+
+    A 30000x30000 PNG is 109 KB on disk and 2.7 GB decoded: the byte caps cannot
+    see it, the header can. Raises :class:`StagingError` (named by ``name``) when
+    the bytes are no image we accept, the header cannot be read, or the image has
+    more than :data:`MAX_INPUT_PIXELS` pixels — all before anything is uploaded or
+    paid. A file object is read from its current position and left there.
+    """
+    if isinstance(source, str | os.PathLike):
+        try:
+            with open(source, "rb") as handle:
+                return read_image_facts(handle, name)
+        except OSError as exc:
+            raise StagingError(f"{name}: cannot read file: {exc.strerror}") from None
+    start = source.tell()
+    content_type = sniff_image_type(source.read(SNIFF_BYTES))
+    source.seek(start)
+    if content_type is None:
+        raise StagingError(f"{name}: not an image (judged by its bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and past twice its own limit raises) on huge images; our
+            # lower cap decides, and says so in words.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise StagingError(
+            f"{name}: image has far more than {MAX_INPUT_PIXELS:,} pixels "
+            f"(the API's limit is {MAX_INPUT_PIXELS // 1_000_000} megapixels)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        if content_type in _UNREADABLE_BY_PILLOW:
+            return ImageFacts(content_type, None, None)
+        raise StagingError(f"{name}: cannot read the image header ({exc})") from None
+    finally:
+        source.seek(start)
+    facts = ImageFacts(content_type, width, height)
+    check_pixels(name, facts)
+    return facts
+
+
+def check_pixels(name: str, facts: ImageFacts) -> None:
+    """Refuse an image over the API's 32-megapixel cap."""
+    if facts.pixels is not None and facts.pixels > MAX_INPUT_PIXELS:
+        raise StagingError(
+            f"{name}: {facts.width}x{facts.height} is {facts.pixels:,} pixels, over the "
+            f"API's limit of {MAX_INPUT_PIXELS // 1_000_000} megapixels ({MAX_INPUT_PIXELS:,})"
+        )
+
+
+def check_inline_size(name: str, raw_bytes: int, content_type: str) -> None:
+    """Refuse an image whose data URI would pass the API's 6 MiB inline cap."""
+    encoded = data_uri_length(raw_bytes, content_type)
+    if encoded > MAX_INLINE_BYTES:
+        raise StagingError(
+            f"{name}: {raw_bytes:,} bytes become a {encoded:,}-byte data URI, over the "
+            f"API's inline limit of {MAX_INLINE_BYTES:,} bytes (6 MiB); stage it to a URL instead"
+        )
+
+
+def check_url_input_size(name: str, size: int) -> None:
+    """Refuse an empty image, or one over the 50 MB the API documents for URL inputs."""
+    if size == 0:
+        raise StagingError(f"{name}: file is empty")
+    if size > MAX_URL_INPUT_BYTES:
+        raise StagingError(
+            f"{name}: {size} bytes exceeds the input limit of {MAX_URL_INPUT_BYTES} bytes (50 MB)"
+        )

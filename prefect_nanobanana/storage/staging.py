@@ -59,6 +59,7 @@ from .media import (
     extension_for,
     format_mib,
     image_pixel_count,
+    read_image_facts,
     sniff_image_type,
 )
 
@@ -600,6 +601,7 @@ def _inspect_local(path: Path) -> _LocalFile:
                 hasher.update(chunk)
     except OSError as exc:
         raise StagingError(f"{path}: cannot read file: {exc.strerror}") from exc
+    read_image_facts(path, str(path))  # the header's pixel count: no pixel bombs
     return _LocalFile(path, hasher.hexdigest(), content_type, stat.st_size)
 
 

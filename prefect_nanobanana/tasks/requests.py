@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from .. import observe
 from ..blocks.credentials import RunComfyCredentials, run_logger_or_none
 from ..client import (
+    DEFAULT_WAIT_TIMEOUT,
     NANO_BANANA_EDIT_MODEL_ID,
     CancelResult,
     JobCancelledError,
@@ -220,7 +221,7 @@ def _success_row(outcome: RequestOutcome) -> dict[str, Any]:
 async def _wait_for_request(
     request_id: str,
     credentials: RunComfyCredentials | None = None,
-    timeout_seconds: float | None = None,
+    timeout_seconds: float | None = DEFAULT_WAIT_TIMEOUT,
     resolution: str | None = None,
     submitted_at: datetime | None = None,
 ) -> RequestOutcome:
@@ -233,7 +234,8 @@ async def _wait_for_request(
     Args:
         request_id: The request to follow.
         credentials: RunComfy credentials; None uses the environment variables.
-        timeout_seconds: Give up waiting after this long (the job may still run).
+        timeout_seconds: Give up waiting after this long (the job may still run);
+            30 minutes by default, None waits without limit.
         resolution: The edit's resolution, so polling can expect its run time.
         submitted_at: When the request was submitted, so a retry of this task does
             not poll as if the job had just started.

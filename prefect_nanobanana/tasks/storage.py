@@ -100,6 +100,7 @@ def _archive(
     metadata: ArchiveMetadata | Mapping[str, Any],
     created_at: dt.datetime | None,
     aws_credentials: AwsCredentialsLike,
+    allowed_hosts: Sequence[str] | None,
 ) -> ArchiveRecord:
     location, s3_client = resolve_location(archive_uri, aws_credentials)
     return archive_outputs(
@@ -109,6 +110,7 @@ def _archive(
         archive_uri=location,
         metadata=metadata,
         s3_client=s3_client,
+        allowed_hosts=allowed_hosts,
     )
 
 
@@ -119,14 +121,24 @@ async def _archive_request(
     metadata: ArchiveMetadata | dict[str, Any],
     created_at: dt.datetime | None = None,
     aws_credentials: AwsCredentialsLike = None,
+    allowed_hosts: list[str] | None = None,
 ) -> ArchiveRecord:
     """Stream a request's outputs into the archive with its metadata.json (idempotent).
 
     The folder is `{archive}/{created_at date}/{request_id}/`, so archiving the
-    same request again finds it complete and writes nothing.
+    same request again finds it complete and writes nothing. `allowed_hosts`
+    (the credentials' `allowed_output_hosts()`) are the only hosts fetched from;
+    an output elsewhere is refused and reported with the request id.
     """
     return await to_thread.run_sync(
-        _archive, request_id, output_urls, archive_uri, metadata, created_at, aws_credentials
+        _archive,
+        request_id,
+        output_urls,
+        archive_uri,
+        metadata,
+        created_at,
+        aws_credentials,
+        allowed_hosts,
     )
 
 

@@ -17,6 +17,7 @@ from ...client import (
 from ...client.pricing import CostEstimate, estimate_cost, row_estimate_usd
 from ...storage import (
     Ledger,
+    ManifestError,
     StagingError,
     StorageError,
     check_assets,
@@ -26,6 +27,7 @@ from ...storage import (
     read_manifest,
     redact_text,
     stage_assets,
+    strip_signature,
 )
 from ...tasks.storage import SIGNED_RESULT_OPTIONS, resolve_location
 from .models import BatchJob, _RowPlan
@@ -180,4 +182,17 @@ async def aread_batch_manifest(
     """The rows of a JSONL or CSV manifest, local or on S3."""
     location, s3_client = resolve_location(manifest_uri, aws_credentials)
     rows = await to_thread.run_sync(partial(read_manifest, location, s3_client=s3_client))
-    return [BatchJob.model_validate({k: v for k, v in row.items() if k != "line"}) for row in rows]
+    return [_batch_job(row, strip_signature(manifest_uri)) for row in rows]
+
+
+def _batch_job(row: dict[str, Any], shown: str) -> BatchJob:
+    """A manifest row as a `BatchJob`; a bad value is a `ManifestError` naming its line."""
+    line = row["line"]
+    try:
+        return BatchJob.model_validate({k: v for k, v in row.items() if k != "line"})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+        raise ManifestError(f"{shown}:{line}: {problems}") from None

@@ -21,6 +21,7 @@ from prefect.logging import get_run_logger
 from ... import observe
 from ...client.pricing import format_usd, spend_by_resolution
 from ...previews import DEFAULT_PREVIEW_ROWS, ShownRow, preview_markdown
+from ...redaction import redact, redact_text
 from ...storage import (
     write_results_manifest,
 )
@@ -175,14 +176,14 @@ async def _finish_batch(
     )
     await acreate_table_artifact(
         key=observe.BATCH_ROWS_KEY,
-        table=_table_rows(rows),
+        table=redact(_table_rows(rows)),
         description=f"Rows of the batch; results manifest: {results_location}",
     )
     _, archive_s3 = resolve_location(archive_uri, aws_credentials)
     report = await to_thread.run_sync(_report_markdown, rows, total_cost, archive_s3, preview_rows)
     await acreate_markdown_artifact(
         key=observe.BATCH_REPORT_KEY,
-        markdown=report,
+        markdown=redact_text(report),
         description=f"Before and after of the first {preview_rows} rows, and where they went",
     )
     await acreate_markdown_artifact(

@@ -297,6 +297,7 @@ async def aedit_batch_row(
             metadata,
             result.created_at,
             batch.aws_credentials,
+            list(batch.client.output_hosts),
         )
         await mark_archived(
             batch.ledger,
