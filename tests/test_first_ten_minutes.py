@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import socket
 from pathlib import Path
@@ -102,7 +103,11 @@ def test_edit_refuses_a_url_that_is_no_image_before_paying(
 def test_an_image_too_big_to_inline_is_refused_with_the_sizes_and_nothing_paid(tmp_path, emulator):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(5 * 1024 * 1024))
+    # A real PNG (its header is read for the pixel cap), padded to 5 MiB with a trailing
+    # chunk that decoders skip: the file size is what the inline cap judges.
+    header = io.BytesIO()
+    Image.new("RGB", (64, 64), "teal").save(header, format="PNG")
+    (work / "huge.png").write_bytes(header.getvalue().ljust(5 * 1024 * 1024, b"\0"))
     done = run_cli(
         ["edit", "--prompt", "Add snow", "--image", "huge.png"],
         cwd=work,
