@@ -279,10 +279,12 @@ def _emit(
 
 
 def describe_url(url: str) -> str:
-    """A URL fit for a log line or an artifact: data URIs (sync mode) are summarised."""
+    """A URL fit for a log line or an artifact: data URIs (sync mode) are summarised, and
+    signatures removed by the one redaction."""
     if url.startswith("data:"):
         media_type = url[5:].split(";", 1)[0].split(",", 1)[0] or "data"
         return f"<inline {media_type}, {len(url)} characters>"
+    url = redact_text(url)
     if len(url) > _MAX_URL_CHARS:
         return url[: _MAX_URL_CHARS - 1] + "…"
     return url

@@ -180,7 +180,7 @@ def test_emulator_command_serves_its_prices_and_bill():
     )
     try:
         assert process.stdout is not None
-        banner = [process.stdout.readline() for _ in range(4)]
+        banner = list(iter(process.stdout.readline, "Press Ctrl-C to stop.\n"))
         base_url = banner[0].rsplit(" ", 1)[1].strip()
         answer = httpx.get(
             f"{base_url}/v1/models/google/nano-banana/pro/edit",
@@ -190,7 +190,7 @@ def test_emulator_command_serves_its_prices_and_bill():
         process.kill()
         process.wait(timeout=10)
     assert answer["base_price_usd"] == 0.2
-    assert "  bills 2x the listed prices\n" in banner
+    assert "# bills 2x the listed prices\n" in banner
 
 
 # -- accounting --------------------------------------------------------------------------

@@ -83,27 +83,6 @@ def data_uri_length(size_bytes: int, content_type: str) -> int:
     return len(f"data:{content_type};base64,") + 4 * ((size_bytes + 2) // 3)
 
 
-def image_pixel_count(path: os.PathLike[str] | str) -> int | None:
-    """Width times height from the image's header (no pixels decoded); None when Pillow cannot
-    read the format (HEIC without a plugin), so the caller decides without guessing.
-
-    An image so large that Pillow refuses to open it (a decompression bomb, over
-    twice `Image.MAX_IMAGE_PIXELS`) counts as that many pixels plus one: at least.
-    """
-    from PIL import Image, UnidentifiedImageError  # imported here: most callers never need it
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we judge it
-            with Image.open(path) as image:
-                width, height = image.size
-    except Image.DecompressionBombError:
-        return 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
-    return width * height
-
-
 def format_mib(size_bytes: int) -> str:
     """A byte count for people: "4.2 MiB" (or bytes when small)."""
     if size_bytes < 100 * 1024:

@@ -53,12 +53,10 @@ from .locations import (
 from .media import (
     INLINE_MAX_ENCODED_BYTES,
     INLINE_MAX_REQUEST_BYTES,
-    MAX_INPUT_PIXELS,
     SNIFF_BYTES,
     data_uri_length,
     extension_for,
     format_mib,
-    image_pixel_count,
     read_image_facts,
     sniff_image_type,
 )
@@ -381,7 +379,8 @@ def _plan(
 
 
 def _check_inline(files: list[_LocalFile]) -> None:
-    """The provider's inline caps, all problems at once, with the sizes."""
+    """The provider's inline caps, all problems at once, with the sizes (the pixel cap was
+    checked for every local file when it was inspected)."""
     problems = []
     for item in files:
         encoded = data_uri_length(item.size_bytes, item.content_type)
@@ -391,12 +390,6 @@ def _check_inline(files: list[_LocalFile]) -> None:
                 f"({format_mib(encoded)} as a data: URI; at most "
                 f"{format_mib(INLINE_MAX_ENCODED_BYTES)}, about "
                 f"{format_mib(INLINE_MAX_ENCODED_BYTES * 3 // 4)} of file)"
-            )
-        pixels = image_pixel_count(item.path)
-        if pixels is not None and pixels > MAX_INPUT_PIXELS:
-            problems.append(
-                f"{item.path}: {pixels / 1e6:.1f} megapixels is over the provider's cap of "
-                f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels; downscale it"
             )
     total = sum(data_uri_length(item.size_bytes, item.content_type) for item in files)
     if total > INLINE_MAX_REQUEST_BYTES - _REQUEST_RESERVE_BYTES:

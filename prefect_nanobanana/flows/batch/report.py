@@ -57,7 +57,7 @@ def _shown(row: BatchRowResult) -> ShownRow:
         sources=row.sources,
         output_locations=row.output_locations,
         metadata_location=row.metadata_location,
-        error=observe.short_error(row.error),
+        error=observe.short_error(redact_text(row.error) if row.error else None),
     )
 
 
@@ -183,7 +183,7 @@ async def _finish_batch(
     report = await to_thread.run_sync(_report_markdown, rows, total_cost, archive_s3, preview_rows)
     await acreate_markdown_artifact(
         key=observe.BATCH_REPORT_KEY,
-        markdown=redact_text(report),
+        markdown=report,
         description=f"Before and after of the first {preview_rows} rows, and where they went",
     )
     await acreate_markdown_artifact(
