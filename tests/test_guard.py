@@ -133,6 +133,28 @@ async def test_a_claim_whose_owner_died_mid_submit_stays_outcome_unknown(
     assert ledger.lookup("stuck").status == "submitting"  # left for a person to check
 
 
+async def test_a_stale_plan_read_of_a_finished_claim_adopts_its_request(emulator, image_server):
+    """The plan read "submitting" before the other run recorded its id (two runs at once):
+    the guard reads again before calling that claim dead, and adopts."""
+    store = MemoryRecordStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        stale_claim = None
+
+        async def remember_the_claim() -> None:
+            nonlocal stale_claim
+            stale_claim = store.read("stale")
+
+        first = await submit_once(
+            "stale", store, client, _edit(image_server), before_submit=remember_the_claim
+        )
+        assert stale_claim is not None and stale_claim.entry.status == "submitting"
+        second = await submit_once("stale", store, client, _edit(image_server), known=stale_claim)
+    assert second.request_id == first.request_id
+    assert emulator.stats.submits_received == 1
+
+
 async def test_a_live_claim_is_waited_for_then_adopted(emulator, image_server):
     store = MemoryRecordStore()
     async with AsyncRunComfyClient(

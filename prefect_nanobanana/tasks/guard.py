@@ -413,7 +413,11 @@ async def _claim(
     job_key: str, store: RecordStore, me: ClaimOwner, known: VersionedEntry | object | None
 ) -> tuple[Any, str | None]:
     """(claim, version) when this caller won the claim, (request, None) when one exists."""
-    versioned = await _read(store, job_key) if known is Unread else known
+    # A record handed in (`known`, from the plan's listing) may be stale: it may show a
+    # claim whose owner has since recorded its request id. Only a fresh read may
+    # declare a claim dead.
+    fresh = known is Unread
+    versioned = await _read(store, job_key) if fresh else known
     waits = 0
     while True:
         assert versioned is None or isinstance(versioned, VersionedEntry)
@@ -430,15 +434,17 @@ async def _claim(
                 return _held(entry, me), None
             if entry.status == "submitting":
                 if not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS):
-                    raise outcome_unknown(job_key, store.location(job_key))
-                # Another run is submitting right now: wait for its request id.
-                await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
-                waits += 1
+                    if fresh:
+                        raise outcome_unknown(job_key, store.location(job_key))
+                else:
+                    # Another run is submitting right now: wait for its request id.
+                    await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
+                    waits += 1
             else:  # "failed": refused, or the job failed; may be submitted again
                 claim = _claim_over(entry, me)
                 if (version := await _replace(store, claim, versioned.version)) is not None:
                     return claim, version
-        versioned = await _read(store, job_key)
+        versioned, fresh = await _read(store, job_key), True
 
 
 async def _submit_claimed(
