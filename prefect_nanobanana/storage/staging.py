@@ -53,7 +53,9 @@ from .locations import (
 from .media import (
     INLINE_MAX_ENCODED_BYTES,
     INLINE_MAX_REQUEST_BYTES,
+    MAX_URL_INPUT_BYTES,
     SNIFF_BYTES,
+    check_url_input_size,
     data_uri_length,
     extension_for,
     format_mib,
@@ -61,7 +63,7 @@ from .media import (
     sniff_image_type,
 )
 
-MAX_INPUT_BYTES = 50 * 1024 * 1024
+MAX_INPUT_BYTES = MAX_URL_INPUT_BYTES  # the documented cap of an input image
 DEFAULT_EXPIRES_IN = 6 * 3600
 # The loopback object store's protocol (served by `prefect_nanobanana.emulator.object_store`).
 STAGING_TOKEN_ENV = "NANOBANANA_STAGING_TOKEN"
@@ -581,7 +583,7 @@ def _inspect_local(path: Path) -> _LocalFile:
         raise StagingError(f"{path}: cannot read file: {exc.strerror}") from exc
     if not path.is_file():
         raise StagingError(f"{path}: not a regular file")
-    _check_size(str(path), stat.st_size)
+    check_url_input_size(str(path), stat.st_size)
     hasher = hashlib.sha256()
     try:
         with path.open("rb") as handle:
@@ -610,7 +612,7 @@ def _inspect_s3(location: S3Location, clients: _S3Clients) -> _S3Object:
     if head is None:
         raise StagingError(f"{location}: object does not exist or is not accessible")
     size = int(head.get("ContentLength", 0))
-    _check_size(str(location), size)
+    check_url_input_size(str(location), size)
     try:
         content_type = sniff_image_type(backend.read_range(location.key, SNIFF_BYTES))
     except (ClientError, BotoCoreError) as exc:
@@ -618,15 +620,6 @@ def _inspect_s3(location: S3Location, clients: _S3Clients) -> _S3Object:
     if content_type is None:
         raise StagingError(_not_an_image(str(location)))
     return _S3Object(location, content_type, size)
-
-
-def _check_size(name: str, size: int) -> None:
-    if size == 0:
-        raise StagingError(f"{name}: file is empty")
-    if size > MAX_INPUT_BYTES:
-        raise StagingError(
-            f"{name}: {size} bytes exceeds the input limit of {MAX_INPUT_BYTES} bytes (50 MB)"
-        )
 
 
 def _not_an_image(name: str) -> str:
