@@ -436,3 +436,13 @@ def test_a_queued_job_sleeps_through_its_predicted_wait_but_not_past_its_end():
     assert delay <= 30.0 + 12.0
     soon = PollState("in_queue", 1, 0.0, queue_earliest_start=0.5, queue_expected_start=1.0)
     assert next_poll_delay(soon, policy) == policy.max_interval
+
+
+def test_output_hosts_come_from_the_environment_when_not_given(monkeypatch):
+    from prefect_nanobanana.client.client import output_hosts_for
+
+    monkeypatch.delenv("RUNCOMFY_OUTPUT_HOSTS", raising=False)
+    assert output_hosts_for("http://127.0.0.1:9000") == ("*.runcomfy.net", "127.0.0.1:9000")
+    monkeypatch.setenv("RUNCOMFY_OUTPUT_HOSTS", "cdn.example.net, 127.0.0.1:9001")
+    assert output_hosts_for("http://127.0.0.1:9000") == ("cdn.example.net", "127.0.0.1:9001")
+    assert output_hosts_for(None, ["given.example.net"]) == ("given.example.net",)

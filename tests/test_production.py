@@ -169,6 +169,9 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
                 worker_limit=3,
                 api_base_url=proxy.base_url,
                 extra_env={
+                    # The API is reached through the proxy; its outputs are served by the
+                    # emulator itself, which must therefore be an allowed output host.
+                    "RUNCOMFY_OUTPUT_HOSTS": httpx.URL(emulator.base_url).netloc.decode(),
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
                     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
                 },

@@ -57,6 +57,7 @@ from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
 
 TOKEN_ENV_VAR = "RUNCOMFY_API_TOKEN"
 BASE_URL_ENV_VAR = "RUNCOMFY_BASE_URL"
+OUTPUT_HOSTS_ENV_VAR = "RUNCOMFY_OUTPUT_HOSTS"
 # Offline development: the emulator runs jobs faster than the real model, and the
 # polling schedule's expected run times must shrink with it.
 POLL_TIME_SCALE_ENV_VAR = "RUNCOMFY_POLL_TIME_SCALE"
@@ -76,11 +77,15 @@ def resolve_base_url(base_url: str | None) -> str:
 def output_hosts_for(
     base_url: str | None, output_hosts: Sequence[str] | None = None
 ) -> tuple[str, ...]:
-    """Where outputs may be downloaded from: `output_hosts` when given, else the defaults.
+    """Where outputs may be downloaded from: `output_hosts` when given, else
+    `RUNCOMFY_OUTPUT_HOSTS` (comma-separated, for a worker with no credentials block
+    behind a proxy), else the defaults.
 
     The defaults are the provider's output hosts (`*.runcomfy.net`) and the API's
     own host with its port (an emulator serves its outputs itself).
     """
+    if output_hosts is None and (listed := os.environ.get(OUTPUT_HOSTS_ENV_VAR)):
+        output_hosts = [host.strip() for host in listed.split(",") if host.strip()]
     if output_hosts is not None:
         return tuple(output_hosts)
     base_host = httpx.URL(resolve_base_url(base_url)).netloc.decode()
