@@ -207,6 +207,34 @@ def withdrawn_when_cancelling(credentials: RunComfyCredentials, request_id: str)
     return CancellingWatch(credentials, request_id, flow_run.id if direct and flow_run else None)
 
 
+def wait_watched(
+    resolved: RunComfyCredentials,
+    submitted: SubmittedRequest,
+    timeout_seconds: float,
+    resolution: str,
+) -> tuple[RequestOutcome | None, CancellingWatch]:
+    """Wait for the request while the run is watched: abandoned or set to Cancelling, a
+    queued request is withdrawn. The outcome is None when the run's own cancel ended it;
+    `watch.fired` says the run must end Cancelled."""
+    with (
+        withdrawn_if_abandoned(resolved, submitted.request_id),
+        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
+    ):
+        try:
+            outcome = wait_for_request(
+                submitted.request_id,
+                resolved,
+                timeout_seconds=timeout_seconds,
+                resolution=resolution,
+                submitted_at=submitted.submitted_at,
+            )
+        except JobCancelledError:
+            if watch.fired:
+                return None, watch
+            raise
+    return outcome, watch
+
+
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
 def edit_image(
     prompt: str,
@@ -260,23 +288,8 @@ def edit_image(
     resolved = resolve_credentials(credentials)
     estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd)
     submitted = submit_edit(edit, resolved)
-    with (
-        withdrawn_if_abandoned(resolved, submitted.request_id),
-        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
-    ):
-        try:
-            outcome = wait_for_request(
-                submitted.request_id,
-                resolved,
-                timeout_seconds=timeout_seconds,
-                resolution=resolution,
-                submitted_at=submitted.submitted_at,
-            )
-        except JobCancelledError:
-            if watch.fired:
-                return watch.cancelled_state()  # type: ignore[return-value]
-            raise
-    if watch.fired:
+    outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+    if watch.fired or outcome is None:
         return watch.cancelled_state()  # type: ignore[return-value]
     return EditImageResult(
         request_id=submitted.request_id,

@@ -20,20 +20,14 @@ from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials,
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
-    JobCancelledError,
     NanoBananaEditInput,
     OutputFormat,
     Resolution,
 )
 from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
-from ..tasks import cancel_recorded_requests, submit_edit, wait_for_request
+from ..tasks import cancel_recorded_requests, submit_edit
 from ..tasks.storage import archive_request, stage_images
-from .edit import (
-    estimate_within_budget,
-    remote_seconds,
-    withdrawn_if_abandoned,
-    withdrawn_when_cancelling,
-)
+from .edit import estimate_within_budget, remote_seconds, wait_watched
 
 
 class EditAndArchiveResult(BaseModel):
@@ -104,22 +98,9 @@ def edit_and_archive(
     # The sources as given, not the staged URLs (new signatures on every retry).
     job_key = job_key_for(prompt, images, options, scope=scope)
     submitted = submit_edit(edit, resolved, job_key=job_key)
-    with (
-        withdrawn_if_abandoned(resolved, submitted.request_id),
-        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
-    ):
-        try:
-            outcome = wait_for_request(
-                submitted.request_id,
-                resolved,
-                timeout_seconds=timeout_seconds,
-                resolution=resolution,
-                submitted_at=submitted.submitted_at,
-            )
-        except JobCancelledError:
-            if watch.fired:
-                return watch.cancelled_state()  # type: ignore[return-value]
-            raise
+    outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+    if outcome is None:
+        return watch.cancelled_state()  # type: ignore[return-value]
     record = archive_request(
         submitted.request_id,
         outcome.output_urls,
