@@ -25,6 +25,7 @@ Targets for local files: ``s3://bucket/prefix`` or a loopback object store
 from __future__ import annotations
 
 import base64
+import contextlib
 import glob
 import hashlib
 import os
@@ -267,16 +268,24 @@ def stage_assets(
     target = None
     if planned.local_files and staging_uri:
         target = _open_target(staging_uri, clients, expires_in, upload_token)
-    try:
+    with _staging_errors(target, "staging failed"):
         if target is not None and check_target:
             target.check()
         return _execute(planned.items, target, clients, expires_in)
+
+
+@contextlib.contextmanager
+def _staging_errors(target: _Target | None, what: str) -> Iterator[None]:
+    """Every failure talking to the target as a :class:`StagingError` (redacted), and the
+    target closed after, for staging and for the dry run's check alike."""
+    try:
+        yield
     except StagingError:
         raise
     except StorageError as exc:  # e.g. the bucket is missing: its message says so
         raise StagingError(str(exc)) from exc
     except (BotoCoreError, httpx.HTTPError) as exc:
-        raise StagingError(f"staging failed: {redact_text(str(exc))}") from exc
+        raise StagingError(f"{what}: {redact_text(str(exc))}") from exc
     finally:
         if isinstance(target, _LoopbackTarget):
             target.close()
@@ -420,17 +429,8 @@ def check_assets(
     if not planned.local_files or not staging_uri:
         return len(planned.items)
     target = _open_target(staging_uri, planned.clients, DEFAULT_EXPIRES_IN, upload_token)
-    try:
+    with _staging_errors(target, "staging check failed"):
         target.check()
-    except StagingError:
-        raise
-    except StorageError as exc:
-        raise StagingError(str(exc)) from exc
-    except (BotoCoreError, httpx.HTTPError) as exc:
-        raise StagingError(f"staging check failed: {redact_text(str(exc))}") from exc
-    finally:
-        if isinstance(target, _LoopbackTarget):
-            target.close()
     return len(planned.items)
 
 
