@@ -7,15 +7,24 @@ decide how long a 5,000-row batch waits before it pays for anything.
 
 The rig: moto's S3 server on loopback behind a loopback proxy that adds a fixed
 round trip (`RTT_SECONDS`) to every request and counts them by kind (GET, HEAD,
-PUT, LIST, POST); the emulator (fixed job duration, `WORKERS` workers); Prefect's
-temporary server. Every row has its own small input image (a local file, staged
-to S3), the archive and the ledger are on S3.
+PUT, LIST, POST; and apart, "API GET": the emulator fetching the staged inputs
+through their pre-signed URLs, as RunComfy would, told apart by its user agent);
+the emulator (fixed job duration, `WORKERS` workers); Prefect's temporary server.
+Every row has its own small input image (a local file, staged to S3), the archive
+and the ledger are on S3.
 
 * At `FULL_ROWS` rows the whole `batch_edit` flow runs: S3 requests per row in
   all, and the time from the call to the first submit the emulator accepted.
 * At every size in `PLAN_ROWS`, the planning step alone (`aplan_batch`, what runs
-  before the first submit: ledger reads and staging) of a first run: its wall
-  time and S3 requests.
+  before the first submit: the ledger's listing, the inputs' checks and the
+  staging store's) of a first run: its wall time and S3 requests. Each row stages
+  its own input right before its submit, in the run.
+* At every size in `PLAN_ROWS`, a dry run of the whole flow (`dry_run=True`) over a
+  JSONL manifest: the flow run, reading the manifest, planning, the estimate; what the
+  first submit waits for, less the lanes' start. The first submit at the largest
+  size is that dry run plus what the full run spent between its own dry-run part
+  and its first submit (measured at `FULL_ROWS`: the flow's concurrency slots, the
+  first row's task run, its staging PUT and its claim).
 
 Goals: at most 4 S3 requests per row in all; the first submit within 5 s at 5,000 rows.
 """
@@ -94,7 +103,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         listing = self.command == "GET" and "list-type=" in self.path
-        self.server.count("LIST" if listing else self.command)
+        ours = self.headers.get("User-Agent", "").lower().startswith(("boto3", "botocore"))
+        kind = "LIST" if listing else self.command
+        self.server.count(kind if ours else f"API {kind}")
         time.sleep(self.server.rtt)
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         try:
@@ -125,6 +136,12 @@ class Figures:
 
     @property
     def per_row(self) -> float:
+        """Ours: what the package sends."""
+        return sum(n for kind, n in self.requests.items() if not kind.startswith("API")) / self.rows
+
+    @property
+    def per_row_in_all(self) -> float:
+        """Ours and the API's reads of the staged inputs."""
         return sum(self.requests.values()) / self.rows
 
 
@@ -198,6 +215,35 @@ def measure_planning(proxy: _LatencyProxy, workdir: Path, rows: int) -> Figures:
     return Figures(rows, "planning", time.perf_counter() - began, dict(proxy.take()))
 
 
+def measure_dry_run(proxy: _LatencyProxy, workdir: Path, rows: int) -> Figures:
+    """The flow up to the point where the first row would start: a dry run of it."""
+    import asyncio
+
+    from prefect_nanobanana.flows import batch_edit
+
+    # A manifest, as a batch of thousands must be: Prefect refuses a flow run whose
+    # parameters pass 512 KB, which 5,000 rows given as `jobs` do.
+    manifest = workdir / f"manifest-{rows}.jsonl"
+    manifest.write_text(
+        "".join(
+            job.model_dump_json(exclude_none=True) + "\n"
+            for job in _jobs(_draw_inputs(workdir / "inputs", rows))
+        )
+    )
+    proxy.take()
+    began = time.perf_counter()
+    asyncio.run(
+        batch_edit(
+            manifest_uri=str(manifest),
+            archive_uri=f"s3://{BUCKET}/dry-{rows}/archive",
+            staging_uri=f"s3://{BUCKET}/dry-{rows}/staging",
+            max_concurrency=WORKERS,
+            dry_run=True,
+        )
+    )
+    return Figures(rows, "dry run", time.perf_counter() - began, dict(proxy.take()))
+
+
 def measure_full(
     proxy: _LatencyProxy, emulator: EmulatorProcess, workdir: Path, rows: int
 ) -> tuple[Figures, float]:
@@ -248,8 +294,12 @@ def run() -> Verdict:
             api_environment(emulator.base_url, poll_time_scale(DURATION)),
             prefect_server(),
         ):
+            dry_runs = {rows: measure_dry_run(proxy, workdir, rows) for rows in PLAN_ROWS}
+            for rows, dry in dry_runs.items():
+                print(f"  dry run of {rows} rows in {dry.seconds:.1f} s", flush=True)
             full, head = measure_full(proxy, emulator, workdir, FULL_ROWS)
-    kinds = ("GET", "HEAD", "PUT", "LIST", "POST")
+        figures.extend(dry_runs.values())
+    kinds = ("GET", "HEAD", "PUT", "LIST", "POST", "API GET")
     rows_out = [
         [
             figure.phase,
@@ -257,26 +307,32 @@ def run() -> Verdict:
             figure.seconds,
             *(figure.requests.get(kind, 0) for kind in kinds),
             figure.per_row,
+            figure.per_row_in_all,
         ]
         for figure in [*figures, full]
     ]
-    print(table(["phase", "rows", "seconds", *kinds, "S3 req/row"], rows_out))
+    print(table(["phase", "rows", "seconds", *kinds, "ours/row", "in all/row"], rows_out))
     print(f"full run of {FULL_ROWS} rows: first submit {head:.2f} s after the call")
     run_phase = full.per_row - figures[0].per_row
-    largest = figures[-1]
-    first_at_largest = largest.seconds + max(0.0, head - figures[0].seconds)
+    api_per_row = full.per_row_in_all - full.per_row
+    largest = figures[len(PLAN_ROWS) - 1]
+    lanes_start = max(0.0, head - dry_runs[FULL_ROWS].seconds)
+    first_at_largest = dry_runs[largest.rows].seconds + lanes_start
     total_per_row = largest.per_row + run_phase
     print(
         f"at {largest.rows} rows: first submit about {first_at_largest:.1f} s after the call "
-        f"(planning + the flow's own start); about {total_per_row:.1f} S3 requests a row in all "
-        f"(planning {largest.per_row:.2f} + the rest of the run {run_phase:.2f}); load {uptime}"
+        f"(its dry run + {lanes_start:.1f} s to the first submit); "
+        f"about {total_per_row:.1f} S3 requests a row of ours "
+        f"(planning {largest.per_row:.2f} + the rest of the run {run_phase:.2f}), "
+        f"{total_per_row + api_per_row:.1f} with the API's reads of the inputs; load {uptime}"
     )
-    met = total_per_row <= REQUESTS_GOAL and first_at_largest <= FIRST_SUBMIT_GOAL
+    met = total_per_row + api_per_row <= REQUESTS_GOAL and first_at_largest <= FIRST_SUBMIT_GOAL
     verdict = Verdict(
         "s3_scale",
         met,
-        f"{total_per_row:.1f} S3 requests a row (goal <= {REQUESTS_GOAL:g}); first submit "
-        f"{first_at_largest:.1f} s at {largest.rows} rows (goal <= {FIRST_SUBMIT_GOAL:g} s)",
+        f"{total_per_row + api_per_row:.1f} S3 requests a row in all, {total_per_row:.1f} of "
+        f"ours (goal <= {REQUESTS_GOAL:g}); first submit {first_at_largest:.1f} s at "
+        f"{largest.rows} rows (goal <= {FIRST_SUBMIT_GOAL:g} s)",
     )
     write_results(
         "s3_scale",
@@ -284,9 +340,15 @@ def run() -> Verdict:
             "rtt_seconds": RTT_SECONDS,
             "load_average": uptime,
             "figures": [{**asdict(figure), "per_row": figure.per_row} for figure in figures],
-            "full_run": {**asdict(full), "per_row": full.per_row, "first_submit_seconds": head},
+            "full_run": {
+                **asdict(full),
+                "per_row": full.per_row,
+                "per_row_in_all": full.per_row_in_all,
+                "first_submit_seconds": head,
+            },
             "first_submit_seconds_at_largest": first_at_largest,
-            "requests_per_row_in_all": total_per_row,
+            "requests_per_row_ours": total_per_row,
+            "requests_per_row_in_all": total_per_row + api_per_row,
             "verdict": asdict(verdict),
         },
     )

@@ -22,7 +22,7 @@ from prefect_nanobanana.client import (
     SubmitOutcomeUnknownError,
 )
 from prefect_nanobanana.emulator import Fault, FaultPlan
-from prefect_nanobanana.storage import ClaimOwner, Ledger, LedgerEntry
+from prefect_nanobanana.storage import ClaimOwner, Ledger, LedgerEntry, VersionedEntry
 from prefect_nanobanana.tasks.guard import submit_once
 from prefect_nanobanana.tasks.records import MemoryRecordStore
 
@@ -264,3 +264,88 @@ def test_prefect_record_store_creates_once_among_concurrent_writers(prefect_harn
     assert sum(version is not None for version in versions) == 1
     entry, version = PrefectRecordStore().read(job_key)
     assert versions[int(entry.error)] == version  # the record is the winner's
+
+
+class _CountingStore(MemoryRecordStore):
+    """Memory records that count reads: a row that knows its record's version reads none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def read(self, job_key: str):
+        self.reads += 1
+        return super().read(job_key)
+
+
+async def test_archiving_from_the_version_a_row_wrote_reads_nothing(emulator, image_server):
+    from prefect_nanobanana.tasks.guard import archive_claim, mark_archived
+
+    store = _CountingStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        held = await submit_once("job-known", store, client, _edit(image_server), known=None)
+    assert store.reads == 0 and held.record is not None
+    assert "record" not in held.model_dump()  # never in a result or a log line
+    async with archive_claim(store, "job-known", known=held.record) as turn:
+        assert turn.elsewhere is None and not turn.started_before
+        await mark_archived(
+            store,
+            "job-known",
+            metadata_location="m",
+            output_locations=["o"],
+            cost=0.1,
+            known=turn.claim,
+        )
+    assert store.reads == 0
+    assert store.read("job-known").entry.status == "archived"
+
+
+async def test_a_stale_known_record_only_costs_a_read_and_keeps_archiving_once(
+    emulator, image_server
+):
+    """Another run took the archiving over since this caller's record was written: the
+    conditional write loses, the record is read, and the other run's archive is adopted."""
+    from prefect_nanobanana.tasks.guard import (
+        _LIVE_CLAIMS,
+        archive_claim,
+        mark_archived,
+        new_owner,
+    )
+
+    store = _CountingStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        held = await submit_once("job-stale", store, client, _edit(image_server), known=None)
+    current = store.read("job-stale")
+    other = new_owner()
+    _LIVE_CLAIMS.add(other.token)
+    taken = current.entry.model_copy(update={"status": "archiving", "archiver": other})
+    version = store.replace(taken, current.version)
+    assert version is not None
+
+    async def other_finishes() -> None:
+        await asyncio.sleep(0.2)
+        await mark_archived(
+            store,
+            "job-stale",
+            metadata_location="theirs",
+            output_locations=["o"],
+            cost=0.1,
+            known=VersionedEntry(taken, version),
+        )
+        _LIVE_CLAIMS.discard(other.token)
+
+    finishing = asyncio.create_task(other_finishes())
+    async with archive_claim(store, "job-stale", known=held.record) as turn:
+        assert turn.elsewhere is not None and turn.elsewhere.metadata_location == "theirs"
+    await finishing
+    # A dead archiver's claim is taken over, and then the archive is looked for.
+    dead = new_owner()
+    entry = store.read("job-stale")
+    crashed = entry.entry.model_copy(update={"status": "archiving", "archiver": dead})
+    store.replace(crashed, entry.version)
+    async with archive_claim(store, "job-stale") as turn:
+        assert turn.elsewhere is None and turn.started_before

@@ -551,3 +551,110 @@ async def test_a_batch_without_staging_sends_local_images_inline_and_never_pays_
     assert sent["pair"][3] == image_server.url_for("tall.jpg")
     text = _all_text(tmp_path / "archive")
     assert "inline:a.png sha256=" in text and "base64" not in text
+
+
+async def test_a_batch_row_on_s3_costs_seven_requests_and_is_staged_right_before_its_submit(
+    emulator_factory, use_emulator, moto_server, s3_bucket, tmp_path, monkeypatch
+):
+    """A first run's row on S3: its input staged (one conditional PUT), the ledger's claim,
+    request id, archiving claim and done mark (conditional writes that never read the
+    record first), its output and metadata.json. The bucket is checked for the batch,
+    not per row, and no row looks for an archive it cannot have. Planning uploads
+    nothing: each row stages its input right before its submit, so later rows are
+    staged while earlier ones are already paid for and running."""
+    from urllib.parse import urlsplit
+
+    import prefect_nanobanana.flows.batch.row as row_module
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import BatchJob
+    from prefect_nanobanana.storage.backends import make_s3_client
+
+    rows, lanes = 12, 3
+    emulator = use_emulator(emulator_factory(workers=lanes, time_scale=TIME_SCALE))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    jobs = []
+    for row in range(rows):
+        Image.new("RGB", (16, 16), (row * 20, 40, 90)).save(inputs / f"in-{row}.png")
+        jobs.append(BatchJob(prompt=f"row {row}", images=[str(inputs / f"in-{row}.png")]))
+    submits_seen_when_staged: list[int] = []
+    real_stage = row_module.stage_row_images
+
+    def stage_and_note(plan, staging):
+        submits_seen_when_staged.append(emulator.stats.submits_accepted)
+        real_stage(plan, staging)
+
+    monkeypatch.setattr(row_module, "stage_row_images", stage_and_note)
+    sent: list[tuple[str, str]] = []
+
+    def note(request, **_):
+        sent.append((request.method, urlsplit(request.url).path))
+
+    s3 = make_s3_client()  # the process's shared client, which the flow uses too
+    s3.meta.events.register("before-send.s3", note)
+    try:
+        result = await batch_edit(
+            jobs=jobs,
+            archive_uri=f"s3://{s3_bucket}/archive",
+            staging_uri=f"s3://{s3_bucket}/staging",
+            max_concurrency=lanes,
+            concurrency_limit_name="test-s3-requests",
+            preview_rows=0,
+        )
+    finally:
+        s3.meta.events.unregister("before-send.s3", note)
+    assert result.archived == rows, [row.error for row in result.rows]
+
+    def count(method: str, part: str) -> int:
+        return sum(1 for sent_method, path in sent if sent_method == method and part in path)
+
+    assert count("GET", "/_ledger/") == 0, sent
+    assert count("PUT", "/_ledger/") == 4 * rows
+    assert count("PUT", "/staging/") == rows
+    assert count("HEAD", "/staging/") == 0
+    assert count("PUT", "/archive/20") == 2 * rows  # output and metadata.json, dated folders
+    assert count("GET", "/archive/20") == 0  # no look for an earlier archive
+    bucket_checks = sum(1 for method, path in sent if (method, path) == ("HEAD", f"/{s3_bucket}"))
+    assert bucket_checks <= 3  # for the batch (planning's two, the results'), not one a row
+    per_row = len(sent) / rows
+    assert per_row <= 7.5, (per_row, sorted(set(sent)))
+    assert len(submits_seen_when_staged) == rows
+    assert submits_seen_when_staged[0] == 0
+    assert max(submits_seen_when_staged) >= lanes, submits_seen_when_staged
+
+
+async def test_a_row_whose_input_is_gone_at_its_submit_fails_alone_and_unpaid(
+    emulator_factory, use_emulator, moto_server, s3_bucket, sample_images, tmp_path, monkeypatch
+):
+    """Planning checked the file; it was deleted before its row's turn: that row fails,
+    named, with nothing claimed or paid; the others are archived."""
+    import prefect_nanobanana.flows.batch.row as row_module
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import BatchJob
+
+    emulator = use_emulator(emulator_factory(workers=2, time_scale=TIME_SCALE))
+    doomed = tmp_path / "doomed.png"
+    doomed.write_bytes((sample_images / "a.png").read_bytes())
+    real_stage = row_module.stage_row_images
+
+    def delete_then_stage(plan, staging):
+        if plan.job.id == "doomed":
+            doomed.unlink()
+        real_stage(plan, staging)
+
+    monkeypatch.setattr(row_module, "stage_row_images", delete_then_stage)
+    result = await batch_edit(
+        jobs=[
+            BatchJob(prompt="kept", images=[str(sample_images / "b.jpg")], id="kept"),
+            BatchJob(prompt="gone", images=[str(doomed)], id="doomed"),
+        ],
+        archive_uri=f"s3://{s3_bucket}/archive",
+        staging_uri=f"s3://{s3_bucket}/staging",
+        concurrency_limit_name="test-input-gone",
+        allow_partial=True,
+    )
+    by_id = {row.id: row for row in result.rows}
+    assert by_id["kept"].status == "archived"
+    assert by_id["doomed"].status == "failed" and by_id["doomed"].request_id is None
+    assert "row 2" in by_id["doomed"].error and "file not found" in by_id["doomed"].error
+    assert emulator.stats.submits_accepted == 1

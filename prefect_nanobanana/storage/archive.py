@@ -283,6 +283,8 @@ def archive_outputs(
     timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
     flat: bool = False,
     allowed_hosts: Sequence[str] | None = None,
+    check_target: bool = True,
+    check_existing: bool = True,
 ) -> ArchiveRecord:
     """Copy a request's outputs into the archive and write its ``metadata.json``.
 
@@ -300,6 +302,10 @@ def archive_outputs(
     (``host``, ``host:port``, ``*.domain``; see
     :func:`~.locations.host_allowed`) lists the only hosts fetched from, redirects
     included; pass the client's ``output_hosts``. None fetches from any host.
+    ``check_target=False`` skips the check that the archive can be written (for a
+    caller archiving many requests that checked it once), ``check_existing=False``
+    the look for an earlier archive of the request (for a caller whose record shows
+    that none was ever started): on S3 each is a round trip per request.
 
     Returns the existing record (``already_archived=True``) without writing
     anything when the request is already archived. Raises :class:`ArchiveError`
@@ -319,9 +325,10 @@ def archive_outputs(
         )
 
     backend = open_backend(archive_uri, s3_client)
-    backend.check()
+    if check_target:
+        backend.check()
     backend.sweep_scratch(layout.folder)
-    existing = _load_record(backend, request_id, day, layout)
+    existing = _load_record(backend, request_id, day, layout) if check_existing else None
     if existing is not None and [o.index for o in existing.outputs] == list(
         range(len(output_urls))
     ):

@@ -71,6 +71,10 @@ STAGING_TOKEN_ENV = "NANOBANANA_STAGING_TOKEN"
 MAX_URL_EXPIRES_IN = 7 * 24 * 3600  # S3's own limit for SigV4 pre-signed URLs
 _GLOB_CHARS = frozenset("*?[")
 _HASH_CHUNK = 1024 * 1024
+# Up to this size a staged file goes to S3 as one conditional PUT (it exists already, or
+# is created now): asking first would cost a round trip of its own. Larger files are
+# asked about first, so a rerun does not upload them again.
+_PUT_WITHOUT_ASKING_BYTES = 1024 * 1024
 _ACCEPTED = "PNG, JPEG, WebP, GIF or HEIC/HEIF"
 # Room left in a request body for everything but the inline images (prompt, options, JSON).
 _REQUEST_RESERVE_BYTES = 256 * 1024
@@ -155,12 +159,9 @@ class _Target(Protocol):
         """Fail now (bucket missing, token wrong, store down) rather than mid-upload."""
         ...
 
-    def existing_url(self, key: str) -> str | None:
-        """A signed GET URL if ``key`` is already stored, else None."""
-        ...
-
-    def upload(self, path: Path, key: str, content_type: str) -> str:
-        """Upload the file to ``key``; returns a signed GET URL."""
+    def store(self, path: Path, key: str, content_type: str, size_bytes: int) -> tuple[str, bool]:
+        """Make sure ``key`` holds the file (content-addressed: the same key, the same bytes);
+        a signed GET URL, and whether it was uploaded now."""
         ...
 
 
@@ -173,14 +174,18 @@ class _S3Target:
     def check(self) -> None:
         self.backend.check()
 
-    def existing_url(self, key: str) -> str | None:
-        if self.backend.head(key) is None:
-            return None
-        return self.backend.presign_get(key, self.expires_in)
-
-    def upload(self, path: Path, key: str, content_type: str) -> str:
-        self.backend.put_file(path, key, content_type)
-        return self.backend.presign_get(key, self.expires_in)
+    def store(self, path: Path, key: str, content_type: str, size_bytes: int) -> tuple[str, bool]:
+        if size_bytes <= _PUT_WITHOUT_ASKING_BYTES:
+            try:
+                content = path.read_bytes()
+            except OSError as exc:
+                raise StagingError(f"{path}: cannot read file: {exc.strerror}") from exc
+            uploaded = self.backend.create_bytes(key, content, content_type) is not None
+        else:
+            uploaded = self.backend.head(key) is None
+            if uploaded:
+                self.backend.put_file(path, key, content_type)
+        return self.backend.presign_get(key, self.expires_in), uploaded
 
 
 class _LoopbackTarget:
@@ -216,14 +221,12 @@ class _LoopbackTarget:
                 f"staging store {self.base_url} answered HTTP {response.status_code}"
             )
 
-    def existing_url(self, key: str) -> str | None:
+    def store(self, path: Path, key: str, content_type: str, size_bytes: int) -> tuple[str, bool]:
+        # Loopback: asking first costs nothing worth saving.
         response = self.http.head(self._url(key))
-        if response.status_code == 404:
-            return None
-        self._raise_for(response, key)
-        return response.headers["X-Signed-Url"]
-
-    def upload(self, path: Path, key: str, content_type: str) -> str:
+        if response.status_code != 404:
+            self._raise_for(response, key)
+            return response.headers["X-Signed-Url"], False
         with path.open("rb") as body:
             response = self.http.put(
                 self._url(key),
@@ -234,7 +237,7 @@ class _LoopbackTarget:
                 },
             )
         self._raise_for(response, key)
-        return response.json()["url"]
+        return response.json()["url"], True
 
     def _raise_for(self, response: httpx.Response, key: str) -> None:
         if response.is_success:
@@ -470,10 +473,9 @@ def _execute(
         else:
             key = join_key(target.prefix, f"{item.sha256}{extension_for(item.content_type)}")
             uploaded = False
-            url = urls.get(key) or target.existing_url(key)
+            url = urls.get(key)
             if url is None:
-                url = target.upload(item.path, key, item.content_type)
-                uploaded = True
+                url, uploaded = target.store(item.path, key, item.content_type, item.size_bytes)
             urls[key] = url
             staged.append(
                 StagedAsset(

@@ -11,6 +11,7 @@
 """
 
 from .guard import (
+    ArchiveTurn,
     SubmittedRequest,
     archive_claim,
     cancel_if_queued,
@@ -47,6 +48,7 @@ from .storage import aarchive_request, archive_request, astage_images, stage_ima
 __all__ = [
     "RECORD_LABEL_PREFIX",
     "TASK_OPTIONS",
+    "ArchiveTurn",
     "MemoryRecordStore",
     "PrefectRecordStore",
     "RecordStore",

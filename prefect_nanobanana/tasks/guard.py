@@ -51,7 +51,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID, uuid4
 
 from anyio import to_thread
@@ -78,6 +78,7 @@ from .records import RECORD_LABEL_PREFIX, RecordStore, recorded_request_ids
 
 __all__ = [
     "RECORD_LABEL_PREFIX",
+    "ArchiveTurn",
     "SubmittedRequest",
     "archive_claim",
     "cancel_if_queued",
@@ -117,6 +118,13 @@ class SubmittedRequest(BaseModel):
     adopted: bool = Field(default=False, description="Another run submitted it; not paid here.")
     submitted_by: str | None = Field(
         default=None, description="The flow run that submitted it, when known."
+    )
+    record: VersionedEntry | None = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="The job's record as this caller last wrote or read it: the version a "
+        "next conditional write names, so it need not read the record first.",
     )
 
 
@@ -309,8 +317,9 @@ async def _record(store: RecordStore, entry: LedgerEntry, version: str) -> str |
 # --------------------------------------------------------------------------- the guard
 
 
-def _held(entry: LedgerEntry, me: ClaimOwner) -> SubmittedRequest:
+def _held(versioned: VersionedEntry, me: ClaimOwner) -> SubmittedRequest:
     """The request a record names, as this caller now holds it (resumed or adopted)."""
+    entry = versioned.entry
     assert entry.request_id is not None
     same_run = _same_run(entry.owner, me)
     log = run_logger_or_none() or observe.logger
@@ -331,6 +340,7 @@ def _held(entry: LedgerEntry, me: ClaimOwner) -> SubmittedRequest:
         resumed=same_run,
         adopted=not same_run,
         submitted_by=entry.owner.flow_run_id if entry.owner else None,
+        record=versioned,
     )
 
 
@@ -431,7 +441,7 @@ async def _claim(
         else:
             entry = versioned.entry
             if entry.request_id and entry.status in ("submitted", "archiving", "archived"):
-                return _held(entry, me), None
+                return _held(versioned, me), None
             if entry.status == "submitting":
                 if not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS):
                     if fresh:
@@ -507,8 +517,9 @@ async def _submit_claimed(
         submitted_by=claim.owner.flow_run_id if claim.owner else None,
     )
     try:
-        if await _record(store, recorded, version) is None:
+        if (recorded_version := await _record(store, recorded, version)) is None:
             raise RuntimeError("the claim was overwritten while submitting")
+        submitted.record = VersionedEntry(recorded, recorded_version)
     except Exception:
         (run_logger_or_none() or observe.logger).warning(
             "Could not record RunComfy request %s for job %s; this run goes on with it, but "
@@ -528,26 +539,49 @@ def _error_text(error: BaseException) -> str:
 # --------------------------------------------------------------------------- after the wait
 
 
-async def _claim_archive(store: RecordStore, job_key: str, me: ClaimOwner) -> LedgerEntry | None:
-    """None when `me` now holds the archiving; else the record of whoever archived or does."""
+class ArchiveTurn(NamedTuple):
+    """What `archive_claim` found: another run's archive, or this caller's turn."""
+
+    elsewhere: LedgerEntry | None
+    """The record another run archived (its locations), or None: archive now."""
+    claim: VersionedEntry | None
+    """This caller's archiving claim as written (None without a record): `mark_archived`
+    names its version instead of reading the record first."""
+    started_before: bool = True
+    """Whether an archiving of the request may have begun before (a run that died while
+    archiving, or no record to tell): then look for what it wrote."""
+
+
+async def _claim_archive(
+    store: RecordStore, job_key: str, me: ClaimOwner, known: VersionedEntry | None
+) -> ArchiveTurn:
+    """This caller's turn (holding the archiving), or the record of whoever archived or does.
+
+    `known` (the record as this caller last wrote it) saves the first read; a stale
+    one only makes the conditional write lose, and then the record is read.
+    """
+    versioned = known
     while True:
-        versioned = await _read(store, job_key)
         if versioned is None:
-            return None  # no record (a store that lost it): archive, nothing is paid
+            versioned = await _read(store, job_key)
+        if versioned is None:
+            return ArchiveTurn(None, None)  # no record (a store that lost it): archive
         entry = versioned.entry
         if entry.status == "archived":
-            return entry
+            return ArchiveTurn(entry, None)
         if (
             entry.status == "archiving"
             and entry.archiver is not None
             and claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS)
         ):
-            return entry
+            return ArchiveTurn(entry, None)
         claimed = entry.model_copy(
             update={"status": "archiving", "archiver": me, "updated_at": _now()}
         )
-        if await _replace(store, claimed, versioned.version) is not None:
-            return None
+        if (version := await _replace(store, claimed, versioned.version)) is not None:
+            started = entry.status == "archiving" or entry.archiver is not None
+            return ArchiveTurn(None, VersionedEntry(claimed, version), started)
+        versioned = None
 
 
 async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None:
@@ -567,41 +601,53 @@ async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None
 
 
 @contextlib.asynccontextmanager
-async def archive_claim(store: RecordStore, job_key: str) -> AsyncIterator[LedgerEntry | None]:
+async def archive_claim(
+    store: RecordStore, job_key: str, known: VersionedEntry | None = None
+) -> AsyncIterator[ArchiveTurn]:
     """Hold the archiving of a finished request, so its outputs are archived once.
 
-    Yields None when this caller must archive now (it holds the claim until the
-    block ends: `mark_archived` inside it), or the record another run archived,
-    with its locations: then there is nothing to do. A run that died while
-    archiving is taken over (archiving is idempotent: it costs nothing and
-    writes only what is missing).
+    Yields this caller's turn (`elsewhere` None: archive now, holding the claim until
+    the block ends; `mark_archived` inside it, with `known=turn.claim`), or the
+    record another run archived, with its locations: then there is nothing to do.
+    A run that died while archiving is taken over (archiving is idempotent: it costs
+    nothing and writes only what is missing). `known` is the record as the caller
+    last wrote it (`SubmittedRequest.record`): on S3 a read fewer per row.
     """
     me = new_owner()
     _LIVE_CLAIMS.add(me.token)
     try:
-        archived_elsewhere = None
         while True:
-            other = await _claim_archive(store, job_key, me)
-            if other is None:
+            turn = await _claim_archive(store, job_key, me, known)
+            if turn.elsewhere is None:
                 break
+            known = None
             archived_elsewhere = await _wait_archived(store, job_key)
             if archived_elsewhere is not None:
+                turn = ArchiveTurn(archived_elsewhere, None)
                 break
-        yield archived_elsewhere
+        yield turn
     finally:
         _LIVE_CLAIMS.discard(me.token)
 
 
-async def _settle(store: RecordStore, job_key: str, update: dict[str, Any]) -> LedgerEntry | None:
-    """Apply `update` to the job's record, rereading when another writer came first."""
+async def _settle(
+    store: RecordStore,
+    job_key: str,
+    update: dict[str, Any],
+    known: VersionedEntry | None = None,
+) -> LedgerEntry | None:
+    """Apply `update` to the job's record (from `known` first, if given), rereading when
+    another writer came first."""
+    versioned = known
     while True:
-        versioned = await _read(store, job_key)
+        if versioned is None:
+            versioned = await _read(store, job_key)
         if versioned is None:
             return None
-        entry = versioned.entry
-        settled = entry.model_copy(update={**update, "updated_at": _now()})
+        settled = versioned.entry.model_copy(update={**update, "updated_at": _now()})
         if await _replace(store, settled, versioned.version) is not None:
             return settled
+        versioned = None
 
 
 async def mark_archived(
@@ -611,8 +657,12 @@ async def mark_archived(
     metadata_location: str | None,
     output_locations: list[str],
     cost: float | None,
+    known: VersionedEntry | None = None,
 ) -> LedgerEntry | None:
-    """Record that the job's outputs are archived (and what it cost): the job is done."""
+    """Record that the job's outputs are archived (and what it cost): the job is done.
+
+    `known`: the record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
+    """
     return await _settle(
         store,
         job_key,
@@ -623,6 +673,7 @@ async def mark_archived(
             "cost": cost,
             "error": None,
         },
+        known,
     )
 
 

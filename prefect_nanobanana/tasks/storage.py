@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from anyio import to_thread
 from prefect.cache_policies import NO_CACHE
@@ -43,20 +43,27 @@ def _aws_credentials(aws_credentials: AwsCredentialsLike) -> AwsCredentials | No
     return aws_credentials
 
 
+class ResolvedLocation(NamedTuple):
+    """A storage location as the storage room takes it, and the boto3 client to reach it."""
+
+    location: str | None
+    s3_client: Any  # None: boto3's default chain, when the location is on S3
+
+
 def resolve_location(
     uri: str | None, aws_credentials: AwsCredentialsLike = None
-) -> tuple[str | None, Any]:
+) -> ResolvedLocation:
     """A storage location and the boto3 S3 client to reach it (None: the default chain)."""
     if uri is not None and uri.startswith(S3_BUCKET_BLOCK_SCHEME):
         block_name, _, prefix = uri.removeprefix(S3_BUCKET_BLOCK_SCHEME).partition("/")
         bucket = S3Bucket.load(block_name, _sync=True)
         folder = "/".join(part.strip("/") for part in (bucket.bucket_folder, prefix) if part)
         resolved = f"s3://{bucket.bucket_name}/{folder}".rstrip("/")
-        return resolved, bucket.credentials.get_s3_client()
+        return ResolvedLocation(resolved, bucket.credentials.get_s3_client())
     credentials = _aws_credentials(aws_credentials)
     if credentials is None or uri is None or not uri.startswith("s3://"):
-        return uri, None
-    return uri, credentials.get_s3_client()
+        return ResolvedLocation(uri, None)
+    return ResolvedLocation(uri, credentials.get_s3_client())
 
 
 def _stage(

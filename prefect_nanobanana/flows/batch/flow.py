@@ -191,7 +191,8 @@ async def batch_edit(
         "num_images": num_images,
     }
     plans = await aplan_batch(jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run)
-    location, s3_client = resolve_location(archive_uri, aws_credentials)
+    archive = resolve_location(archive_uri, aws_credentials)
+    location, s3_client = archive
     resolved = await aresolve_credentials(credentials)
     async with resolved.get_async_client() as client:
         estimate = await _estimate_before_paying(client, plans, max_cost_usd, resolution_factors)
@@ -204,8 +205,8 @@ async def batch_edit(
         batch = _Batch(
             client=client,
             ledger=Ledger(location, s3_client=s3_client),
-            archive_uri=archive_uri,
-            aws_credentials=aws_credentials,
+            archive=archive,
+            staging=resolve_location(staging_uri, aws_credentials),
             max_concurrency=min(max_concurrency, shared_limit),
             timeout_seconds=timeout_seconds,
             budget=CostBudget(max_cost_usd),

@@ -140,10 +140,11 @@ class _RowPlan(BaseModel):
     entry: LedgerEntry | None = None
     version: str | None = Field(default=None, description="The entry's version, as read.")
     image_urls: list[str] = Field(default_factory=list)
-    # Local images without a staging location go inline (data: URIs of up to 6 MiB each):
-    # checked when planning, encoded only right before the row's submit, so a long batch
-    # never holds every row's images in memory.
-    inline_at_submit: bool = False
+    # Local images are checked when planning, and uploaded to the staging location (or,
+    # without one, encoded inline as data: URIs of up to 6 MiB each) only right before
+    # the row's submit: a long batch pays for its first rows while later ones wait their
+    # turn, and never holds every row's images in memory.
+    stage_at_submit: bool = False
     # What the ledger and metadata.json say the inputs were (`StagedAsset.provenance`).
     sources: list[str] = Field(default_factory=list)
     error: str | None = None

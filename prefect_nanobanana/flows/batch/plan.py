@@ -29,7 +29,7 @@ from ...storage import (
     stage_assets,
     strip_signature,
 )
-from ...tasks.storage import SIGNED_RESULT_OPTIONS, resolve_location
+from ...tasks.storage import SIGNED_RESULT_OPTIONS, ResolvedLocation, resolve_location
 from .models import BatchJob, _RowPlan
 
 # Rows staged at once: uploads are round trips, not CPU; bounded so a batch of
@@ -67,19 +67,18 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
     return plans
 
 
-def _stage_rows(
-    plans: list[_RowPlan], staging_uri: str | None, aws_credentials: str | None, dry_run: bool
-) -> None:
-    """Stage the images of rows that still need a submit, `STAGING_PARALLELISM` rows at a
-    time; a bad image fails only its row.
+def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool) -> None:
+    """Check the images of rows that still need a submit, `STAGING_PARALLELISM` rows at a
+    time, and sign their S3 inputs; a bad image fails only its row.
 
-    An http(s) input is asked for its first bytes (once per URL) before its row is
-    submitted, since the API fetches it only after billing. Without a staging
-    location local images are only checked here (inline caps included); the row
-    encodes them right before its submit. A dry run checks the same (sources,
-    staging store) and uploads nothing.
+    Local images are only checked here (the inline caps without a staging location;
+    the staging store answers, once): the row uploads or encodes them right before
+    its submit (`stage_row_images`), so a batch of thousands pays for its first rows
+    while the rest wait their turn, not after every upload. An http(s) input is asked
+    for its first bytes (once per URL) before its row is submitted, since the API
+    fetches it only after billing. A dry run checks the same and uploads nothing.
     """
-    location, s3_client = resolve_location(staging_uri, aws_credentials)
+    location, s3_client = staging
     probed: dict[str, str | None] = {}
     # A request id known, or a claim in flight: the guard will not submit such a row.
     pending = [
@@ -89,49 +88,57 @@ def _stage_rows(
     ]
 
     def stage(plan: _RowPlan, check_target: bool) -> None:
+        images = plan.job.images
         try:
+            if check_target:
+                check_assets(images, location, s3_client=s3_client)  # the staging store too
+            elif dry_run or _has_local_images(images):
+                check_sources(images, location, s3_client=s3_client, probe_timeout=None)
             if dry_run:
-                check_assets(plan.job.images, location, s3_client=s3_client)
                 return
-            if location is None and _has_local_images(plan.job.images):
-                # Checked now (URLs probed too), encoded at submit; the count is checked then.
-                check_sources(plan.job.images, s3_client=s3_client)
-                plan.inline_at_submit = True
-                return
-            staged = stage_assets(
-                plan.job.images, location, s3_client=s3_client, check_target=check_target
-            )
-            for asset in staged:
-                if asset.passed_through:
-                    if asset.url not in probed:
-                        probed[asset.url] = probe_image_url(asset.url)
-                    if probed[asset.url] is not None:
-                        raise StagingError(probed[asset.url])
-            plan.image_urls = [asset.url for asset in staged]
-            plan.sources = [asset.provenance for asset in staged]
-            NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
+            if _has_local_images(images):
+                plan.stage_at_submit = True
+                urls = [image for image in images if image.startswith(("http://", "https://"))]
+            else:
+                staged = stage_assets(images, location, s3_client=s3_client, check_target=False)
+                plan.image_urls = [asset.url for asset in staged]
+                plan.sources = [asset.provenance for asset in staged]
+                NanoBananaEditInput(
+                    prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options
+                )
+                urls = [asset.url for asset in staged if asset.passed_through]
+            for url in urls:
+                if url not in probed:
+                    probed[url] = probe_image_url(url)
+                if probed[url] is not None:
+                    raise StagingError(probed[url])
         except (StorageError, ValidationError, ValueError) as error:
             plan.error = f"row {plan.row}: {redact_text(str(error))}"
 
     if not pending:
         return
-    # The first row checks the target (bucket, store) for all; the rest go in parallel,
-    # each checking again only if that first row failed (so each says why).
-    stage(pending[0], check_target=True)
-    check_each = pending[0].error is not None
+    # One row checks the staging store for all (the first with local images); the rest go
+    # in parallel, each checking it again only if that row failed (so each says why).
+    first = next((plan for plan in pending if _has_local_images(plan.job.images)), pending[0])
+    stage(first, check_target=True)
+    rest = [plan for plan in pending if plan is not first]
     with ThreadPoolExecutor(max_workers=STAGING_PARALLELISM) as pool:
-        list(pool.map(stage, pending[1:], [check_each] * (len(pending) - 1)))
+        list(pool.map(stage, rest, [first.error is not None] * len(rest)))
 
 
 def _has_local_images(images: list[str]) -> bool:
     return any(not image.startswith(("s3://", "http://", "https://")) for image in images)
 
 
-def inline_images(plan: _RowPlan) -> None:
-    """Encode a row's local images (checked at planning) as data: URIs, right before its submit."""
-    staged = stage_assets(plan.job.images)
+def stage_row_images(plan: _RowPlan, staging: ResolvedLocation) -> None:
+    """Upload a row's local images (checked at planning) to the staging location, or encode
+    them inline without one, right before the row's submit."""
+    staged = stage_assets(
+        plan.job.images, staging.location, s3_client=staging.s3_client, check_target=False
+    )
     plan.image_urls = [asset.url for asset in staged]
     plan.sources = [asset.provenance for asset in staged]
+    NanoBananaEditInput(prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options)
 
 
 def estimate_rows(
@@ -171,7 +178,8 @@ async def aplan_batch(
     ledger = Ledger(location, s3_client=s3_client)
     await to_thread.run_sync(ledger.check)
     plans = await to_thread.run_sync(_plan_rows, jobs, defaults, ledger)
-    await to_thread.run_sync(_stage_rows, plans, staging_uri, aws_credentials, dry_run)
+    staging = resolve_location(staging_uri, aws_credentials)
+    await to_thread.run_sync(_stage_rows, plans, staging, dry_run)
     return plans
 
 

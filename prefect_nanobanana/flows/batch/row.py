@@ -27,7 +27,9 @@ from ...storage import (
     ArchiveError,
     ArchiveMetadata,
     Ledger,
+    StorageError,
     VersionedEntry,
+    archive_outputs,
     redact_text,
     strip_signature,
 )
@@ -40,9 +42,9 @@ from ...tasks.guard import (
     submit_once,
 )
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
-from ...tasks.storage import aarchive_request
+from ...tasks.storage import ResolvedLocation
 from .models import BatchRowResult, RowStatus, _RowPlan
-from .plan import inline_images
+from .plan import stage_row_images
 
 
 class BatchRowError(RuntimeError):
@@ -63,16 +65,18 @@ class _Batch:
         self,
         client: AsyncRunComfyClient,
         ledger: Ledger,
-        archive_uri: str,
-        aws_credentials: str | None,
+        archive: ResolvedLocation,
+        staging: ResolvedLocation,
         max_concurrency: int,
         timeout_seconds: float,
         budget: CostBudget | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
-        self.archive_uri = archive_uri
-        self.aws_credentials = aws_credentials
+        # Resolved once for the batch (a block name is loaded once, not once a row), and
+        # checked by planning: rows write without asking again.
+        self.archive = archive
+        self.staging = staging
         self.lanes = max_concurrency
         self.timeout_seconds = timeout_seconds
         self.flow_run_id = observe.current_flow_run_id()
@@ -143,14 +147,18 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
     if plan.row not in batch.attempted:
         known = VersionedEntry(plan.entry, plan.version) if plan.entry and plan.version else None
     batch.attempted.add(plan.row)
-    if plan.inline_at_submit and not plan.image_urls:
-        await to_thread.run_sync(inline_images, plan)
+    if plan.stage_at_submit and not plan.image_urls:
+        try:
+            await to_thread.run_sync(stage_row_images, plan, batch.staging)
+        except (StorageError, ValueError) as error:
+            # Nothing was claimed or sent: the row fails as if planning had found it.
+            raise BatchRowError(f"row {plan.row}: {redact_text(str(error))}") from None
     edit: NanoBananaEditInput | None = None
     if plan.image_urls:
         edit = NanoBananaEditInput(
             prompt=plan.job.prompt, image_urls=plan.image_urls, **plan.options
         )
-    if plan.inline_at_submit:
+    if plan.stage_at_submit and batch.staging.location is None:
         plan.image_urls = []  # megabytes of data URIs: kept only as long as the submit needs them
 
     try:
@@ -265,8 +273,8 @@ async def aedit_batch_row(
                 outputs=len(result.output_urls),
             ),
         )
-    async with archive_claim(batch.ledger, plan.job_key) as archived_elsewhere:
-        if archived_elsewhere is not None:
+    async with archive_claim(batch.ledger, plan.job_key, known=submitted.record) as turn:
+        if (archived_elsewhere := turn.elsewhere) is not None:
             return plan.result(
                 status,
                 request_id=request_id,
@@ -290,14 +298,19 @@ async def aedit_batch_row(
             cost=result.cost,
             flow_run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
         )
-        record = await aarchive_request.fn(
-            request_id,
-            result.output_urls,
-            batch.archive_uri,
-            metadata,
-            result.created_at,
-            batch.aws_credentials,
-            list(batch.client.output_hosts),
+        record = await to_thread.run_sync(
+            partial(
+                archive_outputs,
+                request_id,
+                result.output_urls,
+                date=result.created_at.date() if result.created_at else None,
+                archive_uri=batch.archive.location,
+                metadata=metadata,
+                s3_client=batch.archive.s3_client,
+                allowed_hosts=list(batch.client.output_hosts),
+                check_target=False,
+                check_existing=turn.started_before,
+            )
         )
         await mark_archived(
             batch.ledger,
@@ -305,6 +318,7 @@ async def aedit_batch_row(
             metadata_location=record.metadata_location,
             output_locations=record.output_locations,
             cost=result.cost,
+            known=turn.claim,
         )
     previews.announce_archived(
         log,
