@@ -38,7 +38,6 @@ from prefect_nanobanana import (
     edit_image,
 )
 from prefect_nanobanana.emulator import Fault, FaultPlan
-from prefect_nanobanana.flows.edit import _abandons_request
 from prefect_nanobanana.observe import (
     EVENT_CANCELLED,
     EVENT_COMPLETED,
@@ -46,6 +45,7 @@ from prefect_nanobanana.observe import (
     OUTCOME_TABLE_KEY,
 )
 from prefect_nanobanana.tasks import RECORD_LABEL_PREFIX, cancel_recorded_requests, submit_edit
+from prefect_nanobanana.tasks.guard import abandons_request
 
 pytestmark = pytest.mark.prefect
 
@@ -197,7 +197,7 @@ def test_invalid_inputs_fail_before_anything_is_paid(
 def test_which_endings_withdraw_the_request(error, abandons):
     # Ctrl-C, SIGTERM, task cancellation and timeouts end the run for good; other errors
     # leave the request for a retry of the flow run to resume.
-    assert _abandons_request(error) is abandons
+    assert abandons_request(error) is abandons
 
 
 def test_a_run_that_times_out_cancels_its_queued_request(

@@ -353,6 +353,45 @@ async def test_a_cancelled_batch_stops_its_rows(
         ROW_PROGRESS.reset(listening)
 
 
+async def test_a_cancelled_batch_withdraws_its_queued_request_and_a_rerun_submits_it_again(
+    emulator_factory, use_emulator, image_server, tmp_path
+):
+    """One worker, two lanes: one request runs, one waits in the queue when the run is
+    cancelled. The queued one is withdrawn (never billed) and its record says so, so the
+    rerun submits that row again and adopts the one that ran on."""
+    import asyncio
+
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.storage import Ledger
+
+    emulator = use_emulator(emulator_factory(workers=1, fixed_duration_seconds=1.0))
+    image = image_server.url_for("wide.png")
+    options = {
+        "jobs": [{"id": f"row-{index}", "prompt": "t", "images": [image]} for index in range(2)],
+        "archive_uri": str(tmp_path / "archive"),
+        "max_concurrency": 2,
+        "concurrency_limit_name": "test-batch-withdraw",
+    }
+    run = asyncio.ensure_future(batch_edit(**options))
+    deadline = time.monotonic() + 60
+    while emulator.stats.submits_accepted < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # both submits recorded in the ledger
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert emulator.stats.cancel_outcomes["cancelled"] == 1, emulator.stats.cancel_outcomes
+    entries = Ledger(tmp_path / "archive").entries()
+    assert sorted(entry.status for entry in entries) == ["failed", "submitted"]
+    withdrawn = next(entry for entry in entries if entry.status == "failed")
+    assert "withdrawn while queued" in withdrawn.error
+
+    rerun = await batch_edit(**options)
+    assert (rerun.archived, rerun.adopted, rerun.failed) == (1, 1, 0)
+    assert sorted(row.status for row in rerun.rows) == ["adopted", "archived"]
+    assert emulator.stats.submits_accepted == 3  # the withdrawn row once more, nothing else
+
+
 _KILLABLE_BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit

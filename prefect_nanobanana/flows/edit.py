@@ -42,12 +42,12 @@ from ..client import (
     OutputFormat,
     Resolution,
     RunComfyError,
-    WaitTimeoutError,
 )
 from ..client.pricing import estimate_edit, format_usd
 from ..tasks import (
     RequestOutcome,
     SubmittedRequest,
+    abandons_request,
     cancel_if_queued,
     cancel_recorded_requests,
     submit_edit,
@@ -72,16 +72,6 @@ class EditImageResult(BaseModel):
     seconds: float | None = Field(
         default=None, description="Seconds from RunComfy accepting the job to finishing it."
     )
-
-
-def _abandons_request(error: BaseException) -> bool:
-    """Whether the run is ending for good, so nobody will collect the request.
-
-    Signals, cancellation and interrupts are not `Exception`s; timeouts are. Other
-    errors (say, the API down for a while) leave the request alone, so a retry of
-    the flow run can resume it.
-    """
-    return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
 
 
 def remote_seconds(submitted: SubmittedRequest, outcome: RequestOutcome) -> float | None:
@@ -125,7 +115,7 @@ def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) ->
     try:
         yield
     except BaseException as error:
-        if _abandons_request(error):
+        if abandons_request(error):
             log = get_run_logger()
             log.info(
                 "The run is stopping (%s); releasing request %s", type(error).__name__, request_id

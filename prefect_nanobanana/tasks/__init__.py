@@ -13,6 +13,7 @@
 from .guard import (
     ArchiveTurn,
     SubmittedRequest,
+    abandons_request,
     archive_claim,
     cancel_if_queued,
     cancel_recorded_requests,
@@ -55,6 +56,7 @@ __all__ = [
     "RequestOutcome",
     "SubmittedRequest",
     "aarchive_request",
+    "abandons_request",
     "acancel_request",
     "aget_request_result",
     "aget_request_status",

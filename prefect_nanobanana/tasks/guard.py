@@ -71,6 +71,7 @@ from ..client import (
     RunComfyClient,
     RunComfyError,
     SubmitOutcomeUnknownError,
+    WaitTimeoutError,
 )
 from ..client.pricing import BudgetExceededError
 from ..storage import ClaimOwner, LedgerEntry, VersionedEntry, job_key_for, redact, redact_text
@@ -80,6 +81,7 @@ __all__ = [
     "RECORD_LABEL_PREFIX",
     "ArchiveTurn",
     "SubmittedRequest",
+    "abandons_request",
     "archive_claim",
     "cancel_if_queued",
     "cancel_recorded_requests",
@@ -684,6 +686,16 @@ async def mark_failed(store: RecordStore, job_key: str, error: str | BaseExcepti
 
 
 # --------------------------------------------------------------------------- release
+
+
+def abandons_request(error: BaseException) -> bool:
+    """Whether a run is ending for good, so nobody will collect its request.
+
+    Signals, cancellation and interrupts are not `Exception`s; timeouts are. Other
+    errors (say, the API down for a while) leave the request alone, so a retry of
+    the flow run can resume it.
+    """
+    return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
 
 
 def cancel_if_queued(

@@ -204,6 +204,7 @@ async def batch_edit(
         )
         batch = _Batch(
             client=client,
+            credentials=resolved,
             ledger=Ledger(location, s3_client=s3_client),
             archive=archive,
             staging=resolve_location(staging_uri, aws_credentials),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -13,6 +15,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ... import observe, previews
+from ...blocks.credentials import RunComfyCredentials
 from ...client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AsyncRunComfyClient,
@@ -36,7 +39,9 @@ from ...storage import (
 from ...tasks.guard import (
     SubmittedRequest,
     Unread,
+    abandons_request,
     archive_claim,
+    cancel_if_queued,
     mark_archived,
     mark_failed,
     submit_once,
@@ -64,6 +69,7 @@ class _Batch:
     def __init__(
         self,
         client: AsyncRunComfyClient,
+        credentials: RunComfyCredentials,
         ledger: Ledger,
         archive: ResolvedLocation,
         staging: ResolvedLocation,
@@ -72,6 +78,8 @@ class _Batch:
         budget: CostBudget | None = None,
     ) -> None:
         self.client = client
+        # For a blocking withdrawal while the run stops, when its event loop may be ending.
+        self.credentials = credentials
         self.ledger = ledger
         # Resolved once for the batch (a block name is loaded once, not once a row), and
         # checked by planning: rows write without asking again.
@@ -256,6 +264,12 @@ async def aedit_batch_row(
             )
         await mark_failed(batch.ledger, plan.job_key, error)
         raise
+    except BaseException as error:
+        # The run stops for good (cancelled, interrupted, timed out) while this run's
+        # request waits: withdraw it if still queued, so nothing is billed for it.
+        if not submitted.adopted and abandons_request(error):
+            _withdraw_abandoned(batch, submitted, log)
+        raise
     # Before the lane moves on: its next row's budget check must see this bill.
     batch.settle(plan.row, result.cost)
     request_ended.set()  # first: the lane's next submit is the batch's critical path
@@ -340,6 +354,34 @@ async def aedit_batch_row(
         estimated_cost=estimated_cost,
         adopted_from=submitted.submitted_by if submitted.adopted else None,
     )
+
+
+def _withdraw_abandoned(batch: _Batch, submitted: SubmittedRequest, log: _RowLog) -> None:
+    """Cancel the row's request if it is still queued, and mark its record failed, so the
+    next run submits it again instead of adopting a request RunComfy dropped.
+
+    Blocking on purpose: the run is stopping and its event loop may be ending. A
+    running request cannot be withdrawn; it is reported, and the next run adopts it.
+    """
+    request_id = submitted.request_id
+    log.info("The run is stopping; releasing RunComfy request %s", request_id)
+    try:
+        with batch.credentials.get_client() as client:
+            outcome = cancel_if_queued(client, request_id, log=log, flow_run_id=batch.flow_run_id)
+    except RunComfyError as error:
+        log.warning("Could not cancel RunComfy request %s: %s", request_id, error)
+        return
+    if outcome == "cancelled" and submitted.record is not None:
+        entry, version = submitted.record
+        withdrawn = entry.model_copy(
+            update={
+                "status": "failed",
+                "error": "withdrawn while queued: the run that submitted it stopped",
+                "updated_at": datetime.now(timezone.utc),
+            }
+        )
+        with contextlib.suppress(StorageError):
+            batch.ledger.replace(withdrawn, version)  # None: written meanwhile; then it stays
 
 
 async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) -> BatchRowResult:
