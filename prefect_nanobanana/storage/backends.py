@@ -366,13 +366,8 @@ class S3Backend:
         )
 
     def read_bytes(self, key: str) -> bytes | None:
-        try:
-            response = self.s3.get_object(Bucket=self.bucket, Key=self.object_key(key))
-        except ClientError as exc:
-            if is_missing(exc):
-                return None
-            raise StorageError(f"cannot read {self.location(key)}: {_error_code(exc)}") from exc
-        return response["Body"].read()
+        found = self.read_versioned(key)
+        return found[0] if found is not None else None
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> str:
         try:
