@@ -48,10 +48,10 @@ from ..tasks import (
     RequestOutcome,
     SubmittedRequest,
     abandons_request,
-    cancel_if_queued,
     cancel_recorded_requests,
     submit_edit,
     wait_for_request,
+    withdraw_if_queued,
 )
 
 
@@ -120,11 +120,7 @@ def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) ->
             log.info(
                 "The run is stopping (%s); releasing request %s", type(error).__name__, request_id
             )
-            try:
-                with credentials.get_client() as client:
-                    cancel_if_queued(client, request_id, log=log)
-            except RunComfyError as cancel_error:
-                log.warning("Could not cancel RunComfy request %s: %s", request_id, cancel_error)
+            withdraw_if_queued(credentials, request_id, log=log)
         raise
 
 
@@ -175,11 +171,7 @@ class CancellingWatch:
 
     def _withdraw(self) -> None:
         self._log.info("The run is Cancelling; withdrawing RunComfy request %s", self.request_id)
-        try:
-            with self.credentials.get_client() as client:
-                cancel_if_queued(client, self.request_id, log=self._log)
-        except RunComfyError as error:
-            self._log.warning("Could not cancel RunComfy request %s: %s", self.request_id, error)
+        withdraw_if_queued(self.credentials, self.request_id, log=self._log)
 
     def cancelled_state(self) -> State[Any]:
         """The state a run ends in once it was asked to cancel."""

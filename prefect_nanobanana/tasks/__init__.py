@@ -22,6 +22,7 @@ from .guard import (
     mark_failed,
     outcome_unknown,
     submit_once,
+    withdraw_if_queued,
 )
 from .options import TASK_OPTIONS, retry_if_transient
 from .records import (
@@ -80,4 +81,5 @@ __all__ = [
     "submit_edit",
     "submit_once",
     "wait_for_request",
+    "withdraw_if_queued",
 ]

@@ -64,7 +64,7 @@ from prefect.states import State
 from pydantic import BaseModel, Field
 
 from .. import observe
-from ..blocks.credentials import resolve_credentials, run_logger_or_none
+from ..blocks.credentials import RunComfyCredentials, resolve_credentials, run_logger_or_none
 from ..client import (
     AsyncRunComfyClient,
     NanoBananaEditInput,
@@ -92,6 +92,7 @@ __all__ = [
     "recorded_request_ids",
     "submit_once",
     "submit_once_blocking",
+    "withdraw_if_queued",
 ]
 
 # A "submitting" claim made on another host is trusted this long: the submit's own
@@ -723,6 +724,23 @@ def cancel_if_queued(
     if outcome == "cancelled" and (flow_run_id or observe.current_flow_run_id()):
         observe.emit_request_event(observe.EVENT_CANCELLED, request_id, flow_run_id=flow_run_id)
     return outcome
+
+
+def withdraw_if_queued(
+    credentials: RunComfyCredentials,
+    request_id: str,
+    *,
+    log: logging.Logger | logging.LoggerAdapter,
+    flow_run_id: UUID | None = None,
+) -> str | None:
+    """`cancel_if_queued` with a client of its own, for a run that is stopping: what
+    happened, or None when the request is over or the API could not be asked (logged)."""
+    try:
+        with credentials.get_client() as client:
+            return cancel_if_queued(client, request_id, log=log, flow_run_id=flow_run_id)
+    except RunComfyError as error:
+        log.warning("Could not cancel RunComfy request %s: %s", request_id, error)
+        return None
 
 
 def cancel_recorded_requests(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:

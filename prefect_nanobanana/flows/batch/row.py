@@ -41,10 +41,10 @@ from ...tasks.guard import (
     Unread,
     abandons_request,
     archive_claim,
-    cancel_if_queued,
     mark_archived,
     mark_failed,
     submit_once,
+    withdraw_if_queued,
 )
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import ResolvedLocation
@@ -365,12 +365,9 @@ def _withdraw_abandoned(batch: _Batch, submitted: SubmittedRequest, log: _RowLog
     """
     request_id = submitted.request_id
     log.info("The run is stopping; releasing RunComfy request %s", request_id)
-    try:
-        with batch.credentials.get_client() as client:
-            outcome = cancel_if_queued(client, request_id, log=log, flow_run_id=batch.flow_run_id)
-    except RunComfyError as error:
-        log.warning("Could not cancel RunComfy request %s: %s", request_id, error)
-        return
+    outcome = withdraw_if_queued(
+        batch.credentials, request_id, log=log, flow_run_id=batch.flow_run_id
+    )
     if outcome == "cancelled" and submitted.record is not None:
         entry, version = submitted.record
         withdrawn = entry.model_copy(
