@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,7 +58,7 @@ ROWS = 300
 CHUNK_SIZE = 50
 LANES = 4  # per chunk; the shared limit below lets all six chunks run at once
 LIMIT_NAME = "runcomfy-production-test"
-HEARTBEAT_SECONDS = 30  # Prefect's minimum
+WORKER_LABEL = "prefect.worker.name"
 AUTOMATION = "deployments/crash-zombie-flow-runs.yaml"
 BATCH_SECONDS = 420
 
@@ -66,7 +68,10 @@ class _HoldingProxy(ThreadingHTTPServer):
 
     Armed with a set of prompts, the first submit of one of them goes through to
     the emulator (which accepts and bills it), and its answer is then never sent:
-    to the client, the machine died mid-submit.
+    to the client, the machine died mid-submit. The arming's `on_hold` runs right
+    then, in the proxy's thread, so the machine dies before the chunk's other lanes
+    can move on (a kill from the test's thread came seconds later on a loaded
+    machine, and the other lanes had finished the chunk by then).
     """
 
     daemon_threads = True
@@ -77,6 +82,7 @@ class _HoldingProxy(ThreadingHTTPServer):
         self.http = httpx.Client(base_url=upstream, timeout=60)
         self.lock = threading.Lock()
         self.hold_prompts: set[str] = set()
+        self.on_hold: Callable[[], None] = lambda: None
         self.held: dict[str, str] = {}  # prompt -> request id the client never saw
         self.holding = threading.Event()
         self.release = threading.Event()
@@ -86,9 +92,15 @@ class _HoldingProxy(ThreadingHTTPServer):
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def arm(self, prompts: set[str]) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The killed worker's connections are reset: the test's point, not news.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+    def arm(self, prompts: set[str], on_hold: Callable[[], None]) -> None:
         with self.lock:
             self.hold_prompts = set(prompts)
+            self.on_hold = on_hold
 
     def should_hold(self, body: bytes) -> str | None:
         try:
@@ -126,7 +138,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         answer = self.server.http.request(method, self.path, content=body, headers=headers)
         if held is not None:
             self.server.held[held] = answer.json().get("request_id", "")
-            self.server.holding.set()
+            try:
+                self.server.on_hold()
+            finally:
+                self.server.holding.set()
             self.server.release.wait(600)
             self.close_connection = True
             return
@@ -173,7 +188,6 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
                     # emulator itself, which must therefore be an allowed output host.
                     "RUNCOMFY_OUTPUT_HOSTS": httpx.URL(emulator.base_url).netloc.decode(),
                     "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
-                    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
                 },
             )
         )
@@ -194,6 +208,14 @@ def _flow_runs(**filters: Any) -> list[Any]:
 
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(**filters), limit=200)
+
+
+def _running_on(worker: str) -> list[Any]:
+    return [
+        run
+        for run in _flow_runs()
+        if run.labels.get(WORKER_LABEL) == worker and run.state and run.state.is_running()
+    ]
 
 
 def _children(parent_id: UUID) -> list[Any]:
@@ -217,6 +239,18 @@ def _wait_final(flow_run_id: UUID, stack: Stack, seconds: float = BATCH_SECONDS)
             return flow_run
         time.sleep(1)
     raise AssertionError(f"flow run {flow_run_id} not final after {seconds} s\n{stack.log_tail()}")
+
+
+def _wait_crashed(flow_run_id: UUID, stack: Stack, seconds: float = 150) -> Any:
+    """The flow run's Crashed state, once it has one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = _read_flow_run(flow_run_id).state
+        if state and state.is_crashed():
+            return state
+        assert state is None or not state.is_final(), state
+        time.sleep(1)
+    raise AssertionError(f"{flow_run_id} not Crashed after {seconds} s\n{stack.log_tail()}")
 
 
 def _processes_of(worker_pid: int, flow_run_ids: set[str]) -> set[int]:
@@ -249,10 +283,61 @@ def _processes_of(worker_pid: int, flow_run_ids: set[str]) -> set[int]:
     return found - {os.getpid()}
 
 
-def _kill_worker(stack: Stack, name: str, flow_runs: list[Any]) -> None:
-    """SIGKILL a worker and its flow runs' processes: its machine died."""
+# A flow run that sleeps, started outside any worker. `just-started` is one of ours
+# on the doomed machine that has sent no heartbeat yet (killed in its first second,
+# its first beat would still be in the client's event queue): its heartbeats are
+# switched off, so it never sends one, whenever the kill comes. `elsewhere` is a
+# run of another team's, untagged, beating at Prefect's default of every 180 s.
+_SLEEPING_RUN = """
+import sys, time
+from prefect import flow, tags
+from prefect.flow_engine import BaseFlowRunEngine
+
+name, tag, beats = sys.argv[1:]
+if beats == "off":
+    BaseFlowRunEngine.heartbeat_seconds = property(lambda self: None)
+
+@flow(name=name, flow_run_name=name)
+def sleeping() -> None:
+    time.sleep(600)
+
+with tags(*filter(None, [tag])):
+    sleeping()
+"""
+
+
+def _start_sleeping_run(stack: Stack, name: str, *, tag: str, beats: str) -> subprocess.Popen:
+    log = stack.archive.parent / f"{name}.log"
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", _SLEEPING_RUN, name, tag, beats],
+            env=stack.env,
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+        )
+
+
+def _once_running(name: str, stack: Stack) -> Any:
+    """The flow run of that name, once it runs."""
+    from prefect.client.schemas.filters import FlowRunFilterName
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for run in _flow_runs(name=FlowRunFilterName(any_=[name])):
+            if run.state and run.state.is_running():
+                return run
+        time.sleep(0.5)
+    log = stack.archive.parent / f"{name}.log"
+    raise AssertionError(f"the {name} run never ran\n{log.read_text()}")
+
+
+def _kill_worker(
+    stack: Stack, name: str, flow_run_ids: set[str], *others: subprocess.Popen
+) -> None:
+    """SIGKILL a worker, its flow runs' processes and `others`: its machine died."""
     worker = stack.workers[name]
-    doomed = _processes_of(worker.pid, {str(run.id) for run in flow_runs})
+    doomed = _processes_of(worker.pid, flow_run_ids) | {process.pid for process in others}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.pid, signal.SIGKILL)
     for pid in doomed:
@@ -292,7 +377,7 @@ def _wait_record_complete(flow_run: Any, archived: int, seconds: float = 60) -> 
 
 
 def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
-    production: Production, capsys: pytest.CaptureFixture[str]
+    production: Production, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -311,6 +396,15 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
         "concurrency_limit_name": LIMIT_NAME,
     }
     results = stack.archive / "_results"
+    just_started = _start_sleeping_run(stack, "just-started", tag="nanobanana", beats="off")
+    request.addfinalizer(just_started.kill)
+    elsewhere = _start_sleeping_run(stack, "elsewhere", tag="", beats="default")
+    request.addfinalizer(elsewhere.kill)
+    just_started_run, elsewhere_run = (
+        _once_running(name, stack) for name in ("just-started", "elsewhere")
+    )
+    elsewhere_since = time.monotonic()
+
     submits_before = emulator.stats.submits_accepted
     began = time.monotonic()
 
@@ -324,11 +418,12 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
 
     # Mid-chunk: a chunk with rows submitted and rows to go, on a worker not running the parent.
     deadline = time.monotonic() + BATCH_SECONDS
-    target, to_go = None, set()
+    target, victim, to_go = None, "", set()
     while target is None and time.monotonic() < deadline:
-        parent_worker = _read_flow_run(first.id).labels.get("prefect.worker.name")
-        for child in _children(first.id):
-            worker = child.labels.get("prefect.worker.name")
+        parent_worker = _read_flow_run(first.id).labels.get(WORKER_LABEL)
+        children = _children(first.id)
+        for child in children:
+            worker = child.labels.get(WORKER_LABEL)
             prompts = {job["prompt"] for job in child.parameters["jobs"]}
             to_go = prompts - set(proxy.submitted)
             if (
@@ -339,20 +434,20 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
                 and len(prompts) - len(to_go) >= 5
                 and len(to_go) >= 15
             ):
-                target = child
+                target, victim = child, worker
+                # The chunks there now; any that starts there later is the worker's child.
+                there = {str(run.id) for run in children if run.labels.get(WORKER_LABEL) == worker}
+                kill = functools.partial(_kill_worker, stack, worker, there, just_started)
+                proxy.arm(to_go, on_hold=kill)
                 break
+        if children and all(child.state and child.state.is_final() for child in children):
+            break  # every chunk ended before one was caught mid-way
         time.sleep(0.1)
     assert target is not None, f"no chunk caught mid-way\n{stack.log_tail()}"
-    proxy.arm(to_go)
     assert proxy.holding.wait(60), f"the chunk made no further submit\n{stack.log_tail()}"
-    victim = target.labels["prefect.worker.name"]
-    killed_runs = [
-        run
-        for run in _flow_runs()
-        if run.labels.get("prefect.worker.name") == victim and run.state and run.state.is_running()
-    ]
-    _kill_worker(stack, victim, killed_runs)
     killed_at = time.monotonic()
+    # Killed, so still Running on the server until the automation marks them Crashed.
+    killed_runs = _running_on(victim)
     ((held_prompt, held_request),) = proxy.held.items()
 
     first = _wait_final(first.id, stack)
@@ -360,6 +455,13 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
     assert first.state.is_failed(), (first.state, stack.log_tail())
     for run in killed_runs:
         assert _read_flow_run(run.id).state.is_crashed(), (run.name, stack.log_tail())
+    # Before its first heartbeat: marked Crashed too (crash-zombie-flow-runs.yaml's second
+    # automation), or a chunk killed in its first second would keep its parent waiting.
+    crashed_silent = _wait_crashed(just_started_run.id, stack)
+    assert "within 90 s of starting" in (crashed_silent.message or ""), crashed_silent
+    seconds_to_crashed_silent = (
+        crashed_silent.timestamp - just_started_run.start_time
+    ).total_seconds()
     first_rows = _rows_of(results / "first.jsonl")
     killed_jobs = {job["id"] for job in target.parameters["jobs"]}
     failed_first = {row["id"] for row in first_rows if row["status"] == "failed"}
@@ -426,6 +528,12 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
                 record_gaps.append((child.name, archived, len(recorded)))
     assert not record_gaps, record_gaps
 
+    # Alive all along, beating every 180 s (Prefect's default), and not ours: not called
+    # dead, though the automations' window (90 s) passed since its first beat.
+    assert time.monotonic() - elsewhere_since > 120
+    elsewhere_state = _read_flow_run(elsewhere_run.id).state
+    assert elsewhere_state and elsewhere_state.is_running(), elsewhere_state
+
     production.figures.update(
         rows=ROWS,
         chunks=ROWS // CHUNK_SIZE,
@@ -438,6 +546,7 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
         failed_in_first_run=len(failed_first),
         finished_by_rerun=len(finished_by_rerun),
         seconds_to_crashed=round(crashed_seconds, 1),
+        seconds_running_to_crashed_without_heartbeat=round(seconds_to_crashed_silent, 1),
         row_task_runs_recorded=task_runs_recorded,
         wall_seconds=round(wall, 1),
     )
