@@ -400,6 +400,51 @@ asyncio.run(batch_edit(**options))
 """
 
 
+async def test_a_batch_stopped_by_sigterm_withdraws_its_queued_request(
+    prefect_harness, emulator_factory, use_emulator, image_server, tmp_path
+):
+    """What a worker sends a flow run it cancels, and what Kubernetes sends an evicted
+    pod: SIGTERM. Prefect turns it into `TerminationSignal`; the queued request is
+    withdrawn (never billed) and its record says so, as for an in-process cancel."""
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.storage import Ledger
+
+    emulator = use_emulator(emulator_factory(workers=1, fixed_duration_seconds=1.5))
+    image = image_server.url_for("wide.png")
+    archive = tmp_path / "archive"
+    options = {
+        "jobs": [{"id": f"row-{index}", "prompt": "t", "images": [image]} for index in range(2)],
+        "archive_uri": str(archive),
+        "max_concurrency": 2,
+        "concurrency_limit_name": "test-batch-sigterm",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE_BATCH, json.dumps(options)],
+        env=prefect_harness.env(
+            **{k: v for k, v in os.environ.items() if k.startswith(("RUNCOMFY_", "NANOBANANA_"))}
+        ),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            recorded = [entry for entry in Ledger(archive).entries() if entry.request_id]
+            if len(recorded) == 2:
+                break
+            time.sleep(0.02)
+        assert emulator.stats.jobs_by_status.get("in_queue") == 1, emulator.stats.jobs_by_status
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(30) != 0
+    finally:
+        child.kill()
+    assert emulator.stats.cancel_outcomes["cancelled"] == 1, emulator.stats.cancel_outcomes
+    entries = Ledger(archive).entries()
+    assert sorted(entry.status for entry in entries) == ["failed", "submitted"]
+    assert "withdrawn while queued" in next(e for e in entries if e.status == "failed").error
+    rerun = await batch_edit(**{**options, "concurrency_limit_name": "test-batch-sigterm-rerun"})
+    assert (rerun.archived, rerun.adopted, rerun.failed) == (1, 1, 0)
+    assert emulator.stats.submits_accepted == 3  # the withdrawn row once more, nothing else
+
+
 async def test_batch_killed_midway_resumes_without_paying_twice(
     prefect_harness,
     emulator_factory,
