@@ -418,6 +418,50 @@ async def _assert_withdrawn_then_resubmitted(emulator: Any, options: dict[str, A
     assert emulator.stats.submits_accepted == 3  # the withdrawn row once more, nothing else
 
 
+async def test_a_direct_batch_set_to_cancelling_withdraws_its_queued_request(
+    prefect_harness, emulator_factory, use_emulator, image_server, tmp_path
+):
+    """A batch started directly (a script, or a subflow of one) has no runner: a cancel
+    from the UI or the API only sets its state. The run reads it, stops its rows as a
+    cancel in its process would, and ends Cancelled with its results manifest written."""
+    import asyncio
+    import threading
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Cancelling
+
+    from prefect_nanobanana.flows import batch_edit
+
+    emulator = use_emulator(emulator_factory(workers=1, fixed_duration_seconds=3.0))
+    options = _two_rows(image_server, tmp_path / "archive", "test-batch-cancelling")
+    name = f"batch-cancelling-{uuid.uuid4().hex[:8]}"
+    ended: list[Any] = []
+    batch = batch_edit.with_options(flow_run_name=name)
+    runner = threading.Thread(
+        target=lambda: ended.append(asyncio.run(batch(**options, return_state=True))),
+        daemon=True,
+    )
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not _both_waited_on(emulator, options) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emulator.stats.jobs_by_status.get("in_queue") == 1, emulator.stats.jobs_by_status
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))
+        )
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    runner.join(timeout=60)
+    assert ended and ended[0].is_cancelled(), ended
+    results = sorted((tmp_path / "archive" / "_results").glob("*.jsonl"))
+    rows = [json.loads(line) for line in results[-1].read_text().splitlines()]
+    assert [row["status"] for row in rows] == ["failed", "failed"]
+    assert all("cancelled before this row ended" in row["error"] for row in rows)
+    await _assert_withdrawn_then_resubmitted(emulator, options)
+
+
 _KILLABLE_BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit

@@ -21,7 +21,7 @@ run waits for it and keeps its outputs (they are paid for), then ends Cancelled.
 """
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -129,20 +129,21 @@ CANCELLING_POLL_SECONDS = 1.0
 
 
 class CancellingWatch:
-    """Watches a direct flow run's state while it waits; on Cancelling, withdraws the request.
+    """Watches a direct flow run's state; once it is Cancelling, calls `on_cancelling` once.
 
     A daemon thread reads the run's state from the Prefect API every
-    `CANCELLING_POLL_SECONDS`. `fired` says whether the run was asked to cancel.
+    `CANCELLING_POLL_SECONDS` (none for a run that is not direct: its runner acts on
+    a cancel). `fired` says whether the run was asked to cancel; the run then ends
+    in `cancelled_state()`.
     """
 
     def __init__(
-        self, credentials: RunComfyCredentials, request_id: str, flow_run_id: UUID | None
+        self, flow_run_id: UUID | None, on_cancelling: Callable[[], None], message: str
     ) -> None:
-        self.credentials = credentials
-        self.request_id = request_id
         self.flow_run_id = flow_run_id
         self.fired = False
-        self._log = get_run_logger()
+        self._on_cancelling = on_cancelling
+        self._message = message
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="cancelling-watch", daemon=True)
 
@@ -166,27 +167,37 @@ class CancellingWatch:
                     continue
                 if state is not None and (state.is_cancelling() or state.is_cancelled()):
                     self.fired = True
-                    self._withdraw()
+                    self._on_cancelling()
                     return
-
-    def _withdraw(self) -> None:
-        self._log.info("The run is Cancelling; withdrawing RunComfy request %s", self.request_id)
-        withdraw_if_queued(self.credentials, self.request_id, log=self._log)
 
     def cancelled_state(self) -> State[Any]:
         """The state a run ends in once it was asked to cancel."""
-        return Cancelled(
-            message=f"Cancelled through the API while waiting for RunComfy request "
-            f"{self.request_id}; a queued request was withdrawn"
-        )
+        return Cancelled(message=self._message)
+
+
+def direct_flow_run_id() -> UUID | None:
+    """This flow run's id if it was started directly: no runner would act on its cancel."""
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context is not None else None
+    if flow_run is None or flow_run.deployment_id is not None:
+        return None
+    return flow_run.id
 
 
 def withdrawn_when_cancelling(credentials: RunComfyCredentials, request_id: str) -> CancellingWatch:
-    """A `CancellingWatch` for this run if it was started directly (no runner to cancel it)."""
-    context = FlowRunContext.get()
-    flow_run = context.flow_run if context is not None else None
-    direct = flow_run is not None and flow_run.deployment_id is None
-    return CancellingWatch(credentials, request_id, flow_run.id if direct and flow_run else None)
+    """A `CancellingWatch` that withdraws the request if this direct run is cancelled."""
+    log = get_run_logger()
+
+    def withdraw() -> None:
+        log.info("The run is Cancelling; withdrawing RunComfy request %s", request_id)
+        withdraw_if_queued(credentials, request_id, log=log)
+
+    return CancellingWatch(
+        direct_flow_run_id(),
+        withdraw,
+        f"Cancelled through the API while waiting for RunComfy request {request_id}; "
+        "a queued request was withdrawn",
+    )
 
 
 def wait_watched(

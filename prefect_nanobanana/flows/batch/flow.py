@@ -17,6 +17,11 @@ archived and adopts requests already submitted, so a crashed batch resumes
 without paying twice. Rows are told apart by their `id`, else by their position:
 give rows ids when a manifest may be reordered between runs.
 
+A run that stops while rows wait (a cancel, SIGTERM, a timeout) withdraws each of
+their requests still queued and marks its record failed, so the rerun submits that
+row again. A run started directly has no runner to stop it: a cancel from the UI
+only sets its state, so it reads its state while rows run and stops itself.
+
 Scale-out: with `chunk_size` and `chunk_deployment`, the run splits its rows into
 chunks and runs each as a child run of a deployment of this flow, so the chunks
 spread over the workers of that deployment's pool; the parent gathers their rows.
@@ -62,6 +67,7 @@ from ...storage import (
 )
 from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
+from ..edit import CancellingWatch, direct_flow_run_id
 from .chunks import _credentials_parameter, _run_in_chunks
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
@@ -230,19 +236,49 @@ async def batch_edit(
 
         lanes = min(batch.lanes, len(runnable))
         history = await alearn_run_times(client, location, s3_client) if runnable else None
-        await run_in_lanes(runnable, lanes, run_row, hold=lane_slots(concurrency_limit_name, lanes))
+        rows_run = asyncio.ensure_future(
+            run_in_lanes(runnable, lanes, run_row, hold=lane_slots(concurrency_limit_name, lanes))
+        )
+        with _cancelled_when_cancelling(rows_run) as watch:
+            try:
+                await rows_run
+            except asyncio.CancelledError:
+                if not watch.fired:
+                    raise
         await asave_run_times(client, history)
         await progress.finish()
-        rows = [outcomes[plan.row] for plan in plans]
+        rows = [
+            outcomes.get(plan.row) or plan.result("failed", error=CANCELLED_ROW) for plan in plans
+        ]
 
-    return await _finish_batch(
+    result = await _finish_batch(
         rows,
         _results_location(archive_uri, results_uri),
-        allow_partial,
+        allow_partial or watch.fired,
         aws_credentials,
         archive_uri,
         preview_rows,
         estimated_cost=estimate.estimate_usd if estimate else None,
+    )
+    return watch.cancelled_state() if watch.fired else result  # type: ignore[return-value]
+
+
+CANCELLED_ROW = (
+    "the run was cancelled before this row ended (a queued request was withdrawn); "
+    "rerun the batch to finish it"
+)
+
+
+def _cancelled_when_cancelling(rows_run: asyncio.Future[None]) -> CancellingWatch:
+    """A direct run set to Cancelling stops its rows, as a cancel in its process would:
+    each row still waiting withdraws its request if it is queued, and a rerun adopts
+    the ones already running."""
+    loop = asyncio.get_running_loop()
+    return CancellingWatch(
+        direct_flow_run_id(),
+        lambda: loop.call_soon_threadsafe(rows_run.cancel),
+        "Cancelled through the API: the queued requests of its rows were withdrawn; "
+        "a rerun adopts the ones that were running",
     )
 
 
