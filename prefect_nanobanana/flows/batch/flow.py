@@ -264,8 +264,8 @@ async def batch_edit(
 
 
 CANCELLED_ROW = (
-    "the run was cancelled before this row ended (a queued request was withdrawn); "
-    "rerun the batch to finish it"
+    "the run was cancelled before this row ended (its request withdrawn if it was still "
+    "queued); rerun the batch to finish it"
 )
 
 
