@@ -332,6 +332,21 @@ def _once_running(name: str, stack: Stack) -> Any:
     raise AssertionError(f"the {name} run never ran\n{log.read_text()}")
 
 
+def _pending_for_ever() -> Any:
+    """A flow run of ours left Pending, as when its machine dies while its process starts."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending
+
+    @flow(name="never-started")
+    def never_started() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        return client.create_flow_run(
+            never_started, name="never-started", tags=["nanobanana"], state=Pending()
+        )
+
+
 def _kill_worker(
     stack: Stack, name: str, flow_run_ids: set[str], *others: subprocess.Popen
 ) -> None:
@@ -396,6 +411,7 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
         "concurrency_limit_name": LIMIT_NAME,
     }
     results = stack.archive / "_results"
+    never_started = _pending_for_ever()
     just_started = _start_sleeping_run(stack, "just-started", tag="nanobanana", beats="off")
     request.addfinalizer(just_started.kill)
     elsewhere = _start_sleeping_run(stack, "elsewhere", tag="", beats="default")
@@ -528,6 +544,11 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
                 record_gaps.append((child.name, archived, len(recorded)))
     assert not record_gaps, record_gaps
 
+    # Its machine died before its process began the flow: Crashed by the third automation.
+    crashed_pending = _wait_crashed(never_started.id, stack, seconds=420)
+    assert "Pending for 300 s" in (crashed_pending.message or ""), crashed_pending
+    seconds_pending = (crashed_pending.timestamp - never_started.state.timestamp).total_seconds()
+
     # Alive all along, beating every 180 s (Prefect's default), and not ours: not called
     # dead, though the automations' window (90 s) passed since its first beat.
     assert time.monotonic() - elsewhere_since > 120
@@ -547,6 +568,7 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
         finished_by_rerun=len(finished_by_rerun),
         seconds_to_crashed=round(crashed_seconds, 1),
         seconds_running_to_crashed_without_heartbeat=round(seconds_to_crashed_silent, 1),
+        seconds_pending_to_crashed=round(seconds_pending, 1),
         row_task_runs_recorded=task_runs_recorded,
         wall_seconds=round(wall, 1),
     )
