@@ -210,11 +210,14 @@ def _flow_runs(**filters: Any) -> list[Any]:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(**filters), limit=200)
 
 
-def _running_on(worker: str) -> list[Any]:
+def _unfinished_on(worker: str) -> list[Any]:
+    """The flow runs a worker was given that are Pending or Running."""
     return [
         run
         for run in _flow_runs()
-        if run.labels.get(WORKER_LABEL) == worker and run.state and run.state.is_running()
+        if run.labels.get(WORKER_LABEL) == worker
+        and run.state
+        and (run.state.is_running() or run.state.is_pending())
     ]
 
 
@@ -462,8 +465,8 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
     assert target is not None, f"no chunk caught mid-way\n{stack.log_tail()}"
     assert proxy.holding.wait(60), f"the chunk made no further submit\n{stack.log_tail()}"
     killed_at = time.monotonic()
-    # Killed, so still Running on the server until the automation marks them Crashed.
-    killed_runs = _running_on(victim)
+    # Killed, so still Running (or Pending) until an automation marks them Crashed.
+    killed_runs = _unfinished_on(victim)
     ((held_prompt, held_request),) = proxy.held.items()
 
     first = _wait_final(first.id, stack)
