@@ -20,18 +20,13 @@ flow then ends Cancelled. A request already running cannot be withdrawn: the
 run waits for it and keeps its outputs (they are paid for), then ends Cancelled.
 """
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Annotated, Any
-from uuid import UUID
+from typing import Annotated
 
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
-from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
@@ -53,6 +48,7 @@ from ..tasks import (
     wait_for_request,
     withdraw_if_queued,
 )
+from .cancelling import CancellingWatch, direct_flow_run_id
 
 
 class EditImageResult(BaseModel):
@@ -122,66 +118,6 @@ def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) ->
             )
             withdraw_if_queued(credentials, request_id, log=log)
         raise
-
-
-# How often a direct run's state is read while it waits: "within a few seconds".
-CANCELLING_POLL_SECONDS = 1.0
-
-
-class CancellingWatch:
-    """Watches a direct flow run's state; once it is Cancelling, calls `on_cancelling` once.
-
-    A daemon thread reads the run's state from the Prefect API every
-    `CANCELLING_POLL_SECONDS` (none for a run that is not direct: its runner acts on
-    a cancel). `fired` says whether the run was asked to cancel; the run then ends
-    in `cancelled_state()`.
-    """
-
-    def __init__(
-        self, flow_run_id: UUID | None, on_cancelling: Callable[[], None], message: str
-    ) -> None:
-        self.flow_run_id = flow_run_id
-        self.fired = False
-        self._on_cancelling = on_cancelling
-        self._message = message
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="cancelling-watch", daemon=True)
-
-    def __enter__(self) -> "CancellingWatch":
-        if self.flow_run_id is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _watch(self) -> None:
-        assert self.flow_run_id is not None
-        with get_client(sync_client=True) as prefect_client:
-            while not self._stopped.wait(CANCELLING_POLL_SECONDS):
-                try:
-                    state = prefect_client.read_flow_run(self.flow_run_id).state
-                except Exception:  # the API being briefly away must not end the wait
-                    continue
-                if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                    self.fired = True
-                    self._on_cancelling()
-                    return
-
-    def cancelled_state(self) -> State[Any]:
-        """The state a run ends in once it was asked to cancel."""
-        return Cancelled(message=self._message)
-
-
-def direct_flow_run_id() -> UUID | None:
-    """This flow run's id if it was started directly: no runner would act on its cancel."""
-    context = FlowRunContext.get()
-    flow_run = context.flow_run if context is not None else None
-    if flow_run is None or flow_run.deployment_id is not None:
-        return None
-    return flow_run.id
 
 
 def withdrawn_when_cancelling(credentials: RunComfyCredentials, request_id: str) -> CancellingWatch:

@@ -67,7 +67,7 @@ from ...storage import (
 )
 from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
-from ..edit import CancellingWatch, direct_flow_run_id
+from ..cancelling import CancellingWatch, direct_flow_run_id
 from .chunks import _credentials_parameter, _run_in_chunks
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
