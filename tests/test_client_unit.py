@@ -320,6 +320,71 @@ def test_seeded_run_times_give_way_to_the_runs_own():
     assert estimator.earliest_run("1K", PollingPolicy()) > 25.0
 
 
+def test_runs_known_only_within_bounds_are_learned_not_dropped():
+    policy = PollingPolicy()
+    estimator = RunDurationEstimator()
+    for seconds in (10.0, 10.5, 11.0):  # the batch's first jobs: their starts were seen
+        estimator.record("1K", seconds)
+    exact_only = estimator.earliest_run("1K", policy)
+    for _ in range(20):  # the queued ones slept through their start: 25-35 s each
+        estimator.record_between("1K", 25.0, 35.0)
+    assert exact_only < 11.0 < estimator.earliest_run("1K", policy) < 25.0
+    saved = estimator.recorded()
+    assert saved["1K"][:3] == [10.0, 10.5, 11.0] and saved["1K"][3] == [25.0, 35.0]
+
+    fresh = RunDurationEstimator()
+    fresh.seed(saved)
+    assert fresh.earliest_run("1K", policy) == pytest.approx(estimator.earliest_run("1K", policy))
+
+
+def test_bounds_centre_the_fit_where_the_runs_lie():
+    import math
+
+    from prefect_nanobanana.client.polling import _fit_log_normal
+
+    fitted = _fit_log_normal([(9.0, 11.0)] * 30)
+    assert math.exp(fitted.mean) == pytest.approx(10.0, rel=0.02)
+    # Runs known exactly keep the plain sample fit (mean and stdev of the logs).
+    exact = _fit_log_normal([(10.0, 10.0), (20.0, 20.0)])
+    assert exact.mean == pytest.approx((math.log(10) + math.log(20)) / 2)
+    assert exact.stdev == pytest.approx(abs(math.log(20) - math.log(10)) / math.sqrt(2))
+
+
+def test_a_queued_job_that_slept_through_its_start_gives_its_runs_bounds():
+    import logging
+    from datetime import datetime, timedelta, timezone
+
+    from prefect_nanobanana.client.waiting import WaitTracker
+
+    now = [0.0]
+    estimator = RunDurationEstimator()
+    tracker = WaitTracker(
+        "r1",
+        timeout=None,
+        policy=PollingPolicy(),
+        estimator=estimator,
+        resolution="1K",
+        logger=logging.getLogger("test"),
+        on_status=None,
+        clock=lambda: now[0],
+    )
+    tracker.observe(RequestStatus(request_id="r1", status="in_queue", queue_position=1))
+    now[0] = 30.0  # the next poll finds it running: it started somewhere in 0-30 s
+    tracker.observe(RequestStatus(request_id="r1", status="in_progress"))
+    now[0] = 50.2
+    created = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    tracker.finish(
+        RequestResult(
+            request_id="r1",
+            status="completed",
+            created_at=created,
+            finished_at=created + timedelta(seconds=50),  # the server's own clock
+        )
+    )
+    ((low, high),) = estimator.recorded()["1K"]
+    assert (low, high) == (pytest.approx(20.0), pytest.approx(50.0))
+
+
 async def test_async_client_retries_reads_like_the_sync_one():
     async with AsyncRunComfyClient(
         api_token=TOKEN, base_url=BASE, retry_policy=FAST_RETRIES

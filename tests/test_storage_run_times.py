@@ -33,6 +33,15 @@ def test_only_the_newest_runs_are_kept(tmp_path: Path) -> None:
     assert history.load(MODEL) == {"1K": [2.0, 3.0, 4.0]}
 
 
+def test_runs_known_within_bounds_are_kept_as_pairs(tmp_path: Path) -> None:
+    RunTimeHistory(tmp_path).save(MODEL, {"4K": [31.0, [20.0, 55.5]]})
+    assert RunTimeHistory(tmp_path).load(MODEL) == {"4K": [31.0, [20.0, 55.5]]}
+    document = json.loads((tmp_path / RUN_TIMES_KEY).read_text())
+    document["models"][MODEL]["4K"] += ["fast", [1.0], True, [2.0, "x"]]  # damaged entries
+    (tmp_path / RUN_TIMES_KEY).write_text(json.dumps(document))
+    assert RunTimeHistory(tmp_path).load(MODEL) == {"4K": [31.0, [20.0, 55.5]]}
+
+
 def test_a_damaged_file_is_a_lost_prior_not_an_error(tmp_path: Path) -> None:
     (tmp_path / RUN_TIMES_KEY).write_text("{not json")
     assert RunTimeHistory(tmp_path).load(MODEL) == {}

@@ -160,6 +160,10 @@ def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
     return min(longest, backoff)
 
 
+# A run's length as one wait saw it: (low, high) seconds, equal when known exactly.
+RunBounds = tuple[float, float]
+
+
 class RunDurationEstimator:
     """Learns how long jobs run and which are running; shared by a batch's waits.
 
@@ -167,12 +171,16 @@ class RunDurationEstimator:
     quiet window from runs 1.5x too long makes a single job's lag seconds long).
     `seed` gives it the run times earlier runs saw instead, so a new run starts
     from what was observed; `recorded` is what this one saw, for the next run.
-    Thread-safe: the waits of a batch run in threads or tasks of one client.
+    A run known only within bounds (a queued job that started somewhere in a long
+    gap between polls) is learned as such (`record_between`), not dropped: the
+    jobs whose start is seen exactly are only the first of a batch, too few to
+    learn a spread from. Thread-safe: the waits of a batch run in threads or tasks
+    of one client.
     """
 
     def __init__(self, window: int = 50, min_samples: int = 3) -> None:
-        self._observed: dict[str, deque[float]] = {}
-        self._recorded: dict[str, list[float]] = {}
+        self._observed: dict[str, deque[RunBounds]] = {}
+        self._recorded: dict[str, list[RunBounds]] = {}
         self._window = window
         self._min_samples = min_samples
         self._lock = threading.Lock()
@@ -181,35 +189,51 @@ class RunDurationEstimator:
         self._running: dict[str, tuple[str | None, float]] = {}
 
     def record(self, resolution: str | None, seconds: float) -> None:
+        self.record_between(resolution, seconds, seconds)
+
+    def record_between(self, resolution: str | None, low: float, high: float) -> None:
+        """A run that lasted between `low` and `high` seconds."""
         key = resolution or "?"
+        bounds = (max(min(low, high), 1e-3), max(low, high, 1e-3))
         with self._lock:
-            self._observed.setdefault(key, deque(maxlen=self._window)).append(seconds)
-            self._recorded.setdefault(key, []).append(seconds)
+            self._observed.setdefault(key, deque(maxlen=self._window)).append(bounds)
+            self._recorded.setdefault(key, []).append(bounds)
             self._fitted.pop(key, None)
 
-    def seed(self, run_seconds: Mapping[str, Sequence[float]], time_scale: float = 1.0) -> None:
+    def seed(
+        self, run_seconds: Mapping[str, Sequence[float | Sequence[float]]], time_scale: float = 1.0
+    ) -> None:
         """Learn from run times earlier runs observed, per resolution, oldest first.
 
-        They are in the model's seconds (`time_scale` shrinks them for an emulator,
-        as `PollingPolicy.time_scale` does). They count as this estimator's own
+        A run is its seconds, or its [low, high] bounds. They are in the model's
+        seconds (`time_scale` shrinks them for an emulator, as
+        `PollingPolicy.time_scale` does). They count as this estimator's own
         observations (the newest `window` of them), and this run's runs push them
         out as they come; `recorded` leaves them out, so saving it never stores a
         sample twice.
         """
         with self._lock:
             for resolution, samples in run_seconds.items():
-                older = [run * time_scale for run in samples if run > 0]
+                older = [
+                    (low * time_scale, high * time_scale)
+                    for low, high in map(_as_bounds, samples)
+                    if 0 < low <= high
+                ]
                 newer = list(self._observed.get(resolution, ()))
                 self._observed[resolution] = deque([*older, *newer], maxlen=self._window)
                 self._fitted.pop(resolution, None)
 
-    def recorded(self, time_scale: float = 1.0) -> dict[str, list[float]]:
+    def recorded(self, time_scale: float = 1.0) -> dict[str, list[float | list[float]]]:
         """The run times this estimator observed itself (not seeded), per resolution,
-        in the model's seconds (divided by `time_scale`)."""
+        in the model's seconds (divided by `time_scale`): a run known exactly as its
+        seconds, one known within bounds as [low, high]."""
         scale = time_scale or 1.0
         with self._lock:
             return {
-                resolution: [run / scale for run in runs]
+                resolution: [
+                    low / scale if low == high else [low / scale, high / scale]
+                    for low, high in runs
+                ]
                 for resolution, runs in self._recorded.items()
             }
 
@@ -225,8 +249,7 @@ class RunDurationEstimator:
             observed = list(self._observed.get(key, ()))
         if fitted is not None or len(observed) < self._min_samples:
             return fitted
-        logs = [math.log(max(run, 1e-9)) for run in observed]
-        normal = NormalDist(statistics.fmean(logs), max(statistics.stdev(logs), 1e-6))
+        normal = _fit_log_normal(observed)
         fitted = [math.exp(normal.inv_cdf((i + 0.5) / _PRIOR_POINTS)) for i in range(_PRIOR_POINTS)]
         with self._lock:
             self._fitted[key] = fitted
@@ -289,6 +312,49 @@ class RunDurationEstimator:
             mean_run = sum(sum(runs) / len(runs) for _, runs in jobs) / count
             expected += (position - count) * mean_run / count
         return earliest - now, expected - now
+
+
+def _as_bounds(sample: float | Sequence[float]) -> RunBounds:
+    if isinstance(sample, (int, float)):
+        return float(sample), float(sample)
+    low, high = sample
+    return float(low), float(high)
+
+
+_EM_ROUNDS = 30
+
+
+def _fit_log_normal(runs: Sequence[RunBounds]) -> NormalDist:
+    """The normal law of log run seconds that best explains runs known exactly or
+    within bounds: expectation-maximisation over the bounded ones (each stands for
+    its expected log, and spread, under the current fit), from their midpoints."""
+    bounds = [(math.log(low), math.log(high)) for low, high in runs]
+    logs = [(low + high) / 2 for low, high in bounds]
+    mu, sigma = statistics.fmean(logs), max(statistics.pstdev(logs), 1e-6)
+    if all(low == high for low, high in bounds):
+        return NormalDist(mu, max(statistics.stdev(logs), 1e-6))
+    standard = NormalDist()
+    for _ in range(_EM_ROUNDS):
+        first = second = 0.0
+        for low, high in bounds:
+            if high - low < 1e-9:
+                first, second = first + low, second + low * low
+                continue
+            a, b = (low - mu) / sigma, (high - mu) / sigma
+            mass = standard.cdf(b) - standard.cdf(a)
+            if mass < 1e-12:  # bounds far out in the fit's tail: take them at their middle
+                middle = (low + high) / 2
+                first, second = first + middle, second + middle * middle
+                continue
+            pdf_a, pdf_b = standard.pdf(a), standard.pdf(b)
+            shift = (pdf_a - pdf_b) / mass
+            mean = mu + sigma * shift
+            variance = sigma**2 * (1 + (a * pdf_a - b * pdf_b) / mass - shift**2)
+            first, second = first + mean, second + variance + mean * mean
+        mu = first / len(bounds)
+        sigma = max(math.sqrt(max(second / len(bounds) - mu * mu, 0.0)), 1e-6)
+    # The sample's n-1 correction, as for runs known exactly.
+    return NormalDist(mu, sigma * math.sqrt(len(bounds) / max(len(bounds) - 1, 1)))
 
 
 def _when_ended(

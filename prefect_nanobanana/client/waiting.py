@@ -155,9 +155,9 @@ class WaitTracker:
     def finish(self, result: RequestResult) -> RequestResult:
         self._estimator.job_ended(self.request_id)
         if result.status == "completed":
-            run_seconds = self._run_seconds(result, self._clock())
-            if run_seconds is not None:
-                self._estimator.record(self._resolution, run_seconds)
+            run_bounds = self._run_seconds(result, self._clock())
+            if run_bounds is not None:
+                self._estimator.record_between(self._resolution, *run_bounds)
             return result
         if result.status == "cancelled":
             raise JobCancelledError(
@@ -170,28 +170,36 @@ class WaitTracker:
             detail=result.error,
         )
 
-    def _run_seconds(self, result: RequestResult, now: float) -> float | None:
-        """How long the completed job ran, or None when we know it too vaguely to learn from.
+    def _run_seconds(self, result: RequestResult, now: float) -> tuple[float, float] | None:
+        """How long the completed job ran, as (low, high) seconds; equal when known well.
 
-        The server's own timestamps (observed, not documented) give the time from
-        submit to end exactly; our estimate of the queue wait is subtracted. Without
-        them, the end lies between the last poll that saw the job run and now.
+        The job started after the last poll that saw it queued and by the first that
+        saw it run. The server's own timestamps (observed, not documented) give the
+        time from submit to end exactly; without them, the end lies between the last
+        poll that saw the job run and now. Within a few dense polls the middle is
+        taken as exact; a wider gap (a queued job that slept through its start)
+        gives bounds, which the estimator learns as such.
         """
         if self._start_after is None or self._start_seen is None:
             return None
         scale = self._policy.time_scale
         dense = self._policy.dense_interval * scale
-        if self._start_seen - self._start_after > 2 * dense:
-            return None  # it started somewhere in a long gap between polls
-        started = (self._start_after + self._start_seen) / 2
+        last_running = self._start_seen if self._last_running_at is None else self._last_running_at
+        end_low, end_high = last_running, now
         if result.created_at is not None and result.finished_at is not None:
             total = (result.finished_at - result.created_at).total_seconds()
             # A wait that began long after the submit cannot tell the queue wait before it.
             if total <= now - self._submitted + self._policy.initial_interval * scale:
-                return total - (started - self._submitted)
-        if self._last_running_at is None or now - self._last_running_at > 1.5 * dense:
-            return None  # it ended during the quiet window: only an upper bound is known
-        return (self._last_running_at + now) / 2 - started
+                end_low = end_high = self._submitted + total
+        low, high = end_low - self._start_seen, end_high - self._start_after
+        if high <= 0:
+            return None
+        start_gap = self._start_seen - self._start_after
+        end_gap = end_high - end_low
+        if start_gap <= 2 * dense and end_gap <= 1.5 * dense:
+            middle = (end_low + end_high) / 2 - (self._start_after + self._start_seen) / 2
+            return middle, middle
+        return max(low, 0.0), high
 
     @property
     def elapsed(self) -> float:
