@@ -128,6 +128,7 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
+    from prefect_nanobanana.client import BudgetExceededError
     from prefect_nanobanana.flows import batch_edit
     from prefect_nanobanana.flows.batch import chunks
 
@@ -161,8 +162,26 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
         "concurrency_limit_name": limit,
     }
     submits_before = stack.emulator.stats.submits_accepted
+    planned = await batch_edit(**options, dry_run=True)
+    assert planned.estimated_cost
+    # A budget under the whole batch's estimate is refused before any chunk starts.
+    with pytest.raises(BudgetExceededError, match="over the budget"):
+        await batch_edit(
+            **options,
+            chunk_size=4,
+            chunk_deployment=CHUNK,
+            max_cost_usd=planned.estimated_cost / 2,
+        )
+    assert stack.emulator.stats.submits_accepted == submits_before
+    budget = planned.estimated_cost * 1.5
 
-    state = await batch_edit(**options, chunk_size=4, chunk_deployment=CHUNK, return_state=True)
+    state = await batch_edit(
+        **options,
+        chunk_size=4,
+        chunk_deployment=CHUNK,
+        max_cost_usd=budget,
+        return_state=True,
+    )
 
     assert state.is_completed(), (state, stack.log_tail())
     result = await state.aresult()
@@ -187,6 +206,10 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     assert len(children) == 3
     assert all(child.state and child.state.is_completed() for child in children)
     assert sorted(len(child.parameters["jobs"]) for child in children) == [2, 4, 4]
+    # The budget is shared out by the chunks' estimates (the rows are alike: by rows).
+    shares = {len(child.parameters["jobs"]): child.parameters["max_cost_usd"] for child in children}
+    assert sum(child.parameters["max_cost_usd"] for child in children) == pytest.approx(budget)
+    assert shares[4] == pytest.approx(2 * shares[2]) and shares[2] == pytest.approx(budget / 5)
     workers = {child.labels["prefect.worker.name"] for child in children}
     assert workers == set(WORKERS), [(c.name, c.labels, c.infrastructure_pid) for c in children]
     assert len({child.infrastructure_pid for child in children}) == 3
@@ -215,6 +238,28 @@ def test_chunk_rows_come_back_in_the_parents_numbering(tmp_path: Path) -> None:
     ]
     assert rows[1].error == "chunk 2 ended Crashed"
     assert rows[1].sources == ["https://x/b.png"]
+
+
+def test_a_budget_is_shared_out_by_the_chunks_estimates() -> None:
+    from prefect_nanobanana.client.pricing import CostEstimate
+    from prefect_nanobanana.flows.batch.chunks import chunk_budgets
+    from prefect_nanobanana.flows.batch.models import BatchJob, _RowPlan
+
+    def plan(row: int, cost: float | None, error: str | None = None) -> _RowPlan:
+        job = BatchJob(prompt="p", images=["a.png"])
+        return _RowPlan(row=row, job=job, options={}, estimated_cost=cost, error=error)
+
+    # Chunks of two: 0.30, then 0.30 (its second row pays nothing: invalid), then 0.15.
+    plans = [plan(1, 0.15), plan(2, 0.15), plan(3, 0.30), plan(4, None, "bad"), plan(5, 0.15)]
+    estimate = CostEstimate(base_price_usd=0.15, rows_to_pay=4, images=4, estimate_usd=0.75)
+    shares = chunk_budgets(plans, 2, 1.0, estimate)
+    assert shares == [pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.2)]
+    # Exactly the estimate: every chunk gets its own estimate, no more.
+    assert chunk_budgets(plans, 2, 0.75, estimate) == [
+        pytest.approx(0.3),
+        pytest.approx(0.3),
+        pytest.approx(0.15),
+    ]
 
 
 async def test_chunk_options_go_together(stack: Stack) -> None:

@@ -5,7 +5,8 @@ A fixed interval either floods the API (0.1 s) or notices a finished job late
 
 * Running: stay quiet while the job is unlikely to be done (the quiet window,
   from the reported run times or learned from the batch's finished jobs), then
-  poll at a short, fixed interval.
+  poll densely: about every 1.5 s, calmer where few runs end and denser where
+  most do (the run-time law's hazard).
 * Queued while jobs of our own batch run: a job at queue position p starts when
   p of them have ended (FIFO). The shared estimator knows when they started and
   how long runs take, so the wait sleeps until about when that happens, never past
@@ -39,15 +40,34 @@ _PRIOR_POINTS = 40  # the prior distribution as this many evenly spaced quantile
 _Z95 = NormalDist().inv_cdf(0.95)
 
 
-def _lognormal_quantiles(mean: float, p95: float, points: int = _PRIOR_POINTS) -> list[float]:
-    """Evenly spaced quantiles of the lognormal with this mean and 95th percentile.
+def _lognormal_law(mean: float, p95: float) -> NormalDist:
+    """The law of log run seconds for the lognormal with this mean and 95th percentile.
 
     Solving mean = exp(mu + sigma²/2) and p95 = exp(mu + z95·sigma) for sigma gives
     the smaller root of a quadratic.
     """
     sigma = _Z95 - math.sqrt(max(0.0, _Z95**2 - 2 * math.log(p95 / mean)))
-    normal = NormalDist(math.log(mean) - sigma**2 / 2, sigma)
-    return [math.exp(normal.inv_cdf((i + 0.5) / points)) for i in range(points)]
+    return NormalDist(math.log(mean) - sigma**2 / 2, sigma)
+
+
+def _quantiles(law: NormalDist, points: int = _PRIOR_POINTS) -> list[float]:
+    """Evenly spaced quantiles, in seconds, of the run length whose log follows `law`."""
+    return [math.exp(law.inv_cdf((i + 0.5) / points)) for i in range(points)]
+
+
+def _lognormal_quantiles(mean: float, p95: float, points: int = _PRIOR_POINTS) -> list[float]:
+    """Evenly spaced quantiles of the lognormal with this mean and 95th percentile."""
+    return _quantiles(_lognormal_law(mean, p95), points)
+
+
+_STANDARD = NormalDist()
+
+
+def _hazard(law: NormalDist, seconds: float) -> float:
+    """How likely a run that has lasted `seconds` is to end in the next one: f / S."""
+    z = (math.log(max(seconds, 1e-9)) - law.mean) / law.stdev
+    survival = max(1.0 - _STANDARD.cdf(z), 1e-12)
+    return max(_STANDARD.pdf(z) / (law.stdev * max(seconds, 1e-9) * survival), 1e-12)
 
 
 def _quiet_window(runs: Sequence[float], budget: float, uncertainty: float = 0.0) -> float:
@@ -94,7 +114,9 @@ class PollingPolicy:
     the real model (the client reads it from RUNCOMFY_POLL_TIME_SCALE).
     `overshoot_budget` is the mean lag a learned quiet window may add.
     A queued job sleeps `queue_sleep_fraction` of its predicted queue wait, and
-    never less than `max_interval`.
+    never less than `max_interval`. After the quiet window a running job is polled
+    about every `dense_interval`, and within `dense_range` (never calmer than a
+    fixed 2 s poll; see `RunDurationEstimator.dense_interval`).
     """
 
     initial_interval: float = 0.25
@@ -110,18 +132,24 @@ class PollingPolicy:
     )
     overshoot_budget: float = DEFAULT_OVERSHOOT_BUDGET
     queue_sleep_fraction: float = 0.9
+    dense_range: tuple[float, float] = (1.2, 2.0)
 
     def prior_earliest_run(self, resolution: str | None) -> float | None:
         if resolution not in self.earliest_run_seconds:
             return None
         return self.earliest_run_seconds[resolution] * self.time_scale
 
-    def prior_runs(self, resolution: str | None) -> list[float] | None:
-        """The prior distribution of a run's length, as sorted quantiles."""
+    def prior_law(self, resolution: str | None) -> NormalDist | None:
+        """The prior law of a run's log seconds (on this policy's clock)."""
         if resolution not in self.reported_run_seconds:
             return None
-        mean, p95 = self.reported_run_seconds[resolution]
-        return [run * self.time_scale for run in _lognormal_quantiles(mean, p95)]
+        law = _lognormal_law(*self.reported_run_seconds[resolution])
+        return NormalDist(law.mean + math.log(self.time_scale), law.stdev)
+
+    def prior_runs(self, resolution: str | None) -> list[float] | None:
+        """The prior distribution of a run's length, as sorted quantiles."""
+        law = self.prior_law(resolution)
+        return None if law is None else _quantiles(law)
 
 
 @dataclass(frozen=True)
@@ -142,6 +170,7 @@ class PollState:
     earliest_run_seconds: float | None = None
     queue_earliest_start: float | None = None
     queue_expected_start: float | None = None
+    dense_seconds: float | None = None
 
 
 def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
@@ -150,7 +179,7 @@ def next_poll_delay(state: PollState, policy: PollingPolicy) -> float:
     longest = policy.max_interval * scale
     if state.status == "in_progress" and state.earliest_run_seconds is not None:
         quiet_left = state.earliest_run_seconds - state.seconds_in_status
-        return max(quiet_left, policy.dense_interval * scale)
+        return max(quiet_left, state.dense_seconds or policy.dense_interval * scale)
     if state.status == "in_queue" and state.queue_expected_start is not None:
         earliest = state.queue_earliest_start or 0.0
         delay = max(longest, earliest, policy.queue_sleep_fraction * state.queue_expected_start)
@@ -184,7 +213,7 @@ class RunDurationEstimator:
         self._window = window
         self._min_samples = min_samples
         self._lock = threading.Lock()
-        self._fitted: dict[str, list[float]] = {}
+        self._fitted: dict[str, tuple[NormalDist, list[float]]] = {}
         # request id -> (resolution, the moment it started at the earliest)
         self._running: dict[str, tuple[str | None, float]] = {}
 
@@ -237,8 +266,9 @@ class RunDurationEstimator:
                 for resolution, runs in self._recorded.items()
             }
 
-    def _learned(self, resolution: str | None) -> list[float] | None:
-        """The batch's run-time distribution as quantiles, once it has enough samples.
+    def _law(self, resolution: str | None) -> tuple[NormalDist, list[float]] | None:
+        """The batch's run-time law (of log seconds) and its quantiles, once it has
+        enough samples.
 
         A lognormal fitted to the samples, not the samples themselves: a few dozen
         runs rarely show the short tail that decides how late a quiet window is.
@@ -249,11 +279,45 @@ class RunDurationEstimator:
             observed = list(self._observed.get(key, ()))
         if fitted is not None or len(observed) < self._min_samples:
             return fitted
-        normal = _fit_log_normal(observed)
-        fitted = [math.exp(normal.inv_cdf((i + 0.5) / _PRIOR_POINTS)) for i in range(_PRIOR_POINTS)]
+        law = _fit_log_normal(observed)
+        fitted = (law, _quantiles(law))
         with self._lock:
             self._fitted[key] = fitted
         return fitted
+
+    def _learned(self, resolution: str | None) -> list[float] | None:
+        """The batch's run-time distribution as sorted quantiles, once it has enough samples."""
+        fitted = self._law(resolution)
+        return None if fitted is None else fitted[1]
+
+    def dense_interval(
+        self,
+        resolution: str | None,
+        policy: PollingPolicy,
+        running_for: float,
+        quiet: float,
+        uncertainty: float = 0.0,
+    ) -> float:
+        """The poll interval after the quiet window, for a job running `running_for` s.
+
+        Polls are spent where runs end: the interval goes as 1/sqrt(hazard) (the
+        fewest polls for a given mean lag), scaled so that the runs that end after
+        the quiet window are noticed as late as with `dense_interval` on average,
+        and kept within `dense_range`. A job whose start is known only
+        within ±`uncertainty` > `dense_interval` (it slept through it in the queue)
+        is polled at `dense_interval`: where it is in its law is not known well
+        enough to follow the hazard.
+        """
+        dense = policy.dense_interval * policy.time_scale
+        fitted = self._law(resolution)
+        law = fitted[0] if fitted is not None else policy.prior_law(resolution)
+        if law is None or uncertainty > dense:
+            return dense
+        ends = [run for run in _quantiles(law) if run > quiet] or _quantiles(law)
+        mean_spacing = statistics.fmean(1 / math.sqrt(_hazard(law, run)) for run in ends)
+        spacing = dense / math.sqrt(_hazard(law, running_for)) / mean_spacing
+        shortest, longest = (bound * policy.time_scale for bound in policy.dense_range)
+        return min(max(spacing, shortest), longest)
 
     def earliest_run(
         self, resolution: str | None, policy: PollingPolicy, uncertainty: float = 0.0

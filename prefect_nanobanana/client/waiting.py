@@ -138,6 +138,11 @@ class WaitTracker:
             queue_position=status.queue_position,
             earliest_run_seconds=quiet,
             queue_earliest_start=None if queue is None else queue[0],
+            dense_seconds=None
+            if status.status != "in_progress" or quiet is None
+            else self._estimator.dense_interval(
+                self._resolution, self._policy, now - since, quiet, uncertainty
+            ),
             queue_expected_start=None if queue is None else queue[1],
         )
 

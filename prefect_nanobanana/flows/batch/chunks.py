@@ -14,13 +14,14 @@ from prefect.logging import get_run_logger
 from ...blocks.credentials import (
     RunComfyCredentials,
 )
+from ...client.pricing import CostEstimate
 from ...storage import (
     redact_text,
     strip_signature,
 )
 from ...storage.backends import open_object
 from ...tasks.storage import resolve_location
-from .models import BatchJob, BatchRowResult
+from .models import BatchJob, BatchRowResult, _RowPlan
 from .report import ROW_PROGRESS
 
 # How often the parent of a chunked batch asks the server whether a chunk's run ended.
@@ -42,6 +43,34 @@ def _credentials_parameter(credentials: RunComfyCredentials | str) -> str:
             "RunComfyCredentials block (or its name), not an unsaved one"
         )
     return name
+
+
+def chunk_budgets(
+    plans: list[_RowPlan], chunk_size: int, max_cost_usd: float, estimate: CostEstimate | None
+) -> list[float]:
+    """Each chunk's share of `max_cost_usd`: its own estimate, plus the budget's slack
+    over the whole estimate in proportion to it.
+
+    The chunks run at once, on several machines, with no budget they could share
+    as they spend; so each gets a fixed part, the parts add up to the budget, and
+    every chunk's estimate fits its part. A chunk cannot spend another's unused part.
+    """
+    starts = range(0, len(plans), chunk_size)
+    estimates = [
+        sum(
+            plan.estimated_cost or 0.0
+            for plan in plans[start : start + chunk_size]
+            if plan.needs_paid_submit
+        )
+        for start in starts
+    ]
+    total = sum(estimates)
+    # The estimate was checked against the budget already; no estimate means no price
+    # was found, and a budget then refuses before this.
+    slack = max(0.0, max_cost_usd - (estimate.estimate_usd if estimate else total))
+    if total <= 0:
+        return [max_cost_usd / len(estimates)] * len(estimates)
+    return [part + slack * part / total for part in estimates]
 
 
 def _read_chunk_rows(location: str, aws_credentials: str | None) -> list[BatchRowResult]:
@@ -80,8 +109,11 @@ async def _run_in_chunks(
     options: dict[str, Any],
     results_location: str,
     aws_credentials: str | None,
+    budgets: list[float] | None = None,
 ) -> list[BatchRowResult]:
     """Run the rows as concurrent child runs of `chunk_deployment`; their rows, renumbered.
+
+    `budgets` gives each chunk its `max_cost_usd` (see `chunk_budgets`).
 
     A child returns its rows through its results manifest, written next to the
     parent's, rather than through Prefect's result storage: the manifest is written
@@ -115,6 +147,7 @@ async def _run_in_chunks(
                 "results_uri": location,
                 "chunk_size": None,
                 "chunk_deployment": None,
+                "max_cost_usd": None if budgets is None else budgets[index - 1],
             },
             flow_run_name=f"{parent}-chunk-{index}-of-{len(starts)}",
             poll_interval=CHUNK_POLL_SECONDS,

@@ -68,7 +68,7 @@ from ...storage import (
 from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
 from ..cancelling import CancellingWatch, direct_flow_run_id
-from .chunks import _credentials_parameter, _run_in_chunks
+from .chunks import _credentials_parameter, _run_in_chunks, chunk_budgets
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
 from .models import (
@@ -147,7 +147,9 @@ async def batch_edit(
             pay over it (or a price lookup that fails) raises `BudgetExceededError`;
             during the run, a row is submitted only while the billed cost so far plus
             the estimates in flight plus its own estimate stay within it, and the
-            rows held back end `over_budget`.
+            rows held back end `over_budget`. A chunked batch checks the whole
+            estimate before starting any chunk, then gives each chunk a share of
+            the budget in proportion to its estimate.
         dry_run: Validate every row and estimate the cost, submit nothing; returns a
             `BatchDryRun` (rows to pay, rows done, the estimate).
         resolution_factors: Multipliers of the listed price per resolution for the
@@ -160,12 +162,24 @@ async def batch_edit(
     if jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
     chunked = chunk_size is not None and len(jobs) > chunk_size and not dry_run
-    if chunked and max_cost_usd is not None:
-        raise ValueError(
-            "max_cost_usd does not span chunks yet (each child would get the whole budget); "
-            "run without chunk_size, or budget each chunk's run yourself"
-        )
+    defaults = {
+        "aspect_ratio": aspect_ratio,
+        "resolution": resolution,
+        "output_format": output_format,
+        "num_images": num_images,
+    }
     if chunked and chunk_size is not None and chunk_deployment is not None:
+        budgets = None
+        if max_cost_usd is not None:
+            plans = await aplan_batch(
+                jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run=True
+            )
+            resolved = await aresolve_credentials(credentials)
+            async with resolved.get_async_client() as client:
+                estimate = await _estimate_before_paying(
+                    client, plans, max_cost_usd, resolution_factors
+                )
+            budgets = chunk_budgets(plans, chunk_size, max_cost_usd, estimate)
         options = {
             "archive_uri": archive_uri,
             "staging_uri": staging_uri,
@@ -180,22 +194,17 @@ async def batch_edit(
             "aws_credentials": aws_credentials,
             "timeout_seconds": timeout_seconds,
             "preview_rows": preview_rows,
+            "resolution_factors": resolution_factors,
         }
         # Made here, once: children starting together would race to create it.
         await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
         results_location = _results_location(archive_uri, results_uri)
         rows = await _run_in_chunks(
-            jobs, chunk_size, chunk_deployment, options, results_location, aws_credentials
+            jobs, chunk_size, chunk_deployment, options, results_location, aws_credentials, budgets
         )
         return await _finish_batch(
             rows, results_location, allow_partial, aws_credentials, archive_uri, preview_rows
         )
-    defaults = {
-        "aspect_ratio": aspect_ratio,
-        "resolution": resolution,
-        "output_format": output_format,
-        "num_images": num_images,
-    }
     plans = await aplan_batch(jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run)
     archive = resolve_location(archive_uri, aws_credentials)
     location, s3_client = archive
