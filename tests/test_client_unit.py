@@ -359,8 +359,11 @@ def test_bounds_centre_the_fit_where_the_runs_lie():
 
     from prefect_nanobanana.client.polling import _fit_log_normal
 
-    fitted = _fit_log_normal([(9.0, 11.0)] * 30)
+    fitted = _fit_log_normal([(10.0, 10.0), (10.0, 10.0), (10.0, 10.0)] + [(9.0, 11.0)] * 30)
     assert math.exp(fitted.mean) == pytest.approx(10.0, rel=0.02)
+    # Bounds alone that share a moment do not collapse the spread to nothing.
+    vague = _fit_log_normal([(25.0, 35.0)] * 20)
+    assert math.exp(vague.mean) == pytest.approx(29.6, rel=0.02) and vague.stdev > 0.08
     # Runs known exactly keep the plain sample fit (mean and stdev of the logs).
     exact = _fit_log_normal([(10.0, 10.0), (20.0, 20.0)])
     assert exact.mean == pytest.approx((math.log(10) + math.log(20)) / 2)

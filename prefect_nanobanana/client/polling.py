@@ -386,17 +386,30 @@ def _as_bounds(sample: float | Sequence[float]) -> RunBounds:
 
 
 _EM_ROUNDS = 30
+_EM_MIN_EXACT = 3
 
 
 def _fit_log_normal(runs: Sequence[RunBounds]) -> NormalDist:
     """The normal law of log run seconds that best explains runs known exactly or
     within bounds: expectation-maximisation over the bounded ones (each stands for
-    its expected log, and spread, under the current fit), from their midpoints."""
+    its expected log, and spread, under the current fit).
+
+    Bounded runs alone cannot anchor the spread (bounds that share a moment are
+    best explained by no spread at all), so with fewer than `_EM_MIN_EXACT` exact
+    runs each bounded one counts as spread evenly over its bounds instead.
+    """
     bounds = [(math.log(low), math.log(high)) for low, high in runs]
-    logs = [(low + high) / 2 for low, high in bounds]
-    mu, sigma = statistics.fmean(logs), max(statistics.pstdev(logs), 1e-6)
-    if all(low == high for low, high in bounds):
-        return NormalDist(mu, max(statistics.stdev(logs), 1e-6))
+    middles = [(low + high) / 2 for low, high in bounds]
+    correction = math.sqrt(len(bounds) / max(len(bounds) - 1, 1))  # the sample's n-1
+    exact = sum(low == high for low, high in bounds)
+    if exact == len(bounds):
+        return NormalDist(statistics.fmean(middles), max(statistics.stdev(middles), 1e-6))
+    mu = statistics.fmean(middles)
+    spread = statistics.pvariance(middles)
+    spread += statistics.fmean((high - low) ** 2 / 12 for low, high in bounds)
+    sigma = max(math.sqrt(spread), 1e-6)
+    if exact < _EM_MIN_EXACT:
+        return NormalDist(mu, sigma * correction)
     standard = NormalDist()
     for _ in range(_EM_ROUNDS):
         first = second = 0.0
@@ -417,8 +430,7 @@ def _fit_log_normal(runs: Sequence[RunBounds]) -> NormalDist:
             first, second = first + mean, second + variance + mean * mean
         mu = first / len(bounds)
         sigma = max(math.sqrt(max(second / len(bounds) - mu * mu, 0.0)), 1e-6)
-    # The sample's n-1 correction, as for runs known exactly.
-    return NormalDist(mu, sigma * math.sqrt(len(bounds) / max(len(bounds) - 1, 1)))
+    return NormalDist(mu, sigma * correction)
 
 
 def _when_ended(

@@ -59,15 +59,7 @@ class RunTimeHistory:
 
     def load(self, model_id: str) -> dict[str, list[Run]]:
         """The runs saved for `model_id`, per resolution, oldest first."""
-        models = self._document().get("models")
-        saved = models.get(model_id) if isinstance(models, dict) else None
-        if not isinstance(saved, dict):
-            return {}
-        return {
-            str(resolution): [run for run in map(_valid_run, runs) if run is not None]
-            for resolution, runs in saved.items()
-            if isinstance(runs, list)
-        }
+        return _runs_of(self._document(), model_id)
 
     def save(self, model_id: str, observed: Mapping[str, Sequence[Run]]) -> None:
         """Add this run's run seconds to what is saved; keep the newest `keep` per resolution."""
@@ -76,7 +68,7 @@ class RunTimeHistory:
             return
         document = self._document()
         models = document.get("models") if isinstance(document.get("models"), dict) else {}
-        merged = self.load(model_id)
+        merged = _runs_of(document, model_id)
         for resolution, runs in new.items():
             merged[resolution] = [*merged.get(resolution, []), *runs][-self.keep :]
         models[model_id] = {
@@ -90,6 +82,18 @@ class RunTimeHistory:
         self.backend.write_bytes(
             RUN_TIMES_KEY, json.dumps(body, indent=2).encode(), "application/json"
         )
+
+
+def _runs_of(document: dict[str, Any], model_id: str) -> dict[str, list[Run]]:
+    models = document.get("models")
+    saved = models.get(model_id) if isinstance(models, dict) else None
+    if not isinstance(saved, dict):
+        return {}
+    return {
+        str(resolution): [run for run in map(_valid_run, runs) if run is not None]
+        for resolution, runs in saved.items()
+        if isinstance(runs, list)
+    }
 
 
 def _valid_run(run: Any) -> Run | None:
