@@ -310,10 +310,12 @@ class RunDurationEstimator:
         """
         dense = policy.dense_interval * policy.time_scale
         fitted = self._law(resolution)
-        law = fitted[0] if fitted is not None else policy.prior_law(resolution)
-        if law is None or uncertainty > dense:
+        if fitted is None and (prior := policy.prior_law(resolution)) is not None:
+            fitted = prior, _quantiles(prior)
+        if fitted is None or uncertainty > dense:
             return dense
-        ends = [run for run in _quantiles(law) if run > quiet] or _quantiles(law)
+        law, runs = fitted
+        ends = [run for run in runs if run > quiet] or runs
         mean_spacing = statistics.fmean(1 / math.sqrt(_hazard(law, run)) for run in ends)
         spacing = dense / math.sqrt(_hazard(law, running_for)) / mean_spacing
         shortest, longest = (bound * policy.time_scale for bound in policy.dense_range)

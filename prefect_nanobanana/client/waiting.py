@@ -185,12 +185,11 @@ class WaitTracker:
         taken as exact; a wider gap (a queued job that slept through its start)
         gives bounds, which the estimator learns as such.
         """
-        if self._start_after is None or self._start_seen is None:
+        if self._start_after is None or self._start_seen is None or self._last_running_at is None:
             return None
         scale = self._policy.time_scale
         dense = self._policy.dense_interval * scale
-        last_running = self._start_seen if self._last_running_at is None else self._last_running_at
-        end_low, end_high = last_running, now
+        end_low, end_high = self._last_running_at, now
         if result.created_at is not None and result.finished_at is not None:
             total = (result.finished_at - result.created_at).total_seconds()
             # A wait that began long after the submit cannot tell the queue wait before it.
