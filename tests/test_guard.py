@@ -302,6 +302,89 @@ async def test_archiving_from_the_version_a_row_wrote_reads_nothing(emulator, im
     assert store.read("job-known").entry.status == "archived"
 
 
+class _WriteCountingStore(_CountingStore):
+    """Memory records that count reads and writes, as an S3 ledger would bill them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def create(self, entry):
+        self.writes += 1
+        return super().create(entry)
+
+    def replace(self, entry, version):
+        self.writes += 1
+        return super().replace(entry, version)
+
+
+async def test_archiving_claimed_with_the_request_id_costs_no_write_and_holds_off_adopters(
+    emulator, image_server
+):
+    """`hold_archiving`: the request id's write claims the archiving too, so the row's
+    archiving takes three writes in all (claim, id, done) and no read; another run that
+    adopts the request meanwhile waits for that archive instead of making its own; and
+    a claim released unused (the wait failed) lets the next caller archive at once."""
+    from prefect_nanobanana.tasks.guard import (
+        _LIVE_CLAIMS,
+        archive_claim,
+        mark_archived,
+        release_archiving,
+    )
+
+    store = _WriteCountingStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        held = await submit_once(
+            "job-held", store, client, _edit(image_server), known=None, hold_archiving=True
+        )
+        adopted = await submit_once("job-held", store, client, _edit(image_server))
+        released = await submit_once(
+            "job-released", store, client, _edit(image_server), known=None, hold_archiving=True
+        )
+    assert adopted.request_id == held.request_id and emulator.stats.submits_accepted == 2
+    assert held.archiving_token in _LIVE_CLAIMS
+    assert held.record.entry.archiver.token == held.archiving_token
+    assert "archiving_token" not in held.model_dump()
+    writes_before = store.writes
+
+    adopter_turns = []
+
+    async def adopter_archives() -> None:
+        async with archive_claim(store, "job-held", known=adopted.record) as turn:
+            adopter_turns.append(turn)
+
+    adopting = asyncio.create_task(adopter_archives())
+    await asyncio.sleep(0.3)
+    assert not adopter_turns  # it waits: the submitter holds the archiving
+    async with archive_claim(
+        store, "job-held", known=held.record, held_token=held.archiving_token
+    ) as turn:
+        assert turn.elsewhere is None and not turn.started_before
+        assert store.writes == writes_before  # the turn took no write
+        await mark_archived(
+            store,
+            "job-held",
+            metadata_location="mine",
+            output_locations=["o"],
+            cost=0.1,
+            known=turn.claim,
+        )
+    await asyncio.wait_for(adopting, 10)
+    assert adopter_turns[0].elsewhere is not None
+    assert adopter_turns[0].elsewhere.metadata_location == "mine"
+    assert held.archiving_token not in _LIVE_CLAIMS
+    # One write since the submits: the done mark. The adopter only read.
+    assert store.writes == writes_before + 1
+
+    token = released.archiving_token
+    await release_archiving(store, released)
+    assert token not in _LIVE_CLAIMS and store.read("job-released").entry.archiver is None
+    async with archive_claim(store, "job-released") as turn:
+        assert turn.elsewhere is None and not turn.started_before
+
+
 async def test_a_stale_known_record_only_costs_a_read_and_keeps_archiving_once(
     emulator, image_server
 ):

@@ -695,12 +695,12 @@ async def test_a_batch_without_staging_sends_local_images_inline_and_never_pays_
     assert "inline:a.png sha256=" in text and "base64" not in text
 
 
-async def test_a_batch_row_on_s3_costs_seven_requests_and_is_staged_right_before_its_submit(
+async def test_a_batch_row_on_s3_costs_six_requests_and_is_staged_right_before_its_submit(
     emulator_factory, use_emulator, moto_server, s3_bucket, tmp_path, monkeypatch
 ):
     """A first run's row on S3: its input staged (one conditional PUT), the ledger's claim,
-    request id, archiving claim and done mark (conditional writes that never read the
-    record first), its output and metadata.json. The bucket is checked for the batch,
+    request id with the archiving claim, and done mark (conditional writes that never
+    read the record first), its output and metadata.json. The bucket is checked for the batch,
     not per row, and no row looks for an archive it cannot have. Planning uploads
     nothing: each row stages its input right before its submit, so later rows are
     staged while earlier ones are already paid for and running."""
@@ -751,7 +751,7 @@ async def test_a_batch_row_on_s3_costs_seven_requests_and_is_staged_right_before
         return sum(1 for sent_method, path in sent if sent_method == method and part in path)
 
     assert count("GET", "/_ledger/") == 0, sent
-    assert count("PUT", "/_ledger/") == 4 * rows
+    assert count("PUT", "/_ledger/") == 3 * rows
     assert count("PUT", "/staging/") == rows
     assert count("HEAD", "/staging/") == 0
     assert count("PUT", "/archive/20") == 2 * rows  # output and metadata.json, dated folders
@@ -766,7 +766,7 @@ async def test_a_batch_row_on_s3_costs_seven_requests_and_is_staged_right_before
         if "/_ledger/" not in path and "/staging/" not in path and "/archive/20" not in path
     ]
     assert len(batch_requests) <= 8, batch_requests
-    assert len(sent) == 7 * rows + len(batch_requests)
+    assert len(sent) == 6 * rows + len(batch_requests)
     assert len(submits_seen_when_staged) == rows
     assert submits_seen_when_staged[0] == 0
     assert max(submits_seen_when_staged) >= lanes, submits_seen_when_staged

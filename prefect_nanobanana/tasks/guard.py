@@ -25,8 +25,14 @@ A claim is alive while its owner is: the same process knows its claims in flight
 the same host asks whether the owner's pid runs, another host trusts a claim for
 `SUBMIT_CLAIM_SECONDS`. Once the id is recorded, archiving is claimed the same way
 (`archive_claim`), so every output is archived once even when two runs wait on
-one request. A request id the API issued is recorded even when the process is
-told to stop (SIGTERM) just after: pending records are written on the way out.
+one request. A caller that will archive what it submits (a batch row) claims the
+archiving in the same write as the request id (`hold_archiving`): on S3 that is a
+request a row fewer, and the cost is only that another host trusts that claim for
+`ARCHIVE_CLAIM_SECONDS` from the submit, not from the archiving's start, so after a
+long wait it may archive the same outputs too (archiving is idempotent).
+
+A request id the API issued is recorded even when the process is told to stop
+(SIGTERM) just after: pending records are written on the way out.
 
 **Job keys**, one scheme (`storage.job_key_for`): sha256 of the prompt, the sources
 (as the user gave them, signatures removed), the options, and a row id or scope.
@@ -86,10 +92,12 @@ __all__ = [
     "cancel_if_queued",
     "cancel_recorded_requests",
     "default_job_key",
+    "end_archiving_claim",
     "mark_archived",
     "mark_failed",
     "outcome_unknown",
     "recorded_request_ids",
+    "release_archiving",
     "submit_once",
     "submit_once_blocking",
     "withdraw_if_queued",
@@ -121,6 +129,13 @@ class SubmittedRequest(BaseModel):
     adopted: bool = Field(default=False, description="Another run submitted it; not paid here.")
     submitted_by: str | None = Field(
         default=None, description="The flow run that submitted it, when known."
+    )
+    archiving_token: str | None = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="The archiving claim written with the request id (`hold_archiving`), "
+        "live in this process until `archive_claim` or `release_archiving` ends it.",
     )
     record: VersionedEntry | None = Field(
         default=None,
@@ -375,6 +390,7 @@ async def submit_once(
     facts: Mapping[str, Any] | None = None,
     before_submit: Callable[[], Awaitable[None]] | None = None,
     known: VersionedEntry | object | None = Unread,
+    hold_archiving: bool = False,
 ) -> SubmittedRequest:
     """The request of `job_key`: the one its record names, else one paid `submit()`.
 
@@ -391,6 +407,9 @@ async def submit_once(
             (a budget check); raising there releases the claim, nothing is sent.
         known: The job's record as the caller just read it (a batch's plan), to
             save a read; the guard reads again whenever a write loses.
+        hold_archiving: The caller will archive what it submits: the request id's write
+            also claims the archiving (`SubmittedRequest.archiving_token`), which the
+            caller then ends with `archive_claim` or `release_archiving`.
 
     Raises:
         SubmitOutcomeUnknownError: A claim stopped mid-submit (now or earlier).
@@ -402,7 +421,9 @@ async def submit_once(
         claim, version = await _claim(job_key, store, me, known)
         if version is None:
             return claim  # type: ignore[return-value]  # a request held, not a claim
-        return await _submit_claimed(store, claim, version, client, edit, facts, before_submit)
+        return await _submit_claimed(
+            store, claim, version, client, edit, facts, before_submit, hold_archiving
+        )
     finally:
         _LIVE_CLAIMS.discard(me.token)
 
@@ -468,6 +489,7 @@ async def _submit_claimed(
     edit: NanoBananaEditInput | None,
     facts: Mapping[str, Any] | None,
     before_submit: Callable[[], Awaitable[None]] | None,
+    hold_archiving: bool = False,
 ) -> SubmittedRequest:
     _hook_sigterm()
     try:
@@ -494,9 +516,13 @@ async def _submit_claimed(
             await _replace(store, released, version)
         raise
     now = _now()
+    archiver = new_owner() if hold_archiving else None
+    if archiver is not None:
+        _LIVE_CLAIMS.add(archiver.token)
     recorded = claim.model_copy(
         update={
             "status": "submitted",
+            "archiver": archiver,
             "request_id": handle.request_id,
             "submitted_at": now,
             "updated_at": now,
@@ -523,7 +549,12 @@ async def _submit_claimed(
         if (recorded_version := await _record(store, recorded, version)) is None:
             raise RuntimeError("the claim was overwritten while submitting")
         submitted.record = VersionedEntry(recorded, recorded_version)
-    except Exception:
+        submitted.archiving_token = archiver.token if archiver is not None else None
+    except BaseException as error:
+        if archiver is not None:
+            _LIVE_CLAIMS.discard(archiver.token)
+        if not isinstance(error, Exception):
+            raise
         (run_logger_or_none() or observe.logger).warning(
             "Could not record RunComfy request %s for job %s; this run goes on with it, but "
             "a rerun after a crash will refuse to submit again until you check the request "
@@ -556,13 +587,27 @@ class ArchiveTurn(NamedTuple):
 
 
 async def _claim_archive(
-    store: RecordStore, job_key: str, me: ClaimOwner, known: VersionedEntry | None
+    store: RecordStore,
+    job_key: str,
+    me: ClaimOwner,
+    known: VersionedEntry | None,
+    held_token: str | None = None,
 ) -> ArchiveTurn:
     """This caller's turn (holding the archiving), or the record of whoever archived or does.
 
     `known` (the record as this caller last wrote it) saves the first read; a stale
-    one only makes the conditional write lose, and then the record is read.
+    one only makes the conditional write lose, and then the record is read. When
+    `known` is the caller's own id write that claimed the archiving (`held_token`),
+    the turn is its own without a write.
     """
+    if (
+        known is not None
+        and held_token is not None
+        and held_token in _LIVE_CLAIMS
+        and known.entry.archiver is not None
+        and known.entry.archiver.token == held_token
+    ):
+        return ArchiveTurn(None, known, started_before=False)
     versioned = known
     while True:
         if versioned is None:
@@ -573,8 +618,9 @@ async def _claim_archive(
         if entry.status == "archived":
             return ArchiveTurn(entry, None)
         if (
-            entry.status == "archiving"
+            entry.status in ("submitted", "archiving")
             and entry.archiver is not None
+            and entry.archiver.token != held_token
             and claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS)
         ):
             return ArchiveTurn(entry, None)
@@ -597,7 +643,9 @@ async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None
         entry = versioned.entry
         if entry.status == "archived":
             return entry
-        if entry.status != "archiving" or not claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS):
+        if entry.status not in ("submitted", "archiving") or not claim_alive(
+            entry.archiver, ARCHIVE_CLAIM_SECONDS
+        ):
             return None
         await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
         waits += 1
@@ -605,7 +653,10 @@ async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None
 
 @contextlib.asynccontextmanager
 async def archive_claim(
-    store: RecordStore, job_key: str, known: VersionedEntry | None = None
+    store: RecordStore,
+    job_key: str,
+    known: VersionedEntry | None = None,
+    held_token: str | None = None,
 ) -> AsyncIterator[ArchiveTurn]:
     """Hold the archiving of a finished request, so its outputs are archived once.
 
@@ -615,15 +666,18 @@ async def archive_claim(
     A run that died while archiving is taken over (archiving is idempotent: it costs
     nothing and writes only what is missing). `known` is the record as the caller
     last wrote it (`SubmittedRequest.record`): on S3 a read fewer per row.
+    `held_token` (`SubmittedRequest.archiving_token`): the archiving this caller
+    claimed with the request id, which ends with the block.
     """
     me = new_owner()
     _LIVE_CLAIMS.add(me.token)
+    held = held_token
     try:
         while True:
-            turn = await _claim_archive(store, job_key, me, known)
+            turn = await _claim_archive(store, job_key, me, known, held)
             if turn.elsewhere is None:
                 break
-            known = None
+            known, held = None, None
             archived_elsewhere = await _wait_archived(store, job_key)
             if archived_elsewhere is not None:
                 turn = ArchiveTurn(archived_elsewhere, None)
@@ -631,6 +685,30 @@ async def archive_claim(
         yield turn
     finally:
         _LIVE_CLAIMS.discard(me.token)
+        if held_token is not None:
+            _LIVE_CLAIMS.discard(held_token)
+
+
+def end_archiving_claim(submitted: SubmittedRequest) -> str | None:
+    """Stop holding, in this process, the archiving claimed with the request id; the
+    token it held, if any. Safe to call more than once, on any way out."""
+    token, submitted.archiving_token = submitted.archiving_token, None
+    if token is not None:
+        _LIVE_CLAIMS.discard(token)
+    return token
+
+
+async def release_archiving(store: RecordStore, submitted: SubmittedRequest) -> None:
+    """End the archiving claim the request id's write made, in the record too, when the
+    caller will not archive after all: so a run on another host need not wait for it.
+
+    A record written since (failed, withdrawn) is left as it is.
+    """
+    if end_archiving_claim(submitted) is None or submitted.record is None:
+        return
+    released = submitted.record.entry.model_copy(update={"archiver": None, "updated_at": _now()})
+    with contextlib.suppress(Exception):
+        await _replace(store, released, submitted.record.version)
 
 
 async def _settle(

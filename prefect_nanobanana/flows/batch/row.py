@@ -41,8 +41,10 @@ from ...tasks.guard import (
     Unread,
     abandons_request,
     archive_claim,
+    end_archiving_claim,
     mark_archived,
     mark_failed,
+    release_archiving,
     submit_once,
     withdraw_if_queued,
 )
@@ -185,6 +187,7 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
             },
             before_submit=partial(batch.check_budget, plan),
             known=known,
+            hold_archiving=True,
         )
     except SubmitOutcomeUnknownError:
         batch.settle(plan.row, None)  # it may have been billed: its estimate counts
@@ -239,6 +242,21 @@ async def aedit_batch_row(
         submitted = await _request_of(plan, batch)
     except BudgetExceededError as refusal:
         return batch.held_back(plan, refusal)
+    try:
+        return await _wait_and_archive(plan, batch, request_ended, submitted, log)
+    finally:
+        end_archiving_claim(submitted)
+
+
+async def _wait_and_archive(
+    plan: _RowPlan,
+    batch: _Batch,
+    request_ended: asyncio.Event,
+    submitted: SubmittedRequest,
+    log: _RowLog,
+) -> BatchRowResult:
+    """The row's request from its submit on: wait, then archive once and mark archived."""
+    assert plan.job_key is not None
     request_id = submitted.request_id
     # Set only for a request this run pays for (an adopted one was paid by another run).
     estimated_cost = None if submitted.adopted else plan.estimated_cost
@@ -269,6 +287,10 @@ async def aedit_batch_row(
         # request waits: withdraw it if still queued, so nothing is billed for it.
         if not submitted.adopted and abandons_request(error):
             _withdraw_abandoned(batch, submitted, log)
+        if isinstance(error, Exception):
+            # Not archived here after all (a retry resumes the request): let go of the
+            # archiving claimed with the request id, so no other run waits for it.
+            await release_archiving(batch.ledger, submitted)
         raise
     # Before the lane moves on: its next row's budget check must see this bill.
     batch.settle(plan.row, result.cost)
@@ -287,7 +309,9 @@ async def aedit_batch_row(
                 outputs=len(result.output_urls),
             ),
         )
-    async with archive_claim(batch.ledger, plan.job_key, known=submitted.record) as turn:
+    async with archive_claim(
+        batch.ledger, plan.job_key, known=submitted.record, held_token=submitted.archiving_token
+    ) as turn:
         if (archived_elsewhere := turn.elsewhere) is not None:
             return plan.result(
                 status,
