@@ -105,6 +105,29 @@ def test_s3_sources_are_checked_then_presigned(
         stage_assets([f"s3://{s3_bucket}/src/missing.png"])
 
 
+def test_an_s3_pixel_bomb_is_refused_from_its_header_alone(
+    tmp_path: Path, s3_client: Any, s3_bucket: str
+) -> None:
+    """An S3 input's header is read by the ranged GET that sniffs its type: a PNG that
+    claims 30000x30000 pixels is refused before anything is signed or paid, and an
+    image over the cap by a row is refused by its exact size."""
+    from tests.test_hostile_server import write_pixel_bomb
+
+    refusals = {
+        "bomb": (30_000, 30_000, "image has far more than 32,000,000 pixels"),
+        "over": (8000, 4001, "8000x4001 is 32,008,000 pixels, over"),
+    }
+    for name, (width, height, refusal) in refusals.items():
+        bomb = write_pixel_bomb(tmp_path / f"{name}.png", width, height)
+        s3_client.upload_file(str(bomb), s3_bucket, f"src/{name}.png")
+        with pytest.raises(StagingError, match=rf"^s3://{s3_bucket}/src/{name}.png: {refusal}"):
+            stage_assets([f"s3://{s3_bucket}/src/{name}.png"])
+    fine = write_pixel_bomb(tmp_path / "fine.png", 8000, 4000)  # 32,000,000: at the cap
+    s3_client.upload_file(str(fine), s3_bucket, "src/fine.png")
+    (asset,) = stage_assets([f"s3://{s3_bucket}/src/fine.png"])
+    assert asset.content_type == "image/png"
+
+
 @pytest.fixture
 def big_file(tmp_path: Path) -> Path:
     """A 60 MB "PNG", sparse: only the header is really written."""

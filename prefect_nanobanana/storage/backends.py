@@ -91,7 +91,10 @@ def sweep_scratch_files(folder: Path) -> int:
     return removed
 
 
-S3_MAX_CONNECTIONS = 32
+# More than the threads that may call S3 at once: anyio's 40 worker threads (a batch's
+# rows) plus planning's pools. At 32 a batch of 16 lanes ran out and urllib3 logged
+# "Connection pool is full" warnings.
+S3_MAX_CONNECTIONS = 64
 # A conditional write lost: the object exists (create) or changed (replace). S3 answers
 # 409 ConditionalRequestConflict when two conditional writes of one key overlap.
 _CONFLICT_CODES = frozenset({"412", "409", "PreconditionFailed", "ConditionalRequestConflict"})

@@ -9,6 +9,7 @@ inputs) and inline data-URI sending both call these functions.
 
 from __future__ import annotations
 
+import io
 import mimetypes
 import os
 import warnings
@@ -139,17 +140,9 @@ def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> I
     if content_type is None:
         raise StagingError(f"{name}: not an image (judged by its bytes)")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and past twice its own limit raises) on huge images; our
-            # lower cap decides, and says so in words.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise StagingError(
-            f"{name}: image has far more than {MAX_INPUT_PIXELS:,} pixels "
-            f"(the API's limit is {MAX_INPUT_PIXELS // 1_000_000} megapixels)"
-        ) from None
+        width, height = _header_size(source, name)
+    except StagingError:
+        raise
     except (OSError, ValueError, SyntaxError) as exc:
         if content_type in _UNREADABLE_BY_PILLOW:
             return ImageFacts(content_type, None, None)
@@ -159,6 +152,47 @@ def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> I
     facts = ImageFacts(content_type, width, height)
     check_pixels(name, facts)
     return facts
+
+
+# How much of a remote image a ranged read takes to find its header: a PNG's or
+# WebP's size is in its first 30 bytes, a JPEG's after its EXIF and ICC segments.
+HEADER_BYTES = 64 * 1024
+
+
+def header_facts(head: bytes, name: str) -> ImageFacts | None:
+    """`read_image_facts` of an image of which only its first bytes were read (a ranged
+    GET of an S3 object); None when its header lies past them or Pillow cannot read it.
+
+    It refuses a pixel bomb as the local check does; an unreadable header is not held
+    against the image here: it may only be cut short, and the API reads all of it.
+    """
+    content_type = sniff_image_type(head[:SNIFF_BYTES])
+    if content_type is None:
+        return None
+    try:
+        width, height = _header_size(io.BytesIO(head), name)
+    except StagingError:
+        raise
+    except (OSError, ValueError, SyntaxError):
+        return None
+    facts = ImageFacts(content_type, width, height)
+    check_pixels(name, facts)
+    return facts
+
+
+def _header_size(source: IO[bytes], name: str) -> tuple[int, int]:
+    """The size Pillow's lazy open reads from the header, no pixel decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and past twice its own limit raises) on huge images; our
+            # lower cap decides, and says so in words.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(source).size
+    except Image.DecompressionBombError:
+        raise StagingError(
+            f"{name}: image has far more than {MAX_INPUT_PIXELS:,} pixels "
+            f"(the API's limit is {MAX_INPUT_PIXELS // 1_000_000} megapixels)"
+        ) from None
 
 
 def check_pixels(name: str, facts: ImageFacts) -> None:

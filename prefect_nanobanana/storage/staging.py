@@ -16,7 +16,8 @@ checks without uploading or encoding anything, and probes http(s) inputs with a
 cheap request, for a batch's pre-flight.
 
 Sources: local files, folders (the images inside, sorted, non-recursive), globs,
-``s3://`` objects (HEAD + ranged GET, then a pre-signed URL), ``https://`` URLs
+``s3://`` objects (HEAD + a ranged GET of the header, size and pixels checked, then a
+pre-signed URL), ``https://`` URLs
 (passed through untouched) and loopback ``http://`` URLs (tests, demo).
 Targets for local files: ``s3://bucket/prefix`` or a loopback object store
 (:class:`prefect_nanobanana.emulator.LoopbackObjectStore`, the offline stand-in for S3).
@@ -52,6 +53,7 @@ from .locations import (
     strip_signature,
 )
 from .media import (
+    HEADER_BYTES,
     INLINE_MAX_ENCODED_BYTES,
     INLINE_MAX_REQUEST_BYTES,
     MAX_URL_INPUT_BYTES,
@@ -60,6 +62,7 @@ from .media import (
     data_uri_length,
     extension_for,
     format_mib,
+    header_facts,
     read_image_facts,
     sniff_image_type,
 )
@@ -616,11 +619,13 @@ def _inspect_s3(location: S3Location, clients: _S3Clients) -> _S3Object:
     size = int(head.get("ContentLength", 0))
     check_url_input_size(str(location), size)
     try:
-        content_type = sniff_image_type(backend.read_range(location.key, SNIFF_BYTES))
+        head_bytes = backend.read_range(location.key, HEADER_BYTES)
     except (ClientError, BotoCoreError) as exc:
         raise StagingError(f"{location}: cannot be read: {exc}") from exc
+    content_type = sniff_image_type(head_bytes[:SNIFF_BYTES])
     if content_type is None:
         raise StagingError(_not_an_image(str(location)))
+    header_facts(head_bytes, str(location))  # the header's pixel count, when in range
     return _S3Object(location, content_type, size)
 
 
