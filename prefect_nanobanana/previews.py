@@ -57,6 +57,8 @@ class ShownRow:
     request_id: str | None
     sources: Sequence[str]
     output_locations: Sequence[str] = ()
+    output_thumbnails: Sequence[str | None] = ()
+    """Thumbnails already made (while archiving); an output without one is read back."""
     metadata_location: str | None = None
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -72,10 +74,14 @@ def _place(location: str) -> str:
     return f"[{_cell(location)}]({link})" if link else f"`{_cell(location)}`"
 
 
-def _thumbnails(locations: Sequence[str], s3_client: Any, alt: str) -> str:
+def _thumbnails(
+    locations: Sequence[str], s3_client: Any, alt: str, made: Sequence[str | None] = ()
+) -> str:
     shown = []
     for index, location in enumerate(locations[:MAX_THUMBNAILS_PER_SIDE]):
-        uri = thumbnail_data_uri(location, s3_client)
+        uri = (made[index] if index < len(made) else None) or thumbnail_data_uri(
+            location, s3_client
+        )
         # A source we will not read (an https URL, say) is named, signature removed.
         shown.append(f"![{alt} {index}]({uri})" if uri else f"`{_cell(strip_signature(location))}`")
     hidden = len(locations) - MAX_THUMBNAILS_PER_SIDE
@@ -105,7 +111,7 @@ def preview_markdown(
     lines += ["| row | status | before | after |", "| --- | --- | --- | --- |"]
     for row in shown:
         after = (
-            _thumbnails(row.output_locations, s3_client, "output")
+            _thumbnails(row.output_locations, s3_client, "output", row.output_thumbnails)
             if row.output_locations
             else _cell(row.error or "")
         )

@@ -262,6 +262,35 @@ def test_a_budget_is_shared_out_by_the_chunks_estimates() -> None:
     ]
 
 
+async def test_chunks_too_large_for_prefect_are_refused_before_any_starts(monkeypatch) -> None:
+    """Prefect refuses a flow run whose parameters pass 512 KiB. A chunk that large used
+    to fail only at its own `run_deployment`, after other chunks had started and paid:
+    now every chunk's parameters are sized first, and the error names a size that fits."""
+    import logging
+
+    import prefect_nanobanana.flows.batch.chunks as chunks_module
+    from prefect_nanobanana.flows.batch.models import BatchJob
+
+    started: list[dict] = []
+
+    async def run_deployment(**kwargs):
+        started.append(kwargs)
+        raise AssertionError("no chunk may start")
+
+    monkeypatch.setattr(chunks_module, "run_deployment", run_deployment)
+    monkeypatch.setattr(chunks_module, "get_run_logger", lambda: logging.getLogger("test"))
+    jobs = [BatchJob(prompt="p" * 2_000, images=[f"in-{row}.png"]) for row in range(600)]
+    with pytest.raises(ValueError, match=r"chunk_size=300 gives .* or less") as refused:
+        await chunks_module._run_in_chunks(
+            jobs, 300, "batch-edit/chunk", {}, "/tmp/results.jsonl", None
+        )
+    assert started == []
+    fits = int(str(refused.value).split("use chunk_size=")[1].split()[0])
+    assert 100 < fits < 300
+    rows = [job.model_dump(exclude_none=True) for job in jobs]
+    chunks_module.check_chunk_parameters([{"jobs": rows[:fits]}], fits)  # fits: no error
+
+
 async def test_chunk_options_go_together(stack: Stack) -> None:
     from prefect_nanobanana.flows import batch_edit
 

@@ -772,6 +772,61 @@ async def test_a_batch_row_on_s3_costs_six_requests_and_is_staged_right_before_i
     assert max(submits_seen_when_staged) >= lanes, submits_seen_when_staged
 
 
+async def test_the_report_previews_outputs_from_archiving_without_reading_them_back(
+    emulator_factory, use_emulator, moto_server, s3_bucket, tmp_path, monkeypatch
+):
+    """The rows the report previews make their thumbnails while archiving, from the
+    fetched file: the report neither HEADs nor GETs those outputs on S3 again (20
+    full-size downloads a batch before), and still shows every one."""
+    from urllib.parse import urlsplit
+
+    import prefect_nanobanana.flows.batch.report as report_module
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import BatchJob
+    from prefect_nanobanana.storage.backends import make_s3_client
+
+    rows, previewed = 3, 2
+    use_emulator(emulator_factory(workers=rows, time_scale=TIME_SCALE))
+    jobs = []
+    for row in range(rows):
+        Image.new("RGB", (16, 16), (row * 60, 40, 90)).save(tmp_path / f"in-{row}.png")
+        jobs.append(BatchJob(prompt=f"row {row}", images=[str(tmp_path / f"in-{row}.png")]))
+    reports: list[str] = []
+    real_report = report_module._report_markdown
+
+    def keep_report(*args, **kwargs):
+        reports.append(real_report(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(report_module, "_report_markdown", keep_report)
+    sent: list[tuple[str, str]] = []
+
+    def note(request, **_):
+        sent.append((request.method, urlsplit(request.url).path))
+
+    s3 = make_s3_client()
+    s3.meta.events.register("before-send.s3", note)
+    try:
+        result = await batch_edit(
+            jobs=jobs,
+            archive_uri=f"s3://{s3_bucket}/archive",
+            max_concurrency=rows,
+            concurrency_limit_name="test-s3-previews",
+            preview_rows=previewed,
+        )
+    finally:
+        s3.meta.events.unregister("before-send.s3", note)
+    assert result.archived == rows, [row.error for row in result.rows]
+    reads = [(method, path) for method, path in sent if method in ("GET", "HEAD")]
+    assert not [read for read in reads if "/archive/20" in read[1]], reads
+    (report,) = reports
+    # Each previewed row: its input (a local file) and its output, as thumbnails.
+    assert report.count("data:image/jpeg;base64,") == 2 * previewed
+    assert all(row.output_thumbnails for row in result.rows[:previewed])
+    assert not any(row.output_thumbnails for row in result.rows[previewed:])
+    assert "output_thumbnails" not in result.rows[0].model_dump()
+
+
 async def test_a_row_whose_input_is_gone_at_its_submit_fails_alone_and_unpaid(
     emulator_factory, use_emulator, moto_server, s3_bucket, sample_images, tmp_path, monkeypatch
 ):

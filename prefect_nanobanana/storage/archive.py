@@ -61,6 +61,7 @@ from .locations import (
     strip_signature,
 )
 from .media import SNIFF_BYTES, extension_for, sniff_image_type
+from .previews import thumbnail_data_uri
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class ArchiveRecord(BaseModel):
     outputs: list[ArchivedOutput]
     metadata_location: str | None
     already_archived: bool = False
+    thumbnails: list[str | None] = Field(
+        default_factory=list,
+        exclude=True,
+        repr=False,
+        description="With `archive_outputs(thumbnails=True)`: a JPEG data URI of each output, "
+        "made from the file while it was at hand, so a report need not read it back.",
+    )
 
     @property
     def output_locations(self) -> list[str]:
@@ -285,6 +293,7 @@ def archive_outputs(
     allowed_hosts: Sequence[str] | None = None,
     check_target: bool = True,
     check_existing: bool = True,
+    thumbnails: bool = False,
 ) -> ArchiveRecord:
     """Copy a request's outputs into the archive and write its ``metadata.json``.
 
@@ -306,6 +315,8 @@ def archive_outputs(
     caller archiving many requests that checked it once), ``check_existing=False``
     the look for an earlier archive of the request (for a caller whose record shows
     that none was ever started): on S3 each is a round trip per request.
+    ``thumbnails`` makes each output's thumbnail from the fetched file
+    (`ArchiveRecord.thumbnails`), for a report that would otherwise download it again.
 
     Returns the existing record (``already_archived=True``) without writing
     anything when the request is already archived. Raises :class:`ArchiveError`
@@ -335,6 +346,7 @@ def archive_outputs(
         return existing
 
     archived: list[ArchivedOutput] = []
+    made_thumbnails: list[str | None] = []
     failures: list[OutputFailure] = []
     fetcher = _Fetcher(
         max_bytes=max_bytes,
@@ -346,7 +358,9 @@ def archive_outputs(
     try:
         for index, url in enumerate(output_urls):
             try:
-                archived.append(_archive_one(backend, layout, index, url, fetcher))
+                output, thumbnail = _archive_one(backend, layout, index, url, fetcher, thumbnails)
+                archived.append(output)
+                made_thumbnails.append(thumbnail)
             except (_FetchError, StorageError, OSError) as exc:
                 reason = redact_text(str(exc))
                 logger.warning("request %s output %d: %s", request_id, index, reason)
@@ -375,12 +389,18 @@ def archive_outputs(
         archive_date=day,
         outputs=archived,
         metadata_location=backend.write_bytes(layout.metadata_key, data, "application/json"),
+        thumbnails=made_thumbnails if thumbnails else [],
     )
 
 
 def _archive_one(
-    backend: Backend, layout: ArchiveLayout, index: int, url: str, fetcher: _Fetcher
-) -> ArchivedOutput:
+    backend: Backend,
+    layout: ArchiveLayout,
+    index: int,
+    url: str,
+    fetcher: _Fetcher,
+    thumbnail: bool = False,
+) -> tuple[ArchivedOutput, str | None]:
     temp = backend.temp_file(layout.temp_name(index))
     try:
         with temp.open("w+b") as sink:
@@ -388,12 +408,13 @@ def _archive_one(
             sink.flush()
             os.fsync(sink.fileno())
         width, height = _pixel_size(temp)
+        preview = thumbnail_data_uri(temp) if thumbnail else None
         location = backend.commit_file(
             temp, layout.output_key(index, fetched.content_type), fetched.content_type
         )
     finally:
         temp.unlink(missing_ok=True)
-    return ArchivedOutput(
+    output = ArchivedOutput(
         index=index,
         location=location,
         sha256=fetched.sha256,
@@ -403,6 +424,7 @@ def _archive_one(
         height=height,
         source_url=strip_signature(url),
     )
+    return output, preview
 
 
 def _pixel_size(path: Path) -> tuple[int | None, int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 from uuid import uuid4
 
@@ -10,6 +11,7 @@ from anyio import to_thread
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.logging import get_run_logger
+from prefect.settings import get_current_settings
 
 from ...blocks.credentials import (
     RunComfyCredentials,
@@ -73,6 +75,37 @@ def chunk_budgets(
     return [part + slack * part / total for part in estimates]
 
 
+def max_parameter_bytes() -> int:
+    """The size Prefect allows a flow run's parameters, JSON-serialized (0: no limit).
+
+    Prefect 3.9 checks it in the client (`PREFECT_SERVER_API_MAX_PARAMETER_SIZE`,
+    512 KiB by default); 3.8 has no such setting, and 512 KiB is what its server took.
+    """
+    settings = get_current_settings().server.api
+    return int(getattr(settings, "max_parameter_size", _PREFECT_PARAMETER_BYTES))
+
+
+_PREFECT_PARAMETER_BYTES = 512 * 1024
+
+
+def check_chunk_parameters(parameters: list[dict[str, Any]], chunk_size: int) -> None:
+    """Refuse, before any chunk starts (so before anything is paid), chunks whose rows
+    Prefect would refuse as a child run's parameters: a refusal once some chunks ran
+    would fail the parent with those chunks' rows paid and running."""
+    limit = max_parameter_bytes()
+    if limit <= 0:
+        return
+    sizes = [len(json.dumps(each, separators=(",", ":")).encode()) for each in parameters]
+    if (largest := max(sizes, default=0)) <= limit:
+        return
+    fits = max(1, int(chunk_size * limit / largest * 0.9))
+    raise ValueError(
+        f"chunk_size={chunk_size} gives a chunk's run {largest:,} bytes of parameters, over "
+        f"the {limit:,} Prefect accepts for a flow run; use chunk_size={fits} or less "
+        "(nothing was submitted)"
+    )
+
+
 def _read_chunk_rows(location: str, aws_credentials: str | None) -> list[BatchRowResult]:
     """The rows a chunk's run wrote to its results manifest; none if it wrote none."""
     target, s3_client = resolve_location(location, aws_credentials)
@@ -129,26 +162,35 @@ async def _run_in_chunks(
     starts = range(0, len(jobs), chunk_size)
     done = 0
 
-    async def run_chunk(index: int, start: int) -> list[BatchRowResult]:
-        nonlocal done
-        chunk = jobs[start : start + chunk_size]
-        location = f"{results_location.removesuffix('.jsonl')}.chunk-{index:03d}-{token}.jsonl"
+    def location_of(index: int) -> str:
+        return f"{results_location.removesuffix('.jsonl')}.chunk-{index:03d}-{token}.jsonl"
+
+    def parameters_of(index: int, start: int) -> dict[str, Any]:
         # A row without an id is told apart by its position: give it its position in
         # the parent, so the child finds the same ledger entry as an unchunked run would.
         child_jobs = [
             {**job.model_dump(exclude_none=True), "id": job.id or str(start + offset)}
-            for offset, job in enumerate(chunk, start=1)
+            for offset, job in enumerate(jobs[start : start + chunk_size], start=1)
         ]
+        return {
+            **options,
+            "jobs": child_jobs,
+            "results_uri": location_of(index),
+            "chunk_size": None,
+            "chunk_deployment": None,
+            "max_cost_usd": None if budgets is None else budgets[index - 1],
+        }
+
+    parameters = [parameters_of(index, start) for index, start in enumerate(starts, start=1)]
+    check_chunk_parameters(parameters, chunk_size)
+
+    async def run_chunk(index: int, start: int) -> list[BatchRowResult]:
+        nonlocal done
+        chunk = jobs[start : start + chunk_size]
+        location = location_of(index)
         child = await run_deployment(
             name=chunk_deployment,
-            parameters={
-                **options,
-                "jobs": child_jobs,
-                "results_uri": location,
-                "chunk_size": None,
-                "chunk_deployment": None,
-                "max_cost_usd": None if budgets is None else budgets[index - 1],
-            },
+            parameters=parameters[index - 1],
             flow_run_name=f"{parent}-chunk-{index}-of-{len(starts)}",
             poll_interval=CHUNK_POLL_SECONDS,
             as_subflow=True,

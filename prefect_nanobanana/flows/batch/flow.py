@@ -226,6 +226,7 @@ async def batch_edit(
             max_concurrency=min(max_concurrency, shared_limit),
             timeout_seconds=timeout_seconds,
             budget=CostBudget(max_cost_usd),
+            preview_rows=preview_rows,
         )
 
         progress = BatchProgress(len(plans), progress_id)

@@ -63,6 +63,13 @@ class BatchRowResult(BaseModel):
     adopted_from: str | None = Field(
         default=None, description="When adopted: the flow run that submitted the request."
     )
+    output_thumbnails: list[str | None] = Field(
+        default_factory=list,
+        exclude=True,
+        repr=False,
+        description="Thumbnails made while archiving (rows the report previews), so the "
+        "report does not download those outputs again.",
+    )
 
 
 class BatchEditResult(BaseModel):

@@ -56,6 +56,7 @@ def _shown(row: BatchRowResult) -> ShownRow:
         request_id=row.request_id,
         sources=row.sources,
         output_locations=row.output_locations,
+        output_thumbnails=row.output_thumbnails,
         metadata_location=row.metadata_location,
         error=observe.short_error(redact_text(row.error) if row.error else None),
     )

@@ -78,6 +78,7 @@ class _Batch:
         max_concurrency: int,
         timeout_seconds: float,
         budget: CostBudget | None = None,
+        preview_rows: int = 0,
     ) -> None:
         self.client = client
         # For a blocking withdrawal while the run stops, when its event loop may be ending.
@@ -89,6 +90,8 @@ class _Batch:
         self.staging = staging
         self.lanes = max_concurrency
         self.timeout_seconds = timeout_seconds
+        # Rows 1..preview_rows make their outputs' thumbnails while archiving, for the report.
+        self.preview_rows = preview_rows
         self.flow_run_id = observe.current_flow_run_id()
         # Row → its request, as soon as the request exists: a failed row still names it.
         self.request_ids: dict[int, str] = {}
@@ -348,6 +351,7 @@ async def _wait_and_archive(
                 allowed_hosts=list(batch.client.output_hosts),
                 check_target=False,
                 check_existing=turn.started_before,
+                thumbnails=plan.row <= batch.preview_rows,
             )
         )
         await mark_archived(
@@ -377,6 +381,7 @@ async def _wait_and_archive(
         cost=result.cost,
         estimated_cost=estimated_cost,
         adopted_from=submitted.submitted_by if submitted.adopted else None,
+        output_thumbnails=record.thumbnails,
     )
 
 
