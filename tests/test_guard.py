@@ -385,6 +385,41 @@ async def test_archiving_claimed_with_the_request_id_costs_no_write_and_holds_of
         assert turn.elsewhere is None and not turn.started_before
 
 
+async def test_an_archiving_held_on_a_machine_that_went_quiet_is_taken_over_after_a_grace(
+    emulator, image_server, monkeypatch
+):
+    """A claim made with the request id on another machine is trusted for
+    `HELD_ARCHIVE_GRACE_SECONDS` once the adopter's own wait is over, not for the 15
+    minutes a claim lasts: its machine may have died with the rows. An archiving that
+    machine has begun (status "archiving") is still waited for."""
+    import prefect_nanobanana.tasks.guard as guard
+
+    monkeypatch.setattr(guard, "HELD_ARCHIVE_GRACE_SECONDS", 0.5)
+    store = MemoryRecordStore()
+    async with AsyncRunComfyClient(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+    ) as client:
+        held = await submit_once("job-away", store, client, _edit(image_server), known=None)
+    elsewhere = guard.new_owner().model_copy(update={"host": "another-machine", "pid": 1})
+    current = store.read("job-away")
+    away = current.entry.model_copy(update={"archiver": elsewhere})
+    store.replace(away, current.version)
+
+    began = time.monotonic()
+    async with guard.archive_claim(store, "job-away", known=held.record) as turn:
+        waited = time.monotonic() - began
+        assert turn.elsewhere is None and turn.started_before  # so it looks for its work
+    assert 0.5 <= waited < 5, waited
+
+    current = store.read("job-away")
+    begun = current.entry.model_copy(update={"status": "archiving", "archiver": elsewhere})
+    store.replace(begun, current.version)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.5):
+            async with guard.archive_claim(store, "job-away"):
+                pass
+
+
 async def test_a_stale_known_record_only_costs_a_read_and_keeps_archiving_once(
     emulator, image_server
 ):

@@ -28,8 +28,8 @@ the same host asks whether the owner's pid runs, another host trusts a claim for
 one request. A caller that will archive what it submits (a batch row) claims the
 archiving in the same write as the request id (`hold_archiving`): on S3 that is a
 request a row fewer, and the cost is only that another host trusts that claim for
-`ARCHIVE_CLAIM_SECONDS` from the submit, not from the archiving's start, so after a
-long wait it may archive the same outputs too (archiving is idempotent).
+`HELD_ARCHIVE_GRACE_SECONDS` after the request ended, so an owner that takes longer
+to archive may see a second run archive the same outputs too (idempotent).
 
 A request id the API issued is recorded even when the process is told to stop
 (SIGTERM) just after: pending records are written on the way out.
@@ -55,6 +55,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -108,6 +109,13 @@ __all__ = [
 SUBMIT_CLAIM_SECONDS = 300.0
 # An archiving claim made on another host is trusted this long (large outputs).
 ARCHIVE_CLAIM_SECONDS = 900.0
+# An archiving claim made with the request id on another host (`hold_archiving`) is
+# trusted this long once the request has ended, not the whole ARCHIVE_CLAIM_SECONDS
+# from its submit: a live owner has then long since archived (its wait sees the end
+# within seconds), and one whose machine died would otherwise hold its rows' archives
+# up for a quarter of an hour. Should the owner still be at it, both archive: the
+# same keys, the same bytes.
+HELD_ARCHIVE_GRACE_SECONDS = 60.0
 # How often a waiting claimant reads the record again: quick at first, then calmer.
 _WAIT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -586,12 +594,25 @@ class ArchiveTurn(NamedTuple):
     archiving, or no record to tell): then look for what it wrote."""
 
 
+def _archiving_elsewhere(entry: LedgerEntry, held_token: str | None, waited: float) -> bool:
+    """Whether another run may still be archiving the job, after this caller has waited
+    `waited` seconds for it since its own wait on the request ended."""
+    archiver = entry.archiver
+    if entry.status not in ("submitted", "archiving") or archiver is None:
+        return False
+    if archiver.token == held_token or not claim_alive(archiver, ARCHIVE_CLAIM_SECONDS):
+        return False
+    held_elsewhere = entry.status == "submitted" and archiver.host != socket.gethostname()
+    return not (held_elsewhere and waited >= HELD_ARCHIVE_GRACE_SECONDS)
+
+
 async def _claim_archive(
     store: RecordStore,
     job_key: str,
     me: ClaimOwner,
     known: VersionedEntry | None,
     held_token: str | None = None,
+    waited: float = 0.0,
 ) -> ArchiveTurn:
     """This caller's turn (holding the archiving), or the record of whoever archived or does.
 
@@ -617,12 +638,7 @@ async def _claim_archive(
         entry = versioned.entry
         if entry.status == "archived":
             return ArchiveTurn(entry, None)
-        if (
-            entry.status in ("submitted", "archiving")
-            and entry.archiver is not None
-            and entry.archiver.token != held_token
-            and claim_alive(entry.archiver, ARCHIVE_CLAIM_SECONDS)
-        ):
+        if _archiving_elsewhere(entry, held_token, waited):
             return ArchiveTurn(entry, None)
         claimed = entry.model_copy(
             update={"status": "archiving", "archiver": me, "updated_at": _now()}
@@ -633,8 +649,9 @@ async def _claim_archive(
         versioned = None
 
 
-async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None:
-    """The record once another run's archiving ended well; None if it died or failed."""
+async def _wait_archived(store: RecordStore, job_key: str, since: float) -> LedgerEntry | None:
+    """The record once another run's archiving ended well; None if it died or failed
+    (or, held with the request id on another host, is overdue: see `_archiving_elsewhere`)."""
     waits = 0
     while True:
         versioned = await _read(store, job_key)
@@ -643,9 +660,7 @@ async def _wait_archived(store: RecordStore, job_key: str) -> LedgerEntry | None
         entry = versioned.entry
         if entry.status == "archived":
             return entry
-        if entry.status not in ("submitted", "archiving") or not claim_alive(
-            entry.archiver, ARCHIVE_CLAIM_SECONDS
-        ):
+        if not _archiving_elsewhere(entry, None, time.monotonic() - since):
             return None
         await asyncio.sleep(_WAIT_DELAYS[min(waits, len(_WAIT_DELAYS) - 1)])
         waits += 1
@@ -672,13 +687,15 @@ async def archive_claim(
     me = new_owner()
     _LIVE_CLAIMS.add(me.token)
     held = held_token
+    since = time.monotonic()
     try:
         while True:
-            turn = await _claim_archive(store, job_key, me, known, held)
+            waited = time.monotonic() - since
+            turn = await _claim_archive(store, job_key, me, known, held, waited)
             if turn.elsewhere is None:
                 break
             known, held = None, None
-            archived_elsewhere = await _wait_archived(store, job_key)
+            archived_elsewhere = await _wait_archived(store, job_key, since)
             if archived_elsewhere is not None:
                 turn = ArchiveTurn(archived_elsewhere, None)
                 break
