@@ -258,7 +258,8 @@ async def _wait_and_archive(
     submitted: SubmittedRequest,
     log: _RowLog,
 ) -> BatchRowResult:
-    """The row's request from its submit on: wait, then archive once and mark archived."""
+    """The row's request from its submit on: wait, archive once, mark archived. Apart
+    from the task so that every way out of it ends the archiving claim its submit took."""
     assert plan.job_key is not None
     request_id = submitted.request_id
     # Set only for a request this run pays for (an adopted one was paid by another run).
