@@ -130,3 +130,46 @@ def test_check_sources_uploads_and_encodes_nothing(sample_images: Path, image_se
         check_sources([str(sample_images / "missing.png")])
     # One GET (HEAD is not logged by the fixture) for the text file, judged by its first bytes.
     assert len(image_server.requested_paths) == before + 1
+
+
+def _box(kind: bytes, body: bytes, full: bool = False) -> bytes:
+    body = (b"\0\0\0\0" if full else b"") + body
+    return (8 + len(body)).to_bytes(4, "big") + kind + body
+
+
+def _heic(path: Path, primary: tuple[int, int], tile: tuple[int, int] = (512, 512)) -> Path:
+    """The boxes a phone's HEIC opens with (ISO/IEC 23008-12): ``ftyp``, then ``meta``
+    with its handler, primary item and item properties, where ``ispe`` declares the
+    size of each image, a tile's and the grid's; then the coded data, here none."""
+
+    def ispe(size: tuple[int, int]) -> bytes:
+        return _box(b"ispe", size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big"), full=True)
+
+    ftyp = _box(b"ftyp", b"heic" + b"\0\0\0\0" + b"mif1heic")
+    hdlr = _box(b"hdlr", b"\0\0\0\0pict" + b"\0" * 12 + b"\0", full=True)
+    pitm = _box(b"pitm", (1).to_bytes(2, "big"), full=True)
+    ipco = _box(b"ipco", ispe(tile) + ispe(primary))
+    ipma = _box(b"ipma", (1).to_bytes(4, "big") + (1).to_bytes(2, "big") + b"\x01\x82", full=True)
+    meta = _box(b"meta", hdlr + pitm + _box(b"iprp", ipco + ipma), full=True)
+    path.write_bytes(ftyp + meta + _box(b"mdat", b""))
+    return path
+
+
+def test_a_heic_is_held_to_the_pixel_cap_by_its_declared_size(tmp_path: Path) -> None:
+    """Pillow reads no HEIC without a plugin, so a HEIC's size was never checked: now its
+    ``ispe`` boxes are, the largest (the primary image, not a tile) against the cap."""
+    from prefect_nanobanana.storage.media import heif_size, read_image_facts
+
+    photo = _heic(tmp_path / "photo.heic", (4032, 3024))
+    assert heif_size(photo.read_bytes()) == (4032, 3024)
+    facts = read_image_facts(photo, "photo.heic")
+    assert (facts.content_type, facts.width, facts.height) == ("image/heic", 4032, 3024)
+    bomb = _heic(tmp_path / "bomb.heic", (30_000, 30_000))
+    with pytest.raises(StagingError, match=r"^bomb.heic: 30000x30000 is 900,000,000 pixels"):
+        read_image_facts(bomb, "bomb.heic")
+    with pytest.raises(StagingError, match="900,000,000 pixels"):
+        stage_assets([str(bomb)])  # inline: refused before anything is encoded
+    # No size declared in its first bytes: not refused here, left to the API.
+    bare = tmp_path / "bare.heic"
+    bare.write_bytes(_box(b"ftyp", b"heic" + b"\0\0\0\0" + b"mif1heic") + _box(b"mdat", b""))
+    assert read_image_facts(bare, "bare.heic").pixels is None

@@ -101,8 +101,9 @@ MAX_URL_INPUT_BYTES = 50 * 1024 * 1024
 class ImageFacts:
     """What an image's header says, read without decoding a single pixel.
 
-    ``width`` and ``height`` are None only for HEIC/HEIF, which Pillow cannot
-    read without a plugin: their pixel count is then not checked here.
+    ``width`` and ``height`` are None only for a HEIC/HEIF whose first
+    :data:`HEADER_BYTES` declare no size (Pillow reads none without a plugin; see
+    :func:`heif_size`): its pixel count is then not checked here.
     """
 
     content_type: str
@@ -144,9 +145,10 @@ def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> I
     except StagingError:
         raise
     except (OSError, ValueError, SyntaxError) as exc:
-        if content_type in _UNREADABLE_BY_PILLOW:
-            return ImageFacts(content_type, None, None)
-        raise StagingError(f"{name}: cannot read the image header ({exc})") from None
+        if content_type not in _UNREADABLE_BY_PILLOW:
+            raise StagingError(f"{name}: cannot read the image header ({exc})") from None
+        source.seek(start)
+        width, height = heif_size(source.read(HEADER_BYTES)) or (None, None)
     finally:
         source.seek(start)
     facts = ImageFacts(content_type, width, height)
@@ -178,6 +180,44 @@ def header_facts(head: bytes, name: str) -> ImageFacts | None:
     facts = ImageFacts(content_type, width, height)
     check_pixels(name, facts)
     return facts
+
+
+def heif_size(head: bytes) -> tuple[int, int] | None:
+    """The largest image size a HEIC/HEIF file declares (its ``ispe`` properties), from its
+    first bytes; None when they hold none.
+
+    Pillow reads no HEIF without a plugin, and a phone's HEIC declares its size in
+    ``meta`` → ``iprp`` → ``ipco`` → ``ispe`` boxes, near the start. The largest is the
+    primary image (a grid of tiles is larger than any tile, a thumbnail smaller): the
+    one the cap is about.
+    """
+    sizes: list[tuple[int, int]] = []
+
+    def walk(start: int, end: int, path: tuple[bytes, ...]) -> None:
+        offset = start
+        while offset + 8 <= end:
+            size = int.from_bytes(head[offset : offset + 4], "big")
+            kind = head[offset + 4 : offset + 8]
+            header = 8
+            if size == 1 and offset + 16 <= end:
+                size, header = int.from_bytes(head[offset + 8 : offset + 16], "big"), 16
+            elif size == 0:
+                size = end - offset
+            if size < header:
+                return
+            body, box_end = offset + header, min(offset + size, end)
+            if kind == b"meta" and not path:
+                walk(body + 4, box_end, (kind,))  # a full box: version and flags first
+            elif kind in (b"iprp", b"ipco") and path and path[-1] in (b"meta", b"iprp"):
+                walk(body, box_end, (*path, kind))
+            elif kind == b"ispe" and path[-1:] == (b"ipco",) and body + 12 <= box_end:
+                width = int.from_bytes(head[body + 4 : body + 8], "big")
+                height = int.from_bytes(head[body + 8 : body + 12], "big")
+                sizes.append((width, height))
+            offset += size
+
+    walk(0, len(head), ())
+    return max(sizes, key=lambda size: size[0] * size[1], default=None)
 
 
 def _header_size(source: IO[bytes], name: str) -> tuple[int, int]:
