@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
@@ -76,18 +77,30 @@ def _place(location: str) -> str:
 
 def _thumbnails(
     locations: Sequence[str], s3_client: Any, alt: str, made: Sequence[str | None] = ()
-) -> str:
-    shown = []
+) -> tuple[str, list[str]]:
+    """The images as thumbnails, and the locations that could not be shown as one.
+
+    Those are named in the table by their file name only: a whole path or URL in a
+    cell that cannot wrap pushed the "after" column out of the browser's view. Their
+    full names (signatures removed) go to the list under the table.
+    """
+    shown, unshown = [], []
     for index, location in enumerate(locations[:MAX_THUMBNAILS_PER_SIDE]):
         uri = (made[index] if index < len(made) else None) or thumbnail_data_uri(
             location, s3_client
         )
-        # A source we will not read (an https URL, say) is named, signature removed.
-        shown.append(f"![{alt} {index}]({uri})" if uri else f"`{_cell(strip_signature(location))}`")
+        if uri:
+            shown.append(f"![{alt} {index}]({uri})")
+            continue
+        # A source we will not read (an https URL, say), or not an image.
+        stripped = strip_signature(location)
+        unshown.append(stripped)
+        name = PurePosixPath(urlsplit(stripped).path).name or stripped
+        shown.append(f"`{_cell(name)}`")
     hidden = len(locations) - MAX_THUMBNAILS_PER_SIDE
     if hidden > 0:
         shown.append(f"+{hidden} more")
-    return " ".join(shown)
+    return " ".join(shown), unshown
 
 
 def preview_markdown(
@@ -109,29 +122,28 @@ def preview_markdown(
     if summary:
         lines += [summary, ""]
     lines += ["| row | status | before | after |", "| --- | --- | --- | --- |"]
+    where = []
     for row in shown:
-        after = (
+        after, _ = (
             _thumbnails(row.output_locations, s3_client, "output", row.output_thumbnails)
             if row.output_locations
-            else _cell(row.error or "")
+            else (_cell(row.error or ""), [])
         )
         request = f"<br>request `{row.request_id}`" if row.request_id else ""
-        before = _thumbnails(row.sources, s3_client, "input")
+        before, unshown = _thumbnails(row.sources, s3_client, "input")
         lines.append(f"| {_cell(row.label)}{request} | {row.status} | {before} | {after} |")
-    if len(rows) > len(shown):
-        lines += ["", f"The first {len(shown)} of {len(rows)} rows are shown."]
-    where = [
-        f"- **{_cell(row.label)}**: "
-        + "; ".join(
-            [
+        places = (
+            [f"input: {_place(source)}" for source in unshown]
+            + [
                 f"output {index}: {_place(location)}"
                 for index, location in enumerate(row.output_locations)
             ]
             + ([f"metadata: {_place(row.metadata_location)}"] if row.metadata_location else [])
         )
-        for row in shown
-        if row.output_locations or row.metadata_location
-    ]
+        if places:
+            where.append(f"- **{_cell(row.label)}**: " + "; ".join(places))
+    if len(rows) > len(shown):
+        lines += ["", f"The first {len(shown)} of {len(rows)} rows are shown."]
     if where:
         lines += ["", "## Where it went", "", *where]
     return "\n".join(lines)

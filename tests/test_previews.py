@@ -70,6 +70,11 @@ def test_the_report_shows_images_for_the_first_rows_only(tmp_path: Path, rows: i
     thumbnails = markdown.count("data:image/jpeg;base64,")
     assert thumbnails == 2 * min(rows, 20)
     assert "secret" not in markdown and "https://example.com/b.png" in markdown
+    # In the table, a source shown by name only, so no cell outgrows the page; its
+    # whole name is in the list under the table.
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| row-")]
+    assert table_rows and all("https://" not in line and "`b.png`" in line for line in table_rows)
+    assert "input: `https://example.com/b.png`" in markdown
     assert str(tmp_path / "0" / "metadata.json") in markdown
     # Bounded: at most 20 rows of images, a few kilobytes each.
     assert len(markdown) < 20 * 2 * 12_000 + 20 * 1_000
