@@ -112,6 +112,7 @@ def test_an_s3_pixel_bomb_is_refused_from_its_header_alone(
     claims 30000x30000 pixels is refused before anything is signed or paid, and an
     image over the cap by a row is refused by its exact size."""
     from tests.test_hostile_server import write_pixel_bomb
+    from tests.test_storage_inline import _heic
 
     refusals = {
         "bomb": (30_000, 30_000, "image has far more than 32,000,000 pixels"),
@@ -122,6 +123,10 @@ def test_an_s3_pixel_bomb_is_refused_from_its_header_alone(
         s3_client.upload_file(str(bomb), s3_bucket, f"src/{name}.png")
         with pytest.raises(StagingError, match=rf"^s3://{s3_bucket}/src/{name}.png: {refusal}"):
             stage_assets([f"s3://{s3_bucket}/src/{name}.png"])
+    heic = _heic(tmp_path / "bomb.heic", (30_000, 30_000))  # no Pillow reads: its boxes
+    s3_client.upload_file(str(heic), s3_bucket, "src/bomb.heic")
+    with pytest.raises(StagingError, match=r"bomb.heic: 30000x30000 is 900,000,000 pixels"):
+        stage_assets([f"s3://{s3_bucket}/src/bomb.heic"])
     fine = write_pixel_bomb(tmp_path / "fine.png", 8000, 4000)  # 32,000,000: at the cap
     s3_client.upload_file(str(fine), s3_bucket, "src/fine.png")
     (asset,) = stage_assets([f"s3://{s3_bucket}/src/fine.png"])

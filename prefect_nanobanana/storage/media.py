@@ -146,7 +146,7 @@ def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> I
         raise
     except (OSError, ValueError, SyntaxError) as exc:
         if content_type not in _UNREADABLE_BY_PILLOW:
-            raise StagingError(f"{name}: cannot read the image header ({exc})") from None
+            raise UnreadableHeaderError(f"{name}: cannot read the image header ({exc})") from None
         source.seek(start)
         width, height = heif_size(source.read(HEADER_BYTES)) or (None, None)
     finally:
@@ -161,25 +161,22 @@ def read_image_facts(source: str | os.PathLike[str] | IO[bytes], name: str) -> I
 HEADER_BYTES = 64 * 1024
 
 
+class UnreadableHeaderError(StagingError):
+    """The bytes announce an image whose header cannot be read (from them)."""
+
+
 def header_facts(head: bytes, name: str) -> ImageFacts | None:
     """`read_image_facts` of an image of which only its first bytes were read (a ranged
     GET of an S3 object); None when its header lies past them or Pillow cannot read it.
 
-    It refuses a pixel bomb as the local check does; an unreadable header is not held
-    against the image here: it may only be cut short, and the API reads all of it.
+    It refuses a pixel bomb (a HEIC's too) as the local check does; an unreadable
+    header is not held against the image here: it may only be cut short, and the API
+    reads all of it.
     """
-    content_type = sniff_image_type(head[:SNIFF_BYTES])
-    if content_type is None:
-        return None
     try:
-        width, height = _header_size(io.BytesIO(head), name)
-    except StagingError:
-        raise
-    except (OSError, ValueError, SyntaxError):
+        return read_image_facts(io.BytesIO(head), name)
+    except UnreadableHeaderError:
         return None
-    facts = ImageFacts(content_type, width, height)
-    check_pixels(name, facts)
-    return facts
 
 
 def heif_size(head: bytes) -> tuple[int, int] | None:

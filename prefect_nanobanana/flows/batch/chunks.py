@@ -79,7 +79,7 @@ def max_parameter_bytes() -> int:
     """The size Prefect allows a flow run's parameters, JSON-serialized (0: no limit).
 
     Prefect 3.9 checks it in the client (`PREFECT_SERVER_API_MAX_PARAMETER_SIZE`,
-    512 KiB by default); 3.8 has no such setting, and 512 KiB is what its server took.
+    512 KiB by default); 3.8 has no such setting, and the same 512 KiB is assumed.
     """
     settings = get_current_settings().server.api
     return int(getattr(settings, "max_parameter_size", _PREFECT_PARAMETER_BYTES))
