@@ -61,17 +61,26 @@ LIMIT_NAME = "runcomfy-production-test"
 WORKER_LABEL = "prefect.worker.name"
 AUTOMATION = "deployments/crash-zombie-flow-runs.yaml"
 BATCH_SECONDS = 420
+# Until the test has picked the chunk to kill, a chunk's submits from its GATE_AT-th
+# row on wait at the proxy, unsent and unpaid: on a fast machine (a CI run) every
+# chunk ended before the test, reading the server every 0.1 s, saw one mid-way. The
+# wait is bounded under the client's 30 s read timeout, past which a gated submit
+# would end "outcome unknown".
+GATE_AT = 10
+GATE_SECONDS = 15
 
 
 class _HoldingProxy(ThreadingHTTPServer):
     """Forwards every call to the emulator; can hold the answer of one accepted submit.
 
-    Armed with a set of prompts, the first submit of one of them goes through to
-    the emulator (which accepts and bills it), and its answer is then never sent:
-    to the client, the machine died mid-submit. The arming's `on_hold` runs right
-    then, in the proxy's thread, so the machine dies before the chunk's other lanes
-    can move on (a kill from the test's thread came seconds later on a loaded
-    machine, and the other lanes had finished the chunk by then).
+    Until it is armed, submits of a chunk's rows from GATE_AT on wait at its gate
+    (for GATE_SECONDS at most), so every chunk pauses mid-way. Armed with a set of
+    prompts, the first submit of one of them goes through to the emulator (which
+    accepts and bills it), and its answer is then never sent: to the client, the
+    machine died mid-submit. The arming's `on_hold` runs right then, in the proxy's
+    thread, so the machine dies before the chunk's other lanes can move on (a kill
+    from the test's thread came seconds later on a loaded machine, and the other
+    lanes had finished the chunk by then).
     """
 
     daemon_threads = True
@@ -90,6 +99,8 @@ class _HoldingProxy(ThreadingHTTPServer):
         self.on_hold: Callable[[], None] = lambda: None
         self.held: dict[str, str] = {}  # prompt -> request id the client never saw
         self.holding = threading.Event()
+        self.gate_open = threading.Event()
+        self.gate_closes_at: float | None = None
         self.release = threading.Event()
         self.submitted: Counter[str] = Counter()  # submits seen, by prompt
         self.errors: list[str] = []  # calls it failed to answer, but for the killed worker's
@@ -109,11 +120,19 @@ class _HoldingProxy(ThreadingHTTPServer):
         with self.lock:
             self.hold_prompts = set(prompts)
             self.on_hold = on_hold
+        self.gate_open.set()
 
-    def should_hold(self, body: bytes) -> str | None:
-        try:
-            prompt = json.loads(body).get("prompt")
-        except (ValueError, AttributeError):
+    def wait_at_gate(self, prompt: str | None) -> None:
+        if prompt is None or self.gate_open.is_set() or _row_in_chunk(prompt) < GATE_AT:
+            return
+        with self.lock:
+            if self.gate_closes_at is None:
+                self.gate_closes_at = time.monotonic() + GATE_SECONDS
+            seconds_left = self.gate_closes_at - time.monotonic()
+        self.gate_open.wait(max(0.0, seconds_left))
+
+    def should_hold(self, prompt: str | None) -> str | None:
+        if prompt is None:
             return None
         with self.lock:
             self.submitted[prompt] += 1
@@ -121,6 +140,20 @@ class _HoldingProxy(ThreadingHTTPServer):
                 self.hold_prompts = set()
                 return prompt
         return None
+
+
+def _prompt_of(body: bytes) -> str | None:
+    try:
+        prompt = json.loads(body).get("prompt")
+    except (ValueError, AttributeError):
+        return None
+    return prompt if isinstance(prompt, str) else None
+
+
+def _row_in_chunk(prompt: str) -> int:
+    """0 for a chunk's first row: write_manifest's prompts are `{prefix} {i}`."""
+    number = prompt.rpartition(" ")[2]
+    return int(number) % CHUNK_SIZE if number.isdigit() else 0
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -137,7 +170,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        held = self.server.should_hold(body) if method == "POST" else None
+        held = None
+        if method == "POST":
+            prompt = _prompt_of(body)
+            self.server.wait_at_gate(prompt)
+            held = self.server.should_hold(prompt)
         headers = {
             name: value
             for name, value in self.headers.items()
@@ -184,6 +221,7 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]
         stack_of.callback(proxy.server_close)
         stack_of.callback(proxy.shutdown)
         stack_of.callback(proxy.release.set)
+        stack_of.callback(proxy.gate_open.set)
         stack = stack_of.enter_context(
             running_stack(
                 root,
@@ -446,13 +484,17 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
     # Mid-chunk: a chunk with rows submitted and rows to go, on a worker not running the parent.
     deadline = time.monotonic() + BATCH_SECONDS
     target, victim, to_go = None, "", set()
+    seen: list[tuple[str, str | None, str | None, int]] = []  # what the last look saw
     while target is None and time.monotonic() < deadline:
         parent_worker = _read_flow_run(first.id).labels.get(WORKER_LABEL)
         children = _children(first.id)
+        seen = []
         for child in children:
             worker = child.labels.get(WORKER_LABEL)
             prompts = {job["prompt"] for job in child.parameters["jobs"]}
             to_go = prompts - set(proxy.submitted)
+            state_name = child.state.name if child.state else None
+            seen.append((child.name, worker, state_name, len(prompts) - len(to_go)))
             if (
                 parent_worker
                 and worker not in (None, parent_worker)
@@ -470,7 +512,10 @@ def test_a_worker_dies_mid_chunk_and_a_rerun_finishes_its_rows(
         if children and all(child.state and child.state.is_final() for child in children):
             break  # every chunk ended before one was caught mid-way
         time.sleep(0.1)
-    assert target is not None, f"no chunk caught mid-way\n{stack.log_tail()}"
+    assert target is not None, (
+        f"no chunk caught mid-way; parent on {parent_worker}; chunks (name, worker, state,"
+        f" submitted): {seen}\n{stack.log_tail()}"
+    )
     assert proxy.holding.wait(60), f"the chunk made no further submit\n{stack.log_tail()}"
     killed_at = time.monotonic()
     # Killed, so still Running (or Pending) until an automation marks them Crashed.
