@@ -19,6 +19,8 @@ Best effort, like the rest of observability: nothing here fails a paid request.
 from __future__ import annotations
 
 import logging
+import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -45,6 +47,10 @@ ASSET_MATERIALIZED = "prefect.asset.materialization.succeeded"
 DEFAULT_PREVIEW_ROWS = 20
 # Thumbnails per side of a row (inputs, outputs); more are counted, not shown.
 MAX_THUMBNAILS_PER_SIDE = 4
+# Prefect's UI does not wrap a table cell: a failed row's error is broken into lines
+# this long, and a path in it longer than that is named by its file.
+ERROR_LINE_CHARACTERS = 40
+_LONG_WORD = re.compile(rf"[^\s'\"`()<>\[\],;]{{{ERROR_LINE_CHARACTERS + 1},}}")
 
 logger = get_logger("prefect_nanobanana.previews")
 
@@ -67,6 +73,26 @@ class ShownRow:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _file_name(location: str) -> str:
+    return PurePosixPath(urlsplit(location).path).name or location
+
+
+def _error_cell(error: str) -> tuple[str, bool]:
+    """The error in lines a table cell shows whole, each long path in it named `…/file`;
+    and whether a path was shortened (the whole error then goes under the table).
+
+    Prefect's UI neither wraps a table cell nor breaks a word, so a failed row's
+    error ran past the table's edge (seen in the UI test's screenshot).
+    """
+
+    def shorten(word: re.Match[str]) -> str:
+        place = word.group(0)
+        return f"…/{_file_name(place)}" if "/" in place.strip("/") else place
+
+    shown = _LONG_WORD.sub(shorten, error)
+    return "<br>".join(textwrap.wrap(_cell(shown), ERROR_LINE_CHARACTERS)), shown != error
 
 
 def _place(location: str) -> str:
@@ -95,8 +121,7 @@ def _thumbnails(
         # A source we will not read (an https URL, say), or not an image.
         stripped = strip_signature(location)
         unshown.append(stripped)
-        name = PurePosixPath(urlsplit(stripped).path).name or stripped
-        shown.append(f"`{_cell(name)}`")
+        shown.append(f"`{_cell(_file_name(stripped))}`")
     hidden = len(locations) - MAX_THUMBNAILS_PER_SIDE
     if hidden > 0:
         shown.append(f"+{hidden} more")
@@ -124,11 +149,13 @@ def preview_markdown(
     lines += ["| row | status | before | after |", "| --- | --- | --- | --- |"]
     where = []
     for row in shown:
-        after, _ = (
-            _thumbnails(row.output_locations, s3_client, "output", row.output_thumbnails)
-            if row.output_locations
-            else (_cell(row.error or ""), [])
-        )
+        error_in_full: list[str] = []
+        if row.output_locations:
+            after, _ = _thumbnails(row.output_locations, s3_client, "output", row.output_thumbnails)
+        else:
+            after, shortened = _error_cell(row.error or "")
+            if shortened:
+                error_in_full = [f"error: {_cell(row.error or '')}"]
         request = f"<br>request `{row.request_id}`" if row.request_id else ""
         before, unshown = _thumbnails(row.sources, s3_client, "input")
         lines.append(f"| {_cell(row.label)}{request} | {row.status} | {before} | {after} |")
@@ -139,6 +166,7 @@ def preview_markdown(
                 for index, location in enumerate(row.output_locations)
             ]
             + ([f"metadata: {_place(row.metadata_location)}"] if row.metadata_location else [])
+            + error_in_full
         )
         if places:
             where.append(f"- **{_cell(row.label)}**: " + "; ".join(places))

@@ -79,3 +79,23 @@ def test_the_report_shows_images_for_the_first_rows_only(tmp_path: Path, rows: i
     # Bounded: at most 20 rows of images, a few kilobytes each.
     assert len(markdown) < 20 * 2 * 12_000 + 20 * 1_000
     print(f"{rows} rows, 20 previewed: {len(markdown)} characters")
+
+
+def test_a_failed_rows_long_paths_are_named_by_file_in_the_table(tmp_path: Path) -> None:
+    deep = "/srv/nightly/2026-12-01/incoming/customer-uploads/batch-0042/photo-7.png"
+    error = f"InvalidInputError: cannot read {deep}: no such file"
+    shown = [
+        ShownRow(label="row-1", status="failed", request_id=None, sources=[deep], error=error),
+        ShownRow(
+            label="row-2", status="failed", request_id=None, sources=[], error="quota: 429 x3"
+        ),
+    ]
+    markdown = preview_markdown("batch", shown)
+    failed_row, short_row = (line for line in markdown.splitlines() if line.startswith("| row-"))
+    # Prefect's UI wraps no cell: the error in short lines, no whole path in the table.
+    after = failed_row.rstrip(" |").rsplit(" | ", 1)[1]
+    assert deep not in failed_row and all(len(line) <= 40 for line in after.split("<br>"))
+    assert "cannot read …/photo-7.png: no such file" in after.replace("<br>", " ")
+    assert f"error: {error}" in markdown.split("## Where it went", 1)[1]
+    # A short error is in the table as it is, and not said twice.
+    assert "quota: 429 x3" in short_row and markdown.count("quota: 429 x3") == 1

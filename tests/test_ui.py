@@ -270,6 +270,14 @@ def test_a_batch_row_that_failed_before_its_submit_is_a_failed_task_run(
         _open_artifact(page, "nanobanana-batch-report")
         assert all(width > 0 for width in _decoded_images(page))
         expect(page.get_by_text("bad-one", exact=True).first).to_be_visible()
+        # The report's table fits in its frame: no cell runs past the edge, clipped
+        # (a failed row's error did, and Prefect's UI wraps no table cell).
+        overflow = page.evaluate(
+            """() => [...document.querySelectorAll('table')].map(table =>
+                table.getBoundingClientRect().right
+                - table.parentElement.getBoundingClientRect().right)"""
+        )
+        assert overflow and max(overflow) <= 1, overflow
 
 
 def _readable_text(page: Any) -> str:
