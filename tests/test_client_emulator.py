@@ -272,9 +272,9 @@ def test_reads_give_up_with_a_clear_error(emulator_factory, emulator_token):
 
 def test_read_timeout_on_a_read_is_retried(emulator_factory, emulator_token, image_server):
     emulator = emulator_factory(
-        faults=FaultPlan([Fault("slow", endpoint="status", calls=[1], delay_seconds=1.0)])
+        faults=FaultPlan([Fault("slow", endpoint="status", calls=[1], delay_seconds=3.0)])
     )
-    with make_client(emulator, emulator_token, timeout=0.3) as client:
+    with make_client(emulator, emulator_token, timeout=1.0) as client:
         handle = client.submit_edit(edit(image_server))
         assert client.status(handle.request_id).request_id == handle.request_id
     assert emulator.stats.calls["status"] == 2

@@ -443,6 +443,7 @@ def test_a_429_pauses_every_call_of_the_client():
     client = RunComfyClient(api_token=TOKEN, base_url=BASE, retry_policy=RetryPolicy(max_delay=5))
 
     first_attempt_seen = threading.Event()
+    other_called_at: list[float] = []
 
     def rate_limited_once(request):
         if not first_attempt_seen.is_set():
@@ -450,18 +451,24 @@ def test_a_429_pauses_every_call_of_the_client():
             return httpx.Response(429, headers={"Retry-After": "0.4"})
         return httpx.Response(200, json={"status": "in_queue"})
 
+    def other_call(request):
+        other_called_at.append(time.monotonic())
+        return httpx.Response(200, json={"status": "in_queue"})
+
     respx.get(f"{BASE}/v1/requests/r1/status").mock(side_effect=rate_limited_once)
-    other = respx.get(f"{BASE}/v1/requests/r2/status").respond(200, json={"status": "in_queue"})
-    started = time.monotonic()
+    respx.get(f"{BASE}/v1/requests/r2/status").mock(side_effect=other_call)
     worker = threading.Thread(target=client.status, args=("r1",))
     worker.start()
     first_attempt_seen.wait(5)
-    time.sleep(0.05)  # let the worker record the 429 before the other call starts
+    deadline = time.monotonic() + 5  # the worker has recorded the 429 before the other call
+    while not client._paused_until and time.monotonic() < deadline:
+        time.sleep(0.001)
+    paused_until = client._paused_until
+    assert paused_until, "the 429 paused nothing"
     client.status("r2")
-    waited = time.monotonic() - started
     worker.join()
-    assert other.call_count == 1
-    assert waited >= 0.4
+    # The other call went out only once the pause was over.
+    assert len(other_called_at) == 1 and other_called_at[0] >= paused_until
 
 
 @respx.mock

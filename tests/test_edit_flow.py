@@ -270,7 +270,8 @@ def test_the_cancellation_hook_reads_the_run_back_from_the_api(
 def test_a_rerun_after_a_crash_resumes_without_resubmitting(
     prefect_harness, use_emulator, emulator_factory, image_server
 ):
-    emulator = use_emulator(emulator_factory(fixed_duration_seconds=3))
+    # Still running when the kill lands, however long the run's start and its record take.
+    emulator = use_emulator(emulator_factory(fixed_duration_seconds=6))
     with get_client(sync_client=True) as client:
         flow_run = client.create_flow_run(
             edit_image,

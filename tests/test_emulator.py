@@ -204,7 +204,8 @@ def test_queue_is_fifo_with_positions_while_queued(emulator_factory, image_serve
 
 
 def test_only_a_queued_job_can_be_cancelled(emulator_factory, image_server):
-    emulator = emulator_factory(workers=1, fixed_duration_seconds=0.4)
+    # Long enough for both cancels to land while the first job runs, on a loaded machine.
+    emulator = emulator_factory(workers=1, fixed_duration_seconds=2.0)
     with api(emulator) as client:
         running = submit(client, body(image_server))
         queued = submit(client, body(image_server))
@@ -442,13 +443,14 @@ def test_bad_input_fails_the_job_without_leaking_secrets(emulator, image_server,
 
 
 def test_outputs_and_results_expire_after_the_ttl(emulator_factory, image_server):
-    emulator = emulator_factory(output_ttl_seconds=0.3)
+    # Room for the wait, the result and the download before the outputs expire.
+    emulator = emulator_factory(output_ttl_seconds=1.0)
     with api(emulator) as client:
         request_id = submit(client, body(image_server))
         wait_done(client, request_id)
         url = result(client, request_id).json()["output"]["image"]
         fresh = client.get(url)
-        time.sleep(0.35)
+        time.sleep(1.05)
         expired_result = result(client, request_id)
         expired_file = client.get(url)
         status = client.get(f"/v1/requests/{request_id}/status").json()
