@@ -26,6 +26,7 @@ from ..client import (
 )
 from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit
+from ..tasks.guard import job_scope
 from ..tasks.storage import archive_request, stage_images
 from .edit import estimate_within_budget, remote_seconds, wait_watched
 
@@ -94,9 +95,8 @@ def edit_and_archive(
     estimated_cost = estimate_within_budget(resolved, checked, max_cost_usd)
     staged = stage_images(images, staging_uri, aws_credentials)
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
-    scope = str(observe.current_flow_run_id())
     # The sources as given, not the staged URLs (new signatures on every retry).
-    job_key = job_key_for(prompt, images, options, scope=scope)
+    job_key = job_key_for(prompt, images, options, scope=job_scope())
     submitted = submit_edit(edit, resolved, job_key=job_key)
     outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
     if outcome is None:
@@ -113,7 +113,7 @@ def edit_and_archive(
             created_at=outcome.created_at,
             finished_at=outcome.finished_at,
             cost=outcome.cost,
-            flow_run_id=scope,
+            flow_run_id=str(observe.current_flow_run_id()),
         ),
         outcome.created_at,
         aws_credentials,

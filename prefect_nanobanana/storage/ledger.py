@@ -90,8 +90,9 @@ def job_key_for(
 ) -> str:
     """The one job-key scheme: sha256 of a job's prompt, sources, options, row id and scope.
 
-    Local paths are made absolute and URLs signature-stripped, so restaging (new
-    signatures) does not change the key; options set to None count as unset.
+    Local paths are made absolute, URLs signature-stripped (so restaging, with new
+    signatures, does not change the key) and data: URIs named by their digest;
+    options set to None count as unset.
     Defaults are not filled in here — pass options already normalised if ``"1K"``
     and an omitted resolution should be the same job. ``row_id`` tells identical
     rows of a batch apart (two copies of a row are two paid jobs). ``scope`` narrows
@@ -112,6 +113,10 @@ def job_key_for(
 
 
 def _canonical_source(source: str | os.PathLike[str]) -> str:
+    if isinstance(source, str) and source[:5].lower() == "data:":
+        # An inline image (what `stage_images` gives without a staging store) is its
+        # bytes: named by their digest, it is the same job whoever encoded it.
+        return "data:sha256=" + hashlib.sha256(source.encode()).hexdigest()
     location = parse_location(source)
     if isinstance(location, LocalLocation):
         return str(location.path.absolute())

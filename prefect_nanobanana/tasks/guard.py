@@ -158,7 +158,19 @@ class SubmittedRequest(BaseModel):
 
 
 def job_scope() -> str:
-    """What makes a default job key unique: the flow run, else the task run, else nothing."""
+    """What makes a default job key unique: the run whose retries resume the same request.
+
+    That is the flow run, except for a subflow: when its parent flow is retried,
+    Prefect starts a fresh run of a subflow that did not complete, under the same
+    parent task run. Scoped by its own run id, that retry paid for the edit again;
+    scoped by the parent task run, it finds the request the first run paid for (and
+    each call of a subflow in the parent is still a job of its own). Else the task
+    run, else nothing.
+    """
+    flow_run_context = FlowRunContext.get()
+    flow_run = flow_run_context.flow_run if flow_run_context is not None else None
+    if flow_run is not None and flow_run.parent_task_run_id is not None:
+        return f"subflow:{flow_run.parent_task_run_id}"
     flow_run_id = observe.current_flow_run_id()
     if flow_run_id:
         return str(flow_run_id)
@@ -185,10 +197,13 @@ def submit_run_name(parameters: dict[str, Any]) -> str:
     flow_run_context = FlowRunContext.get()
     if not job_key and flow_run_context is not None and flow_run_context.flow_run is not None:
         try:
-            edit = NanoBananaEditInput.model_validate(parameters["edit"])
+            job_key = default_job_key(
+                NanoBananaEditInput.model_validate(parameters["edit"]), job_scope()
+            )
         except ValueError:
-            return "submit-edit"  # the task itself reports the invalid input
-        job_key = default_job_key(edit, str(flow_run_context.flow_run.id))
+            # The task itself reports the invalid input; a name function that raises
+            # leaves its task run Pending for good.
+            return "submit-edit"
     return f"submit-edit-{job_key[:8]}" if job_key else "submit-edit"
 
 
