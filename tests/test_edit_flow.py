@@ -12,15 +12,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from PIL import Image
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -75,6 +79,19 @@ def flow_run_id(state: State) -> UUID:
 def read_flow_run(run_id: UUID) -> FlowRun:
     with get_client(sync_client=True) as client:
         return client.read_flow_run(run_id)
+
+
+def create_edit_run(image_server: Any, **parameters: Any) -> FlowRun:
+    """A flow run of `edit_image` created through the API, as a trigger would, not yet run."""
+    with get_client(sync_client=True) as client:
+        return client.create_flow_run(
+            edit_image,
+            parameters={
+                "prompt": "paint it teal",
+                "image_urls": [image_server.url_for("wide.png")],
+                **parameters,
+            },
+        )
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -272,14 +289,7 @@ def test_a_rerun_after_a_crash_resumes_without_resubmitting(
 ):
     # Still running when the kill lands, however long the run's start and its record take.
     emulator = use_emulator(emulator_factory(fixed_duration_seconds=6))
-    with get_client(sync_client=True) as client:
-        flow_run = client.create_flow_run(
-            edit_image,
-            parameters={
-                "prompt": "paint it teal",
-                "image_urls": [image_server.url_for("wide.png")],
-            },
-        )
+    flow_run = create_edit_run(image_server)
     command = [sys.executable, "-c", RUN_FLOW_RUN, str(flow_run.id)]
 
     child = subprocess.Popen(command, env=prefect_harness.env(), stdout=subprocess.DEVNULL)
@@ -304,6 +314,86 @@ def test_a_rerun_after_a_crash_resumes_without_resubmitting(
     assert emulator.stats.submits_received == 1
     assert emulator.stats.submits_accepted == 1
     assert read_flow_run(flow_run.id).state.is_completed()
+
+
+def test_a_retried_parent_flow_does_not_pay_for_its_subflows_edits_again(
+    prefect_harness, use_emulator, emulator, image_server, tmp_path
+):
+    """Retrying a parent reruns its subflows as fresh flow runs: they resume their requests.
+
+    Prefect starts a new run of a subflow that failed, or completed without a
+    persisted result, when its parent is retried. A default job key scoped by the
+    subflow's own run id paid for every edit of an ETL flow again when a later step
+    failed; scoped by the parent's task run, the retry finds the requests.
+    """
+    from prefect_nanobanana.flows import edit_and_archive
+
+    use_emulator(emulator)
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "teal").save(picture)
+    results: list[Any] = []
+
+    @flow(retries=1, retry_delay_seconds=0)
+    def product_photos() -> None:
+        results.append(
+            edit_image(prompt="paint it teal", image_urls=[image_server.url_for("wide.png")])
+        )
+        results.append(
+            edit_and_archive(
+                prompt="add snow", images=[str(picture)], archive_uri=str(tmp_path / "archive")
+            )
+        )
+        if len(results) == 2:
+            raise RuntimeError("loading the warehouse failed")
+
+    assert product_photos(return_state=True).is_completed()
+    # Both subflows ran again on the retry, and neither paid again.
+    assert len(results) == 4
+    assert emulator.stats.submits_received == 2
+    assert [result.request_id for result in results[2:]] == [
+        result.request_id for result in results[:2]
+    ]
+    assert Path(results[3].output_locations[0]).is_file()
+
+
+def test_submit_edit_keys_an_inline_image_by_its_bytes(
+    prefect_harness, use_emulator, emulator, tmp_path
+):
+    """`stage_images` without a staging store gives data: URIs; the default job key took them
+    for a location, and the task run was left Pending by its name function's error."""
+    from prefect_nanobanana.tasks import stage_images, wait_for_request
+
+    use_emulator(emulator)
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "teal").save(picture)
+
+    @flow
+    def edit_inline() -> tuple[str, str, str]:
+        (staged,) = stage_images([str(picture)])
+        assert staged.url.startswith("data:image/png;base64,")
+        submitted = submit_edit({"prompt": "add snow", "image_urls": [staged.url]})
+        # The same edit again in this run is the same job: adopted, not paid twice.
+        again = submit_edit({"prompt": "add snow", "image_urls": [staged.url]})
+        outcome = wait_for_request(submitted.request_id, submitted_at=submitted.submitted_at)
+        return submitted.request_id, again.request_id, outcome.status
+
+    request_id, again, status = edit_inline()
+    assert (again, status) == (request_id, "completed")
+    assert emulator.stats.submits_received == 1
+
+    @flow
+    def edit_over_http() -> None:
+        submit_edit({"prompt": "add snow", "image_urls": ["http://cdn.example.com/a.png"]})
+
+    # A source the key refuses fails the task run clearly; its name is the plain one.
+    state = edit_over_http(return_state=True)
+    with get_client(sync_client=True) as client:
+        (task_run,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id(state)]))
+        )
+    assert task_run.name == "submit-edit" and task_run.state.is_failed()
+    assert "refusing non-HTTPS URL" in task_run.state.message
+    assert emulator.stats.submits_received == 1
 
 
 def test_cancelling_a_served_run_cancels_its_queued_request(
@@ -356,6 +446,25 @@ def _deployment(client: Any, name: str) -> Any:
         return None
 
 
+def test_a_token_sent_inline_through_the_api_is_used_and_the_run_says_where_it_is_kept(
+    prefect_harness, emulator_factory, image_server, monkeypatch
+):
+    """Prefect stores a flow run's parameters as they were sent: the token is in its
+    database then, whatever this package does, so the run warns (without the token)."""
+    from prefect.flow_engine import load_flow_run, run_flow
+
+    emulator = emulator_factory(api_tokens=(SECRET,))
+    monkeypatch.setenv("RUNCOMFY_POLL_TIME_SCALE", str(emulator.config.time_scale))
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    inline = {"api_token": SECRET, "base_url": emulator.base_url, "request_timeout": 30}
+    flow_run = create_edit_run(image_server, credentials=inline)
+    result = run_flow(edit_image, flow_run=load_flow_run(flow_run.id))
+    assert result.statuses[-1] == "completed"
+    logs = run_logs(flow_run.id)
+    assert any("came inline in this flow run's parameters" in message for message in logs)
+    assert not [message for message in logs if SECRET in message]
+
+
 def test_no_log_artifact_or_parameter_shows_the_token(
     prefect_harness, emulator_factory, image_server, monkeypatch, caplog
 ):
@@ -389,3 +498,4 @@ def test_no_log_artifact_or_parameter_shows_the_token(
         for artifact in run_artifacts(run_id):
             assert SECRET not in json.dumps(artifact.data) + str(artifact.description)
         assert SECRET not in json.dumps(read_flow_run(run_id).parameters)
+        assert not [message for message in logs if "came inline" in message]
