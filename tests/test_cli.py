@@ -18,6 +18,7 @@ from prefect_nanobanana.cli import (
     EXIT_BALANCE,
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
+    EXIT_NOT_SAVED,
     EXIT_OUTCOME_UNKNOWN,
     EXIT_TIMEOUT,
     main,
@@ -68,6 +69,16 @@ def test_result_download_saves_the_outputs(api, image_server, tmp_path, capsys):
     assert [Path(path).name for path in saved] == [f"{request_id}-1.png", f"{request_id}-2.png"]
     assert all(Path(path).is_file() for path in saved)
     assert (tmp_path / f"{request_id}.metadata.json").is_file()
+
+
+def test_result_of_a_failed_job_exits_as_a_failed_job(api, image_server, capsys):
+    emulator = api(faults=FaultPlan([Fault("fail_job", endpoint="submit")]))
+    assert main(["submit", "--prompt", "p", "--image", image_server.url_for("wide.png")]) == 0
+    request_id = capsys.readouterr().out.strip()
+    while emulator.job(request_id).status != "failed":
+        time.sleep(0.01)
+    assert main(["result", request_id]) == EXIT_JOB_FAILED
+    assert capsys.readouterr().out.splitlines()[0] == f"{request_id}: failed"
 
 
 def test_result_prints_status_outputs_and_cost(api, image_server, capsys):
@@ -162,6 +173,67 @@ def test_bad_token_and_bad_input_exit_codes(api, image_server, monkeypatch, caps
     assert "file.png" in capsys.readouterr().err
 
 
+def test_an_out_that_names_a_file_is_refused_before_the_submit(api, image_server, tmp_path, capsys):
+    """It was found only when saving: the edit paid for, then "nothing was paid for"."""
+    emulator = api()
+    taken = tmp_path / "photo.png"
+    taken.write_bytes(b"not a folder")
+    url = image_server.url_for("square.png")
+    assert main(["edit", "--prompt", "p", "--image", url, "--out", str(taken)]) == EXIT_BAD_INPUT
+    assert "photo.png" in capsys.readouterr().err
+    assert emulator.stats.submits_received == 0
+
+
+def test_a_failure_after_the_submit_names_the_request_and_never_says_unpaid(
+    api, image_server, tmp_path, capsys
+):
+    # The job's outputs are gone the moment it completes: its result is a 404.
+    emulator = api(faults=FaultPlan([Fault("expire_output", calls=[1])]))
+    url = image_server.url_for("square.png")
+    assert main(["edit", "--prompt", "p", "--image", url, "--out", str(tmp_path)]) == EXIT_NOT_SAVED
+    err = capsys.readouterr().err
+    request_id = err.split("Submitted request ", 1)[1].split()[0]
+    assert emulator.job(request_id).status == "completed"
+    assert f"Request {request_id} was submitted" in err
+    assert f"nanobanana result {request_id} --download DIR" in err
+    assert "nothing was paid for" not in err
+
+
+@pytest.mark.parametrize(
+    "argv_tail",
+    [
+        ["--timeout", "0"],
+        ["--timeout", "-5"],
+        ["--timeout", "soon"],
+        ["--max-cost", "-1"],
+        ["--prompt", " "],
+    ],
+)
+def test_values_that_cannot_work_are_refused_before_the_submit(
+    api, image_server, tmp_path, capsys, argv_tail
+):
+    emulator = api()
+    argv = ["edit", "--prompt", "p", "--image", image_server.url_for("square.png")]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--out", str(tmp_path), *argv_tail])
+    assert exited.value.code == EXIT_BAD_INPUT
+    assert f"argument {argv_tail[0]}: " in capsys.readouterr().err
+    assert emulator.stats.submits_received == 0
+
+
+def test_spend_counts_what_edit_archived(api, image_server, tmp_path, capsys):
+    """`edit --archive` left its ledger entries "submitted" without their cost."""
+    api()
+    archive = str(tmp_path / "archive")
+    url = image_server.url_for("square.png")
+    for prompt in ("fog", "rain"):
+        assert main(["edit", "--prompt", prompt, "--image", url, "--archive", archive]) == 0
+    capsys.readouterr()
+    assert main(["spend", "--archive", archive, "--json"]) == 0
+    spent = json.loads(capsys.readouterr().out)
+    assert (spent["total_billed_usd"], spent["without_bill"]) == (0.3, 0)
+
+
 def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):
     emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
     child = subprocess.Popen(
@@ -198,3 +270,14 @@ def test_emulator_verb_takes_its_own_options(capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert "--time-scale" in out and "--faults" in out and "--port" in out
+
+
+def test_the_emulator_refuses_a_bad_port_or_log_file_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["emulator", "--port", "99999"])
+    assert exited.value.code == 2
+    assert "not a port (0-65535): '99999'" in capsys.readouterr().err
+    log_file = tmp_path / "no-such-folder" / "emulator.log"
+    assert main(["emulator", "--print-env", "--port", "0", "--log-file", str(log_file)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the log file {log_file}" in err and "Traceback" not in err

@@ -197,7 +197,8 @@ def test_batch_lists_every_bad_row_before_prefect_starts(tmp_path, emulator):
 def test_credentials_flag_picks_a_saved_block_over_the_environment(
     tmp_path, emulator, monkeypatch, capsys
 ):
-    from prefect_nanobanana import RunComfyCredentials
+    from prefect_nanobanana import RunComfyCredentials, edit_image
+    from prefect_nanobanana.blocks.credentials import CredentialsNotFoundError
 
     photo = _photo(tmp_path)
     argv = ["submit", "--prompt", "p", "--image", str(photo), "--credentials"]
@@ -210,7 +211,21 @@ def test_credentials_flag_picks_a_saved_block_over_the_environment(
         assert main([*argv, "issue13-emulator"]) == 0
         request_id = capsys.readouterr().out.strip()
         assert main([*argv, "issue13-no-such-block"]) == EXIT_BAD_INPUT
-    assert "no RunComfyCredentials block named 'issue13-no-such-block'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no RunComfyCredentials block named 'issue13-no-such-block'" in err
+    assert "leave out --credentials to use RUNCOMFY_API_TOKEN" in err  # not redacted away
+    manifest = tmp_path / "one.jsonl"
+    manifest.write_text(json.dumps({"prompt": "p", "images": [str(photo)]}) + "\n")
+    batch = ["batch", str(manifest), "--archive", str(tmp_path / "archive")]
+    # The batch said it in a flow run's traceback, with the exit code of a bug.
+    assert main([*batch, "--credentials", "issue13-no-such-block"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "no RunComfyCredentials block named 'issue13-no-such-block'" in err
+    assert "Traceback" not in err
+    with pytest.raises(CredentialsNotFoundError, match="issue13-no-such-block"):
+        edit_image(
+            prompt="p", image_urls=[f"{trap.url}/a.png"], credentials="issue13-no-such-block"
+        )
     assert trap.requests == []
     assert emulator.stats.submits_received == 1  # the missing block stopped before any call
     # `submit` sends a local image inline too.

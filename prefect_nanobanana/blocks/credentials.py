@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
 from prefect.blocks.core import Block, schema_extra
+from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.utilities.asyncutils import run_coro_as_sync
@@ -26,6 +27,10 @@ def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
         return get_run_logger()
     except MissingContextError:
         return None
+
+
+class CredentialsNotFoundError(ValueError):
+    """A `credentials` parameter names a block that is not saved (found before any submit)."""
 
 
 # What a saved block's document always holds and a `{"$ref": ...}` never does.
@@ -159,6 +164,23 @@ class RunComfyCredentials(CredentialsBlock):
 DEFAULT_CREDENTIALS_BLOCK = "default"
 
 
+def _token_kept_in_parameters(block: RunComfyCredentials) -> bool:
+    """Whether this flow run's parameters, as Prefect stored them, hold the block's token.
+
+    A block passed from Python is stored with its token masked; one sent through the
+    API as a plain object (`{"api_token": "..."}`) is stored as sent. Only the
+    person who sent it can stop that, so the run tells them.
+    """
+    context = FlowRunContext.get()
+    if block.api_token is None or context is None or context.flow_run is None:
+        return False
+    token = block.api_token.get_secret_value()
+    return any(
+        isinstance(value, dict) and value.get("api_token") == token
+        for value in (context.flow_run.parameters or {}).values()
+    )
+
+
 def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     return RunComfyCredentials(
         base_url=credentials.get("base_url"),
@@ -179,6 +201,12 @@ async def aresolve_credentials(
     one, whose token the API only shows masked, so the environment's is used).
     """
     if isinstance(credentials, RunComfyCredentials):
+        if _token_kept_in_parameters(credentials):
+            (run_logger_or_none() or logging.getLogger(__name__)).warning(
+                "The API token came inline in this flow run's parameters, and Prefect keeps "
+                "parameters in its database as they were sent: save a RunComfyCredentials "
+                "block and pass its name instead, and rotate this token."
+            )
         return credentials
     if credentials is None:
         return RunComfyCredentials()
@@ -188,10 +216,16 @@ async def aresolve_credentials(
         return _from_parameter_dict(credentials)
     try:
         return await RunComfyCredentials.aload(credentials)
-    except ValueError:
-        if credentials != DEFAULT_CREDENTIALS_BLOCK:
+    except ValueError as error:
+        if credentials == DEFAULT_CREDENTIALS_BLOCK:
+            return RunComfyCredentials()
+        if "Unable to find block document" not in str(error):
             raise
-        return RunComfyCredentials()
+        raise CredentialsNotFoundError(
+            f"no RunComfyCredentials block named {credentials!r} is saved on this Prefect "
+            "API: save one under that name, or pass 'default' to use the environment "
+            "variables RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL"
+        ) from None
 
 
 def resolve_credentials(

@@ -59,7 +59,7 @@ __all__ = [
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="The edit instruction.")
+    parser.add_argument("--prompt", required=True, type=_prompt, help="The edit instruction.")
     parser.add_argument(
         "--image",
         dest="images",
@@ -74,14 +74,49 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, default=1, choices=range(1, 5))
 
 
-def _add_max_cost_option(parser: argparse.ArgumentParser) -> None:
+def _add_max_cost_option(parser: argparse.ArgumentParser, rows: bool = False) -> None:
     parser.add_argument(
         "--max-cost",
-        type=float,
+        type=_non_negative_float,
         metavar="USD",
         help="Budget: refuse before paying when the estimate is over it (or the price is "
-        "unknown), and submit no row past it.",
+        f"unknown){', and submit no row past it' if rows else ''}.",
     )
+
+
+# Checked by argparse, so a value that cannot work is refused before anything is paid.
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _number(text: str, kind: type[float] | type[int]) -> float | int:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _date(text: str) -> datetime.date:
@@ -126,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where local inputs are uploaded (s3://bucket/prefix or a loopback store URL); "
         "without it they are sent inline, up to 6 MiB each as data: URIs.",
     )
-    edit.add_argument("--timeout", type=float, default=600.0, help="Seconds to wait.")
+    edit.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        help="Seconds to wait for the edit (default: 600).",
+    )
     edit.add_argument(
         "--job-key",
         help="Name the job: the same key again adopts its request instead of paying twice.",
@@ -139,13 +179,23 @@ def build_parser() -> argparse.ArgumentParser:
         "batch", parents=[common], help="Run every row of a JSONL/CSV manifest."
     )
     batch.add_argument("manifest", help="Manifest location: local path or s3://.")
-    batch.add_argument("--archive", required=True, metavar="URI")
+    batch.add_argument(
+        "--archive",
+        required=True,
+        metavar="URI",
+        help="Folder or s3:// for the outputs, their metadata and the ledger.",
+    )
     batch.add_argument(
         "--staging",
         metavar="URI",
         help="Where local inputs are uploaded; without it they are sent inline (≤ 6 MiB).",
     )
-    batch.add_argument("--max-concurrency", type=int, default=8)
+    batch.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        default=8,
+        help="Rows in flight at once (default: 8).",
+    )
     batch.add_argument(
         "--allow-partial",
         action="store_true",
@@ -158,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="A saved RunComfyCredentials block (default: 'default' if saved, else "
         "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL).",
     )
-    _add_max_cost_option(batch)
+    _add_max_cost_option(batch, rows=True)
     batch.add_argument(
         "--dry-run",
         action="store_true",
@@ -171,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="Sum the billed cost by day from an archive's ledger (the bill check).",
     )
-    spend.add_argument("--archive", required=True, metavar="URI")
+    spend.add_argument(
+        "--archive", required=True, metavar="URI", help="The archive whose ledger to read."
+    )
     spend.add_argument(
         "--since", type=_date, metavar="YYYY-MM-DD", help="Only days from this one on (UTC)."
     )
@@ -259,12 +311,20 @@ def _report(error: Exception, args: argparse.Namespace) -> int:
     context = FailureContext(
         base_url=getattr(args, "api_base_url", None),
         has_credentials_flag=hasattr(args, "credentials"),
+        # Set by a verb once its submit answered (`edit`).
+        submitted_request_id=getattr(args, "submitted_request_id", None),
     )
     failure = failure_of(error, context)
     if failure is None:
         print(
             f"error: unexpected {type(error).__name__}: {redact_text(str(error))}", file=sys.stderr
         )
+        if context.submitted_request_id:
+            print(
+                f"Request {context.submitted_request_id} was submitted: `nanobanana result "
+                f"{context.submitted_request_id} --download DIR` saves its outputs.",
+                file=sys.stderr,
+            )
         if not args.debug:
             print("Run it again with --debug to see the traceback.", file=sys.stderr)
         return EXIT_ERROR

@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..client.pricing import format_usd
+from .connection import load_credentials_block
 from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK, EXIT_OVER_BUDGET
 from .preflight import preflight_batch
 
@@ -75,6 +76,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
         print(f"--allow-partial: running the other {checked.rows - bad} rows.", file=sys.stderr)
     # Prefect gives its temporary server 20 s to start; a busy machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK
+
+    if args.credentials != DEFAULT_CREDENTIALS_BLOCK:
+        # A mistyped block fails here in one line, not as the flow run's traceback.
+        load_credentials_block(args.credentials)
     from ..flows.batch import ROW_PROGRESS, BatchDryRun, BatchFailedError, batch_edit
     from ..observe import short_error
 

@@ -67,6 +67,7 @@ def load_credentials_block(name: str):
         raise UsageError(
             f"no RunComfyCredentials block named {name!r} is saved on this Prefect API "
             f"(PREFECT_API_URL={os.environ.get('PREFECT_API_URL') or 'unset: the local one'}). "
-            "Save one with RunComfyCredentials(api_token=...).save(NAME), or leave out "
-            "--credentials to use RUNCOMFY_API_TOKEN"
+            # Worded without "api_token=": the redaction would take the rest for a token.
+            "Save a RunComfyCredentials block under that name, or leave out --credentials "
+            "to use RUNCOMFY_API_TOKEN"
         ) from None

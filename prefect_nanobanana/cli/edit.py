@@ -10,6 +10,7 @@ puts the files, named by the request, directly in `DIR`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -106,7 +107,8 @@ def run_edit_command(args: argparse.Namespace) -> int:
         job_key_for,
         stage_assets,
     )
-    from ..tasks.guard import submit_once_blocking
+    from ..storage.backends import open_backend
+    from ..tasks.guard import mark_archived, submit_once_blocking
     from ..tasks.records import MemoryRecordStore
 
     options = {
@@ -129,7 +131,9 @@ def run_edit_command(args: argparse.Namespace) -> int:
     records: Ledger | MemoryRecordStore = MemoryRecordStore()
     if args.archive or args.job_key:
         records = Ledger(archive_uri)
-        records.check()
+    # Where the files go must be writable before the edit is paid for (an --out that
+    # names a file failed only once the job had run).
+    open_backend(archive_uri).check()
     job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
     with client_for(args) as client:
         handle = submit_once_blocking(
@@ -139,6 +143,8 @@ def run_edit_command(args: argparse.Namespace) -> int:
             edit,
             facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": options},
         )
+        # From here on the request exists: no failure may say nothing was paid for.
+        args.submitted_request_id = handle.request_id
         verb = "Adopted" if handle.adopted or handle.resumed else "Submitted"
         count = f"{args.num_images} image{'s' if args.num_images > 1 else ''}"
         display.say(f"{verb} request {handle.request_id} ({args.resolution}, {count})")
@@ -169,6 +175,17 @@ def run_edit_command(args: argparse.Namespace) -> int:
         ),
         flat=args.archive is None,  # --out (or the default): the files right there
         allowed_hosts=client.output_hosts,
+    )
+    # Done, with its bill: what `nanobanana spend --archive` adds up.
+    asyncio.run(
+        mark_archived(
+            records,
+            job_key,
+            metadata_location=record.metadata_location,
+            output_locations=record.output_locations,
+            cost=result.cost,
+            known=handle.record,
+        )
     )
     payload = {
         "request_id": handle.request_id,

@@ -13,15 +13,16 @@ error classes of the client, nothing else until something failed.
 | 3 | the API token was refused |
 | 4 | the account balance is too low |
 | 5 | timed out waiting (the job may still finish) |
-| 6 | the job failed or was cancelled (`batch`: some rows failed) |
+| 6 | the job failed or was cancelled (`batch`: some rows failed; `result` of such a job) |
 | 7 | the submit's outcome is unknown (it may have been billed; not resent) |
 | 8 | the API could not be reached (network, wrong base URL) |
-| 9 | outputs were produced but could not all be saved |
+| 9 | the request was submitted, but its outputs could not all be saved |
 | 130 | interrupted (Ctrl-C) |
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,11 +52,13 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class FailureContext:
-    """What the hints may name: the API base URL the verb used, and whether the verb
-    has a `--credentials` flag (a hint must not suggest a flag that is not there)."""
+    """What the hints may name: the API base URL the verb used, whether the verb has a
+    `--credentials` flag (a hint must not suggest a flag that is not there), and the
+    request the verb had submitted before it failed (then nothing is "not paid for")."""
 
     base_url: str | None = None
     has_credentials_flag: bool = False
+    submitted_request_id: str | None = None
 
 
 def _auth_hint(context: FailureContext) -> str:
@@ -78,8 +81,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     from ..storage import LocationError, ManifestError, StagingError
 
+    # Raised only where the blocks module is loaded: a failed `status` must not wait
+    # for Prefect's import just to be told it is not that error.
+    blocks = sys.modules.get(f"{__name__.rsplit('.', 2)[0]}.blocks.credentials")
     return (
         UsageError,
+        *((blocks.CredentialsNotFoundError,) if blocks is not None else ()),
         errors.InvalidRequestError,
         errors.NotFoundError,
         ValidationError,
@@ -97,6 +104,11 @@ def _not_saved_errors() -> tuple[type[BaseException], ...]:
 
 
 Hint = str | Callable[[FailureContext], str]
+
+_NOT_SAVED_HINT = (
+    "The outputs stay at RunComfy for a while: "
+    "`nanobanana result REQUEST_ID --download DIR` saves them."
+)
 
 # Most specific first: the first matching class decides the exit code and the hint.
 _FAILURES: list[tuple[tuple[type[BaseException], ...], int, Hint]] = [
@@ -131,16 +143,21 @@ def failure_of(
 ) -> tuple[int, str] | None:
     """The exit code and hint for `error`, or None when it is not a known failure (a bug)."""
     context = context or FailureContext()
+    request_id = context.submitted_request_id
     for classes, code, hint in [
         *_FAILURES,
         (_bad_input_errors(), EXIT_BAD_INPUT, "Fix the input named above; nothing was paid for."),
-        (
-            _not_saved_errors(),
-            EXIT_NOT_SAVED,
-            "The outputs stay at RunComfy for a while: "
-            "`nanobanana result REQUEST_ID --download DIR` saves them.",
-        ),
+        (_not_saved_errors(), EXIT_NOT_SAVED, _NOT_SAVED_HINT),
     ]:
-        if isinstance(error, classes):
-            return code, hint(context) if callable(hint) else hint
+        if not isinstance(error, classes):
+            continue
+        text = hint(context) if callable(hint) else hint
+        if request_id is None:
+            return code, text
+        if code == EXIT_BAD_INPUT:
+            # Found after the submit, so not the input's fault, and the request is paid.
+            code, text = EXIT_NOT_SAVED, f"Request {request_id} was submitted. {_NOT_SAVED_HINT}"
+        elif "REQUEST_ID" not in text:
+            text += f" Request {request_id} was submitted: `nanobanana result REQUEST_ID`."
+        return code, text.replace("REQUEST_ID", request_id)
     return None

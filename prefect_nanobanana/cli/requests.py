@@ -12,7 +12,7 @@ from typing import Any
 
 from ..client import RequestResult
 from .connection import client_for
-from .exit_codes import EXIT_OK
+from .exit_codes import EXIT_JOB_FAILED, EXIT_OK
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
@@ -112,4 +112,5 @@ def result(args: argparse.Namespace) -> int:
     if result.status == "completed":
         lines.append(format_cost(result.cost))
     _emit(args, payload, "\n".join(lines))
-    return EXIT_OK
+    # A script branches on the job's end as it would after `edit`.
+    return EXIT_JOB_FAILED if result.status in ("failed", "cancelled") else EXIT_OK

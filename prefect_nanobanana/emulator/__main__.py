@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
     )
     parser.add_argument(
-        "--port", type=int, default=8765, help="0 picks a free port (default: %(default)s)"
+        "--port", type=_port, default=8765, help="0 picks a free port (default: %(default)s)"
     )
     parser.add_argument(
         "--token",
@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     # The background process started by --print-env: announce readiness on stdout, then serve.
     parser.add_argument("--background-child", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (0-65535): {text!r}")
+    return port
 
 
 def parse_prices(specs: Sequence[str]) -> dict[str, float]:
@@ -215,7 +225,13 @@ def _start_in_background(argv: list[str], args: argparse.Namespace) -> int:
     if not any(arg == "--log-file" or arg.startswith("--log-file=") for arg in child_argv):
         child_argv += ["--log-file", str(log_path)]
     command = [sys.executable, "-m", "prefect_nanobanana.emulator", *child_argv]
-    with log_path.open("ab") as log:
+    try:
+        log = log_path.open("ab")
+    except OSError as exc:
+        print(f"error: cannot write the log file {log_path}: {exc.strerror}", file=sys.stderr)
+        print("Pick another one with --log-file.", file=sys.stderr)
+        return 1
+    with log:
         log_start = log.tell()  # the log is appended to: show only what this child wrote
         child = subprocess.Popen(
             [*command, "--background-child"],
