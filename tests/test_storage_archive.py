@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 from collections.abc import Iterator
 from datetime import date, datetime, timezone
@@ -101,6 +102,30 @@ def test_archive_to_a_local_folder(tmp_path: Path, outputs: list[str]) -> None:
         "height",
         "source_url",
     }
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_archived_files_get_the_modes_the_umask_gives(
+    tmp_path: Path, outputs: list[str], umask: int, mode: int
+) -> None:
+    """Written by way of mkstemp, every output, metadata.json and ledger entry was 0600."""
+    from prefect_nanobanana.storage import Ledger, LedgerEntry
+
+    archive = tmp_path / "archive"
+    previous = os.umask(umask)
+    try:
+        archive_outputs("req-1", outputs, date=DAY, archive_uri=str(archive))
+        now = datetime.now(timezone.utc)
+        Ledger(archive).create(
+            LedgerEntry(job_key="job-1", status="submitting", submitted_at=now, updated_at=now)
+        )
+    finally:
+        os.umask(previous)
+    written = [path for path in archive.rglob("*") if path.is_file()]
+    assert len(written) == 5  # three outputs, metadata.json, the ledger entry
+    assert {path.name: path.stat().st_mode & 0o777 for path in written} == dict.fromkeys(
+        (path.name for path in written), mode
+    )
 
 
 def test_second_run_writes_nothing_and_fetches_nothing(tmp_path: Path, outputs: list[str]) -> None:

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import socket
 import tempfile
 import time
@@ -234,13 +235,17 @@ class LocalBackend:
 
     def temp_file(self, key: str) -> Path:
         # Next to the destination, so the final rename stays on one filesystem (atomic).
+        # Made with mode 0o666 like any new file, so the umask decides who may read the
+        # archive: mkstemp's 0600 left a shared archive readable by its writer alone.
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(
-            dir=target.parent, prefix=_scratch_prefix(target.name), suffix=".part"
-        )
-        os.close(handle)
-        return Path(name)
+        while True:
+            name = target.parent / f"{_scratch_prefix(target.name)}{secrets.token_hex(6)}.part"
+            try:
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            except FileExistsError:
+                continue
+            return name
 
     def sweep_scratch(self, prefix: str) -> int:
         return sweep_scratch_files(self.root / prefix if prefix else self.root)
