@@ -194,8 +194,8 @@ def test_a_failure_after_the_submit_names_the_request_and_never_says_unpaid(
     err = capsys.readouterr().err
     request_id = err.split("Submitted request ", 1)[1].split()[0]
     assert emulator.job(request_id).status == "completed"
-    assert f"Request {request_id} was submitted" in err
-    assert f"nanobanana result {request_id} --download DIR" in err
+    hint = f"The request was submitted, so it may be billed: `nanobanana result {request_id}`"
+    assert hint in err
     assert "nothing was paid for" not in err
 
 
@@ -219,6 +219,24 @@ def test_values_that_cannot_work_are_refused_before_the_submit(
     assert exited.value.code == EXIT_BAD_INPUT
     assert f"argument {argv_tail[0]}: " in capsys.readouterr().err
     assert emulator.stats.submits_received == 0
+
+
+def test_a_job_key_reused_for_another_prompt_is_refused_not_adopted(
+    api, image_server, tmp_path, capsys
+):
+    """The key adopted its request whatever the edit: "Add rain" saved the fog picture."""
+    emulator = api()
+    url = image_server.url_for("square.png")
+    argv = ["edit", "--image", url, "--out", str(tmp_path), "--job-key", "my-job-1"]
+    assert main([*argv, "--prompt", "Add fog"]) == 0
+    assert main([*argv, "--prompt", "Add fog"]) == 0  # the same edit again: adopted
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "Add rain"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "job key 'my-job-1' already names request" in err and "with a different prompt:" in err
+    assert main([*argv, "--prompt", "Add fog", "--resolution", "2K"]) == EXIT_BAD_INPUT
+    assert "with other options:" in capsys.readouterr().err
+    assert emulator.stats.submits_received == 1
 
 
 def test_spend_counts_what_edit_archived(api, image_server, tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,38 @@ async def test_a_failed_price_lookup_refuses_under_a_budget_and_warns_without(
         run_logger.removeHandler(warnings)
     assert result.archived == 2 and result.estimated_cost is None
     assert any("No cost estimate (the price lookup failed" in text for text in warnings.texts)
+
+
+async def test_a_refused_token_or_an_unreachable_api_stops_the_batch_before_its_rows(
+    emulator_factory, use_emulator, image_server, tmp_path, monkeypatch
+):
+    """Each row found it out alone, after its own retries: a minute, a screen of warnings
+    and "some rows failed" for what one price lookup had already said."""
+    from prefect_nanobanana import (
+        APIConnectionError,
+        AuthenticationError,
+        RetryPolicy,
+        batch_edit,
+    )
+
+    fast = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)
+    monkeypatch.setattr("prefect_nanobanana.client.client.RetryPolicy", lambda: fast)
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    options = {
+        "jobs": _jobs(image_server, 3),
+        "archive_uri": str(tmp_path / "archive"),
+        "concurrency_limit_name": "test-stop-early",
+    }
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", "sk-refused")
+    with pytest.raises(AuthenticationError):
+        await batch_edit(**options)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(APIConnectionError):
+        await batch_edit(**options)
+    assert emulator.stats.calls["submit"] == 0 and emulator.stats.calls["model"] == 1
 
 
 async def test_the_budget_holds_during_the_run_when_bills_exceed_the_listed_price(

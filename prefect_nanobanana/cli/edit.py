@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
 from ..client.pricing import estimate_edit, format_usd
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
 from .connection import client_for
-from .exit_codes import EXIT_OK
+from .exit_codes import EXIT_OK, UsageError
 from .requests import format_cost
+
+if TYPE_CHECKING:  # the guard imports Prefect: only `edit` itself pays for it
+    from ..tasks.guard import SubmittedRequest
 
 DEFAULT_OUT = "nanobanana-output"
 
@@ -89,6 +93,28 @@ def _refuse_over_budget(
         )
 
 
+def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any]) -> None:
+    """A `--job-key` reused for a different edit: refuse before its outputs are saved.
+
+    The key names the job, so the guard adopts whatever request it holds; a person who
+    reused a key with a new prompt got the old picture, saved as if it were the new one.
+    """
+    recorded = handle.record.entry.facts if handle.record is not None else {}
+    differs = [
+        label
+        for name, label in (
+            ("prompt_sha256", "a different prompt"),
+            ("parameters", "other options"),
+        )
+        if name in recorded and recorded[name] != facts[name]
+    ]
+    if (handle.adopted or handle.resumed) and differs:
+        raise UsageError(
+            f"job key {handle.job_key!r} already names request {handle.request_id}, an edit "
+            f"with {' and '.join(differs)}: pass a new --job-key for this one"
+        )
+
+
 def run_edit_command(args: argparse.Namespace) -> int:
     """Stage, submit through the guard, wait with a live line, archive with metadata.json.
 
@@ -135,14 +161,14 @@ def run_edit_command(args: argparse.Namespace) -> int:
     # names a file failed only once the job had run).
     open_backend(archive_uri).check()
     job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
+    facts = {
+        "model_id": NANO_BANANA_EDIT_MODEL_ID,
+        "parameters": options,
+        "prompt_sha256": hashlib.sha256(args.prompt.encode()).hexdigest(),
+    }
     with client_for(args) as client:
-        handle = submit_once_blocking(
-            job_key,
-            records,
-            client,
-            edit,
-            facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": options},
-        )
+        handle = submit_once_blocking(job_key, records, client, edit, facts=facts)
+        _refuse_another_edits_request(handle, facts)
         # From here on the request exists: no failure may say nothing was paid for.
         args.submitted_request_id = handle.request_id
         verb = "Adopted" if handle.adopted or handle.resumed else "Submitted"

@@ -156,7 +156,11 @@ def failure_of(
             return code, text
         if code == EXIT_BAD_INPUT:
             # Found after the submit, so not the input's fault, and the request is paid.
-            code, text = EXIT_NOT_SAVED, f"Request {request_id} was submitted. {_NOT_SAVED_HINT}"
+            code = EXIT_NOT_SAVED
+            text = (
+                "The request was submitted, so it may be billed: "
+                "`nanobanana result REQUEST_ID` shows what RunComfy still has of it."
+            )
         elif "REQUEST_ID" not in text:
             text += f" Request {request_id} was submitted: `nanobanana result REQUEST_ID`."
         return code, text.replace("REQUEST_ID", request_id)

@@ -47,9 +47,12 @@ from ...blocks.credentials import (
     aresolve_credentials,
 )
 from ...client import (
+    APIConnectionError,
     AspectRatio,
     AsyncRunComfyClient,
+    AuthenticationError,
     OutputFormat,
+    PermissionDeniedError,
     Resolution,
     RunComfyError,
 )
@@ -299,12 +302,17 @@ async def _estimate_before_paying(
     resolution_factors: dict[str, float] | None,
 ) -> CostEstimate | None:
     """Look up the price and estimate the rows to pay; refuse, before any submit, when the
-    estimate is over `max_cost_usd` or the price is unknown under a budget."""
+    estimate is over `max_cost_usd` or the price is unknown under a budget, and stop the
+    batch when the API refuses the token or cannot be reached."""
     logger = get_run_logger()
     rows_to_pay = sum(plan.needs_paid_submit for plan in plans)
     base_price, failure = None, None
     try:
         base_price = base_price_of(await client.model_info())
+    except (AuthenticationError, PermissionDeniedError, APIConnectionError):
+        # A refused token or an unreachable API fails every row the same way, each
+        # after its own retries (a minute and a screen of warnings): say it once, now.
+        raise
     except (RunComfyError, ValueError) as error:
         failure = f"the price lookup failed: {error}"
     estimate = estimate_rows(plans, base_price, resolution_factors)
