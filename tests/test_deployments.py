@@ -59,6 +59,9 @@ def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None
     form = single.parameter_openapi_schema
     assert form["required"] == ["prompt", "images"]
     assert form["properties"]["prompt"]["type"] == "string"
+    # The form refuses what the run would: an empty prompt, a wait of no time.
+    assert form["properties"]["prompt"]["minLength"] == 1
+    assert form["properties"]["timeout_seconds"]["exclusiveMinimum"] == 0
     assert form["properties"]["images"]["type"] == "array"
     assert form["properties"]["images"]["items"] == {"type": "string"}
     for name, choices in {

@@ -196,6 +196,11 @@ def test_invalid_inputs_fail_before_anything_is_paid(
         edit_image(prompt="x", image_urls=[image_server.url_for("wide.png")], resolution="8K")
     with pytest.raises(ValueError, match="image_urls"):
         edit_image(prompt="x", image_urls=[])
+    # Refused by the parameters' schema, as the UI's run form refuses them.
+    with pytest.raises(ParameterTypeError):
+        edit_image(prompt="", image_urls=[image_server.url_for("wide.png")])
+    with pytest.raises(ParameterTypeError):
+        edit_image(prompt="x", image_urls=[image_server.url_for("wide.png")], timeout_seconds=0)
     assert emulator.stats.calls["submit"] == 0
 
 

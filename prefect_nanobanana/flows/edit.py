@@ -166,7 +166,7 @@ def wait_watched(
 
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
 def edit_image(
-    prompt: str,
+    prompt: Annotated[str, Field(min_length=1)],
     image_urls: list[str],
     aspect_ratio: AspectRatio = "auto",
     resolution: Resolution = "1K",
@@ -174,7 +174,7 @@ def edit_image(
     num_images: Annotated[int, Field(ge=1, le=4)] = 1,
     sync_mode: bool = False,
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
-    timeout_seconds: float = 600,
+    timeout_seconds: Annotated[float, Field(gt=0)] = 600,
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditImageResult:
     """Edit images with Google's Nano Banana Pro on the RunComfy Model API.

@@ -48,7 +48,7 @@ class EditAndArchiveResult(BaseModel):
 
 @flow(name="nano-banana-edit-and-archive", on_cancellation=[cancel_recorded_requests])
 def edit_and_archive(
-    prompt: str,
+    prompt: Annotated[str, Field(min_length=1)],
     images: list[str],
     archive_uri: str = DEFAULT_ARCHIVE_URI,
     staging_uri: str | None = None,
@@ -58,7 +58,7 @@ def edit_and_archive(
     num_images: Annotated[int, Field(ge=1, le=4)] = 1,
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
     aws_credentials: str | None = None,
-    timeout_seconds: float = 600,
+    timeout_seconds: Annotated[float, Field(gt=0)] = 600,
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditAndArchiveResult:
     """Stage images, edit them with Nano Banana Pro, and archive the outputs with metadata.

@@ -104,7 +104,7 @@ async def batch_edit(
     allow_partial: bool = False,
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
     aws_credentials: str | None = None,
-    timeout_seconds: float = 1800,
+    timeout_seconds: Annotated[float, Field(gt=0)] = 1800,
     results_uri: str | None = None,
     chunk_size: Annotated[int, Field(ge=1)] | None = None,
     chunk_deployment: str | None = None,
