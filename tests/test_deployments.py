@@ -59,9 +59,14 @@ def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None
     form = single.parameter_openapi_schema
     assert form["required"] == ["prompt", "images"]
     assert form["properties"]["prompt"]["type"] == "string"
-    # The form refuses what the run would: an empty prompt, a wait of no time.
+    # The form refuses what the run would: an empty prompt, a wait of no time; and so
+    # does `prefect deploy` an empty archive (an unset variable in prefect.yaml).
     assert form["properties"]["prompt"]["minLength"] == 1
     assert form["properties"]["timeout_seconds"]["exclusiveMinimum"] == 0
+    assert form["properties"]["archive_uri"]["minLength"] == 1
+    nightly_form = nightly.parameter_openapi_schema["properties"]
+    assert nightly_form["archive_uri"]["minLength"] == 1
+    assert {"type": "string", "minLength": 1} in nightly_form["manifest_uri"]["anyOf"]
     assert form["properties"]["images"]["type"] == "array"
     assert form["properties"]["images"]["items"] == {"type": "string"}
     for name, choices in {

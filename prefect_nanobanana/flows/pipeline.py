@@ -50,7 +50,7 @@ class EditAndArchiveResult(BaseModel):
 def edit_and_archive(
     prompt: Annotated[str, Field(min_length=1)],
     images: list[str],
-    archive_uri: str = DEFAULT_ARCHIVE_URI,
+    archive_uri: Annotated[str, Field(min_length=1)] = DEFAULT_ARCHIVE_URI,
     staging_uri: str | None = None,
     aspect_ratio: AspectRatio = "auto",
     resolution: Resolution = "1K",

@@ -92,8 +92,8 @@ from .run_times import alearn_run_times, asave_run_times
 @flow(name="nano-banana-batch")
 async def batch_edit(
     jobs: list[BatchJob] | None = None,
-    manifest_uri: str | None = None,
-    archive_uri: str = DEFAULT_ARCHIVE_URI,
+    manifest_uri: Annotated[str, Field(min_length=1)] | None = None,
+    archive_uri: Annotated[str, Field(min_length=1)] = DEFAULT_ARCHIVE_URI,
     staging_uri: str | None = None,
     aspect_ratio: AspectRatio = "auto",
     resolution: Resolution = "1K",
