@@ -213,6 +213,29 @@ async def test_the_budget_holds_during_the_run_when_bills_exceed_the_listed_pric
     assert again.total_cost == pytest.approx(12 * 0.30)
 
 
+def test_cli_batch_shows_a_failed_row_in_one_line_and_prefect_keeps_the_traceback(
+    emulator_factory, use_emulator, image_server, tmp_path, capfd
+):
+    """Prefect's console printed every failed row's and the flow run's traceback."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+    from prefect.logging.handlers import APILogWorker
+
+    from prefect_nanobanana.cli import EXIT_JOB_FAILED
+
+    use_emulator(emulator_factory(time_scale=TIME_SCALE, faults="job:fail_job@1"))
+    manifest = tmp_path / "two.jsonl"
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in _jobs(image_server, 2)))
+    assert main(["batch", str(manifest), "--archive", str(tmp_path / "archive")]) == EXIT_JOB_FAILED
+    err = capfd.readouterr().err
+    assert "Encountered exception during execution: BatchFailedError" in err
+    assert "Traceback" not in err
+    APILogWorker.drain_all()
+    with get_client(sync_client=True) as client:
+        errors = client.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)))
+    assert any("Traceback" in log.message and "BatchFailedError" in log.message for log in errors)
+
+
 def test_cli_dry_run_prints_the_estimate_and_submits_nothing(
     emulator_factory, use_emulator, image_server, tmp_path, capsys
 ):

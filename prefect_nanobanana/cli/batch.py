@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -52,6 +53,33 @@ def print_dry_run(plan: BatchDryRun) -> int:
     return EXIT_BAD_INPUT if plan.rows_invalid else EXIT_OK
 
 
+class _OneLineErrors(logging.Formatter):
+    """Prefect's console format, less the tracebacks: a failed row or flow run is its one
+    log line here, and the CLI's `error:` line and hint follow. The run's logs in Prefect
+    (its API handler) keep the whole traceback, as `--debug` does here."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        # The record is shared with the other handlers: lend it without its traceback.
+        kept = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self._inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = kept
+
+
+def _console_without_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setFormatter(_OneLineErrors(handler.formatter or logging.Formatter()))
+
+
 def run_batch_command(args: argparse.Namespace) -> int:
     checked = preflight_batch(args.manifest, args.staging)
     if checked.problems:
@@ -83,6 +111,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
         load_credentials_block(args.credentials)
     from ..flows.batch import ROW_PROGRESS, BatchDryRun, BatchFailedError, batch_edit
     from ..observe import short_error
+
+    if not args.debug:
+        _console_without_tracebacks()
 
     def show(done: int, total: int) -> None:
         width = 30
