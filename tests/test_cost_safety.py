@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from pathlib import Path
 
@@ -214,26 +215,43 @@ async def test_the_budget_holds_during_the_run_when_bills_exceed_the_listed_pric
 
 
 def test_cli_batch_shows_a_failed_row_in_one_line_and_prefect_keeps_the_traceback(
-    emulator_factory, use_emulator, image_server, tmp_path, capfd
+    prefect_harness, emulator_factory, image_server, tmp_path
 ):
     """Prefect's console printed every failed row's and the flow run's traceback."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
-    from prefect.logging.handlers import APILogWorker
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     from prefect_nanobanana.cli import EXIT_JOB_FAILED
+    from tests.fixtures.scratch import run_cli
 
-    use_emulator(emulator_factory(time_scale=TIME_SCALE, faults="job:fail_job@1"))
+    emulator = emulator_factory(time_scale=TIME_SCALE, faults="job:fail_job@1")
     manifest = tmp_path / "two.jsonl"
     manifest.write_text("".join(json.dumps(job) + "\n" for job in _jobs(image_server, 2)))
-    assert main(["batch", str(manifest), "--archive", str(tmp_path / "archive")]) == EXIT_JOB_FAILED
-    err = capfd.readouterr().err
-    assert "Encountered exception during execution: BatchFailedError" in err
-    assert "Traceback" not in err
-    APILogWorker.drain_all()
+    env = prefect_harness.env(
+        RUNCOMFY_API_TOKEN=emulator.config.api_tokens[0],
+        RUNCOMFY_BASE_URL=emulator.base_url,
+        RUNCOMFY_POLL_TIME_SCALE=str(emulator.config.time_scale),
+    )
+    # As a person runs it: the console is the real one, not a test's capture of it.
+    done = run_cli(["batch", str(manifest), "--archive", "archive"], cwd=tmp_path, env=env)
+    assert done.returncode == EXIT_JOB_FAILED, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    ended = r"Flow run '([^']+)' - Encountered exception during execution: BatchFailedError"
+    failed = re.search(ended, done.stderr)
+    assert failed, done.stderr[-3000:]
     with get_client(sync_client=True) as client:
-        errors = client.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=40)))
-    assert any("Traceback" in log.message and "BatchFailedError" in log.message for log in errors)
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[failed[1]]))
+        )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
+        )
+    assert any("Traceback" in log.message and "BatchFailedError" in log.message for log in logs)
 
 
 def test_cli_dry_run_prints_the_estimate_and_submits_nothing(

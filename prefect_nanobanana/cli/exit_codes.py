@@ -13,7 +13,7 @@ error classes of the client, nothing else until something failed.
 | 3 | the API token was refused |
 | 4 | the account balance is too low |
 | 5 | timed out waiting (the job may still finish) |
-| 6 | the job failed or was cancelled (`batch`: some rows failed; `result` of such a job) |
+| 6 | the job failed or was cancelled (`result`; `batch`: rows failed, no `--allow-partial`) |
 | 7 | the submit's outcome is unknown (it may have been billed; not resent) |
 | 8 | the API could not be reached (network, wrong base URL) |
 | 9 | the request was submitted, but its outputs could not all be saved |
