@@ -266,3 +266,16 @@ def test_the_demo_never_reaches_a_saved_default_block_or_the_environment(tmp_pat
     assert "6 archived, 0 already archived, 0 failed" in done.stdout
     assert trap.requests == []
     assert runs_after == runs_before  # the remote server never saw the demo's run
+
+
+def test_the_demos_temporary_server_sends_no_telemetry():
+    """Offline means offline: the server the demo starts must not phone Prefect home."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
+
+    from prefect_nanobanana.cli.demo import _temporary_server
+
+    # Prefect's default, which a user's machine has (the tests turn it off).
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: True}):
+        with _temporary_server():
+            assert PREFECT_SERVER_ANALYTICS_ENABLED.value() is False
+        assert PREFECT_SERVER_ANALYTICS_ENABLED.value() is True

@@ -171,7 +171,9 @@ def _isolate_environment() -> None:
 @contextlib.contextmanager
 def _temporary_server() -> Iterator[None]:
     """Prefect's settings with the API URL at its default (none), whatever any profile,
-    `prefect.toml` or variable says: flows then run on Prefect's temporary server.
+    `prefect.toml` or variable says: flows then run on Prefect's temporary server. The
+    demo is offline, so that server sends Prefect no telemetry either (its heartbeat
+    also printed a traceback when it raced the new database).
 
     (An empty PREFECT_API_URL would do it too, but then Prefect's event worker stops
     early and every run logs "Cannot put items in a stopped service instance".)
@@ -179,6 +181,7 @@ def _temporary_server() -> Iterator[None]:
     from prefect.settings import (
         PREFECT_API_KEY,
         PREFECT_API_URL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
         PREFECT_SERVER_EPHEMERAL_ENABLED,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
@@ -186,6 +189,7 @@ def _temporary_server() -> Iterator[None]:
 
     with temporary_settings(
         updates={
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
             PREFECT_SERVER_EPHEMERAL_ENABLED: True,
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: max(
                 TEMPORARY_SERVER_STARTUP_SECONDS,
