@@ -200,6 +200,33 @@ async def test_the_async_client_holds_the_same_deadline(hostile: HostileServer) 
     assert time.monotonic() - started < 10
 
 
+async def test_a_wait_queued_for_a_pooled_connection_still_ends_by_its_deadline(
+    hostile: HostileServer,
+) -> None:
+    """A batch shares one client: a poll waiting for a free connection waits within
+    what is left of its wait too, not a whole call's 30 s."""
+    import asyncio
+    import contextlib
+
+    from prefect_nanobanana.client import AsyncRunComfyClient
+
+    hostile.route("GET", "/v1/requests/", _drip_whole_response)
+    async with AsyncRunComfyClient(
+        HOSTILE_TOKEN, hostile.base_url, max_connections=1, total_timeout=20
+    ) as client:
+        hog = asyncio.create_task(client.status("hog"))
+        while not hostile.hits_of("GET", "/v1/requests/hog/"):
+            await asyncio.sleep(0.01)  # the one connection is taken
+        started = time.monotonic()
+        with pytest.raises(WaitTimeoutError):
+            await client.wait("r1", timeout=3)
+        assert time.monotonic() - started < 3 + 2
+        hog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hog
+    assert not hostile.hits_of("GET", "/v1/requests/r1/")
+
+
 def _tried(error: Exception, total: float) -> tuple[int, float]:
     """The attempts and seconds a call's error says it spent before its total ran out."""
     said = re.search(
