@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
+from anyio import to_thread
 from prefect import flow
 from prefect.artifacts import (
     acreate_progress_artifact,
@@ -49,6 +50,7 @@ from ...blocks.credentials import (
     aresolve_credentials,
 )
 from ...client import (
+    NANO_BANANA_EDIT_MODEL_ID,
     APIConnectionError,
     AspectRatio,
     AsyncRunComfyClient,
@@ -70,6 +72,7 @@ from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
+    RunTimeHistory,
 )
 from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
@@ -90,7 +93,6 @@ from .models import (
 from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import _Batch, _run_row, _settled_without_api, not_finished
-from .run_times import alearn_run_times, asave_run_times
 
 
 @flow(name="nano-banana-batch")
@@ -405,3 +407,33 @@ def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDr
         "unknown" if dry_run.estimated_cost is None else format_usd(dry_run.estimated_cost),
     )
     return dry_run
+
+
+# The wait schedule starts from the run times earlier batches saw (`RunTimeHistory`,
+# with the archive), and the batch saves its own: priors, not records, so a history
+# that cannot be read or written costs a little polling, never the batch.
+
+
+async def alearn_run_times(
+    client: AsyncRunComfyClient, archive_location: Any, s3_client: Any
+) -> RunTimeHistory | None:
+    """Seed the client's estimator from the archive's history; the history, to save to."""
+    try:
+        history = RunTimeHistory(archive_location, s3_client=s3_client)
+        saved = await to_thread.run_sync(history.load, NANO_BANANA_EDIT_MODEL_ID)
+    except Exception as error:  # a prior only: the batch goes on from the reported times
+        get_run_logger().warning("Could not read earlier run times: %s", error)
+        return None
+    client.duration_estimator.seed(saved, client.polling_policy.time_scale)
+    return history
+
+
+async def asave_run_times(client: AsyncRunComfyClient, history: RunTimeHistory | None) -> None:
+    """Add the run times this batch observed to the archive's history."""
+    if history is None:
+        return
+    observed = client.duration_estimator.recorded(client.polling_policy.time_scale)
+    try:
+        await to_thread.run_sync(history.save, NANO_BANANA_EDIT_MODEL_ID, observed)
+    except Exception as error:
+        get_run_logger().warning("Could not save this batch's run times: %s", error)

@@ -512,6 +512,5 @@ def _skipped(plan: _RowPlan) -> BatchRowResult:
         request_id=entry.request_id,
         output_locations=entry.output_locations,
         metadata_location=entry.metadata_location,
-        # Entries of earlier releases kept no cost of their own.
-        cost=entry.cost if entry.cost is not None else entry.facts.get("cost"),
+        cost=entry.cost,
     )
