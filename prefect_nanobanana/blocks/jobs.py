@@ -184,13 +184,13 @@ class NanoBananaEditJob(JobBlock):
                 log=self.logger,
             )
         if not (submitted.resumed or submitted.adopted):
-            self.logger.info("Submitted RunComfy request %s", submitted.request_id)
-            observe.emit_request_event(
-                observe.EVENT_SUBMITTED,
+            await observe.aannounce_submitted(
+                self.logger,
                 submitted.request_id,
-                payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+                job_key,
+                result_url=submitted.result_url,
+                model_id=NANO_BANANA_EDIT_MODEL_ID,
             )
-            await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
         return NanoBananaEditJobRun(
             request_id=submitted.request_id,
             credentials=self.credentials,
