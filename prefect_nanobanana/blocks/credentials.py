@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, SecretStr
 
 from ..client import AsyncRunComfyClient, RunComfyClient
 from ..client.client import output_hosts_for
+from ..client.retry import DEFAULT_TOTAL_TIMEOUT
 from ..errors import NanoBananaError
 
 
@@ -131,6 +132,17 @@ class RunComfyCredentials(CredentialsBlock):
             "read), however slowly the server answers."
         ),
     )
+    total_timeout: float = Field(
+        default=DEFAULT_TOTAL_TIMEOUT,
+        gt=0,
+        title="Total Timeout",
+        description=(
+            "Seconds one API call (a submit, a status or result poll, a cancel) may take "
+            "in all, its retries included, however slowly the server answers; 45 s by "
+            "default. Its error then says how long it tried and how many attempts. A "
+            "wait's polls also end with the wait."
+        ),
+    )
     output_hosts: list[str] | None = Field(
         default=None,
         title="Output Hosts",
@@ -149,6 +161,7 @@ class RunComfyCredentials(CredentialsBlock):
             "api_token": self.api_token,
             "base_url": self.base_url,
             "timeout": self.request_timeout,
+            "total_timeout": self.total_timeout,
             "logger": run_logger_or_none(),
             "output_hosts": self.output_hosts,
         }
@@ -186,6 +199,7 @@ def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     return RunComfyCredentials(
         base_url=credentials.get("base_url"),
         request_timeout=credentials.get("request_timeout") or 30.0,
+        total_timeout=credentials.get("total_timeout") or DEFAULT_TOTAL_TIMEOUT,
         output_hosts=credentials.get("output_hosts"),
     )
 

@@ -48,7 +48,10 @@ def client_for(args: argparse.Namespace) -> RunComfyClient:
     if block is None:
         return RunComfyClient(base_url=args.api_base_url)
     return RunComfyClient(
-        api_token=block.api_token, base_url=args.api_base_url, timeout=block.request_timeout
+        api_token=block.api_token,
+        base_url=args.api_base_url,
+        timeout=block.request_timeout,
+        total_timeout=block.total_timeout,
     )
 
 

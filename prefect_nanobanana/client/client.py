@@ -3,7 +3,8 @@
 Both share `_ClientCore` for everything that is not I/O (configuration, request
 building, answer parsing, the retry decision), so the two loops that do I/O are
 the only code written twice. Both speak through `transport.py`: each HTTP attempt
-ends by a wall-clock deadline (`timeout`) and every answer is read up to a cap.
+ends by a wall-clock deadline (`timeout`), each API call with its retries by
+another (`total_timeout`), and every answer is read up to a cap.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ from .models import (
     check_request_id,
 )
 from .polling import PollingPolicy, RunDurationEstimator
-from .retry import CallKind, RetryPolicy, parse_retry_after, submit_server_error, transport_error
+from .retry import (
+    DEFAULT_TOTAL_TIMEOUT,
+    CallKind,
+    RetryPolicy,
+    parse_retry_after,
+    submit_server_error,
+    transport_error,
+)
 from .transport import (
     MAX_ANSWER_BYTES,
     MAX_INLINE_RESULT_BYTES,
@@ -51,6 +59,7 @@ from .transport import (
     call_deadline,
     install_deadlines,
     read_answer,
+    seconds_left,
 )
 from .vocabulary import DEFAULT_BASE_URL, DEFAULT_OUTPUT_HOSTS, NANO_BANANA_EDIT_MODEL_ID
 from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
@@ -100,6 +109,45 @@ class _OutOfTime(Exception):
         self.error = error
 
 
+class _Call:
+    """The attempts of one API call, retries included, and the time they may take.
+
+    The call ends by `total` seconds from its start and, when it polls for a
+    `wait`, by `until` (that wait's end, a `time.monotonic()` instant): its
+    attempts and its sleeps get only what is left of both.
+    """
+
+    def __init__(self, total: float, until: float | None) -> None:
+        self.started = time.monotonic()
+        self.total = total
+        self.until = until
+        self.ends = self.started + total if until is None else min(self.started + total, until)
+        self.attempts = 0
+
+    def total_spent(self, delay: float = 0.0) -> bool:
+        """Whether `delay` more seconds would reach the end of the call's own total."""
+        return time.monotonic() + delay >= self.started + self.total
+
+    def gave_up(self, error: RunComfyError, *, spent: bool = False) -> RunComfyError:
+        """`error`, its message saying how long the call tried and how many attempts.
+
+        Said when the call could have been retried or was: a permanent error on its
+        first attempt (a 404, a refused submit) is the server's answer, not a give-up.
+        """
+        if spent or error.is_transient or self.attempts > 1:
+            plural = "" if self.attempts == 1 else "s"
+            tried = (
+                f"gave up after {self.attempts} attempt{plural} in "
+                f"{time.monotonic() - self.started:.1f} s"
+            )
+            if spent:
+                tried += f" (this call's total_timeout is {self.total:g} s)"
+            # Only numbers are added to a message already redacted when the error was built.
+            error.message = f"{error.message}; {tried}"
+            error.args = (error.message,)
+        return error
+
+
 def _plain_secret(api_token: str | SecretStr | None) -> str:
     if isinstance(api_token, SecretStr):
         api_token = api_token.get_secret_value()
@@ -119,6 +167,7 @@ class _ClientCore:
         api_token: str | SecretStr | None,
         base_url: str | None,
         timeout: float,
+        total_timeout: float,
         retry_policy: RetryPolicy | None,
         polling_policy: PollingPolicy | None,
         duration_estimator: RunDurationEstimator | None,
@@ -128,11 +177,14 @@ class _ClientCore:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if total_timeout <= 0:
+            raise ValueError("total_timeout must be a positive number of seconds")
         self.max_answer_bytes = max_answer_bytes
         self._api_token = SecretStr(_plain_secret(api_token))
         self.base_url = resolve_base_url(base_url)
         self.output_hosts = output_hosts_for(self.base_url, output_hosts)
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.polling_policy = polling_policy or PollingPolicy(
             time_scale=float(os.environ.get(POLL_TIME_SCALE_ENV_VAR) or 1.0)
@@ -191,6 +243,16 @@ class _ClientCore:
         if isinstance(edit, NanoBananaEditInput):
             return edit
         return NanoBananaEditInput.model_validate(edit)
+
+    def _attempt_timeout(self, deadline: float | None) -> httpx.Timeout:
+        """httpx's timeouts for one attempt; its wait for a pooled connection included.
+
+        The deadline bounds every network operation (see `deadline.py`); waiting for
+        a free connection of the pool is not one, so it gets what is left here.
+        """
+        left = seconds_left(deadline)
+        pool = self.timeout if left is None else max(min(self.timeout, left), 0.001)
+        return httpx.Timeout(self.timeout, connect=min(10.0, self.timeout), pool=pool)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_token.get_secret_value(), "**********")
@@ -319,37 +381,36 @@ class _ClientCore:
     def _out_of_time(self, until: float | None, delay: float = 0.0) -> bool:
         return until is not None and time.monotonic() + delay >= until
 
-    def _next_step(
-        self, kind: CallKind, error: RunComfyError, attempt: int, until: float | None
-    ) -> float:
+    def _next_step(self, kind: CallKind, error: RunComfyError, call: _Call) -> float:
         """Seconds to wait before retrying, or raise `error` (or its submit form).
 
-        `until` (a `time.monotonic()` instant) is the caller's own deadline: no
-        retry starts after it, so a `wait` ends by its deadline plus one attempt.
+        No retry starts past the call's end: a `wait` ends by its own deadline
+        (its poll in flight gets only what is left of it), and any call ends by its
+        `total_timeout`, the error then saying how long it tried and how often.
         """
         if kind is CallKind.SUBMIT and isinstance(error, ServerError):
-            raise submit_server_error(error)
-        if not self.retry_policy.should_retry(kind, error, attempt):
-            raise error
-        delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
-        if self._out_of_time(until, delay):
+            raise call.gave_up(submit_server_error(error), spent=call.total_spent())
+        if not self.retry_policy.should_retry(kind, error, call.attempts):
+            raise call.gave_up(error, spent=call.total_spent())
+        delay = self.retry_policy.delay(call.attempts, getattr(error, "retry_after", None))
+        if self._out_of_time(call.until, delay):
             raise _OutOfTime(error)
+        if call.total_spent(delay):
+            raise call.gave_up(error, spent=True)
         if isinstance(error, RateLimitedError):
             self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
             "%s; retrying in %.2f s (attempt %d of %d)",
             error,
             delay,
-            attempt + 1,
+            call.attempts + 1,
             self.retry_policy.max_attempts,
         )
         return delay
 
-    def _pause_remaining(self, until: float | None) -> float:
-        """How long a 429 still pauses this client, never past the caller's deadline."""
-        now = time.monotonic()
-        end = self._paused_until if until is None else min(self._paused_until, until)
-        return end - now
+    def _pause_remaining(self, call: _Call) -> float:
+        """How long a 429 still pauses this client, never past the call's end."""
+        return min(self._paused_until, call.ends) - time.monotonic()
 
     def _tracker(
         self,
@@ -376,7 +437,10 @@ class RunComfyClient(_ClientCore):
     """Blocking client: `with RunComfyClient(api_token=...) as client: client.submit_edit(...)`.
 
     `timeout` is the wall-clock deadline of each HTTP attempt (connect, send and
-    every read together); `max_answer_bytes` caps every JSON answer.
+    every read together). `total_timeout` (45 s by default, `DEFAULT_TOTAL_TIMEOUT`)
+    bounds one API call, its retries and their sleeps included, however slowly the
+    server answers; past it the call raises its last error, whose message says how
+    long it tried and how many attempts. `max_answer_bytes` caps every JSON answer.
     `output_hosts` (`host`, `host:port`, `*.domain`) are the only hosts outputs are
     downloaded from; by default `*.runcomfy.net` and the base URL's own host. Add a
     proxy's or CDN's host here if your outputs come from one.
@@ -388,6 +452,7 @@ class RunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -399,6 +464,7 @@ class RunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -425,9 +491,15 @@ class RunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout), self._http.stream(method, path, **send) as response:
+        with (
+            call_deadline(self.timeout, until=call.ends) as deadline,
+            self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response,
+        ):
             try:
                 content = read_answer(response, limit)
             except AnswerTooLarge as exc:
@@ -446,10 +518,10 @@ class RunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 time.sleep(pause)
             try:
                 outcome = self._attempt(
@@ -458,6 +530,7 @@ class RunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -466,7 +539,7 @@ class RunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            time.sleep(self._next_step(kind, outcome, attempt, until))
+            time.sleep(self._next_step(kind, outcome, call))
 
     def submit(self, model_id: str, payload: Payload) -> RequestHandle:
         """Submit a job for any model id. Billed: retried only if provably not received."""
@@ -489,7 +562,7 @@ class RunComfyClient(_ClientCore):
         return self._poll_result(request_id, include_cost, None)
 
     def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
-        """The request's status; `until` (monotonic) stops retries past a wait's deadline."""
+        """The request's status; `until` (monotonic), a wait's end, bounds the poll too."""
         body = self._call(
             CallKind.READ,
             "GET",
@@ -532,7 +605,8 @@ class RunComfyClient(_ClientCore):
         """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
 
         Returns or raises by `timeout` seconds (30 minutes by default, as the
-        provider's own clients; `None` waits for ever) plus one call's `timeout`.
+        provider's own clients; `None` waits for ever), whatever the server's pace:
+        the poll in flight gets no more than what is left of the wait.
         When the wait resumes a request submitted a while ago (a retry, a rerun), give
         `submitted_at`: the job may have run for some time already, and the schedule
         then does not sleep through a quiet window as if it had just started. `log`
@@ -565,7 +639,11 @@ class RunComfyClient(_ClientCore):
 
 
 class AsyncRunComfyClient(_ClientCore):
-    """The async twin of `RunComfyClient`: same methods, awaited."""
+    """The async twin of `RunComfyClient`: same methods, awaited, same time bounds.
+
+    `max_connections` caps the connections the client opens at once (a batch shares
+    one client); a call waiting for a free one waits within its own deadlines.
+    """
 
     def __init__(
         self,
@@ -573,6 +651,7 @@ class AsyncRunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -585,6 +664,7 @@ class AsyncRunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -616,10 +696,13 @@ class AsyncRunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout):
-            async with self._http.stream(method, path, **send) as response:
+        with call_deadline(self.timeout, until=call.ends) as deadline:
+            async with self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response:
                 try:
                     content = await aread_answer(response, limit)
                 except AnswerTooLarge as exc:
@@ -638,10 +721,10 @@ class AsyncRunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 await asyncio.sleep(pause)
             try:
                 outcome = await self._attempt(
@@ -650,6 +733,7 @@ class AsyncRunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -658,7 +742,7 @@ class AsyncRunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            await asyncio.sleep(self._next_step(kind, outcome, attempt, until))
+            await asyncio.sleep(self._next_step(kind, outcome, call))
 
     async def submit(self, model_id: str, payload: Payload) -> RequestHandle:
         body = self._payload_json(payload)
