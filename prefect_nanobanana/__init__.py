@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
         ],
         ".flows",
     ),
+    "NanoBananaError": ".errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -85,3 +85,31 @@ def test_public_names_resolve_where_they_did() -> None:
     storage_tasks = importlib.import_module("prefect_nanobanana.storage_tasks")
     assert storage_tasks.archive_request is tasks.archive_request
     assert callable(main) and callable(prefect_nanobanana.batch_edit)
+
+
+def test_every_error_the_package_raises_derives_from_one_root() -> None:
+    """`except NanoBananaError` catches any of ours; each class keeps its older bases."""
+    import inspect
+    import pkgutil
+
+    import prefect_nanobanana
+    from prefect_nanobanana import NanoBananaError, RunComfyError
+
+    errors = []
+    for info in pkgutil.walk_packages(prefect_nanobanana.__path__, "prefect_nanobanana."):
+        if info.name.endswith(".__main__"):
+            continue  # runs a program when imported
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                errors.append(value)
+    # Control flow kept inside one module (caught where it is raised) is not raised at users.
+    internal = {"AnswerTooLarge"}
+    strays = [e.__qualname__ for e in errors if not issubclass(e, NanoBananaError)]
+    assert sorted(set(strays) - internal) == []
+    assert issubclass(RunComfyError, Exception) and len(errors) > 20

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..client.models import NanoBananaEditInput
+from ..errors import NanoBananaError
 from .config import EmulatorConfig
 from .faults import FaultInjector
 from .images import (
@@ -78,11 +79,11 @@ def draw_run_seconds(rng: random.Random, resolution: str) -> float:
     return rng.lognormvariate(mu, sigma)
 
 
-class InsufficientBalance(Exception):
+class InsufficientBalance(NanoBananaError):
     """A submit would spend more than the configured balance."""
 
 
-class InputImageError(Exception):
+class InputImageError(NanoBananaError):
     """An input URL could not be fetched or is not an image; the message is safe to publish."""
 
 

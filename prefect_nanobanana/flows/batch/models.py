@@ -11,6 +11,7 @@ from ...client import (
     OutputFormat,
     Resolution,
 )
+from ...errors import NanoBananaError
 from ...storage import (
     LedgerEntry,
     strip_signature,
@@ -124,7 +125,7 @@ class BatchDryRun(BaseModel):
     estimated_by_resolution: dict[str, float] = Field(default_factory=dict)
 
 
-class BatchFailedError(RuntimeError):
+class BatchFailedError(NanoBananaError, RuntimeError):
     """Some rows failed or were held back by the budget (and `allow_partial` was off);
     `result` has every row."""
 

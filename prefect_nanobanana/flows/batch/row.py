@@ -26,6 +26,7 @@ from ...client import (
     SubmitOutcomeUnknownError,
 )
 from ...client.pricing import BudgetExceededError, CostBudget
+from ...errors import NanoBananaError
 from ...storage import (
     ArchiveError,
     ArchiveMetadata,
@@ -54,7 +55,7 @@ from .models import BatchRowResult, RowStatus, _RowPlan
 from .plan import stage_row_images
 
 
-class BatchRowError(RuntimeError):
+class BatchRowError(NanoBananaError, RuntimeError):
     """A row that could not be submitted: invalid or unstageable (found while planning)."""
 
 
