@@ -51,7 +51,8 @@ from prefect import flow
 
 from prefect_nanobanana.tasks import records, submit_edit
 
-rendezvous, me, image_url, count, hold = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+rendezvous, me, image_url = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+count, hold = int(sys.argv[4]), float(sys.argv[5])
 claiming = threading.local()
 
 
@@ -206,9 +207,7 @@ def warning_once(monkeypatch):
     locks._reset_warning()
 
 
-def test_shared_records_with_a_per_machine_lock_warn_once_naming_the_setting(
-    warning_once, caplog
-):
+def test_shared_records_with_a_per_machine_lock_warn_once_naming_the_setting(warning_once, caplog):
     store = PrefectRecordStore(ResultStore(result_storage=RemoteFileSystem(basepath="s3://b/r")))
     assert isinstance(store.result_store.lock_manager, FileSystemLockManager)
     with caplog.at_level(logging.WARNING):
