@@ -163,17 +163,21 @@ class NanoBananaEditJob(JobBlock):
 
         Args:
             job_key: Names the job. The same key again (another trigger, another
-                run, another process of this machine) adopts the request instead of
-                paying twice. None: a fresh job, scoped to the current flow run
-                when there is one (a retry of the run resumes its request).
+                run, another process; another machine too when `NANOBANANA_LOCK_URL`
+                names a Redis) adopts the request instead of paying twice. None: a
+                fresh job, scoped to the current flow run when there is one (a retry
+                of the run resumes its request).
         """
         edit = self.edit_input()
+        store = PrefectRecordStore()
+        if job_key:
+            store.warn_if_machine_local()
         job_key = job_key or default_job_key(edit, job_scope())
 
         async with self.credentials.get_async_client() as client:
             submitted = await submit_once(
                 job_key,
-                PrefectRecordStore(),
+                store,
                 client,
                 edit,
                 facts={

@@ -73,8 +73,10 @@ async def _submit_edit_once(
     """
     edit = NanoBananaEditInput.model_validate(edit)
     credentials = credentials or RunComfyCredentials()
-    job_key = job_key or default_job_key(edit, job_scope())
     store = PrefectRecordStore()
+    if job_key:
+        store.warn_if_machine_local()
+    job_key = job_key or default_job_key(edit, job_scope())
     async with credentials.get_async_client() as client:
         submitted = await submit_once(
             job_key,
