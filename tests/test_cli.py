@@ -173,6 +173,23 @@ def test_bad_token_and_bad_input_exit_codes(api, image_server, monkeypatch, caps
     assert "file.png" in capsys.readouterr().err
 
 
+def test_a_base_url_that_is_no_url_is_refused_at_once_with_the_reason(api, monkeypatch, capsys):
+    """It was tried as a host: six attempts, then "unreachable" (exit 8)."""
+    emulator = api()
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "req-1", "--base-url", "not-a-url"])
+    assert exited.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "argument --base-url: 'not-a-url' is not an http:// or https:// URL" in err
+    # The same check where the URL comes from the environment (or a block).
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", "not-a-url")
+    assert main(["status", "req-1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "RUNCOMFY_BASE_URL 'not-a-url' is not an http:// or https:// URL" in err
+    assert "nothing was paid for" in err
+    assert sum(emulator.stats.calls.values()) == 0
+
+
 def test_an_out_that_names_a_file_is_refused_before_the_submit(api, image_server, tmp_path, capsys):
     """It was found only when saving: the edit paid for, then "nothing was paid for"."""
     emulator = api()

@@ -11,10 +11,10 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.utilities.asyncutils import run_coro_as_sync
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from ..client import AsyncRunComfyClient, RunComfyClient
-from ..client.client import output_hosts_for
+from ..client.client import check_base_url, output_hosts_for
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
@@ -138,6 +138,12 @@ class RunComfyCredentials(CredentialsBlock):
             "host:port or *.domain). When empty, *.runcomfy.net and the base URL's host."
         ),
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, base_url: str | None) -> str | None:
+        # The client's own check, so a block saved with a typo fails when it is made.
+        return check_base_url(base_url) if base_url and base_url.strip() else None
 
     def allowed_output_hosts(self) -> list[str]:
         """The hosts outputs may be downloaded from (the field, else the defaults)."""

@@ -13,7 +13,6 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from ..client.vocabulary import DEFAULT_BASE_URL
 from .exit_codes import UsageError
 
 if TYPE_CHECKING:  # the client (httpx, pydantic) is imported by the verbs, not by --help
@@ -29,22 +28,32 @@ def add_connection_options(parser: argparse.ArgumentParser, *, json_output: bool
         "and RUNCOMFY_BASE_URL (default: those environment variables).",
     )
     parser.add_argument(
-        "--base-url", help="API base URL (default: the block's, RUNCOMFY_BASE_URL or the real API)."
+        "--base-url",
+        type=_base_url,
+        help="API base URL (default: the block's, RUNCOMFY_BASE_URL or the real API).",
     )
     if json_output:
         parser.add_argument("--json", action="store_true", help="Print JSON for scripts.")
 
 
+def _base_url(text: str) -> str:
+    """`--base-url`, checked by argparse: a value that is no URL is a usage error at once."""
+    from ..client.client import check_base_url  # the client's one check; only when given
+
+    try:
+        return check_base_url(text, source="")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+
 def client_for(args: argparse.Namespace) -> RunComfyClient:
     """The client the verb's flags ask for; `args.api_base_url` names where it points."""
     from ..client import RunComfyClient
-    from ..client.client import BASE_URL_ENV_VAR
+    from ..client.client import resolve_base_url
 
     block = load_credentials_block(args.credentials) if args.credentials else None
     block_url = block.base_url if block is not None else None
-    args.api_base_url = (
-        args.base_url or block_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL
-    ).rstrip("/")
+    args.api_base_url = resolve_base_url(args.base_url or block_url)
     if block is None:
         return RunComfyClient(base_url=args.api_base_url)
     return RunComfyClient(
