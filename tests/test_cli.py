@@ -269,6 +269,37 @@ def test_spend_counts_what_edit_archived(api, image_server, tmp_path, capsys):
     assert (spent["total_billed_usd"], spent["without_bill"]) == (0.3, 0)
 
 
+def test_s3_without_aws_credentials_says_what_to_set(
+    api, sample_images, tmp_path, monkeypatch, capsys
+):
+    """It was "unexpected NoCredentialsError" (exit 1), from every verb that reads S3."""
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask for
+    emulator = api()
+    image = str(sample_images / "a.png")
+    for argv in (
+        ["spend", "--archive", "s3://my-archive/edits"],
+        ["edit", "--prompt", "p", "--image", image, "--staging", "s3://my-staging/in"],
+        ["edit", "--prompt", "p", "--image", image, "--archive", "s3://my-archive/edits"],
+    ):
+        assert main(argv) == EXIT_BAD_INPUT, argv
+        err = capsys.readouterr().err
+        assert "no AWS credentials found for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET" in err
+        assert "unexpected" not in err
+    assert emulator.stats.submits_received == 0
+
+
 def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):
     emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
     child = subprocess.Popen(

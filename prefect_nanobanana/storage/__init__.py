@@ -9,7 +9,14 @@ from .._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ["LedgerError", "LocationError", "ManifestError", "StagingError", "StorageError"],
+        [
+            "LedgerError",
+            "LocationError",
+            "ManifestError",
+            "S3CredentialsError",
+            "StagingError",
+            "StorageError",
+        ],
         ".errors",
     ),
     **dict.fromkeys(
