@@ -300,6 +300,52 @@ def test_s3_without_aws_credentials_says_what_to_set(
     assert emulator.stats.submits_received == 0
 
 
+# Runs the CLI in a child process and says, after its output, whether Prefect was imported.
+_CLI_AND_WHETHER_PREFECT_LOADED = """
+import json, sys
+from prefect_nanobanana.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "prefect_imported": "prefect" in sys.modules}))
+"""
+
+
+@pytest.mark.prefect
+def test_status_with_credentials_reads_the_block_from_the_configured_prefect_api(
+    prefect_harness, emulator_factory, image_server, tmp_path
+):
+    """`status ID --credentials NAME` imported Prefect, and without a configured API started
+    its temporary server (about 7 s), for one block: with PREFECT_API_URL set it is one
+    HTTP read of that API."""
+    from prefect_nanobanana import RunComfyClient, RunComfyCredentials
+
+    emulator = emulator_factory(time_scale=TIME_SCALE)
+    token = emulator.config.api_tokens[0]
+    RunComfyCredentials(api_token=token, base_url=emulator.base_url).save(
+        "cli-status-block", overwrite=True
+    )
+    with RunComfyClient(api_token=token, base_url=emulator.base_url) as client:
+        edit = {"prompt": "p", "image_urls": [image_server.url_for("square.png")]}
+        request_id = client.submit_edit(edit).request_id
+    home = tmp_path / "prefect-home"
+    # The environment's token is wrong and no base URL is set: only the block's can work.
+    env = prefect_harness.env(PREFECT_HOME=str(home), RUNCOMFY_API_TOKEN="not-the-block-token")
+    env.pop("RUNCOMFY_BASE_URL", None)
+
+    def cli(*argv: str) -> tuple[list[str], str]:
+        command = [sys.executable, "-c", _CLI_AND_WHETHER_PREFECT_LOADED, *argv]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        return run.stdout.splitlines(), run.stderr
+
+    out, err = cli("status", request_id, "--credentials", "cli-status-block", "--json")
+    assert json.loads(out[0])["request_id"] == request_id, err
+    assert json.loads(out[-1]) == {"code": 0, "prefect_imported": False}
+    out, err = cli("status", request_id, "--credentials", "no-such-block")
+    assert json.loads(out[-1]) == {"code": EXIT_BAD_INPUT, "prefect_imported": False}
+    assert "no RunComfyCredentials block named 'no-such-block'" in err
+    assert prefect_harness.api_url in err
+    assert not list(home.rglob("*.db"))  # no temporary server made its database
+
+
 def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):
     emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
     child = subprocess.Popen(

@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from ..client import AsyncRunComfyClient, RunComfyClient
 from ..client.client import check_base_url, output_hosts_for
+from . import CREDENTIALS_BLOCK_TYPE_SLUG
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
@@ -93,6 +94,7 @@ class RunComfyCredentials(CredentialsBlock):
     model_config = ConfigDict(json_schema_extra=_unambiguous_block_schema)
 
     _block_type_name = "RunComfy Credentials"
+    _block_type_slug = CREDENTIALS_BLOCK_TYPE_SLUG
     _logo_url = "https://www.runcomfy.com/apple-touch-icon.png"
     _documentation_url = "https://docs.runcomfy.com/model-apis/quickstart"
     _description = (
