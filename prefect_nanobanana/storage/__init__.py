@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
             "parse_location",
             "redact",
             "redact_text",
+            "s3_location_of_url",
             "strip_signature",
         ],
         ".locations",

@@ -45,6 +45,7 @@ from ...blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
     aresolve_credentials,
+    warn_of_signed_urls_in_parameters,
 )
 from ...client import (
     APIConnectionError,
@@ -158,6 +159,7 @@ async def batch_edit(
         resolution_factors: Multipliers of the listed price per resolution for the
             estimate (default: 4K counts double).
     """
+    warn_of_signed_urls_in_parameters()
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
     if (chunk_size is None) != (chunk_deployment is None):
