@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from ..client import AsyncRunComfyClient, RunComfyClient
 from ..client.client import check_base_url, output_hosts_for
+from ..errors import NanoBananaError
 from ..redaction import carries_signature, strip_signature
 from ..storage.locations import s3_location_of_url
 from . import CREDENTIALS_BLOCK_TYPE_SLUG
@@ -33,7 +34,7 @@ def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
         return None
 
 
-class CredentialsNotFoundError(ValueError):
+class CredentialsNotFoundError(NanoBananaError, ValueError):
     """A `credentials` parameter names a block that is not saved (found before any submit)."""
 
 
