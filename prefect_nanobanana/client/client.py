@@ -17,12 +17,14 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from .errors import (
     AuthenticationError,
+    InvalidBaseURLError,
     InvalidRequestError,
     ProtocolError,
     RateLimitedError,
@@ -79,8 +81,55 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API."""
-    return (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip("/")
+    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API.
+
+    Raises:
+        InvalidBaseURLError: The URL is no http(s) URL with a host (see `check_base_url`).
+    """
+    if base_url:
+        return check_base_url(base_url)
+    if from_environment := os.environ.get(BASE_URL_ENV_VAR):
+        return check_base_url(from_environment, source=BASE_URL_ENV_VAR)
+    return DEFAULT_BASE_URL
+
+
+def check_base_url(url: str, source: str = "base URL") -> str:
+    """`url` without its trailing slash, when it can be an API base URL.
+
+    The one check of a base URL, for the client, the credentials block and the
+    command line alike: a value that is no URL would otherwise be tried as one,
+    retried as an unreachable server and reported as a network failure.
+
+    Args:
+        url: The base URL, e.g. `https://model-api.runcomfy.net`.
+        source: Where it was set, for the message (`RUNCOMFY_BASE_URL`, `--base-url`).
+
+    Returns:
+        The URL without a trailing slash.
+
+    Raises:
+        InvalidBaseURLError: It is not an http:// or https:// URL with a host and a valid
+            port, or it carries a query or fragment (paths are joined onto it).
+    """
+    parts = urlsplit(url.strip())
+    problem = None
+    if parts.scheme.lower() not in ("http", "https"):
+        problem = "is not an http:// or https:// URL"
+    elif not parts.hostname:
+        problem = "names no host"
+    elif parts.query or parts.fragment:
+        problem = "has a query or fragment (the API's paths are appended to it)"
+    else:
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+        except ValueError:
+            problem = "has an invalid port"
+    if problem is not None:
+        raise InvalidBaseURLError(
+            f"{source} {url!r} {problem}; expected e.g. {DEFAULT_BASE_URL} "
+            "or an emulator's http://127.0.0.1:PORT"
+        )
+    return url.strip().rstrip("/")
 
 
 def output_hosts_for(

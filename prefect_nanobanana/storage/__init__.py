@@ -11,7 +11,14 @@ _EXPORTS: dict[str, str] = {
     # The guard's record types, which the ledger stores.
     **dict.fromkeys(["ClaimOwner", "LedgerEntry", "VersionedEntry"], "..guard.records"),
     **dict.fromkeys(
-        ["LedgerError", "LocationError", "ManifestError", "StagingError", "StorageError"],
+        [
+            "LedgerError",
+            "LocationError",
+            "ManifestError",
+            "S3CredentialsError",
+            "StagingError",
+            "StorageError",
+        ],
         ".errors",
     ),
     **dict.fromkeys(
@@ -25,6 +32,7 @@ _EXPORTS: dict[str, str] = {
             "parse_location",
             "redact",
             "redact_text",
+            "s3_location_of_url",
             "strip_signature",
         ],
         ".locations",
