@@ -1,4 +1,4 @@
-# The two quick-start commands: `make demo` and `make test` (`make docs` builds the documentation site). Both build .venv on first use.
+# The two quick-start commands: `make demo` and `make test`; `make docs` builds the documentation site. Each builds .venv on first use.
 # Another environment: `VENV=.venv-prefect388 CONSTRAINTS=.ci/constraints-prefect-3.8.8.txt make test`.
 VENV ?= .venv
 PYTHON ?= python3
