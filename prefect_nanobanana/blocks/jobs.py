@@ -20,8 +20,9 @@ from ..client import (
     RequestResult,
     Resolution,
 )
+from ..guard.protocol import default_job_key, submit_once
 from ..stop import signals_deferred
-from ..tasks.guard import default_job_key, job_scope, submit_once
+from ..tasks.guard import job_scope, run_id
 from ..tasks.records import PrefectRecordStore
 from .credentials import RunComfyCredentials
 
@@ -250,6 +251,8 @@ class NanoBananaEditJob(JobBlock):
                     "model_id": NANO_BANANA_EDIT_MODEL_ID,
                     "parameters": edit.model_dump(mode="json", exclude={"prompt", "image_urls"}),
                 },
+                run_id=run_id(),
+                log=self.logger,
             )
         if not (submitted.resumed or submitted.adopted):
             self.logger.info("Submitted RunComfy request %s", submitted.request_id)

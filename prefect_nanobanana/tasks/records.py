@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID, uuid4
 
 from prefect.client.orchestration import get_client
@@ -38,7 +38,7 @@ from prefect.results import ResultStore, get_result_store
 from prefect.settings import PREFECT_HOME
 
 from .. import observe
-from ..storage import LedgerEntry, VersionedEntry
+from ..guard.records import LedgerEntry, VersionedEntry, version_of
 
 RECORD_LABEL_PREFIX = "nanobanana.job."
 _LABEL_SUBMITTING = "submitting"
@@ -46,70 +46,6 @@ _LABEL_NOT_SUBMITTED = "not-submitted"
 # How long a lock of the result store may be held (a crashed holder's lock expires).
 _LOCK_HOLD_SECONDS = 60.0
 _LOCK_WAIT_SECONDS = 60.0
-
-
-class RecordStore(Protocol):
-    """The records of the submit guard; `storage.Ledger` is one."""
-
-    def read(self, job_key: str) -> VersionedEntry | None:
-        """The job's record with its version, or None if the job was never claimed."""
-        ...
-
-    def create(self, entry: LedgerEntry) -> str | None:
-        """Write the job's first record; its version, or None when one exists (lost claim)."""
-        ...
-
-    def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """Overwrite the job's record if still at `version`; the new version, or None."""
-        ...
-
-    def scan(self) -> list[VersionedEntry]:
-        """Every record, with its version."""
-        ...
-
-    def location(self, job_key: str) -> str:
-        """Where the job's record is, for messages that tell a person what to look at."""
-        ...
-
-
-def _version_of(entry: LedgerEntry) -> str:
-    return hashlib.sha256(entry.model_dump_json().encode()).hexdigest()
-
-
-class MemoryRecordStore:
-    """Records in this process's memory: as conditional as the others, gone with the process."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, LedgerEntry] = {}
-        self._lock = threading.Lock()
-
-    def read(self, job_key: str) -> VersionedEntry | None:
-        with self._lock:
-            entry = self._entries.get(job_key)
-        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
-
-    def create(self, entry: LedgerEntry) -> str | None:
-        with self._lock:
-            if entry.job_key in self._entries:
-                return None
-            self._entries[entry.job_key] = entry
-        return _version_of(entry)
-
-    def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        with self._lock:
-            current = self._entries.get(entry.job_key)
-            if current is None or _version_of(current) != version:
-                return None
-            self._entries[entry.job_key] = entry
-        return _version_of(entry)
-
-    def scan(self) -> list[VersionedEntry]:
-        with self._lock:
-            entries = list(self._entries.values())
-        return [VersionedEntry(entry, _version_of(entry)) for entry in entries]
-
-    def location(self, job_key: str) -> str:
-        return f"memory of process {os.getpid()} (job {job_key})"
 
 
 def record_names(job_key: str) -> tuple[str, str]:
@@ -248,7 +184,7 @@ class PrefectRecordStore:
 
     def read(self, job_key: str) -> VersionedEntry | None:
         entry = self._read_merged(job_key)
-        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
+        return VersionedEntry(entry, version_of(entry)) if entry is not None else None
 
     def _write(self, entry: LedgerEntry) -> str:
         storage_key, label = record_names(entry.job_key)
@@ -261,7 +197,7 @@ class PrefectRecordStore:
                 get_client(sync_client=True) as client,
             ):
                 client.update_flow_run_labels(self.flow_run_id, {label: value})
-        return _version_of(entry)
+        return version_of(entry)
 
     def ensure_label(self, job_key: str, request_id: str) -> None:
         """Name a request found elsewhere (another run's record) in this run's labels too."""
@@ -282,7 +218,7 @@ class PrefectRecordStore:
         storage_key, _ = record_names(entry.job_key)
         with self._locked(storage_key):
             current = self._read_merged(entry.job_key)
-            if current is None or _version_of(current) != version:
+            if current is None or version_of(current) != version:
                 return None
             return self._write(entry)
 
@@ -293,5 +229,5 @@ class PrefectRecordStore:
             if key.startswith(RECORD_LABEL_PREFIX) and value:
                 entry = _from_label(key.removeprefix(RECORD_LABEL_PREFIX), value)
                 if entry is not None:
-                    found.append(VersionedEntry(entry, _version_of(entry)))
+                    found.append(VersionedEntry(entry, version_of(entry)))
         return found

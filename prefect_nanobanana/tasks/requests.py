@@ -31,7 +31,8 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from .guard import SubmittedRequest, default_job_key, job_scope, submit_once, submit_run_name
+from ..guard.protocol import SubmittedRequest, default_job_key, submit_once
+from .guard import job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
 from .records import PrefectRecordStore
 
@@ -100,6 +101,8 @@ async def _submit_edit_once(
             client,
             edit,
             facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": _parameters(edit)},
+            run_id=run_id(),
+            log=run_log(),
         )
     if submitted.resumed or submitted.adopted:
         # This run's cancellation hook looks for its requests in its own labels.
