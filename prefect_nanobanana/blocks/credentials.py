@@ -164,7 +164,12 @@ class RunComfyCredentials(CredentialsBlock):
         return check_base_url(base_url) if base_url and base_url.strip() else None
 
     def allowed_output_hosts(self) -> list[str]:
-        """The hosts outputs may be downloaded from (the field, else the defaults)."""
+        """The hosts outputs may be downloaded from.
+
+        Returns:
+            The `output_hosts` field when set; else `*.runcomfy.net` and the base
+            URL's own host (the emulator's, a proxy's).
+        """
         return list(output_hosts_for(self.base_url, self.output_hosts))
 
     def _client_options(self) -> dict[str, Any]:
@@ -178,11 +183,26 @@ class RunComfyCredentials(CredentialsBlock):
         }
 
     def get_client(self) -> RunComfyClient:
-        """A blocking client; close it (or use it in a `with` block) when done."""
+        """A blocking client with this block's token, base URL, timeout and output hosts.
+
+        Returns:
+            A `RunComfyClient`; close it, or use it in a `with` block, when done.
+
+        Example:
+            ```python
+            with RunComfyCredentials.load("default").get_client() as client:
+                print(client.model_info().base_price_usd)
+            ```
+        """
         return RunComfyClient(**self._client_options())
 
     def get_async_client(self) -> AsyncRunComfyClient:
-        """An async client; use it in an `async with` block or `await client.aclose()`."""
+        """An async client with this block's token, base URL, timeout and output hosts.
+
+        Returns:
+            An `AsyncRunComfyClient`; use it in an `async with` block, or
+            `await client.aclose()` when done.
+        """
         return AsyncRunComfyClient(**self._client_options())
 
 
