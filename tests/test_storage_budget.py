@@ -227,3 +227,44 @@ def test_threads_on_one_s3_archive_stay_within_the_cap(
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert keys == ["archive/_budget/daily/2026-12-07.json"]
     assert list(daily_totals(archive, s3_client=s3_client)) == [DAY.date()]
+
+
+def test_spend_shows_each_day_against_the_cap(tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from prefect_nanobanana.cli import main
+    from prefect_nanobanana.storage import Ledger, LedgerEntry, job_key_for
+
+    ledger = Ledger(tmp_path)
+    key = job_key_for("p", ["s3://shop/in/a.png"])
+    ledger.create(
+        LedgerEntry(
+            job_key=key,
+            request_id="req-1",
+            status="archived",
+            submitted_at=DAY,
+            updated_at=DAY,
+            cost=0.3,
+        )
+    )
+    budget = DailyBudget(tmp_path, cap_usd=5.0, clock=Clock(DAY))
+    settled, in_flight = budget.reserve(0.15), budget.reserve(0.15)
+    assert isinstance(settled, Reservation) and isinstance(in_flight, Reservation)
+    budget.settle(settled, 0.3)
+    tomorrow = DailyBudget(tmp_path, cap_usd=5.0, clock=Clock(DAY + dt.timedelta(days=1)))
+    assert isinstance(tomorrow.reserve(1.0), Reservation)
+
+    assert main(["spend", "--archive", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert " ".join(lines[1].split()) == "2026-12-07 $0.30 $0.45 of $5.00 ($0.15 in flight)"
+    assert " ".join(lines[2].split()) == "2026-12-08 $0.00 $1.00 of $5.00 ($1.00 in flight)"
+    assert main(["spend", "--archive", str(tmp_path), "--json"]) == 0
+    days = json.loads(capsys.readouterr().out)["days"]
+    assert days[0] == {
+        "day": "2026-12-07",
+        "billed_usd": 0.3,
+        "budget_total_usd": 0.45,
+        "budget_in_flight_usd": 0.15,
+        "daily_budget_usd": 5.0,
+    }
+    assert [day["day"] for day in days] == ["2026-12-07", "2026-12-08"]
