@@ -289,7 +289,7 @@ async def test_chunks_too_large_for_prefect_are_refused_before_any_starts(monkey
     monkeypatch.setattr(chunks_module, "get_run_logger", lambda: logging.getLogger("test"))
     jobs = [BatchJob(prompt="p" * 2_000, images=[f"in-{row}.png"]) for row in range(600)]
     with pytest.raises(ValueError, match=r"chunk_size=300 gives .* or less") as refused:
-        await chunks_module._run_in_chunks(
+        await chunks_module.run_in_chunks(
             jobs, 300, "batch-edit/chunk", {}, "/tmp/results.jsonl", None
         )
     assert started == []

@@ -465,7 +465,7 @@ async def test_a_direct_batch_set_to_cancelling_withdraws_its_queued_request(
     results = sorted((tmp_path / "archive" / "_results").glob("*.jsonl"))
     rows = [json.loads(line) for line in results[-1].read_text().splitlines()]
     assert [row["status"] for row in rows] == ["failed", "failed"]
-    assert all("cancelled before this row ended" in row["error"] for row in rows)
+    assert all("not finished: the run was cancelled" in row["error"] for row in rows)
     await _assert_withdrawn_then_resubmitted(emulator, options)
 
 

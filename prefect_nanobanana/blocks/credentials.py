@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field, SecretStr
 
 from ..client import AsyncRunComfyClient, RunComfyClient
 from ..client.client import output_hosts_for
+from ..errors import NanoBananaError
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
@@ -29,7 +30,7 @@ def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
         return None
 
 
-class CredentialsNotFoundError(ValueError):
+class CredentialsNotFoundError(NanoBananaError, ValueError):
     """A `credentials` parameter names a block that is not saved (found before any submit)."""
 
 

@@ -20,6 +20,7 @@ from ..client import (
     RequestResult,
     Resolution,
 )
+from ..stop import signals_deferred
 from ..tasks.guard import default_job_key, job_scope, submit_once
 from ..tasks.records import PrefectRecordStore
 from .credentials import RunComfyCredentials
@@ -201,4 +202,5 @@ class NanoBananaEditJob(JobBlock):
     @async_dispatch(atrigger)
     def trigger(self, job_key: str | None = None) -> NanoBananaEditJobRun:
         """Submit the edit through the submit guard (billed once per job key)."""
-        return run_coro_as_sync(self.atrigger(job_key))
+        with signals_deferred():  # a stop takes effect once the request id is recorded
+            return run_coro_as_sync(self.atrigger(job_key))

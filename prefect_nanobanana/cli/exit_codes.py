@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..client import errors
 from ..client.pricing import BudgetExceededError
+from ..errors import NanoBananaError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -45,7 +46,7 @@ EXIT_INTERRUPTED = 130
 OFFLINE_HINT = 'For offline work, start the emulator: eval "$(nanobanana emulator --print-env)".'
 
 
-class UsageError(ValueError):
+class UsageError(NanoBananaError, ValueError):
     """A command line that cannot work as given (e.g. a credentials block that does not
     exist); found before anything is submitted."""
 

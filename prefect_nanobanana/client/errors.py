@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import NanoBananaError
 from ..redaction import redact, redact_text
 
 
-class RunComfyError(Exception):
+class RunComfyError(NanoBananaError):
     """Base class of every error this package raises for the Model API."""
 
     is_transient: bool = False

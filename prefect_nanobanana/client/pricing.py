@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import NanoBananaError
+
 if TYPE_CHECKING:  # light at runtime: the CLI's exit-code table imports this module
     from .models import ModelInfo, NanoBananaEditInput
 
@@ -83,7 +85,7 @@ def estimate_cost(
     )
 
 
-class BudgetExceededError(Exception):
+class BudgetExceededError(NanoBananaError):
     """A submit would cost more than `max_cost_usd` (or the price to tell is unknown).
 
     Raised before anything is paid: before a run's first submit, the message names

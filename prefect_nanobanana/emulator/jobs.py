@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..client.models import NanoBananaEditInput
+from ..errors import NanoBananaError
 from .config import EmulatorConfig
 from .faults import FaultInjector
 from .images import (
@@ -78,11 +79,11 @@ def draw_run_seconds(rng: random.Random, resolution: str) -> float:
     return rng.lognormvariate(mu, sigma)
 
 
-class InsufficientBalance(Exception):
+class InsufficientBalance(NanoBananaError):
     """A submit would spend more than the configured balance."""
 
 
-class InputImageError(Exception):
+class InputImageError(NanoBananaError):
     """An input URL could not be fetched or is not an image; the message is safe to publish."""
 
 
@@ -171,6 +172,8 @@ class JobManager:
         self._spent_usd = 0.0
         self._rng = random.Random(config.seed)
         self._stopping = threading.Event()
+        # While held, queued jobs stay queued: a test reads "queued" and it stays true.
+        self._held = False
         self._http = httpx.Client(
             follow_redirects=True,
             timeout=config.input_fetch_timeout_seconds,
@@ -277,6 +280,17 @@ class JobManager:
             self._spent_usd -= job.cost_usd
             return "cancelled", job.status
 
+    def request_ids(self) -> list[str]:
+        """Every request id issued, in the order of their submits."""
+        with self._lock:
+            return list(self._jobs)
+
+    def hold_queue(self, held: bool) -> None:
+        """Hold the queue (no queued job starts) or let it go on."""
+        with self._lock:
+            self._held = held
+            self._work_available.notify_all()
+
     def summary(self) -> JobTableSummary:
         with self._lock:
             return JobTableSummary(
@@ -310,7 +324,7 @@ class JobManager:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping.is_set():
+                while (not self._queue or self._held) and not self._stopping.is_set():
                     self._work_available.wait()
                 if self._stopping.is_set():
                     return

@@ -48,7 +48,7 @@ from ..tasks import (
     wait_for_request,
     withdraw_if_queued,
 )
-from .cancelling import CancellingWatch, direct_flow_run_id
+from .stopping import CancellingWatch, direct_flow_run_id
 
 
 class EditImageResult(BaseModel):

@@ -57,8 +57,6 @@ _EXPORTS: dict[str, str] = {
         ".staging",
     ),
     "STAGING_TOKEN_ENV": ".staging",
-    # Old import path: the server lives in the offline room now (it imports no Prefect either).
-    "LoopbackObjectStore": "..emulator.object_store",
     **dict.fromkeys(
         [
             "DEFAULT_DOWNLOAD_TIMEOUT",
@@ -78,7 +76,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["ClaimOwner", "Ledger", "LedgerEntry", "VersionedEntry", "job_key_for"], ".ledger"
     ),
-    **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".previews"),
+    **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".thumbnails"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
     **dict.fromkeys(["RunTimeHistory"], ".run_times"),
     **dict.fromkeys(["IMAGE_EXTENSIONS", "ListedImage", "list_images"], ".listing"),

@@ -7,10 +7,11 @@ with the exception type they already expect for bad input.
 
 from __future__ import annotations
 
+from ..errors import NanoBananaError
 from ..redaction import redact_text
 
 
-class StorageError(Exception):
+class StorageError(NanoBananaError):
     """Base class for everything the storage room raises on purpose.
 
     Its messages often quote a URL or a server's answer, so they go through the one

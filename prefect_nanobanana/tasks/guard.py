@@ -52,7 +52,6 @@ import atexit
 import contextlib
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -81,6 +80,7 @@ from ..client import (
     WaitTimeoutError,
 )
 from ..client.pricing import BudgetExceededError
+from ..stop import RunStopped, signals_deferred
 from ..storage import ClaimOwner, LedgerEntry, VersionedEntry, job_key_for, redact, redact_text
 from .records import RECORD_LABEL_PREFIX, RecordStore, recorded_request_ids
 
@@ -89,6 +89,7 @@ __all__ = [
     "ArchiveTurn",
     "SubmittedRequest",
     "abandons_request",
+    "acancel_if_queued",
     "archive_claim",
     "cancel_if_queued",
     "cancel_recorded_requests",
@@ -101,6 +102,7 @@ __all__ = [
     "release_archiving",
     "submit_once",
     "submit_once_blocking",
+    "withdraw",
     "withdraw_if_queued",
 ]
 
@@ -291,12 +293,13 @@ async def _replace(store: RecordStore, entry: LedgerEntry, version: str) -> str 
 
 # --------------------------------------------------------------------------- pending records
 
-# Request ids the API issued whose record is being written. If the process is told
-# to stop meanwhile (SIGTERM, or an exit), they are written on the way out: an
-# issued id is always recorded.
+# Request ids the API issued whose record is being written. A process that exits
+# meanwhile (an exception on the main thread while a sync task's guard runs on
+# Prefect's loop thread) writes them on its way out: an issued id is always
+# recorded. The exit hook is registered on the first submit, not on import.
 _PENDING: dict[str, tuple[RecordStore, LedgerEntry, str]] = {}
 _PENDING_LOCK = threading.Lock()
-_SIGTERM_HOOKED = False
+_EXIT_HOOKED = False
 
 
 def _flush_pending() -> None:
@@ -308,38 +311,17 @@ def _flush_pending() -> None:
             store.replace(entry, version)  # None: it was written meanwhile
 
 
-def _on_sigterm(previous: Any) -> Callable[[int, Any], None]:
-    def handler(signum: int, frame: Any) -> None:
-        _flush_pending()
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    return handler
-
-
-def _hook_sigterm() -> None:
-    """Chain a SIGTERM handler that writes pending records first (main thread only)."""
-    global _SIGTERM_HOOKED
-    if _SIGTERM_HOOKED or threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_IGN,):
-        return
-    signal.signal(signal.SIGTERM, _on_sigterm(previous))
-    _SIGTERM_HOOKED = True
-
-
-atexit.register(_flush_pending)
-# Now, while imported in the main thread: sync tasks run the guard on Prefect's loop
-# thread, where no signal handler can be set.
-_hook_sigterm()
+def _hook_exit() -> None:
+    global _EXIT_HOOKED
+    with _PENDING_LOCK:
+        if not _EXIT_HOOKED:
+            atexit.register(_flush_pending)
+            _EXIT_HOOKED = True
 
 
 async def _record(store: RecordStore, entry: LedgerEntry, version: str) -> str | None:
     """Write the request id over the claim, even if this run is being cancelled meanwhile."""
+    _hook_exit()
     with _PENDING_LOCK:
         _PENDING[entry.owner.token if entry.owner else entry.job_key] = (store, entry, version)
     writing = asyncio.ensure_future(_replace(store, entry, version))
@@ -463,7 +445,8 @@ def submit_once_blocking(
     """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
     sending with a blocking client."""
     claiming = submit_once(job_key, store, client, edit, facts=facts, known=known)  # type: ignore[arg-type]
-    return asyncio.run(claiming)
+    with signals_deferred():  # a stop takes effect once the request id is recorded
+        return asyncio.run(claiming)
 
 
 async def _claim(
@@ -514,7 +497,6 @@ async def _submit_claimed(
     before_submit: Callable[[], Awaitable[None]] | None,
     hold_archiving: bool = False,
 ) -> SubmittedRequest:
-    _hook_sigterm()
     try:
         if edit is None:
             raise ValueError(
@@ -529,7 +511,7 @@ async def _submit_claimed(
             handle = await client.submit_edit(edit)
     except SubmitOutcomeUnknownError:
         raise  # the claim stays "submitting": a rerun must not submit blindly
-    except (RunComfyError, ValueError, BudgetExceededError) as error:
+    except (RunComfyError, ValueError, BudgetExceededError, RunStopped) as error:
         # Provably not sent (refused, held back by the budget, or stopped before sending):
         # release the claim.
         released = claim.model_copy(
@@ -748,14 +730,15 @@ async def _settle(
     job_key: str,
     update: dict[str, Any],
     known: VersionedEntry | None = None,
+    only_if: Callable[[LedgerEntry], bool] | None = None,
 ) -> LedgerEntry | None:
     """Apply `update` to the job's record (from `known` first, if given), rereading when
-    another writer came first."""
+    another writer came first; left alone (None) when `only_if` says the record moved on."""
     versioned = known
     while True:
         if versioned is None:
             versioned = await _read(store, job_key)
-        if versioned is None:
+        if versioned is None or (only_if is not None and not only_if(versioned.entry)):
             return None
         settled = versioned.entry.model_copy(update={**update, "updated_at": _now()})
         if await _replace(store, settled, versioned.version) is not None:
@@ -796,6 +779,48 @@ async def mark_failed(store: RecordStore, job_key: str, error: str | BaseExcepti
     await _settle(store, job_key, {"status": "failed", "error": redact_text(text)})
 
 
+WITHDRAWN = "withdrawn while queued: the run that submitted it stopped"
+
+
+async def withdraw(
+    store: RecordStore,
+    client: AsyncRunComfyClient,
+    submitted: SubmittedRequest,
+    *,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> str | None:
+    """A stopping run lets go of its request: withdrawn if still queued, else left recorded.
+
+    A queued request is cancelled at RunComfy (nothing is billed) and its record
+    says "failed: withdrawn", so the next run submits the job again. A running one
+    cannot be withdrawn: its record keeps the request id for the next run to adopt,
+    and the archiving claimed with it is released so nobody waits for it.
+
+    Returns:
+        "cancelled", "not_cancellable", or None when the request was already over or
+        the API could not be asked (logged; the record then stays for a rerun to adopt).
+    """
+    try:
+        outcome = await acancel_if_queued(client, submitted.request_id, log=log)
+    except RunComfyError as error:
+        log.warning("Could not cancel RunComfy request %s: %s", submitted.request_id, error)
+        outcome = None
+    if outcome == "cancelled":
+        end_archiving_claim(submitted)
+        await _settle(
+            store,
+            submitted.job_key,
+            {"status": "failed", "error": WITHDRAWN, "archiver": None},
+            submitted.record,
+            only_if=lambda entry: (
+                entry.request_id == submitted.request_id and entry.status == "submitted"
+            ),
+        )
+    else:
+        await release_archiving(store, submitted)
+    return outcome
+
+
 # --------------------------------------------------------------------------- release
 
 
@@ -833,6 +858,23 @@ def cancel_if_queued(
     # Events belong to a run; outside one (the CLI) there is no Prefect API to tell.
     if outcome == "cancelled" and (flow_run_id or observe.current_flow_run_id()):
         observe.emit_request_event(observe.EVENT_CANCELLED, request_id, flow_run_id=flow_run_id)
+    return outcome
+
+
+async def acancel_if_queued(
+    client: AsyncRunComfyClient,
+    request_id: str,
+    *,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> str | None:
+    """`cancel_if_queued` with the async client (its event is the caller's to emit)."""
+    status = await client.status(request_id)
+    if status.is_terminal:
+        return None
+    outcome = "not_cancellable"
+    if status.status != "in_progress":
+        outcome = (await client.cancel(request_id)).outcome
+    observe.log_cancel_outcome(log, request_id, outcome)
     return outcome
 
 

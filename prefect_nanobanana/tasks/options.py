@@ -3,6 +3,7 @@ no caching, and Prefect retries only transient errors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -14,6 +15,7 @@ from prefect.states import State
 from prefect.utilities.asyncutils import run_coro_as_sync
 
 from ..client import RunComfyError
+from ..stop import signals_deferred
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -41,6 +43,7 @@ def sync_and_async_tasks(
     body: Callable[P, Coroutine[Any, Any, R]],
     *,
     public_name: str | None = None,
+    defer_signals: bool = False,
     **task_options: Any,
 ) -> tuple[Task[P, R], Task[P, Coroutine[Any, Any, R]]]:
     """A task and its `a*` async twin, both from one async body: the one mechanism here.
@@ -48,6 +51,9 @@ def sync_and_async_tasks(
     The async task awaits `body`; the sync one runs it to its end on Prefect's
     loop thread (`run_coro_as_sync`, which carries the run's context along), so a
     sync flow calls the same code an async flow awaits, and no body is written twice.
+    `defer_signals`: the body is a paid submit; SIGTERM or Ctrl-C reaching the sync
+    task's main thread meanwhile takes effect once the body has ended (its request
+    id recorded), not in the middle of it.
     """
 
     @functools.wraps(body)
@@ -56,7 +62,8 @@ def sync_and_async_tasks(
 
     @functools.wraps(body)
     def run_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-        return run_coro_as_sync(body(*args, **kwargs))
+        with signals_deferred() if defer_signals else contextlib.nullcontext():
+            return run_coro_as_sync(body(*args, **kwargs))
 
     public_name = public_name or body.__name__.lstrip("_")
     for function, name in ((run_sync, public_name), (run_async, f"a{public_name}")):

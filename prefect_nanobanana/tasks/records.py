@@ -150,22 +150,6 @@ def _from_label(job_key: str, value: Any) -> LedgerEntry | None:
     )
 
 
-def _from_stored(job_key: str, value: Any) -> LedgerEntry:
-    """A stored record; also the form earlier releases wrote (`{"state", "request"}`)."""
-    if isinstance(value, dict) and "state" in value:
-        request = value.get("request") or {}
-        now = datetime.now(timezone.utc)
-        status = {"submitting": "submitting", "submitted": "submitted"}.get(value["state"])
-        return LedgerEntry(
-            job_key=job_key,
-            request_id=request.get("request_id"),
-            status=status or "failed",
-            submitted_at=request.get("submitted_at") or now,
-            updated_at=now,
-        )
-    return LedgerEntry.model_validate(value)
-
-
 _PROCESS_LOCKS: dict[str, threading.Lock] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
 
@@ -254,7 +238,7 @@ class PrefectRecordStore:
         stored = None
         if self.result_store.exists(storage_key):
             value = self.result_store.read(storage_key, holder=self.holder).result
-            stored = _from_stored(job_key, value)
+            stored = LedgerEntry.model_validate(value)
         labelled = _from_label(job_key, self._read_labels().get(label))
         if stored is not None and (stored.request_id or labelled is None):
             return stored

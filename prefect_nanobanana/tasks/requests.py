@@ -105,6 +105,7 @@ def _parameters(edit: NanoBananaEditInput) -> dict[str, Any]:
 submit_edit, asubmit_edit = sync_and_async_tasks(
     _submit_edit_once,
     public_name="submit_edit",
+    defer_signals=True,
     name="submit-edit",
     task_run_name=submit_run_name,
     **REQUEST_TASK_OPTIONS,

@@ -30,7 +30,7 @@ from .report import ROW_PROGRESS
 CHUNK_POLL_SECONDS = 5.0
 
 
-def _credentials_parameter(credentials: RunComfyCredentials | str) -> str:
+def credentials_parameter(credentials: RunComfyCredentials | str) -> str:
     """The parent's credentials as a child run's parameter: the block's name.
 
     A block object cannot travel as a parameter (its token is a secret), so a saved
@@ -135,7 +135,7 @@ def _in_parent_numbering(
     return rows
 
 
-async def _run_in_chunks(
+async def run_in_chunks(
     jobs: list[BatchJob],
     chunk_size: int,
     chunk_deployment: str,

@@ -32,8 +32,10 @@ rows already archived, and together they stay within one API quota.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
+from anyio import to_thread
 from prefect import flow
 from prefect.artifacts import (
     acreate_progress_artifact,
@@ -41,12 +43,14 @@ from prefect.artifacts import (
 from prefect.logging import get_run_logger
 from pydantic import Field
 
+from ... import observe
 from ...blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
     aresolve_credentials,
 )
 from ...client import (
+    NANO_BANANA_EDIT_MODEL_ID,
     APIConnectionError,
     AspectRatio,
     AsyncRunComfyClient,
@@ -64,20 +68,23 @@ from ...client.pricing import (
     refuse_over_budget,
 )
 from ...previews import DEFAULT_PREVIEW_ROWS
+from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
+    RunTimeHistory,
 )
 from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
-from ..cancelling import CancellingWatch, direct_flow_run_id
-from .chunks import _credentials_parameter, _run_in_chunks, chunk_budgets
+from ..stopping import CancellingWatch, stopped_state
+from .chunks import chunk_budgets, credentials_parameter, run_in_chunks
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
 from .models import (
     BatchDryRun,
     BatchEditResult,
     BatchJob,
+    BatchOptions,
     BatchRowResult,
     PlannedAction,
     PlannedRow,
@@ -85,8 +92,7 @@ from .models import (
 )
 from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
-from .row import _Batch, _run_row, _settled_without_api
-from .run_times import alearn_run_times, asave_run_times
+from .row import _Batch, _run_row, _settled_without_api, not_finished
 
 
 @flow(name="nano-banana-batch")
@@ -158,6 +164,10 @@ async def batch_edit(
         resolution_factors: Multipliers of the listed price per resolution for the
             estimate (default: 4K counts double).
     """
+    # The run form's fields, as the one value the run's steps and its chunks share.
+    options = BatchOptions.model_validate(
+        {name: value for name, value in locals().items() if name in BatchOptions.model_fields}
+    )
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
     if (chunk_size is None) != (chunk_deployment is None):
@@ -165,71 +175,112 @@ async def batch_edit(
     if jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
     chunked = chunk_size is not None and len(jobs) > chunk_size and not dry_run
-    defaults = {
-        "aspect_ratio": aspect_ratio,
-        "resolution": resolution,
-        "output_format": output_format,
-        "num_images": num_images,
-    }
     if chunked and chunk_size is not None and chunk_deployment is not None:
-        budgets = None
-        if max_cost_usd is not None:
-            plans = await aplan_batch(
-                jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run=True
+        # The parent pays for nothing: a stop (Prefect's SIGTERM bridge) ends its
+        # wait, and each chunk, a run of its own, handles its own stop.
+        return await _run_chunked(jobs, chunk_size, chunk_deployment, options)
+    flow_run_id = observe.current_flow_run_id()
+    stop = Stop()
+    with (
+        stop_on_signals(stop, asyncio.get_running_loop()) as signals,
+        CancellingWatch(flow_run_id, partial(stop.set, "cancelling"), STOPPED_MESSAGE),
+    ):
+        ended = await _run_rows(jobs, options, stop)
+        if not stop.is_set:
+            return ended
+        cancelled = await stopped_state(stop, flow_run_id, STOPPED_MESSAGE)
+    if cancelled is not None:
+        return cancelled  # type: ignore[return-value]
+    redeliver(signals)  # Prefect's SIGTERM bridge, back in place, ends the run as it does
+    return ended
+
+
+STOPPED_MESSAGE = (
+    "The batch stopped: its queued requests were withdrawn, the running ones stay recorded "
+    "for a rerun to adopt, and the results manifest names every unfinished row"
+)
+
+
+async def _run_chunked(
+    jobs: list[BatchJob], chunk_size: int, chunk_deployment: str, options: BatchOptions
+) -> BatchEditResult:
+    """The rows as child runs of `chunk_deployment`, one a chunk, gathered into one result."""
+    budgets = None
+    if options.max_cost_usd is not None:
+        plans = await aplan_batch(
+            jobs,
+            options.row_defaults,
+            options.archive_uri,
+            options.staging_uri,
+            options.aws_credentials,
+            dry_run=True,
+        )
+        resolved = await aresolve_credentials(options.credentials)
+        async with resolved.get_async_client() as client:
+            estimate = await _estimate_before_paying(
+                client, plans, options.max_cost_usd, options.resolution_factors
             )
-            resolved = await aresolve_credentials(credentials)
-            async with resolved.get_async_client() as client:
-                estimate = await _estimate_before_paying(
-                    client, plans, max_cost_usd, resolution_factors
-                )
-            budgets = chunk_budgets(plans, chunk_size, max_cost_usd, estimate)
-        options = {
-            "archive_uri": archive_uri,
-            "staging_uri": staging_uri,
-            "aspect_ratio": aspect_ratio,
-            "resolution": resolution,
-            "output_format": output_format,
-            "num_images": num_images,
-            "max_concurrency": max_concurrency,
-            "concurrency_limit_name": concurrency_limit_name,
-            "allow_partial": allow_partial,
-            "credentials": _credentials_parameter(credentials),
-            "aws_credentials": aws_credentials,
-            "timeout_seconds": timeout_seconds,
-            "preview_rows": preview_rows,
-            "resolution_factors": resolution_factors,
-        }
-        # Made here, once: children starting together would race to create it.
-        await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
-        results_location = _results_location(archive_uri, results_uri)
-        rows = await _run_in_chunks(
-            jobs, chunk_size, chunk_deployment, options, results_location, aws_credentials, budgets
-        )
-        return await _finish_batch(
-            rows, results_location, allow_partial, aws_credentials, archive_uri, preview_rows
-        )
-    plans = await aplan_batch(jobs, defaults, archive_uri, staging_uri, aws_credentials, dry_run)
-    archive = resolve_location(archive_uri, aws_credentials)
+        budgets = chunk_budgets(plans, chunk_size, options.max_cost_usd, estimate)
+    # Made here, once: children starting together would race to create it.
+    await _ensure_concurrency_limit(options.concurrency_limit_name, options.max_concurrency)
+    results_location = _results_location(options.archive_uri, options.results_uri)
+    rows = await run_in_chunks(
+        jobs,
+        chunk_size,
+        chunk_deployment,
+        options.chunk_parameters(credentials_parameter(options.credentials)),
+        results_location,
+        options.aws_credentials,
+        budgets,
+    )
+    return await _finish_batch(
+        rows,
+        results_location,
+        options.allow_partial,
+        options.aws_credentials,
+        options.archive_uri,
+        options.preview_rows,
+    )
+
+
+async def _run_rows(
+    jobs: list[BatchJob], options: BatchOptions, stop: Stop
+) -> BatchEditResult | BatchDryRun:
+    """Every row of an unchunked batch through its lanes, until done or stopped; then the
+    results manifest and the report."""
+    plans = await aplan_batch(
+        jobs,
+        options.row_defaults,
+        options.archive_uri,
+        options.staging_uri,
+        options.aws_credentials,
+        options.dry_run,
+    )
+    archive = resolve_location(options.archive_uri, options.aws_credentials)
     location, s3_client = archive
-    resolved = await aresolve_credentials(credentials)
+    resolved = await aresolve_credentials(options.credentials)
     async with resolved.get_async_client() as client:
-        estimate = await _estimate_before_paying(client, plans, max_cost_usd, resolution_factors)
-        if dry_run:
+        estimate = await _estimate_before_paying(
+            client, plans, options.max_cost_usd, options.resolution_factors
+        )
+        if options.dry_run:
             return _dry_run_of(plans, estimate)
-        shared_limit = await _ensure_concurrency_limit(concurrency_limit_name, max_concurrency)
+        shared_limit = await _ensure_concurrency_limit(
+            options.concurrency_limit_name, options.max_concurrency
+        )
         progress_id = await acreate_progress_artifact(
             progress=0.0, description=f"Rows of this batch finished, of {len(plans)}."
         )
         batch = _Batch(
             client=client,
-            credentials=resolved,
+            stop=stop,
             ledger=Ledger(location, s3_client=s3_client),
             archive=archive,
-            staging=resolve_location(staging_uri, aws_credentials),
-            max_concurrency=min(max_concurrency, shared_limit),
-            timeout_seconds=timeout_seconds,
-            budget=CostBudget(max_cost_usd),
-            preview_rows=preview_rows,
+            staging=resolve_location(options.staging_uri, options.aws_credentials),
+            max_concurrency=min(options.max_concurrency, shared_limit),
+            timeout_seconds=options.timeout_seconds,
+            budget=CostBudget(options.max_cost_usd),
+            preview_rows=options.preview_rows,
         )
 
         progress = BatchProgress(len(plans), progress_id)
@@ -249,49 +300,26 @@ async def batch_edit(
 
         lanes = min(batch.lanes, len(runnable))
         history = await alearn_run_times(client, location, s3_client) if runnable else None
-        rows_run = asyncio.ensure_future(
-            run_in_lanes(runnable, lanes, run_row, hold=lane_slots(concurrency_limit_name, lanes))
+        await run_in_lanes(
+            runnable,
+            lanes,
+            run_row,
+            hold=lane_slots(options.concurrency_limit_name, lanes),
+            stop=stop,
         )
-        with _cancelled_when_cancelling(rows_run) as watch:
-            try:
-                await rows_run
-            except asyncio.CancelledError:
-                if not watch.fired:
-                    raise
         await asave_run_times(client, history)
         await progress.finish()
-        rows = [
-            outcomes.get(plan.row) or plan.result("failed", error=CANCELLED_ROW) for plan in plans
-        ]
+        unfinished = f"{not_finished(stop)}; nothing was submitted"
+        rows = [outcomes.get(plan.row) or plan.result("failed", error=unfinished) for plan in plans]
 
-    result = await _finish_batch(
+    return await _finish_batch(
         rows,
-        _results_location(archive_uri, results_uri),
-        allow_partial or watch.fired,
-        aws_credentials,
-        archive_uri,
-        preview_rows,
+        _results_location(options.archive_uri, options.results_uri),
+        options.allow_partial or stop.is_set,
+        options.aws_credentials,
+        options.archive_uri,
+        options.preview_rows,
         estimated_cost=estimate.estimate_usd if estimate else None,
-    )
-    return watch.cancelled_state() if watch.fired else result  # type: ignore[return-value]
-
-
-CANCELLED_ROW = (
-    "the run was cancelled before this row ended (its request withdrawn if it was still "
-    "queued); rerun the batch to finish it"
-)
-
-
-def _cancelled_when_cancelling(rows_run: asyncio.Future[None]) -> CancellingWatch:
-    """A direct run set to Cancelling stops its rows, as a cancel in its process would:
-    each row still waiting withdraws its request if it is queued, and a rerun adopts
-    the ones already running."""
-    loop = asyncio.get_running_loop()
-    return CancellingWatch(
-        direct_flow_run_id(),
-        lambda: loop.call_soon_threadsafe(rows_run.cancel),
-        "Cancelled through the API: the queued requests of its rows were withdrawn; "
-        "a rerun adopts the ones that were running",
     )
 
 
@@ -379,3 +407,33 @@ def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDr
         "unknown" if dry_run.estimated_cost is None else format_usd(dry_run.estimated_cost),
     )
     return dry_run
+
+
+# The wait schedule starts from the run times earlier batches saw (`RunTimeHistory`,
+# with the archive), and the batch saves its own: priors, not records, so a history
+# that cannot be read or written costs a little polling, never the batch.
+
+
+async def alearn_run_times(
+    client: AsyncRunComfyClient, archive_location: Any, s3_client: Any
+) -> RunTimeHistory | None:
+    """Seed the client's estimator from the archive's history; the history, to save to."""
+    try:
+        history = RunTimeHistory(archive_location, s3_client=s3_client)
+        saved = await to_thread.run_sync(history.load, NANO_BANANA_EDIT_MODEL_ID)
+    except Exception as error:  # a prior only: the batch goes on from the reported times
+        get_run_logger().warning("Could not read earlier run times: %s", error)
+        return None
+    client.duration_estimator.seed(saved, client.polling_policy.time_scale)
+    return history
+
+
+async def asave_run_times(client: AsyncRunComfyClient, history: RunTimeHistory | None) -> None:
+    """Add the run times this batch observed to the archive's history."""
+    if history is None:
+        return
+    observed = client.duration_estimator.recorded(client.polling_policy.time_scale)
+    try:
+        await to_thread.run_sync(history.save, NANO_BANANA_EDIT_MODEL_ID, observed)
+    except Exception as error:
+        get_run_logger().warning("Could not save this batch's run times: %s", error)

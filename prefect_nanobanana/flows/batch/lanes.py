@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import TypeVar
 
+from ...stop import STOP_GRACE_SECONDS, Stop
+
 Item = TypeVar("Item")
 
 
@@ -22,13 +24,17 @@ async def run_in_lanes(
     lanes: int,
     run_item: Callable[[Item, asyncio.Event], Awaitable[None]],
     hold: AbstractAsyncContextManager[object] | None = None,
+    stop: Stop | None = None,
 ) -> None:
     """Run every item, at most `lanes` of them before their events are set; return when all end.
 
     `hold` is entered for as long as lanes run (the batch's concurrency slots), not
     while the last items finish. An item's event is set for it when it ends, however
-    it ends, so a lane never waits for an item that is gone. When this is cancelled
-    (the run stops early), the items still finishing are cancelled with it.
+    it ends, so a lane never waits for an item that is gone. Once `stop` is set, no
+    lane starts another item, and the items started get `STOP_GRACE_SECONDS` to
+    finish (a row lets go of its request at once; one archiving finishes) before
+    they are cancelled. When this is cancelled, the items still finishing are
+    cancelled with it.
     """
     waiting = deque(items)
     lanes = min(lanes, len(waiting))
@@ -43,15 +49,32 @@ async def run_in_lanes(
             released.set()
 
     async def lane() -> None:
-        while waiting:
+        while waiting and not (stop is not None and stop.is_set):
             released = asyncio.Event()
             finishing.append(asyncio.create_task(run_one(waiting.popleft(), released)))
             await released.wait()
 
-    try:
+    async def run_all() -> None:
         async with hold or nullcontext():
             await asyncio.gather(*(lane() for _ in range(lanes)))
         await asyncio.gather(*finishing)
+
+    running = asyncio.ensure_future(run_all())
+    try:
+        if stop is None:
+            await running
+            return
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not running.done():
+            await asyncio.wait({running}, timeout=STOP_GRACE_SECONDS)
+        if running.done():
+            running.result()
     finally:
+        running.cancel()
         for task in finishing:
             task.cancel()
+        await asyncio.gather(running, *finishing, return_exceptions=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...client import (
     AspectRatio,
     OutputFormat,
     Resolution,
 )
+from ...errors import NanoBananaError
 from ...storage import (
     LedgerEntry,
     strip_signature,
@@ -124,7 +125,7 @@ class BatchDryRun(BaseModel):
     estimated_by_resolution: dict[str, float] = Field(default_factory=dict)
 
 
-class BatchFailedError(RuntimeError):
+class BatchFailedError(NanoBananaError, RuntimeError):
     """Some rows failed or were held back by the budget (and `allow_partial` was off);
     `result` has every row."""
 
@@ -135,6 +136,54 @@ class BatchFailedError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Prefect pickles a failed flow's exception; keep the rows with it.
         return (type(self), (str(self), self.result))
+
+
+# The edit options a row may set for itself; the batch's own are its rows' defaults.
+ROW_OPTIONS = frozenset({"aspect_ratio", "resolution", "output_format", "num_images"})
+
+
+class BatchOptions(BaseModel):
+    """One `batch_edit` run's options: the run form's fields, travelling as one value.
+
+    The fields are the flow's parameters of the same names (see `batch_edit` for
+    each); the rows, the manifest and the chunking are not among them.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    archive_uri: str
+    staging_uri: str | None = None
+    aspect_ratio: AspectRatio = "auto"
+    resolution: Resolution = "1K"
+    output_format: OutputFormat = "png"
+    num_images: int = 1
+    max_concurrency: int = 8
+    concurrency_limit_name: str
+    allow_partial: bool = False
+    credentials: Any = Field(description="A `RunComfyCredentials` block or its name.")
+    aws_credentials: str | None = None
+    timeout_seconds: float = 1800
+    results_uri: str | None = None
+    preview_rows: int = 0
+    max_cost_usd: float | None = None
+    dry_run: bool = False
+    resolution_factors: dict[str, float] | None = None
+
+    @property
+    def row_defaults(self) -> dict[str, Any]:
+        """The edit options of a row that sets none of its own."""
+        return self.model_dump(
+            include={"aspect_ratio", "resolution", "output_format", "num_images"}
+        )
+
+    def chunk_parameters(self, credentials: str) -> dict[str, Any]:
+        """The parameters every chunk's child run shares (`credentials`: a block's name).
+
+        A chunk writes its own results manifest, pays from its own share of the
+        budget and is never a dry run; the parent sets those per chunk.
+        """
+        shared = self.model_dump(exclude={"credentials", "results_uri", "max_cost_usd", "dry_run"})
+        return {**shared, "credentials": credentials}
 
 
 class _RowPlan(BaseModel):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -15,7 +13,6 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from ... import observe, previews
-from ...blocks.credentials import RunComfyCredentials
 from ...client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AsyncRunComfyClient,
@@ -24,8 +21,11 @@ from ...client import (
     NanoBananaEditInput,
     RunComfyError,
     SubmitOutcomeUnknownError,
+    WaitTimeoutError,
 )
 from ...client.pricing import BudgetExceededError, CostBudget
+from ...errors import NanoBananaError
+from ...stop import RunStopped, Stop
 from ...storage import (
     ArchiveError,
     ArchiveMetadata,
@@ -39,14 +39,13 @@ from ...storage import (
 from ...tasks.guard import (
     SubmittedRequest,
     Unread,
-    abandons_request,
     archive_claim,
     end_archiving_claim,
     mark_archived,
     mark_failed,
     release_archiving,
     submit_once,
-    withdraw_if_queued,
+    withdraw,
 )
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import ResolvedLocation
@@ -54,7 +53,7 @@ from .models import BatchRowResult, RowStatus, _RowPlan
 from .plan import stage_row_images
 
 
-class BatchRowError(RuntimeError):
+class BatchRowError(NanoBananaError, RuntimeError):
     """A row that could not be submitted: invalid or unstageable (found while planning)."""
 
 
@@ -71,7 +70,7 @@ class _Batch:
     def __init__(
         self,
         client: AsyncRunComfyClient,
-        credentials: RunComfyCredentials,
+        stop: Stop,
         ledger: Ledger,
         archive: ResolvedLocation,
         staging: ResolvedLocation,
@@ -81,8 +80,9 @@ class _Batch:
         preview_rows: int = 0,
     ) -> None:
         self.client = client
-        # For a blocking withdrawal while the run stops, when its event loop may be ending.
-        self.credentials = credentials
+        # Set when the run is asked to end: no row claims or submits after it, and the
+        # rows waiting let go of their requests (see `_stopped_while_waiting`).
+        self.stop = stop
         self.ledger = ledger
         # Resolved once for the batch (a block name is loaded once, not once a row), and
         # checked by planning: rows write without asking again.
@@ -110,6 +110,7 @@ class _Batch:
         A retry of the row's task (after a submit the API refused) keeps its first
         reservation instead of counting the row twice.
         """
+        self.stop.check()
         if plan.row in self.in_flight:
             return
         estimate = plan.estimated_cost or 0.0
@@ -146,6 +147,15 @@ class _Batch:
             },
         )
         return plan.result("over_budget", estimated_cost=plan.estimated_cost, error=str(refusal))
+
+    def not_started(self, plan: _RowPlan) -> BatchRowResult:
+        """The row the run's stop came before: nothing claimed, sent or paid."""
+        return plan.result("failed", error=f"{not_finished(self.stop)}; nothing was submitted")
+
+
+def not_finished(stop: Stop) -> str:
+    """Why a row did not end, when its run stopped: said in its result and manifest line."""
+    return f"not finished: {stop.description}; rerun the batch to finish it"
 
 
 async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
@@ -241,10 +251,14 @@ async def aedit_batch_row(
         raise BatchRowError(plan.error)  # found while planning; nothing was paid
     assert plan.job_key is not None
     log = _RowLog(get_run_logger(), {"label": plan.label})
+    if batch.stop.is_set:
+        return batch.not_started(plan)
     try:
         submitted = await _request_of(plan, batch)
     except BudgetExceededError as refusal:
         return batch.held_back(plan, refusal)
+    except RunStopped:
+        return batch.not_started(plan)
     try:
         return await _wait_and_archive(plan, batch, request_ended, submitted, log)
     finally:
@@ -265,14 +279,15 @@ async def _wait_and_archive(
     # Set only for a request this run pays for (an adopted one was paid by another run).
     estimated_cost = None if submitted.adopted else plan.estimated_cost
     status: RowStatus = "adopted" if submitted.adopted else "archived"
+    waiting = batch.client.wait(
+        request_id,
+        batch.timeout_seconds,
+        resolution=plan.options["resolution"],
+        submitted_at=submitted.submitted_at,
+        log=log,
+    )
     try:
-        result = await batch.client.wait(
-            request_id,
-            batch.timeout_seconds,
-            resolution=plan.options["resolution"],
-            submitted_at=submitted.submitted_at,
-            log=log,
-        )
+        result = await batch.stop.first(waiting)
     except (JobFailedError, JobCancelledError) as error:
         batch.settle(plan.row, 0.0)  # a job that did not complete is not billed
         if not submitted.adopted:
@@ -286,16 +301,18 @@ async def _wait_and_archive(
             )
         await mark_failed(batch.ledger, plan.job_key, error)
         raise
-    except BaseException as error:
-        # The run stops for good (cancelled, interrupted, timed out) while this run's
-        # request waits: withdraw it if still queued, so nothing is billed for it.
-        if not submitted.adopted and abandons_request(error):
-            _withdraw_abandoned(batch, submitted, log)
-        if isinstance(error, Exception):
-            # Not archived here after all (a retry resumes the request): let go of the
-            # archiving claimed with the request id, so no other run waits for it.
-            await release_archiving(batch.ledger, submitted)
+    except WaitTimeoutError:
+        # Waited `timeout_seconds` in vain: a request still queued is withdrawn, so
+        # nothing is billed for it and a rerun submits the row again.
+        await _let_go(plan, batch, submitted, log)
         raise
+    except Exception:
+        # Not archived here after all (a retry resumes the request): let go of the
+        # archiving claimed with the request id, so no other run waits for it.
+        await release_archiving(batch.ledger, submitted)
+        raise
+    if result is None:
+        return await _stopped_while_waiting(plan, batch, submitted, log)
     # Before the lane moves on: its next row's budget check must see this bill.
     batch.settle(plan.row, result.cost)
     request_ended.set()  # first: the lane's next submit is the batch's critical path
@@ -386,29 +403,49 @@ async def _wait_and_archive(
     )
 
 
-def _withdraw_abandoned(batch: _Batch, submitted: SubmittedRequest, log: _RowLog) -> None:
-    """Cancel the row's request if it is still queued, and mark its record failed, so the
-    next run submits it again instead of adopting a request RunComfy dropped.
-
-    Blocking on purpose: the run is stopping and its event loop may be ending. A
-    running request cannot be withdrawn; it is reported, and the next run adopts it.
-    """
-    request_id = submitted.request_id
-    log.info("The run is stopping; releasing RunComfy request %s", request_id)
-    outcome = withdraw_if_queued(
-        batch.credentials, request_id, log=log, flow_run_id=batch.flow_run_id
-    )
-    if outcome == "cancelled" and submitted.record is not None:
-        entry, version = submitted.record
-        withdrawn = entry.model_copy(
-            update={
-                "status": "failed",
-                "error": "withdrawn while queued: the run that submitted it stopped",
-                "updated_at": datetime.now(timezone.utc),
-            }
+async def _let_go(
+    plan: _RowPlan, batch: _Batch, submitted: SubmittedRequest, log: _RowLog
+) -> str | None:
+    """The row will not wait for its request any more: withdrawn through the guard if still
+    queued (and said so by an event), else left recorded for the next run; its estimate
+    settles at nothing when withdrawn, else at what it may still cost."""
+    if submitted.adopted:  # another run's request: that run, or the next, collects it
+        batch.settle(plan.row, None)
+        return None
+    outcome = await withdraw(batch.ledger, batch.client, submitted, log=log)
+    if outcome == "cancelled":
+        observe.emit_request_event(
+            observe.EVENT_CANCELLED,
+            submitted.request_id,
+            payload=observe.event_payload(
+                submitted.request_id, "cancelled", row=plan.row, row_id=plan.job.id
+            ),
         )
-        with contextlib.suppress(StorageError):
-            batch.ledger.replace(withdrawn, version)  # None: written meanwhile; then it stays
+    batch.settle(plan.row, 0.0 if outcome == "cancelled" else None)
+    return outcome
+
+
+async def _stopped_while_waiting(
+    plan: _RowPlan, batch: _Batch, submitted: SubmittedRequest, log: _RowLog
+) -> BatchRowResult:
+    """The run's stop came while the row waited: the row ends, its request withdrawn if it
+    was queued or left recorded if it runs, and its result says which."""
+    request_id = submitted.request_id
+    log.info(
+        "The run is stopping (%s); letting go of RunComfy request %s",
+        batch.stop.description,
+        request_id,
+    )
+    outcome = await _let_go(plan, batch, submitted, log)
+    if outcome == "cancelled":
+        fate = "it was withdrawn while queued (not billed); a rerun submits the row again"
+    else:
+        fate = "it may still run at RunComfy; a rerun adopts it instead of paying again"
+    return plan.result(
+        "failed",
+        request_id=request_id,
+        error=f"{not_finished(batch.stop)}: request {request_id}: {fate}",
+    )
 
 
 async def _run_row(plan: _RowPlan, batch: _Batch, request_ended: asyncio.Event) -> BatchRowResult:
@@ -475,6 +512,5 @@ def _skipped(plan: _RowPlan) -> BatchRowResult:
         request_id=entry.request_id,
         output_locations=entry.output_locations,
         metadata_location=entry.metadata_location,
-        # Entries of earlier releases kept no cost of their own.
-        cost=entry.cost if entry.cost is not None else entry.facts.get("cost"),
+        cost=entry.cost,
     )
