@@ -206,3 +206,43 @@ def test_job_keys_without_content_are_unchanged() -> None:
     assert plain == "0eba80e620d3986c8405ca6e3df602232241fe7ac0b9a4c74edce9a0611efa80"
     other = job_key_for("p", ["s3://shop/in/a.png"], {"resolution": "1K"}, "a.png", content="x")
     assert other != plain
+
+
+def test_listed_rows_are_keyed_against_one_scan_of_the_ledger(
+    s3_client: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from prefect_nanobanana.flows.batch.sources import key_listed_rows, listed_rows
+    from prefect_nanobanana.storage import Ledger, LedgerEntry
+
+    _upload(s3_client, s3_bucket, "in/", {f"{n}.png": PNG + bytes([n]) for n in range(5)})
+    options = {"resolution": "1K", "num_images": 1}
+    ledger = Ledger(f"s3://{s3_bucket}/archive", s3_client=s3_client)
+    uri = f"s3://{s3_bucket}/in"
+    first = list(key_listed_rows(listed_rows(uri, "p"), options, ledger))
+    assert [keyed.new for keyed in first] == [True] * 5
+    now = dt.datetime.now(dt.timezone.utc)
+    for keyed in first[:3]:  # an earlier run archived three of them
+        ledger.create(
+            LedgerEntry(job_key=keyed.job_key, status="archived", submitted_at=now, updated_at=now)
+        )
+    calls: list[str] = []
+
+    def count(**_: Any) -> None:
+        calls.append("list")
+
+    s3_client.meta.events.register("before-call.s3", count)
+    try:
+        rerun = list(key_listed_rows(listed_rows(uri, "p"), options, ledger))
+    finally:
+        s3_client.meta.events.unregister("before-call.s3", count)
+    assert [(keyed.row.job.id, keyed.new) for keyed in rerun] == [
+        ("0.png", False),
+        ("1.png", False),
+        ("2.png", False),
+        ("3.png", True),
+        ("4.png", True),
+    ]
+    assert [keyed.job_key for keyed in rerun] == [keyed.job_key for keyed in first]
+    assert len(calls) == 1  # the ledger's one listing (the prefix went by the default client)

@@ -11,10 +11,11 @@ and an unchanged one is found archived by the next run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ...storage import job_key_for, list_images
+from ...storage import Ledger, job_key_for, list_images
 from ...tasks.storage import resolve_location
 
 if TYPE_CHECKING:
@@ -94,3 +95,50 @@ def listed_job_key(row: ListedRow, options: Mapping[str, Any]) -> str:
     return job_key_for(
         row.job.prompt, row.job.images, options, row_id=row.job.id, content=row.content
     )
+
+
+class KeyedRow(NamedTuple):
+    """A listed row with its job key, and whether the ledger's one scan knew that key.
+
+    Attributes:
+        row: The listed row.
+        job_key: Its job key (`listed_job_key`).
+        new: True when the ledger had no entry for the key at the scan: the row needs a
+            paid submit, and no read of the ledger. False: read its entry (archived:
+            skip; submitted: adopt; failed: pay again).
+    """
+
+    row: ListedRow
+    job_key: str
+    new: bool
+
+
+def key_listed_rows(
+    rows: Iterable[ListedRow], options: Mapping[str, Any], ledger: Ledger
+) -> Iterator[KeyedRow]:
+    """Key each listed row as it streams in, against one scan of the ledger.
+
+    The ledger's listing (`Ledger.known_keys`, a request per 1,000 entries) goes out
+    alongside the first page of the location's, so the first new row is ready after
+    about one round trip of each; rows are never all held in memory here.
+
+    Args:
+        rows: From `listed_rows`.
+        options: The rows' edit options, batch defaults filled in.
+        ledger: The archive's ledger.
+
+    Returns:
+        An iterator of `KeyedRow`, in the listing's order.
+
+    Raises:
+        LocationError: The location cannot be listed.
+        StorageError: The ledger cannot be listed.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        scan = pool.submit(ledger.known_keys)
+        known: set[str] | None = None
+        for row in rows:
+            job_key = listed_job_key(row, options)
+            if known is None:
+                known = scan.result()
+            yield KeyedRow(row, job_key, job_key not in known)
