@@ -87,6 +87,19 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".thumbnails"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
     **dict.fromkeys(["RunTimeHistory"], ".run_times"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "ListedImage", "list_images"], ".listing"),
+    **dict.fromkeys(
+        [
+            "DAILY_BUDGET_NAME",
+            "BudgetRefusal",
+            "BudgetTotal",
+            "DailyBudget",
+            "Reservation",
+            "SharedBudget",
+            "daily_totals",
+        ],
+        ".budget",
+    ),
 }
 
 __all__ = sorted(_EXPORTS)
