@@ -10,7 +10,7 @@ plain client users never pay for importing Prefect, while
 `prefect block register -m prefect_nanobanana` work as usual.
 """
 
-from ._lazy import alias_modules, lazy_exports
+from ._lazy import lazy_exports
 from .blocks import _EXPORTS as _BLOCK_EXPORTS
 from .client import _EXPORTS as _CLIENT_EXPORTS
 
@@ -38,15 +38,3 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-# Module paths of earlier releases, which users' code may import: the same modules.
-alias_modules(
-    __name__,
-    {
-        "credentials": "blocks.credentials",
-        "jobs": "blocks.jobs",
-        "storage_tasks": "tasks.storage",
-        "demo": "cli.demo",
-        "storage.loopback": "emulator.object_store",
-    },
-)

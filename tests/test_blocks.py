@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from prefect_nanobanana import (
     AsyncRunComfyClient,
+    InvalidBaseURLError,
     JobCancelledError,
     NanoBananaEditJob,
     NanoBananaEditJobRun,
@@ -104,6 +105,20 @@ def test_empty_fields_fall_back_to_the_environment(monkeypatch):
     monkeypatch.delenv("RUNCOMFY_BASE_URL")
     with RunComfyCredentials().get_client() as client:
         assert client.base_url == "https://model-api.runcomfy.net"
+
+
+@pytest.mark.parametrize("base_url", ["not-a-url", "ftp://host", "http://", "http://h:99999"])
+def test_a_base_url_that_is_no_url_is_refused_by_the_block_and_the_client(base_url, monkeypatch):
+    """It was tried as a host, retried 6 times and reported as an unreachable API."""
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", SECRET)
+    with pytest.raises(ValueError, match="base URL") as refused:
+        RunComfyCredentials(base_url=base_url)
+    assert repr(base_url) in str(refused.value)
+    with pytest.raises(InvalidBaseURLError, match=r"base URL .* expected e\.g\. https://"):
+        RunComfyClient(base_url=base_url)
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", base_url)
+    with pytest.raises(InvalidBaseURLError, match="RUNCOMFY_BASE_URL"):
+        RunComfyCredentials().get_client()
 
 
 @pytest.mark.prefect

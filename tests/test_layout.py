@@ -1,4 +1,4 @@
-"""The house: which room may import what, and the old import paths users rely on.
+"""The house: which room may import what, and the public names users rely on.
 
 Each check runs in a fresh interpreter, because this test process has long
 imported Prefect for the other tests.
@@ -47,6 +47,13 @@ def test_client_and_storage_import_nothing_of_prefect(room: str) -> None:
     assert not [name for name in modules if name in FOREIGN]
 
 
+@pytest.mark.parametrize("room", ["prefect_nanobanana.guard", "prefect_nanobanana.stop"])
+def test_the_guard_and_the_stop_import_nothing_of_prefect(room: str) -> None:
+    probe = every_module_of(room) if room.endswith("guard") else f"import {room}"
+    modules = imported_after(probe)
+    assert not [name for name in modules if name in FOREIGN]
+
+
 def test_the_emulator_imports_nothing_of_prefect() -> None:
     modules = imported_after(every_module_of("prefect_nanobanana.emulator"))
     assert not [name for name in modules if name in FOREIGN]
@@ -57,34 +64,18 @@ def test_the_command_line_starts_without_prefect() -> None:
     assert not [name for name in modules if name in FOREIGN]
 
 
-OLD_PATHS = {
-    "prefect_nanobanana.credentials": "prefect_nanobanana.blocks.credentials",
-    "prefect_nanobanana.jobs": "prefect_nanobanana.blocks.jobs",
-    "prefect_nanobanana.storage_tasks": "prefect_nanobanana.tasks.storage",
-    "prefect_nanobanana.demo": "prefect_nanobanana.cli.demo",
-    "prefect_nanobanana.storage.loopback": "prefect_nanobanana.emulator.object_store",
-}
-
-
-@pytest.mark.parametrize(("old", "new"), OLD_PATHS.items())
-def test_old_module_paths_give_the_very_same_modules(old: str, new: str) -> None:
-    # The same object, so a monkeypatch or an isinstance through the old path reaches the code.
-    assert importlib.import_module(old) is importlib.import_module(new)
-    assert importlib.import_module(new).__spec__.name == new
-
-
-def test_public_names_resolve_where_they_did() -> None:
+def test_public_names_resolve_where_the_readme_documents_them() -> None:
     import prefect_nanobanana
-    from prefect_nanobanana import blocks, emulator, storage, tasks
+    from prefect_nanobanana import blocks, tasks
     from prefect_nanobanana.cli import main
 
-    credentials = importlib.import_module("prefect_nanobanana.credentials")
-    assert credentials.RunComfyCredentials is blocks.RunComfyCredentials
+    assert prefect_nanobanana.RunComfyCredentials is blocks.RunComfyCredentials
     assert prefect_nanobanana.NanoBananaEditJob is blocks.NanoBananaEditJob
-    assert storage.LoopbackObjectStore is emulator.LoopbackObjectStore
-    storage_tasks = importlib.import_module("prefect_nanobanana.storage_tasks")
-    assert storage_tasks.archive_request is tasks.archive_request
+    assert callable(tasks.archive_request) and callable(tasks.submit_edit)
     assert callable(main) and callable(prefect_nanobanana.batch_edit)
+    # One path per module: the layouts of before the first release are not kept.
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("prefect_nanobanana.storage_tasks")
 
 
 def test_every_error_the_package_raises_derives_from_one_root() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from prefect_nanobanana.storage import LoopbackObjectStore
+from prefect_nanobanana.emulator import LoopbackObjectStore
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 

@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
             "APIConnectionError",
             "AuthenticationError",
             "InsufficientBalanceError",
+            "InvalidBaseURLError",
             "InvalidRequestError",
             "JobCancelledError",
             "JobFailedError",

@@ -17,12 +17,14 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from .errors import (
     AuthenticationError,
+    InvalidBaseURLError,
     InvalidRequestError,
     ProtocolError,
     RateLimitedError,
@@ -79,8 +81,55 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API."""
-    return (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip("/")
+    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API.
+
+    Raises:
+        InvalidBaseURLError: The URL is no http(s) URL with a host (see `check_base_url`).
+    """
+    if base_url:
+        return check_base_url(base_url)
+    if from_environment := os.environ.get(BASE_URL_ENV_VAR):
+        return check_base_url(from_environment, source=BASE_URL_ENV_VAR)
+    return DEFAULT_BASE_URL
+
+
+def check_base_url(url: str, source: str = "base URL") -> str:
+    """`url` without its trailing slash, when it can be an API base URL.
+
+    The one check of a base URL, for the client, the credentials block and the
+    command line alike: a value that is no URL would otherwise be tried as one,
+    retried as an unreachable server and reported as a network failure.
+
+    Args:
+        url: The base URL, e.g. `https://model-api.runcomfy.net`.
+        source: Where it was set, for the message (`RUNCOMFY_BASE_URL`, `--base-url`).
+
+    Returns:
+        The URL without a trailing slash.
+
+    Raises:
+        InvalidBaseURLError: It is not an http:// or https:// URL with a host and a valid
+            port, or it carries a query or fragment (paths are joined onto it).
+    """
+    parts = urlsplit(url.strip())
+    problem = None
+    if parts.scheme.lower() not in ("http", "https"):
+        problem = "is not an http:// or https:// URL"
+    elif not parts.hostname:
+        problem = "names no host"
+    elif parts.query or parts.fragment:
+        problem = "has a query or fragment (the API's paths are appended to it)"
+    else:
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+        except ValueError:
+            problem = "has an invalid port"
+    if problem is not None:
+        raise InvalidBaseURLError(
+            f"{source} {url!r} {problem}; expected e.g. {DEFAULT_BASE_URL} "
+            "or an emulator's http://127.0.0.1:PORT"
+        )
+    return url.strip().rstrip("/")
 
 
 def output_hosts_for(
@@ -434,16 +483,43 @@ class _ClientCore:
 
 
 class RunComfyClient(_ClientCore):
-    """Blocking client: `with RunComfyClient(api_token=...) as client: client.submit_edit(...)`.
+    """The blocking client of the RunComfy Model API (no Prefect needed).
 
-    `timeout` is the wall-clock deadline of each HTTP attempt (connect, send and
-    every read together). `total_timeout` (45 s by default, `DEFAULT_TOTAL_TIMEOUT`)
-    bounds one API call, its retries and their sleeps included, however slowly the
-    server answers; past it the call raises its last error, whose message says how
-    long it tried and how many attempts. `max_answer_bytes` caps every JSON answer.
-    `output_hosts` (`host`, `host:port`, `*.domain`) are the only hosts outputs are
-    downloaded from; by default `*.runcomfy.net` and the base URL's own host. Add a
-    proxy's or CDN's host here if your outputs come from one.
+    Reads are retried on connection errors, timeouts, 429 and 5xx; a billed submit
+    only when it provably never arrived. A 429 pauses every call of the client. One
+    API call, its retries and their sleeps included, ends by `total_timeout` however
+    slowly the server answers; past it the call raises its last error, whose message
+    says how long it tried and how many attempts.
+
+    Args:
+        api_token: The API token; None reads `RUNCOMFY_API_TOKEN`.
+        base_url: The API's base URL; None reads `RUNCOMFY_BASE_URL`, else the real API.
+        timeout: The wall-clock deadline of each HTTP attempt, in seconds (connect,
+            send and every read together).
+        total_timeout: The deadline of one API call, retries included, in seconds
+            (`DEFAULT_TOTAL_TIMEOUT`, 45 s).
+        retry_policy: How calls are retried (`RetryPolicy()` by default).
+        polling_policy: How `wait` polls; by default scaled by `RUNCOMFY_POLL_TIME_SCALE`.
+        duration_estimator: What `wait` knows of run times (shared by a batch's waits).
+        logger: Where status lines go.
+        max_answer_bytes: The cap on every JSON answer (`MAX_ANSWER_BYTES`).
+        output_hosts: The only hosts outputs are downloaded from (`host`,
+            `host:port`, `*.domain`); by default `*.runcomfy.net` and the base URL's
+            own host. Add a proxy's or CDN's host if your outputs come from one.
+
+    Raises:
+        AuthenticationError: No token was given or found in the environment.
+        ValueError: `timeout` is not a positive number.
+
+    Example:
+        ```python
+        from prefect_nanobanana import RunComfyClient
+
+        with RunComfyClient() as client:  # RUNCOMFY_API_TOKEN, RUNCOMFY_BASE_URL
+            handle = client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+            result = client.wait(handle.request_id)
+            print(result.output_urls, result.cost)
+        ```
     """
 
     def __init__(
@@ -482,6 +558,7 @@ class RunComfyClient(_ClientCore):
         self.close()
 
     def close(self) -> None:
+        """Close the client's connections (what leaving a `with` block does)."""
         self._http.close()
 
     def _attempt(
@@ -542,23 +619,98 @@ class RunComfyClient(_ClientCore):
             time.sleep(self._next_step(kind, outcome, call))
 
     def submit(self, model_id: str, payload: Payload) -> RequestHandle:
-        """Submit a job for any model id. Billed: retried only if provably not received."""
+        """Submit a job for any model id. Billed: retried only when it provably never arrived.
+
+        Args:
+            model_id: The model, e.g. `google/nano-banana/pro/edit`.
+            payload: The request body: a pydantic model or a dict.
+
+        Returns:
+            The `RequestHandle`: request id and the URLs of its status and result.
+
+        Raises:
+            SubmitOutcomeUnknownError: The submit may have been billed (a 5xx or a
+                timeout after sending); it is never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            InvalidRequestError: The API refused the body (nothing was billed).
+            APIConnectionError: The API could not be reached (nothing was sent).
+        """
         body = self._payload_json(payload)
         answer = self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
         return self._handle(answer, body)
 
     def submit_edit(self, edit: EditInput) -> RequestHandle:
+        """Submit a Nano Banana Pro edit, validated before anything is sent.
+
+        Args:
+            edit: A `NanoBananaEditInput` or a dict of its fields (`prompt`,
+                `image_urls`, and optionally `aspect_ratio`, `resolution`,
+                `output_format`, `num_images`, `sync_mode`).
+
+        Returns:
+            The `RequestHandle` of the submitted request.
+
+        Raises:
+            pydantic.ValidationError: The edit is not valid (nothing was sent).
+            SubmitOutcomeUnknownError: The submit may have been billed; never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+
+        Example:
+            ```python
+            with RunComfyClient() as client:
+                handle = client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+                print(client.wait(handle.request_id).output_urls)
+            ```
+        """
         return self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
     def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
-        """The model's listed price, for an estimate before a paid submit. A read: retried."""
+        """The model's listed price, for an estimate before a paid submit. A read: retried.
+
+        Args:
+            model_id: The model; Nano Banana Pro's edit by default.
+
+        Returns:
+            The `ModelInfo` (`base_price_usd`, `price_unit`, `pricing_note`; unknown
+            fields kept). The listed price is no guaranteed minimum.
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = self._call(CallKind.READ, "GET", self._submit_path(model_id))
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     def status(self, request_id: str) -> RequestStatus:
+        """A request's current status. A read: retried on transient errors.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `RequestStatus` (`status`, and `queue_position` while queued).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return self._poll_status(request_id, None)
 
     def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        """A request's result: its outputs and cost once completed, else its status.
+
+        Args:
+            request_id: The request.
+            include_cost: Ask for the billed cost too.
+
+        Returns:
+            The `RequestResult` (`status`, `output_urls`, `cost`, times).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return self._poll_result(request_id, include_cost, None)
 
     def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
@@ -587,6 +739,18 @@ class RunComfyClient(_ClientCore):
         return self._result(body, request_id)
 
     def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a request while it is queued.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
@@ -602,16 +766,33 @@ class RunComfyClient(_ClientCore):
         submitted_at: datetime | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
-        """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
+        """Poll until the job ends, and return its completed result.
 
-        Returns or raises by `timeout` seconds (30 minutes by default, as the
-        provider's own clients; `None` waits for ever), whatever the server's pace:
-        the poll in flight gets no more than what is left of the wait.
-        When the wait resumes a request submitted a while ago (a retry, a rerun), give
-        `submitted_at`: the job may have run for some time already, and the schedule
-        then does not sleep through a quiet window as if it had just started. `log`
-        takes this wait's status lines instead of the client's logger: a client shared
-        by many jobs can log each job's lines where that job is watched.
+        Polls adaptively: quick at first, backing off while queued, quiet while a
+        running job cannot be done yet, then dense near its expected end. Returns or
+        raises by `timeout` seconds whatever the server's pace: the poll in flight
+        gets no more than what is left of the wait.
+
+        Args:
+            request_id: The request.
+            timeout: Seconds to wait (30 minutes by default, as the provider's own
+                clients); None waits for ever.
+            resolution: The edit's resolution, so polling can expect its run time.
+            on_status: Called with each `RequestStatus` seen.
+            submitted_at: When the request was submitted. Give it when the wait
+                resumes an older request (a retry, a rerun): the job may have run for
+                a while, and the schedule then does not sleep as if it had just started.
+            log: Takes this wait's status lines instead of the client's logger, so a
+                client shared by many jobs logs each job's lines where it is watched.
+
+        Returns:
+            The completed `RequestResult`.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
         """
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         until = tracker.deadline
@@ -639,10 +820,17 @@ class RunComfyClient(_ClientCore):
 
 
 class AsyncRunComfyClient(_ClientCore):
-    """The async twin of `RunComfyClient`: same methods, awaited, same time bounds.
+    """The async twin of `RunComfyClient`: the same methods, awaited, the same time bounds.
 
-    `max_connections` caps the connections the client opens at once (a batch shares
-    one client); a call waiting for a free one waits within its own deadlines.
+    Takes the same arguments, and `max_connections` (the connection pool's size, for
+    a batch that shares one client across many lanes); a call waiting for a free
+    connection waits within its own deadlines.
+
+    Example:
+        ```python
+        async with AsyncRunComfyClient() as client:  # RUNCOMFY_API_TOKEN, RUNCOMFY_BASE_URL
+            status = await client.status("REQUEST_ID")
+        ```
     """
 
     def __init__(
@@ -687,6 +875,7 @@ class AsyncRunComfyClient(_ClientCore):
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the client's connections (what leaving an `async with` block does)."""
         await self._http.aclose()
 
     async def _attempt(
@@ -745,21 +934,98 @@ class AsyncRunComfyClient(_ClientCore):
             await asyncio.sleep(self._next_step(kind, outcome, call))
 
     async def submit(self, model_id: str, payload: Payload) -> RequestHandle:
+        """Submit a job for any model id. Billed: retried only when it provably never arrived.
+
+        Args:
+            model_id: The model, e.g. `google/nano-banana/pro/edit`.
+            payload: The request body: a pydantic model or a dict.
+
+        Returns:
+            The `RequestHandle`: request id and the URLs of its status and result.
+
+        Raises:
+            SubmitOutcomeUnknownError: The submit may have been billed (a 5xx or a
+                timeout after sending); it is never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            InvalidRequestError: The API refused the body (nothing was billed).
+            APIConnectionError: The API could not be reached (nothing was sent).
+        """
         body = self._payload_json(payload)
         answer = await self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
         return self._handle(answer, body)
 
     async def submit_edit(self, edit: EditInput) -> RequestHandle:
+        """Submit a Nano Banana Pro edit, validated before anything is sent.
+
+        Args:
+            edit: A `NanoBananaEditInput` or a dict of its fields (`prompt`,
+                `image_urls`, and optionally `aspect_ratio`, `resolution`,
+                `output_format`, `num_images`, `sync_mode`).
+
+        Returns:
+            The `RequestHandle` of the submitted request.
+
+        Raises:
+            pydantic.ValidationError: The edit is not valid (nothing was sent).
+            SubmitOutcomeUnknownError: The submit may have been billed; never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+
+        Example:
+            ```python
+            async with AsyncRunComfyClient() as client:
+                handle = await client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+                print((await client.wait(handle.request_id)).output_urls)
+            ```
+        """
         return await self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
     async def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
+        """The model's listed price, for an estimate before a paid submit. A read: retried.
+
+        Args:
+            model_id: The model; Nano Banana Pro's edit by default.
+
+        Returns:
+            The `ModelInfo` (`base_price_usd`, `price_unit`, `pricing_note`; unknown
+            fields kept). The listed price is no guaranteed minimum.
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = await self._call(CallKind.READ, "GET", self._submit_path(model_id))
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     async def status(self, request_id: str) -> RequestStatus:
+        """A request's current status. A read: retried on transient errors.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `RequestStatus` (`status`, and `queue_position` while queued).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return await self._poll_status(request_id, None)
 
     async def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        """A request's result: its outputs and cost once completed, else its status.
+
+        Args:
+            request_id: The request.
+            include_cost: Ask for the billed cost too.
+
+        Returns:
+            The `RequestResult` (`status`, `output_urls`, `cost`, times).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return await self._poll_result(request_id, include_cost, None)
 
     async def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
@@ -787,6 +1053,18 @@ class AsyncRunComfyClient(_ClientCore):
         return self._result(body, request_id)
 
     async def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a request while it is queued.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = await self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
@@ -802,6 +1080,33 @@ class AsyncRunComfyClient(_ClientCore):
         submitted_at: datetime | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
+        """Poll until the job ends, and return its completed result.
+
+        Polls adaptively: quick at first, backing off while queued, quiet while a
+        running job cannot be done yet, then dense near its expected end. Returns or
+        raises by `timeout` seconds plus one call's `timeout`.
+
+        Args:
+            request_id: The request.
+            timeout: Seconds to wait (30 minutes by default, as the provider's own
+                clients); None waits for ever.
+            resolution: The edit's resolution, so polling can expect its run time.
+            on_status: Called with each `RequestStatus` seen.
+            submitted_at: When the request was submitted. Give it when the wait
+                resumes an older request (a retry, a rerun): the job may have run for
+                a while, and the schedule then does not sleep as if it had just started.
+            log: Takes this wait's status lines instead of the client's logger, so a
+                client shared by many jobs logs each job's lines where it is watched.
+
+        Returns:
+            The completed `RequestResult`.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         until = tracker.deadline
         try:

@@ -52,13 +52,36 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to sleep before attempt `attempt + 1` (attempts count from 1)."""
+        """How long to sleep before the next attempt.
+
+        Args:
+            attempt: The attempt that just failed (attempts count from 1).
+            retry_after: The server's `Retry-After`, in seconds, when it sent one.
+
+        Returns:
+            Seconds: `retry_after` (capped at `max_delay`), else a full-jitter draw
+            from an exponentially growing ceiling.
+        """
         if retry_after is not None and retry_after >= 0:
             return min(retry_after, self.max_delay)
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return random.uniform(0, ceiling)
 
     def should_retry(self, kind: CallKind, error: RunComfyError, attempt: int) -> bool:
+        """Whether a failed call is tried again.
+
+        A read is retried on any transient error. A billed submit only when it
+        provably never arrived (a refused connection, a 429): its outcome is
+        otherwise unknown, and a resend could pay twice.
+
+        Args:
+            kind: A read or a submit.
+            error: What the attempt raised.
+            attempt: The attempt that failed (from 1).
+
+        Returns:
+            True to try again.
+        """
         if attempt >= self.max_attempts:
             return False
         if kind is CallKind.SUBMIT:

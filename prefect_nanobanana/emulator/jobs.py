@@ -172,6 +172,8 @@ class JobManager:
         self._spent_usd = 0.0
         self._rng = random.Random(config.seed)
         self._stopping = threading.Event()
+        # While held, queued jobs stay queued: a test reads "queued" and it stays true.
+        self._held = False
         self._http = httpx.Client(
             follow_redirects=True,
             timeout=config.input_fetch_timeout_seconds,
@@ -278,6 +280,17 @@ class JobManager:
             self._spent_usd -= job.cost_usd
             return "cancelled", job.status
 
+    def request_ids(self) -> list[str]:
+        """Every request id issued, in the order of their submits."""
+        with self._lock:
+            return list(self._jobs)
+
+    def hold_queue(self, held: bool) -> None:
+        """Hold the queue (no queued job starts) or let it go on."""
+        with self._lock:
+            self._held = held
+            self._work_available.notify_all()
+
     def summary(self) -> JobTableSummary:
         with self._lock:
             return JobTableSummary(
@@ -311,7 +324,7 @@ class JobManager:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping.is_set():
+                while (not self._queue or self._held) and not self._stopping.is_set():
                     self._work_available.wait()
                 if self._stopping.is_set():
                     return

@@ -527,6 +527,16 @@ class EmulatorServer:
             raise KeyError(request_id)
         return info
 
+    def jobs(self) -> list[JobInfo]:
+        """A snapshot of every job, in the order they were submitted."""
+        return [self.job(request_id) for request_id in self._running.jobs.request_ids()]
+
+    def hold_queue(self, held: bool = True) -> None:
+        """Hold the queue: queued jobs stay queued (and cancellable) until released with
+        `hold_queue(False)`; running ones go on. Lets a test say exactly which requests
+        were queued at a moment of its choosing."""
+        self._running.jobs.hold_queue(held)
+
     def set_faults(self, faults: FaultPlan | Iterable[Fault] | str | None) -> None:
         """Replace the fault plan (a plan, a list of faults, a spec string or None for none).
 

@@ -61,7 +61,7 @@ from .locations import (
     strip_signature,
 )
 from .media import SNIFF_BYTES, extension_for, sniff_image_type
-from .previews import thumbnail_data_uri
+from .thumbnails import thumbnail_data_uri
 
 logger = logging.getLogger(__name__)
 

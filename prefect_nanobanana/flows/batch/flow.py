@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
+from anyio import to_thread
 from prefect import flow
 from prefect.artifacts import (
     acreate_progress_artifact,
@@ -47,8 +48,10 @@ from ...blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
     aresolve_credentials,
+    warn_of_signed_urls_in_parameters,
 )
 from ...client import (
+    NANO_BANANA_EDIT_MODEL_ID,
     APIConnectionError,
     AspectRatio,
     AsyncRunComfyClient,
@@ -65,13 +68,14 @@ from ...client.pricing import (
     format_usd,
     refuse_over_budget,
 )
+from ...guard.protocol import Decision
 from ...previews import DEFAULT_PREVIEW_ROWS
 from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
+    RunTimeHistory,
 )
-from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
 from ..stopping import CancellingWatch, stopped_state
 from .chunks import chunk_budgets, credentials_parameter, run_in_chunks
@@ -90,7 +94,6 @@ from .models import (
 from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import _Batch, _run_row, _settled_without_api, not_finished
-from .run_times import alearn_run_times, asave_run_times
 
 
 @flow(name="nano-banana-batch")
@@ -166,6 +169,7 @@ async def batch_edit(
     options = BatchOptions.model_validate(
         {name: value for name, value in locals().items() if name in BatchOptions.model_fields}
     )
+    warn_of_signed_urls_in_parameters()
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
     if (chunk_size is None) != (chunk_deployment is None):
@@ -355,26 +359,27 @@ async def _estimate_before_paying(
     return estimate
 
 
+# What a dry run says of each decision of the guard (None: the row is invalid); a row
+# another run is submitting right now will be adopted.
+_PLANNED_ACTIONS: dict[Decision | None, PlannedAction] = {
+    None: "invalid",
+    "pay": "pay",
+    "done": "skip",
+    "adopt": "adopt",
+    "wait": "adopt",
+    "unknown": "invalid",
+}
+
+
 def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDryRun:
     """What a run would do with each row, and what the rows to pay are estimated to cost."""
     rows = []
     for plan in plans:
         entry = plan.entry
-        if plan.error:
-            action: PlannedAction = "invalid"
-        elif plan.needs_paid_submit:
-            action = "pay"
-        elif entry is not None and entry.status == "archived":
-            action = "skip"
-        elif (
-            entry is not None
-            and entry.status == "submitting"
-            and not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS)
-        ):
-            action = "invalid"
+        decision = plan.decision
+        if decision == "unknown":
             plan.error = "an earlier run stopped while submitting this row (outcome unknown)"
-        else:  # a request id, or another run submitting it right now
-            action = "adopt"
+        action: PlannedAction = _PLANNED_ACTIONS[decision]
         rows.append(
             PlannedRow(
                 row=plan.row,
@@ -405,3 +410,33 @@ def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDr
         "unknown" if dry_run.estimated_cost is None else format_usd(dry_run.estimated_cost),
     )
     return dry_run
+
+
+# The wait schedule starts from the run times earlier batches saw (`RunTimeHistory`,
+# with the archive), and the batch saves its own: priors, not records, so a history
+# that cannot be read or written costs a little polling, never the batch.
+
+
+async def alearn_run_times(
+    client: AsyncRunComfyClient, archive_location: Any, s3_client: Any
+) -> RunTimeHistory | None:
+    """Seed the client's estimator from the archive's history; the history, to save to."""
+    try:
+        history = RunTimeHistory(archive_location, s3_client=s3_client)
+        saved = await to_thread.run_sync(history.load, NANO_BANANA_EDIT_MODEL_ID)
+    except Exception as error:  # a prior only: the batch goes on from the reported times
+        get_run_logger().warning("Could not read earlier run times: %s", error)
+        return None
+    client.duration_estimator.seed(saved, client.polling_policy.time_scale)
+    return history
+
+
+async def asave_run_times(client: AsyncRunComfyClient, history: RunTimeHistory | None) -> None:
+    """Add the run times this batch observed to the archive's history."""
+    if history is None:
+        return
+    observed = client.duration_estimator.recorded(client.polling_policy.time_scale)
+    try:
+        await to_thread.run_sync(history.save, NANO_BANANA_EDIT_MODEL_ID, observed)
+    except Exception as error:
+        get_run_logger().warning("Could not save this batch's run times: %s", error)
