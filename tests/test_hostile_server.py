@@ -296,7 +296,7 @@ def test_one_call_has_the_documented_total_by_default() -> None:
     assert DEFAULT_TOTAL_TIMEOUT == 45
     for cls in (RunComfyClient, AsyncRunComfyClient):
         assert inspect.signature(cls).parameters["total_timeout"].default == 45
-    assert "`total_timeout` (45 s by default" in " ".join(RunComfyClient.__doc__.split())
+    assert re.search(r"total_timeout: [^:]*\b45 s\b", RunComfyClient.__doc__)
     with pytest.raises(ValueError, match="total_timeout"):
         RunComfyClient(HOSTILE_TOKEN, total_timeout=0)
 
