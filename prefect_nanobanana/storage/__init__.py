@@ -8,8 +8,17 @@ package does not import boto3.
 from .._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    # The guard's record types, which the ledger stores.
+    **dict.fromkeys(["ClaimOwner", "LedgerEntry", "VersionedEntry"], "..guard.records"),
     **dict.fromkeys(
-        ["LedgerError", "LocationError", "ManifestError", "StagingError", "StorageError"],
+        [
+            "LedgerError",
+            "LocationError",
+            "ManifestError",
+            "S3CredentialsError",
+            "StagingError",
+            "StorageError",
+        ],
         ".errors",
     ),
     **dict.fromkeys(
@@ -23,6 +32,7 @@ _EXPORTS: dict[str, str] = {
             "parse_location",
             "redact",
             "redact_text",
+            "s3_location_of_url",
             "strip_signature",
         ],
         ".locations",
@@ -73,9 +83,7 @@ _EXPORTS: dict[str, str] = {
         ],
         ".archive",
     ),
-    **dict.fromkeys(
-        ["ClaimOwner", "Ledger", "LedgerEntry", "VersionedEntry", "job_key_for"], ".ledger"
-    ),
+    **dict.fromkeys(["Ledger", "job_key_for"], ".ledger"),
     **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".thumbnails"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
     **dict.fromkeys(["RunTimeHistory"], ".run_times"),

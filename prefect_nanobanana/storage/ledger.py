@@ -13,17 +13,17 @@ same key across runs.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from ..guard.records import LedgerEntry, VersionedEntry
 from .backends import DEFAULT_ARCHIVE_URI, open_backend
 from .errors import LedgerError
 from .locations import LocalLocation, join_key, parse_location, redact
@@ -31,54 +31,6 @@ from .locations import LocalLocation, join_key, parse_location, redact
 LEDGER_PREFIX = "_ledger"
 LOOKUP_PARALLELISM = 16
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-JobStatus = Literal["submitting", "submitted", "archiving", "archived", "failed"]
-
-
-class ClaimOwner(BaseModel):
-    """Who holds a claim on a job (its submit, or its archiving), and since when.
-
-    Enough to tell a live claim from one whose process died: the same process knows
-    its own live claims by ``token``, the same host can ask whether ``pid`` still
-    runs, and any other machine can only wait until the claim is old.
-    """
-
-    token: str = Field(description="One claim attempt, unique.")
-    host: str
-    pid: int
-    flow_run_id: str | None = None
-    claimed_at: dt.datetime
-
-
-class LedgerEntry(BaseModel):
-    """What is known about one logical job: its request, and how far it got.
-
-    ``previous_request_ids`` lists earlier submits of the same job (e.g. a rerun
-    after a failure), so every paid request stays traceable.
-    """
-
-    job_key: str
-    request_id: str | None = Field(
-        default=None, description="None only while `submitting`: the outcome is not known yet."
-    )
-    status: JobStatus
-    submitted_at: dt.datetime
-    updated_at: dt.datetime
-    facts: dict[str, Any] = Field(default_factory=dict)
-    metadata_location: str | None = None
-    output_locations: list[str] = Field(default_factory=list)
-    error: str | None = None
-    previous_request_ids: list[str] = Field(default_factory=list)
-    owner: ClaimOwner | None = Field(default=None, description="Who claimed the submit.")
-    archiver: ClaimOwner | None = Field(default=None, description="Who claimed the archiving.")
-    cost: float | None = Field(default=None, description="What RunComfy billed, once known.")
-
-
-class VersionedEntry(NamedTuple):
-    """An entry as read, with the version a conditional `Ledger.replace` must name."""
-
-    entry: LedgerEntry
-    version: str
 
 
 def job_key_for(
