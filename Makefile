@@ -1,4 +1,4 @@
-# The two quick-start commands: `make demo` and `make test`. Both build .venv on first use.
+# The two quick-start commands: `make demo` and `make test`; `make docs` builds the documentation site. Each builds .venv on first use.
 # Another environment: `VENV=.venv-prefect388 CONSTRAINTS=.ci/constraints-prefect-3.8.8.txt make test`.
 VENV ?= .venv
 PYTHON ?= python3
@@ -11,7 +11,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench docs
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
@@ -26,3 +26,11 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
+
+# The documentation site (docs/, mkdocs.yml) into site/; a warning fails it.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[docs]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

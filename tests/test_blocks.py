@@ -15,6 +15,7 @@ from prefect import flow, runtime
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from pydantic import ValidationError
 
 from prefect_nanobanana import (
     AsyncRunComfyClient,
@@ -70,16 +71,29 @@ def test_token_is_hidden_in_repr_and_str():
 def test_clients_use_the_fields(monkeypatch):
     monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
     credentials = RunComfyCredentials(
-        api_token=SECRET, base_url="http://127.0.0.1:9/", request_timeout=7
+        api_token=SECRET, base_url="http://127.0.0.1:9/", request_timeout=7, total_timeout=12
     )
     with credentials.get_client() as client:
         assert isinstance(client, RunComfyClient)
         assert client.base_url == "http://127.0.0.1:9"
         assert client.timeout == 7
+        assert client.total_timeout == 12
     client = credentials.get_async_client()
     assert isinstance(client, AsyncRunComfyClient)
     assert client.base_url == "http://127.0.0.1:9"
+    assert client.total_timeout == 12
     asyncio.run(client.aclose())
+
+
+def test_the_total_of_one_call_defaults_to_what_its_description_says():
+    from prefect_nanobanana.client import DEFAULT_TOTAL_TIMEOUT
+
+    field = RunComfyCredentials.model_fields["total_timeout"]
+    assert field.default == DEFAULT_TOTAL_TIMEOUT == 45
+    assert "45 s by default" in field.description and field.description.endswith(".")
+    assert RunComfyCredentials(api_token=SECRET).total_timeout == 45
+    with pytest.raises(ValidationError):
+        RunComfyCredentials(total_timeout=0)
 
 
 def test_empty_fields_fall_back_to_the_environment(monkeypatch):

@@ -42,6 +42,7 @@ from prefect_nanobanana import (
     edit_image,
 )
 from prefect_nanobanana.emulator import Fault, FaultPlan
+from prefect_nanobanana.guard.protocol import abandons_request
 from prefect_nanobanana.observe import (
     EVENT_CANCELLED,
     EVENT_COMPLETED,
@@ -49,7 +50,6 @@ from prefect_nanobanana.observe import (
     OUTCOME_TABLE_KEY,
 )
 from prefect_nanobanana.tasks import RECORD_LABEL_PREFIX, cancel_recorded_requests, submit_edit
-from prefect_nanobanana.tasks.guard import abandons_request
 
 pytestmark = pytest.mark.prefect
 

@@ -22,9 +22,9 @@ from prefect_nanobanana.client import (
     SubmitOutcomeUnknownError,
 )
 from prefect_nanobanana.emulator import Fault, FaultPlan
+from prefect_nanobanana.guard.protocol import submit_once
+from prefect_nanobanana.guard.records import MemoryRecordStore
 from prefect_nanobanana.storage import ClaimOwner, Ledger, LedgerEntry, VersionedEntry
-from prefect_nanobanana.tasks.guard import submit_once
-from prefect_nanobanana.tasks.records import MemoryRecordStore
 
 # Slow answers widen the window in which the losers find a live "submitting" claim.
 SLOW_SUBMITS = FaultPlan([Fault("slow", endpoint="submit", delay_seconds=0.3)])
@@ -35,7 +35,7 @@ import json, os, sys, time
 from pathlib import Path
 from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
 from prefect_nanobanana.storage import Ledger
-from prefect_nanobanana.tasks.guard import submit_once_blocking
+from prefect_nanobanana.guard.protocol import submit_once_blocking
 
 archive, job_key, image_url, start = sys.argv[1:5]
 edit = NanoBananaEditInput(prompt="race", image_urls=[image_url])
@@ -194,7 +194,7 @@ _TERMINATED_WHILE_RECORDING = """
 import sys, threading, time
 from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
 from prefect_nanobanana.storage import Ledger
-from prefect_nanobanana.tasks.guard import submit_once_blocking
+from prefect_nanobanana.guard.protocol import submit_once_blocking
 
 class SlowLedger(Ledger):
     def replace(self, entry, version):
@@ -279,7 +279,7 @@ class _CountingStore(MemoryRecordStore):
 
 
 async def test_archiving_from_the_version_a_row_wrote_reads_nothing(emulator, image_server):
-    from prefect_nanobanana.tasks.guard import archive_claim, mark_archived
+    from prefect_nanobanana.guard.protocol import archive_claim, mark_archived
 
     store = _CountingStore()
     async with AsyncRunComfyClient(
@@ -325,7 +325,7 @@ async def test_archiving_claimed_with_the_request_id_costs_no_write_and_holds_of
     archiving takes three writes in all (claim, id, done) and no read; another run that
     adopts the request meanwhile waits for that archive instead of making its own; and
     a claim released unused (the wait failed) lets the next caller archive at once."""
-    from prefect_nanobanana.tasks.guard import (
+    from prefect_nanobanana.guard.protocol import (
         _LIVE_CLAIMS,
         archive_claim,
         mark_archived,
@@ -392,7 +392,7 @@ async def test_an_archiving_held_on_a_machine_that_went_quiet_is_taken_over_afte
     `HELD_ARCHIVE_GRACE_SECONDS` once the adopter's own wait is over, not for the 15
     minutes a claim lasts: its machine may have died with the rows. An archiving that
     machine has begun (status "archiving") is still waited for."""
-    import prefect_nanobanana.tasks.guard as guard
+    import prefect_nanobanana.guard.protocol as guard
 
     monkeypatch.setattr(guard, "HELD_ARCHIVE_GRACE_SECONDS", 0.5)
     store = MemoryRecordStore()
@@ -425,7 +425,7 @@ async def test_a_stale_known_record_only_costs_a_read_and_keeps_archiving_once(
 ):
     """Another run took the archiving over since this caller's record was written: the
     conditional write loses, the record is read, and the other run's archive is adopted."""
-    from prefect_nanobanana.tasks.guard import (
+    from prefect_nanobanana.guard.protocol import (
         _LIVE_CLAIMS,
         archive_claim,
         mark_archived,

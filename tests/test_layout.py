@@ -47,6 +47,13 @@ def test_client_and_storage_import_nothing_of_prefect(room: str) -> None:
     assert not [name for name in modules if name in FOREIGN]
 
 
+@pytest.mark.parametrize("room", ["prefect_nanobanana.guard", "prefect_nanobanana.stop"])
+def test_the_guard_and_the_stop_import_nothing_of_prefect(room: str) -> None:
+    probe = every_module_of(room) if room.endswith("guard") else f"import {room}"
+    modules = imported_after(probe)
+    assert not [name for name in modules if name in FOREIGN]
+
+
 def test_the_emulator_imports_nothing_of_prefect() -> None:
     modules = imported_after(every_module_of("prefect_nanobanana.emulator"))
     assert not [name for name in modules if name in FOREIGN]

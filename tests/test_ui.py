@@ -15,7 +15,9 @@ stay V1); V1's block form shows every string in clear, which one test records.
 Playwright drives Debian's chromium (`/usr/bin/chromium`, which `.ci/run`
 installs); its own browser download is not used. When a step fails, a screenshot
 of the page is saved as `test-screenshots/<test>-<step>.png` (or under
-`$NANOBANANA_UI_SCREENSHOTS`), which is how a person would have seen it.
+`$NANOBANANA_UI_SCREENSHOTS`), which is how a person would have seen it. The screens
+the documentation shows (docs/ui.md) are saved into `docs/images/ui/` as each is
+checked, so the pictures there are what the code does today.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.ui
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOTS = Path(os.environ.get("NANOBANANA_UI_SCREENSHOTS", REPO / "test-screenshots"))
+DOCS_SCREENSHOTS = REPO / "docs" / "images" / "ui"
 BLOCK_NAME = "ui-picked"
 TYPED_BLOCK = "ui-typed"
 # Milliseconds: how long the UI may take to show what the server already knows.
@@ -103,6 +106,12 @@ def saved_block(stack: Stack) -> str:
         BLOCK_NAME, overwrite=True
     )
     return BLOCK_NAME
+
+
+def _docs_screenshot(target: Any, name: str) -> None:
+    """Save what was just checked as docs/images/ui/NAME.png (a page's view or one element)."""
+    DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    target.screenshot(path=str(DOCS_SCREENSHOTS / f"{name}.png"))
 
 
 def _ui(stack: Stack, path: str) -> str:
@@ -178,6 +187,7 @@ def test_a_block_picked_in_the_run_form_runs_and_its_images_show(
         option.click()
         expect(credentials.locator(".p-select-button__value")).to_have_text(saved_block)
         expect(page.get_by_label("Validate parameters")).to_be_checked()
+        _docs_screenshot(page, "run-form")
         created = _submit(page)
         assert validations and validations[-1]["valid"], validations
         assert created.status == 201, created.text()
@@ -206,6 +216,7 @@ def test_a_block_picked_in_the_run_form_runs_and_its_images_show(
         expect(page.get_by_text(str(metadata), exact=True)).to_be_visible()
         (output,) = sorted(metadata.parent.glob("0.*"))
         expect(page.get_by_text(str(output), exact=True)).to_be_visible()
+        _docs_screenshot(page, "edit-preview")
 
 
 def _submit(page: Any, attempts: int = 3) -> Any:
@@ -265,6 +276,7 @@ def test_a_batch_row_that_failed_before_its_submit_is_a_failed_task_run(
         expect(bad.locator(".state-badge")).to_have_text("Failed")
         good = rows.filter(has=page.get_by_role("link", name="row-1 good-one", exact=True))
         expect(good.locator(".state-badge")).to_have_text("Completed")
+        _docs_screenshot(page, "batch-task-runs")
 
     with steps("batch preview"):
         _open_artifact(page, "nanobanana-batch-report")
@@ -278,6 +290,7 @@ def test_a_batch_row_that_failed_before_its_submit_is_a_failed_task_run(
                 - table.parentElement.getBoundingClientRect().right)"""
         )
         assert overflow and max(overflow) <= 1, overflow
+        _docs_screenshot(page, "batch-report")
 
 
 def _readable_text(page: Any) -> str:
@@ -353,10 +366,7 @@ def test_the_token_is_masked_while_typed_in_the_v2_block_form(
         expect(token).to_have_attribute("type", "password")
         assert TOKEN not in page.inner_text("body")
         assert TOKEN not in _readable_text(page)
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        _field(page, "API Token (Optional)").screenshot(
-            path=str(SCREENSHOTS / f"{request.node.name}-masked-field.png")
-        )
+        _docs_screenshot(_field(page, "API Token (Optional)"), "token-masked")
 
     with steps("show and hide"):
         # The eye button: what a person clicks to check the token, and the check that
@@ -392,11 +402,11 @@ def test_the_token_is_masked_while_typed_in_the_v2_block_form(
 def test_prefect_v1_block_form_shows_every_string_in_clear(
     stack: Stack, saved_block: str, page: Any, steps: Steps
 ) -> None:
-    """Prefect's limitation, not ours, kept here because the README states it.
+    """Prefect's limitation, not ours, kept here because the documentation states it.
 
     V1 (Vue, at `/blocks/...`) renders every string field as a one-row text area,
     `format: password` included. If this fails, V1 masks secrets now: update
-    "In Prefect's UI" in the README.
+    "The token is masked while typed" in docs/ui.md.
     """
     from playwright.sync_api import expect
 

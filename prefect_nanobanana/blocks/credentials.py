@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from ..client import AsyncRunComfyClient, RunComfyClient
 from ..client.client import check_base_url, output_hosts_for
+from ..client.retry import DEFAULT_TOTAL_TIMEOUT
 from ..errors import NanoBananaError
 from ..redaction import carries_signature, strip_signature
 from ..storage.locations import s3_location_of_url
@@ -136,6 +137,17 @@ class RunComfyCredentials(CredentialsBlock):
             "read), however slowly the server answers."
         ),
     )
+    total_timeout: float = Field(
+        default=DEFAULT_TOTAL_TIMEOUT,
+        gt=0,
+        title="Total Timeout",
+        description=(
+            "Seconds one API call (a submit, a status or result poll, a cancel) may take "
+            "in all, its retries included, however slowly the server answers; 45 s by "
+            "default. Its error then says how long it tried and how many attempts. A "
+            "wait's polls also end with the wait."
+        ),
+    )
     output_hosts: list[str] | None = Field(
         default=None,
         title="Output Hosts",
@@ -152,7 +164,12 @@ class RunComfyCredentials(CredentialsBlock):
         return check_base_url(base_url) if base_url and base_url.strip() else None
 
     def allowed_output_hosts(self) -> list[str]:
-        """The hosts outputs may be downloaded from (the field, else the defaults)."""
+        """The hosts outputs may be downloaded from.
+
+        Returns:
+            The `output_hosts` field when set; else `*.runcomfy.net` and the base
+            URL's own host (the emulator's, a proxy's).
+        """
         return list(output_hosts_for(self.base_url, self.output_hosts))
 
     def _client_options(self) -> dict[str, Any]:
@@ -160,16 +177,32 @@ class RunComfyCredentials(CredentialsBlock):
             "api_token": self.api_token,
             "base_url": self.base_url,
             "timeout": self.request_timeout,
+            "total_timeout": self.total_timeout,
             "logger": run_logger_or_none(),
             "output_hosts": self.output_hosts,
         }
 
     def get_client(self) -> RunComfyClient:
-        """A blocking client; close it (or use it in a `with` block) when done."""
+        """A blocking client with this block's token, base URL, timeout and output hosts.
+
+        Returns:
+            A `RunComfyClient`; close it, or use it in a `with` block, when done.
+
+        Example:
+            ```python
+            with RunComfyCredentials.load("default").get_client() as client:
+                print(client.model_info().base_price_usd)
+            ```
+        """
         return RunComfyClient(**self._client_options())
 
     def get_async_client(self) -> AsyncRunComfyClient:
-        """An async client; use it in an `async with` block or `await client.aclose()`."""
+        """An async client with this block's token, base URL, timeout and output hosts.
+
+        Returns:
+            An `AsyncRunComfyClient`; use it in an `async with` block, or
+            `await client.aclose()` when done.
+        """
         return AsyncRunComfyClient(**self._client_options())
 
 
@@ -248,6 +281,7 @@ def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     return RunComfyCredentials(
         base_url=credentials.get("base_url"),
         request_timeout=credentials.get("request_timeout") or 30.0,
+        total_timeout=credentials.get("total_timeout") or DEFAULT_TOTAL_TIMEOUT,
         output_hosts=credentials.get("output_hosts"),
     )
 

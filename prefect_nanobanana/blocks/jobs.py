@@ -20,8 +20,9 @@ from ..client import (
     RequestResult,
     Resolution,
 )
+from ..guard.protocol import default_job_key, submit_once
 from ..stop import signals_deferred
-from ..tasks.guard import default_job_key, job_scope, submit_once
+from ..tasks.guard import job_scope, run_id
 from ..tasks.records import PrefectRecordStore
 from .credentials import RunComfyCredentials
 
@@ -56,7 +57,17 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
     )
 
     async def await_for_completion(self) -> RequestResult:
-        """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
+        """Poll until the request ends, and return its completed result.
+
+        Returns:
+            The completed `RequestResult`: output URLs, cost, times.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout_seconds` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         async with self.credentials.get_async_client() as client:
             return await client.wait(
                 self.request_id,
@@ -67,21 +78,55 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
 
     @async_dispatch(await_for_completion)
     def wait_for_completion(self) -> RequestResult:
-        """Poll until the request ends; the completed result, or JobFailed/JobCancelled/Timeout."""
+        """Poll until the request ends, and return its completed result.
+
+        Returns:
+            The completed `RequestResult`: output URLs, cost, times.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout_seconds` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return run_coro_as_sync(self.await_for_completion())
 
     async def afetch_result(self) -> RequestResult:
-        """The result as it stands (with the current status while unfinished)."""
+        """The request's result as it stands.
+
+        Returns:
+            The `RequestResult`: outputs and cost once completed, else the current status.
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         async with self.credentials.get_async_client() as client:
             return await client.result(self.request_id)
 
     @async_dispatch(afetch_result)
     def fetch_result(self) -> RequestResult:
-        """The result as it stands (with the current status while unfinished)."""
+        """The request's result as it stands.
+
+        Returns:
+            The `RequestResult`: outputs and cost once completed, else the current status.
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return run_coro_as_sync(self.afetch_result())
 
     async def acancel(self) -> CancelResult:
-        """Cancel the request if queued; a running one answers `not_cancellable`."""
+        """Cancel the request while it is queued.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         async with self.credentials.get_async_client() as client:
             result = await client.cancel(self.request_id)
         observe.log_cancel_outcome(self.logger, self.request_id, result.outcome)
@@ -89,7 +134,15 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
 
     @async_dispatch(acancel)
     def cancel(self) -> CancelResult:
-        """Cancel the request if queued; a running one answers `not_cancellable`."""
+        """Cancel the request while it is queued.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return run_coro_as_sync(self.acancel())
 
 
@@ -154,7 +207,14 @@ class NanoBananaEditJob(JobBlock):
     )
 
     def edit_input(self) -> NanoBananaEditInput:
-        """The validated request body, checked before a paid submit."""
+        """The block's settings as the request body, validated before a paid submit.
+
+        Returns:
+            The `NanoBananaEditInput` that `trigger` submits.
+
+        Raises:
+            pydantic.ValidationError: A setting the API would refuse (checked here, unpaid).
+        """
         return NanoBananaEditInput(**self.model_dump(include=set(NanoBananaEditInput.model_fields)))
 
     async def atrigger(self, job_key: str | None = None) -> NanoBananaEditJobRun:
@@ -162,32 +222,50 @@ class NanoBananaEditJob(JobBlock):
 
         Args:
             job_key: Names the job. The same key again (another trigger, another
-                run, another process of this machine) adopts the request instead of
-                paying twice. None: a fresh job, scoped to the current flow run
-                when there is one (a retry of the run resumes its request).
+                run, another process; another machine too when `NANOBANANA_LOCK_URL`
+                names a Redis) adopts the request instead of paying twice. None: a
+                fresh job, scoped to the current flow run when there is one (a retry
+                of the run resumes its request).
+
+        Returns:
+            A `NanoBananaEditJobRun` to wait on, fetch or cancel; `adopted` is True
+            when an earlier trigger with the key had submitted it.
+
+        Raises:
+            SubmitOutcomeUnknownError: A submit with this key may have been billed and
+                its outcome is unknown (a 5xx, a timeout, a process that died); it is
+                never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            pydantic.ValidationError: The block's settings are not a valid edit.
         """
         edit = self.edit_input()
+        store = PrefectRecordStore()
+        if job_key:
+            store.warn_if_machine_local()
         job_key = job_key or default_job_key(edit, job_scope())
 
         async with self.credentials.get_async_client() as client:
             submitted = await submit_once(
                 job_key,
-                PrefectRecordStore(),
+                store,
                 client,
                 edit,
                 facts={
                     "model_id": NANO_BANANA_EDIT_MODEL_ID,
                     "parameters": edit.model_dump(mode="json", exclude={"prompt", "image_urls"}),
                 },
+                run_id=run_id(),
+                log=self.logger,
             )
         if not (submitted.resumed or submitted.adopted):
-            self.logger.info("Submitted RunComfy request %s", submitted.request_id)
-            observe.emit_request_event(
-                observe.EVENT_SUBMITTED,
+            await observe.aannounce_submitted(
+                self.logger,
                 submitted.request_id,
-                payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+                job_key,
+                result_url=submitted.result_url,
+                model_id=NANO_BANANA_EDIT_MODEL_ID,
             )
-            await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
         return NanoBananaEditJobRun(
             request_id=submitted.request_id,
             credentials=self.credentials,
@@ -201,6 +279,25 @@ class NanoBananaEditJob(JobBlock):
 
     @async_dispatch(atrigger)
     def trigger(self, job_key: str | None = None) -> NanoBananaEditJobRun:
-        """Submit the edit through the submit guard (billed once per job key)."""
+        """Submit the edit through the submit guard (billed once per job key).
+
+        Args:
+            job_key: Names the job. The same key again (another trigger, another
+                run, another process of this machine) adopts the request instead of
+                paying twice. None: a fresh job, scoped to the current flow run
+                when there is one (a retry of the run resumes its request).
+
+        Returns:
+            A `NanoBananaEditJobRun` to wait on, fetch or cancel; `adopted` is True
+            when an earlier trigger with the key had submitted it.
+
+        Raises:
+            SubmitOutcomeUnknownError: A submit with this key may have been billed and
+                its outcome is unknown (a 5xx, a timeout, a process that died); it is
+                never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            pydantic.ValidationError: The block's settings are not a valid edit.
+        """
         with signals_deferred():  # a stop takes effect once the request id is recorded
             return run_coro_as_sync(self.atrigger(job_key))

@@ -63,6 +63,7 @@ def client_for(args: argparse.Namespace) -> RunComfyClient:
         api_token=block.api_token,
         base_url=args.api_base_url,
         timeout=block.request_timeout,
+        total_timeout=block.total_timeout,
         output_hosts=block.output_hosts,
     )
 
@@ -74,6 +75,7 @@ class SavedCredentials:
     api_token: str | None = field(repr=False)
     base_url: str | None
     request_timeout: float
+    total_timeout: float
     output_hosts: list[str] | None
 
 
@@ -127,6 +129,7 @@ def _read_over_http(api_url: str, name: str) -> SavedCredentials | None:
     import httpx
 
     from ..blocks import CREDENTIALS_BLOCK_TYPE_SLUG
+    from ..client.retry import DEFAULT_TOTAL_TIMEOUT
 
     if any(os.environ.get(setting) for setting in _PREFECT_CLIENT_SETTINGS):
         return None
@@ -163,6 +166,7 @@ def _read_over_http(api_url: str, name: str) -> SavedCredentials | None:
         api_token=data.get("api_token") or None,
         base_url=data.get("base_url") or None,
         request_timeout=float(data.get("request_timeout") or 30.0),
+        total_timeout=float(data.get("total_timeout") or DEFAULT_TOTAL_TIMEOUT),
         output_hosts=data.get("output_hosts"),
     )
 
@@ -188,5 +192,6 @@ def _load_through_prefect(name: str) -> SavedCredentials:
         api_token=block.api_token.get_secret_value() if block.api_token else None,
         base_url=block.base_url,
         request_timeout=block.request_timeout,
+        total_timeout=block.total_timeout,
         output_hosts=block.output_hosts,
     )

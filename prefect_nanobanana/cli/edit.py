@@ -27,7 +27,7 @@ from .exit_codes import EXIT_OK, UsageError
 from .requests import format_cost
 
 if TYPE_CHECKING:  # the guard imports Prefect: only `edit` itself pays for it
-    from ..tasks.guard import SubmittedRequest
+    from ..guard.protocol import SubmittedRequest
 
 DEFAULT_OUT = "nanobanana-output"
 
@@ -64,7 +64,7 @@ class _StatusDisplay:
 
 def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) -> None:
     """Ctrl-C: withdraw the request if still queued (the guard's one way), and say so."""
-    from ..tasks.guard import cancel_if_queued
+    from ..guard.protocol import cancel_if_queued
 
     outcome = cancel_if_queued(client, request_id, log=logging.getLogger(__name__))
     if outcome == "cancelled":
@@ -125,6 +125,8 @@ def run_edit_command(args: argparse.Namespace) -> int:
     every run is a new edit, its request id printed at once and kept in its
     metadata file, and no `_ledger/` is left beside the images.
     """
+    from ..guard.protocol import mark_archived, submit_once_blocking
+    from ..guard.records import MemoryRecordStore
     from ..storage import (
         ArchiveMetadata,
         Ledger,
@@ -134,8 +136,6 @@ def run_edit_command(args: argparse.Namespace) -> int:
         stage_assets,
     )
     from ..storage.backends import open_backend
-    from ..tasks.guard import mark_archived, submit_once_blocking
-    from ..tasks.records import MemoryRecordStore
 
     options = {
         "aspect_ratio": args.aspect_ratio,

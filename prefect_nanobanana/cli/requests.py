@@ -29,9 +29,9 @@ def submit(args: argparse.Namespace) -> int:
     from uuid import uuid4
 
     from ..client import NanoBananaEditInput
+    from ..guard.protocol import submit_once_blocking
+    from ..guard.records import MemoryRecordStore
     from ..storage import stage_assets
-    from ..tasks.guard import submit_once_blocking
-    from ..tasks.records import MemoryRecordStore
 
     NanoBananaEditInput(prompt=args.prompt, image_urls=args.images)  # the count, before any file
     # URLs go as they are; a local image goes inline, as `edit` sends it without --staging.

@@ -3,7 +3,8 @@
 Both share `_ClientCore` for everything that is not I/O (configuration, request
 building, answer parsing, the retry decision), so the two loops that do I/O are
 the only code written twice. Both speak through `transport.py`: each HTTP attempt
-ends by a wall-clock deadline (`timeout`) and every answer is read up to a cap.
+ends by a wall-clock deadline (`timeout`), each API call with its retries by
+another (`total_timeout`), and every answer is read up to a cap.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ from .models import (
     check_request_id,
 )
 from .polling import PollingPolicy, RunDurationEstimator
-from .retry import CallKind, RetryPolicy, parse_retry_after, submit_server_error, transport_error
+from .retry import (
+    DEFAULT_TOTAL_TIMEOUT,
+    CallKind,
+    RetryPolicy,
+    parse_retry_after,
+    submit_server_error,
+    transport_error,
+)
 from .transport import (
     MAX_ANSWER_BYTES,
     MAX_INLINE_RESULT_BYTES,
@@ -53,6 +61,7 @@ from .transport import (
     call_deadline,
     install_deadlines,
     read_answer,
+    seconds_left,
 )
 from .vocabulary import DEFAULT_BASE_URL, DEFAULT_OUTPUT_HOSTS, NANO_BANANA_EDIT_MODEL_ID
 from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
@@ -149,6 +158,45 @@ class _OutOfTime(Exception):
         self.error = error
 
 
+class _Call:
+    """The attempts of one API call, retries included, and the time they may take.
+
+    The call ends by `total` seconds from its start and, when it polls for a
+    `wait`, by `until` (that wait's end, a `time.monotonic()` instant): its
+    attempts and its sleeps get only what is left of both.
+    """
+
+    def __init__(self, total: float, until: float | None) -> None:
+        self.started = time.monotonic()
+        self.total = total
+        self.until = until
+        self.ends = self.started + total if until is None else min(self.started + total, until)
+        self.attempts = 0
+
+    def total_spent(self, delay: float = 0.0) -> bool:
+        """Whether `delay` more seconds would reach the end of the call's own total."""
+        return time.monotonic() + delay >= self.started + self.total
+
+    def gave_up(self, error: RunComfyError, *, spent: bool = False) -> RunComfyError:
+        """`error`, its message saying how long the call tried and how many attempts.
+
+        Said when the call could have been retried or was: a permanent error on its
+        first attempt (a 404, a refused submit) is the server's answer, not a give-up.
+        """
+        if spent or error.is_transient or self.attempts > 1:
+            plural = "" if self.attempts == 1 else "s"
+            tried = (
+                f"gave up after {self.attempts} attempt{plural} in "
+                f"{time.monotonic() - self.started:.1f} s"
+            )
+            if spent:
+                tried += f" (this call's total_timeout is {self.total:g} s)"
+            # Only numbers are added to a message already redacted when the error was built.
+            error.message = f"{error.message}; {tried}"
+            error.args = (error.message,)
+        return error
+
+
 def _plain_secret(api_token: str | SecretStr | None) -> str:
     if isinstance(api_token, SecretStr):
         api_token = api_token.get_secret_value()
@@ -168,6 +216,7 @@ class _ClientCore:
         api_token: str | SecretStr | None,
         base_url: str | None,
         timeout: float,
+        total_timeout: float,
         retry_policy: RetryPolicy | None,
         polling_policy: PollingPolicy | None,
         duration_estimator: RunDurationEstimator | None,
@@ -177,11 +226,14 @@ class _ClientCore:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if total_timeout <= 0:
+            raise ValueError("total_timeout must be a positive number of seconds")
         self.max_answer_bytes = max_answer_bytes
         self._api_token = SecretStr(_plain_secret(api_token))
         self.base_url = resolve_base_url(base_url)
         self.output_hosts = output_hosts_for(self.base_url, output_hosts)
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.polling_policy = polling_policy or PollingPolicy(
             time_scale=float(os.environ.get(POLL_TIME_SCALE_ENV_VAR) or 1.0)
@@ -240,6 +292,16 @@ class _ClientCore:
         if isinstance(edit, NanoBananaEditInput):
             return edit
         return NanoBananaEditInput.model_validate(edit)
+
+    def _attempt_timeout(self, deadline: float | None) -> httpx.Timeout:
+        """httpx's timeouts for one attempt; its wait for a pooled connection included.
+
+        The deadline bounds every network operation (see `deadline.py`); waiting for
+        a free connection of the pool is not one, so it gets what is left here.
+        """
+        left = seconds_left(deadline)
+        pool = self.timeout if left is None else max(min(self.timeout, left), 0.001)
+        return httpx.Timeout(self.timeout, connect=min(10.0, self.timeout), pool=pool)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_token.get_secret_value(), "**********")
@@ -368,37 +430,36 @@ class _ClientCore:
     def _out_of_time(self, until: float | None, delay: float = 0.0) -> bool:
         return until is not None and time.monotonic() + delay >= until
 
-    def _next_step(
-        self, kind: CallKind, error: RunComfyError, attempt: int, until: float | None
-    ) -> float:
+    def _next_step(self, kind: CallKind, error: RunComfyError, call: _Call) -> float:
         """Seconds to wait before retrying, or raise `error` (or its submit form).
 
-        `until` (a `time.monotonic()` instant) is the caller's own deadline: no
-        retry starts after it, so a `wait` ends by its deadline plus one attempt.
+        No retry starts past the call's end: a `wait` ends by its own deadline
+        (its poll in flight gets only what is left of it), and any call ends by its
+        `total_timeout`, the error then saying how long it tried and how often.
         """
         if kind is CallKind.SUBMIT and isinstance(error, ServerError):
-            raise submit_server_error(error)
-        if not self.retry_policy.should_retry(kind, error, attempt):
-            raise error
-        delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
-        if self._out_of_time(until, delay):
+            raise call.gave_up(submit_server_error(error), spent=call.total_spent())
+        if not self.retry_policy.should_retry(kind, error, call.attempts):
+            raise call.gave_up(error, spent=call.total_spent())
+        delay = self.retry_policy.delay(call.attempts, getattr(error, "retry_after", None))
+        if self._out_of_time(call.until, delay):
             raise _OutOfTime(error)
+        if call.total_spent(delay):
+            raise call.gave_up(error, spent=True)
         if isinstance(error, RateLimitedError):
             self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
             "%s; retrying in %.2f s (attempt %d of %d)",
             error,
             delay,
-            attempt + 1,
+            call.attempts + 1,
             self.retry_policy.max_attempts,
         )
         return delay
 
-    def _pause_remaining(self, until: float | None) -> float:
-        """How long a 429 still pauses this client, never past the caller's deadline."""
-        now = time.monotonic()
-        end = self._paused_until if until is None else min(self._paused_until, until)
-        return end - now
+    def _pause_remaining(self, call: _Call) -> float:
+        """How long a 429 still pauses this client, never past the call's end."""
+        return min(self._paused_until, call.ends) - time.monotonic()
 
     def _tracker(
         self,
@@ -422,13 +483,43 @@ class _ClientCore:
 
 
 class RunComfyClient(_ClientCore):
-    """Blocking client: `with RunComfyClient(api_token=...) as client: client.submit_edit(...)`.
+    """The blocking client of the RunComfy Model API (no Prefect needed).
 
-    `timeout` is the wall-clock deadline of each HTTP attempt (connect, send and
-    every read together); `max_answer_bytes` caps every JSON answer.
-    `output_hosts` (`host`, `host:port`, `*.domain`) are the only hosts outputs are
-    downloaded from; by default `*.runcomfy.net` and the base URL's own host. Add a
-    proxy's or CDN's host here if your outputs come from one.
+    Reads are retried on connection errors, timeouts, 429 and 5xx; a billed submit
+    only when it provably never arrived. A 429 pauses every call of the client. One
+    API call, its retries and their sleeps included, ends by `total_timeout` however
+    slowly the server answers; past it the call raises its last error, whose message
+    says how long it tried and how many attempts.
+
+    Args:
+        api_token: The API token; None reads `RUNCOMFY_API_TOKEN`.
+        base_url: The API's base URL; None reads `RUNCOMFY_BASE_URL`, else the real API.
+        timeout: The wall-clock deadline of each HTTP attempt, in seconds (connect,
+            send and every read together).
+        total_timeout: The deadline of one API call, retries included, in seconds
+            (`DEFAULT_TOTAL_TIMEOUT`, 45 s).
+        retry_policy: How calls are retried (`RetryPolicy()` by default).
+        polling_policy: How `wait` polls; by default scaled by `RUNCOMFY_POLL_TIME_SCALE`.
+        duration_estimator: What `wait` knows of run times (shared by a batch's waits).
+        logger: Where status lines go.
+        max_answer_bytes: The cap on every JSON answer (`MAX_ANSWER_BYTES`).
+        output_hosts: The only hosts outputs are downloaded from (`host`,
+            `host:port`, `*.domain`); by default `*.runcomfy.net` and the base URL's
+            own host. Add a proxy's or CDN's host if your outputs come from one.
+
+    Raises:
+        AuthenticationError: No token was given or found in the environment.
+        ValueError: `timeout` is not a positive number.
+
+    Example:
+        ```python
+        from prefect_nanobanana import RunComfyClient
+
+        with RunComfyClient() as client:  # RUNCOMFY_API_TOKEN, RUNCOMFY_BASE_URL
+            handle = client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+            result = client.wait(handle.request_id)
+            print(result.output_urls, result.cost)
+        ```
     """
 
     def __init__(
@@ -437,6 +528,7 @@ class RunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -448,6 +540,7 @@ class RunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -465,6 +558,7 @@ class RunComfyClient(_ClientCore):
         self.close()
 
     def close(self) -> None:
+        """Close the client's connections (what leaving a `with` block does)."""
         self._http.close()
 
     def _attempt(
@@ -474,9 +568,15 @@ class RunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout), self._http.stream(method, path, **send) as response:
+        with (
+            call_deadline(self.timeout, until=call.ends) as deadline,
+            self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response,
+        ):
             try:
                 content = read_answer(response, limit)
             except AnswerTooLarge as exc:
@@ -495,10 +595,10 @@ class RunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 time.sleep(pause)
             try:
                 outcome = self._attempt(
@@ -507,6 +607,7 @@ class RunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -515,30 +616,105 @@ class RunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            time.sleep(self._next_step(kind, outcome, attempt, until))
+            time.sleep(self._next_step(kind, outcome, call))
 
     def submit(self, model_id: str, payload: Payload) -> RequestHandle:
-        """Submit a job for any model id. Billed: retried only if provably not received."""
+        """Submit a job for any model id. Billed: retried only when it provably never arrived.
+
+        Args:
+            model_id: The model, e.g. `google/nano-banana/pro/edit`.
+            payload: The request body: a pydantic model or a dict.
+
+        Returns:
+            The `RequestHandle`: request id and the URLs of its status and result.
+
+        Raises:
+            SubmitOutcomeUnknownError: The submit may have been billed (a 5xx or a
+                timeout after sending); it is never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            InvalidRequestError: The API refused the body (nothing was billed).
+            APIConnectionError: The API could not be reached (nothing was sent).
+        """
         body = self._payload_json(payload)
         answer = self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
         return self._handle(answer, body)
 
     def submit_edit(self, edit: EditInput) -> RequestHandle:
+        """Submit a Nano Banana Pro edit, validated before anything is sent.
+
+        Args:
+            edit: A `NanoBananaEditInput` or a dict of its fields (`prompt`,
+                `image_urls`, and optionally `aspect_ratio`, `resolution`,
+                `output_format`, `num_images`, `sync_mode`).
+
+        Returns:
+            The `RequestHandle` of the submitted request.
+
+        Raises:
+            pydantic.ValidationError: The edit is not valid (nothing was sent).
+            SubmitOutcomeUnknownError: The submit may have been billed; never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+
+        Example:
+            ```python
+            with RunComfyClient() as client:
+                handle = client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+                print(client.wait(handle.request_id).output_urls)
+            ```
+        """
         return self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
     def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
-        """The model's listed price, for an estimate before a paid submit. A read: retried."""
+        """The model's listed price, for an estimate before a paid submit. A read: retried.
+
+        Args:
+            model_id: The model; Nano Banana Pro's edit by default.
+
+        Returns:
+            The `ModelInfo` (`base_price_usd`, `price_unit`, `pricing_note`; unknown
+            fields kept). The listed price is no guaranteed minimum.
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = self._call(CallKind.READ, "GET", self._submit_path(model_id))
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     def status(self, request_id: str) -> RequestStatus:
+        """A request's current status. A read: retried on transient errors.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `RequestStatus` (`status`, and `queue_position` while queued).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return self._poll_status(request_id, None)
 
     def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        """A request's result: its outputs and cost once completed, else its status.
+
+        Args:
+            request_id: The request.
+            include_cost: Ask for the billed cost too.
+
+        Returns:
+            The `RequestResult` (`status`, `output_urls`, `cost`, times).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return self._poll_result(request_id, include_cost, None)
 
     def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
-        """The request's status; `until` (monotonic) stops retries past a wait's deadline."""
+        """The request's status; `until` (monotonic), a wait's end, bounds the poll too."""
         body = self._call(
             CallKind.READ,
             "GET",
@@ -563,6 +739,18 @@ class RunComfyClient(_ClientCore):
         return self._result(body, request_id)
 
     def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a request while it is queued.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
@@ -578,15 +766,33 @@ class RunComfyClient(_ClientCore):
         submitted_at: datetime | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
-        """Poll until the job ends; the completed result, or JobFailed/JobCancelled/WaitTimeout.
+        """Poll until the job ends, and return its completed result.
 
-        Returns or raises by `timeout` seconds (30 minutes by default, as the
-        provider's own clients; `None` waits for ever) plus one call's `timeout`.
-        When the wait resumes a request submitted a while ago (a retry, a rerun), give
-        `submitted_at`: the job may have run for some time already, and the schedule
-        then does not sleep through a quiet window as if it had just started. `log`
-        takes this wait's status lines instead of the client's logger: a client shared
-        by many jobs can log each job's lines where that job is watched.
+        Polls adaptively: quick at first, backing off while queued, quiet while a
+        running job cannot be done yet, then dense near its expected end. Returns or
+        raises by `timeout` seconds whatever the server's pace: the poll in flight
+        gets no more than what is left of the wait.
+
+        Args:
+            request_id: The request.
+            timeout: Seconds to wait (30 minutes by default, as the provider's own
+                clients); None waits for ever.
+            resolution: The edit's resolution, so polling can expect its run time.
+            on_status: Called with each `RequestStatus` seen.
+            submitted_at: When the request was submitted. Give it when the wait
+                resumes an older request (a retry, a rerun): the job may have run for
+                a while, and the schedule then does not sleep as if it had just started.
+            log: Takes this wait's status lines instead of the client's logger, so a
+                client shared by many jobs logs each job's lines where it is watched.
+
+        Returns:
+            The completed `RequestResult`.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
         """
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         until = tracker.deadline
@@ -614,7 +820,18 @@ class RunComfyClient(_ClientCore):
 
 
 class AsyncRunComfyClient(_ClientCore):
-    """The async twin of `RunComfyClient`: same methods, awaited."""
+    """The async twin of `RunComfyClient`: the same methods, awaited, the same time bounds.
+
+    Takes the same arguments, and `max_connections` (the connection pool's size, for
+    a batch that shares one client across many lanes); a call waiting for a free
+    connection waits within its own deadlines.
+
+    Example:
+        ```python
+        async with AsyncRunComfyClient() as client:  # RUNCOMFY_API_TOKEN, RUNCOMFY_BASE_URL
+            status = await client.status("REQUEST_ID")
+        ```
+    """
 
     def __init__(
         self,
@@ -622,6 +839,7 @@ class AsyncRunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -634,6 +852,7 @@ class AsyncRunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -656,6 +875,7 @@ class AsyncRunComfyClient(_ClientCore):
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the client's connections (what leaving an `async with` block does)."""
         await self._http.aclose()
 
     async def _attempt(
@@ -665,10 +885,13 @@ class AsyncRunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout):
-            async with self._http.stream(method, path, **send) as response:
+        with call_deadline(self.timeout, until=call.ends) as deadline:
+            async with self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response:
                 try:
                     content = await aread_answer(response, limit)
                 except AnswerTooLarge as exc:
@@ -687,10 +910,10 @@ class AsyncRunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 await asyncio.sleep(pause)
             try:
                 outcome = await self._attempt(
@@ -699,6 +922,7 @@ class AsyncRunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -707,24 +931,101 @@ class AsyncRunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            await asyncio.sleep(self._next_step(kind, outcome, attempt, until))
+            await asyncio.sleep(self._next_step(kind, outcome, call))
 
     async def submit(self, model_id: str, payload: Payload) -> RequestHandle:
+        """Submit a job for any model id. Billed: retried only when it provably never arrived.
+
+        Args:
+            model_id: The model, e.g. `google/nano-banana/pro/edit`.
+            payload: The request body: a pydantic model or a dict.
+
+        Returns:
+            The `RequestHandle`: request id and the URLs of its status and result.
+
+        Raises:
+            SubmitOutcomeUnknownError: The submit may have been billed (a 5xx or a
+                timeout after sending); it is never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+            InvalidRequestError: The API refused the body (nothing was billed).
+            APIConnectionError: The API could not be reached (nothing was sent).
+        """
         body = self._payload_json(payload)
         answer = await self._call(CallKind.SUBMIT, "POST", self._submit_path(model_id), json=body)
         return self._handle(answer, body)
 
     async def submit_edit(self, edit: EditInput) -> RequestHandle:
+        """Submit a Nano Banana Pro edit, validated before anything is sent.
+
+        Args:
+            edit: A `NanoBananaEditInput` or a dict of its fields (`prompt`,
+                `image_urls`, and optionally `aspect_ratio`, `resolution`,
+                `output_format`, `num_images`, `sync_mode`).
+
+        Returns:
+            The `RequestHandle` of the submitted request.
+
+        Raises:
+            pydantic.ValidationError: The edit is not valid (nothing was sent).
+            SubmitOutcomeUnknownError: The submit may have been billed; never resent.
+            AuthenticationError: The API token was refused.
+            InsufficientBalanceError: The account balance is too low.
+
+        Example:
+            ```python
+            async with AsyncRunComfyClient() as client:
+                handle = await client.submit_edit({"prompt": "Add snow", "image_urls": [url]})
+                print((await client.wait(handle.request_id)).output_urls)
+            ```
+        """
         return await self.submit(NANO_BANANA_EDIT_MODEL_ID, self._edit_input(edit))
 
     async def model_info(self, model_id: str = NANO_BANANA_EDIT_MODEL_ID) -> ModelInfo:
+        """The model's listed price, for an estimate before a paid submit. A read: retried.
+
+        Args:
+            model_id: The model; Nano Banana Pro's edit by default.
+
+        Returns:
+            The `ModelInfo` (`base_price_usd`, `price_unit`, `pricing_note`; unknown
+            fields kept). The listed price is no guaranteed minimum.
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = await self._call(CallKind.READ, "GET", self._submit_path(model_id))
         return ModelInfo.model_validate({"model_id": model_id, **body})
 
     async def status(self, request_id: str) -> RequestStatus:
+        """A request's current status. A read: retried on transient errors.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `RequestStatus` (`status`, and `queue_position` while queued).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return await self._poll_status(request_id, None)
 
     async def result(self, request_id: str, *, include_cost: bool = True) -> RequestResult:
+        """A request's result: its outputs and cost once completed, else its status.
+
+        Args:
+            request_id: The request.
+            include_cost: Ask for the billed cost too.
+
+        Returns:
+            The `RequestResult` (`status`, `output_urls`, `cost`, times).
+
+        Raises:
+            NotFoundError: RunComfy knows no such request.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         return await self._poll_result(request_id, include_cost, None)
 
     async def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
@@ -752,6 +1053,18 @@ class AsyncRunComfyClient(_ClientCore):
         return self._result(body, request_id)
 
     async def cancel(self, request_id: str) -> CancelResult:
+        """Cancel a request while it is queued.
+
+        Args:
+            request_id: The request.
+
+        Returns:
+            The `CancelResult`: `outcome` is `cancelled`, or `not_cancellable` for a
+            request already running (it runs on, and is billed).
+
+        Raises:
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         body = await self._call(
             CallKind.READ, "POST", self._request_path(request_id, "cancel"), request_id=request_id
         )
@@ -767,6 +1080,33 @@ class AsyncRunComfyClient(_ClientCore):
         submitted_at: datetime | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> RequestResult:
+        """Poll until the job ends, and return its completed result.
+
+        Polls adaptively: quick at first, backing off while queued, quiet while a
+        running job cannot be done yet, then dense near its expected end. Returns or
+        raises by `timeout` seconds plus one call's `timeout`.
+
+        Args:
+            request_id: The request.
+            timeout: Seconds to wait (30 minutes by default, as the provider's own
+                clients); None waits for ever.
+            resolution: The edit's resolution, so polling can expect its run time.
+            on_status: Called with each `RequestStatus` seen.
+            submitted_at: When the request was submitted. Give it when the wait
+                resumes an older request (a retry, a rerun): the job may have run for
+                a while, and the schedule then does not sleep as if it had just started.
+            log: Takes this wait's status lines instead of the client's logger, so a
+                client shared by many jobs logs each job's lines where it is watched.
+
+        Returns:
+            The completed `RequestResult`.
+
+        Raises:
+            JobFailedError: The job failed at RunComfy.
+            JobCancelledError: The job was cancelled.
+            WaitTimeoutError: `timeout` passed first; the job may still finish.
+            RunComfyError: The API refused or could not be reached (after retries).
+        """
         tracker = self._tracker(request_id, timeout, resolution, on_status, submitted_at, log)
         until = tracker.deadline
         try:

@@ -33,11 +33,20 @@ _STATUS_ALIASES = {"succeeded": "completed", "canceled": "cancelled"}
 
 
 def check_request_id(request_id: object) -> str:
-    """``request_id`` if it is safe to use in a URL path and a file name, else ValueError.
+    """Check that a request id is safe to use in a URL path and a file name.
 
-    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so
-    never ``.`` or ``..``), at most :data:`MAX_REQUEST_ID_CHARS` characters. The
-    message quotes at most the id's first 40 characters.
+    Letters, digits, `.`, `_` and `-`, starting with a letter or digit (so never
+    `.` or `..`), at most `MAX_REQUEST_ID_CHARS` characters.
+
+    Args:
+        request_id: What a server or a user gave as a request id.
+
+    Returns:
+        The request id, unchanged.
+
+    Raises:
+        ValueError: It is not a request id; the message quotes at most its first
+            40 characters.
     """
     if not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request id is missing or not a string ({type(request_id).__name__})")

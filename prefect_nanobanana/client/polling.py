@@ -135,19 +135,41 @@ class PollingPolicy:
     dense_range: tuple[float, float] = (1.2, 2.0)
 
     def prior_earliest_run(self, resolution: str | None) -> float | None:
+        """The quiet window from the reported run times, before any run was seen.
+
+        Args:
+            resolution: The edit's resolution (`1K`, `2K`, `4K`).
+
+        Returns:
+            Seconds (on this policy's clock), or None for an unknown resolution.
+        """
         if resolution not in self.earliest_run_seconds:
             return None
         return self.earliest_run_seconds[resolution] * self.time_scale
 
     def prior_law(self, resolution: str | None) -> NormalDist | None:
-        """The prior law of a run's log seconds (on this policy's clock)."""
+        """The prior law of a run's log seconds (on this policy's clock).
+
+        Args:
+            resolution: The edit's resolution.
+
+        Returns:
+            A lognormal law as a `NormalDist` of log seconds, or None when unknown.
+        """
         if resolution not in self.reported_run_seconds:
             return None
         law = _lognormal_law(*self.reported_run_seconds[resolution])
         return NormalDist(law.mean + math.log(self.time_scale), law.stdev)
 
     def prior_runs(self, resolution: str | None) -> list[float] | None:
-        """The prior distribution of a run's length, as sorted quantiles."""
+        """The prior distribution of a run's length.
+
+        Args:
+            resolution: The edit's resolution.
+
+        Returns:
+            Sorted quantiles of the run's seconds, or None when unknown.
+        """
         law = self.prior_law(resolution)
         return None if law is None else _quantiles(law)
 
@@ -218,10 +240,22 @@ class RunDurationEstimator:
         self._running: dict[str, tuple[str | None, float]] = {}
 
     def record(self, resolution: str | None, seconds: float) -> None:
+        """Learn a run whose length was seen exactly.
+
+        Args:
+            resolution: The edit's resolution.
+            seconds: How long it ran.
+        """
         self.record_between(resolution, seconds, seconds)
 
     def record_between(self, resolution: str | None, low: float, high: float) -> None:
-        """A run that lasted between `low` and `high` seconds."""
+        """Learn a run known only within bounds (its start fell in a gap between polls).
+
+        Args:
+            resolution: The edit's resolution.
+            low: The fewest seconds it can have run.
+            high: The most seconds it can have run.
+        """
         key = resolution or "?"
         bounds = (max(min(low, high), 1e-3), max(low, high, 1e-3))
         with self._lock:
@@ -240,6 +274,11 @@ class RunDurationEstimator:
         observations (the newest `window` of them), and this run's runs push them
         out as they come; `recorded` leaves them out, so saving it never stores a
         sample twice.
+
+        Args:
+            run_seconds: Per resolution, runs as seconds or `[low, high]` bounds
+                (what `recorded` returned, as `RunTimeHistory` keeps it).
+            time_scale: The emulator's time scale; 1.0 for the real API.
         """
         with self._lock:
             for resolution, samples in run_seconds.items():
@@ -253,9 +292,15 @@ class RunDurationEstimator:
                 self._fitted.pop(resolution, None)
 
     def recorded(self, time_scale: float = 1.0) -> dict[str, list[float | list[float]]]:
-        """The run times this estimator observed itself (not seeded), per resolution,
-        in the model's seconds (divided by `time_scale`): a run known exactly as its
-        seconds, one known within bounds as [low, high]."""
+        """The run times this estimator observed itself (not seeded), for the next run.
+
+        Args:
+            time_scale: The emulator's time scale, divided out; 1.0 for the real API.
+
+        Returns:
+            Per resolution, in the model's seconds: a run known exactly as its
+            seconds, one known within bounds as `[low, high]`.
+        """
         scale = time_scale or 1.0
         with self._lock:
             return {
@@ -307,6 +352,16 @@ class RunDurationEstimator:
         within ±`uncertainty` > `dense_interval` (it slept through it in the queue)
         is polled at `dense_interval`: where it is in its law is not known well
         enough to follow the hazard.
+
+        Args:
+            resolution: The edit's resolution.
+            policy: The polling policy.
+            running_for: Seconds the job has run so far.
+            quiet: The quiet window it was given, in seconds.
+            uncertainty: How far (±, seconds) its start may lie from where it is counted.
+
+        Returns:
+            Seconds until the next poll.
         """
         dense = policy.dense_interval * policy.time_scale
         fitted = self._law(resolution)
@@ -329,6 +384,14 @@ class RunDurationEstimator:
         `uncertainty` is how far (±, seconds) the run's start may lie from the
         moment the window counts from; the window shrinks so the expected lag
         stays within the budget all the same.
+
+        Args:
+            resolution: The edit's resolution.
+            policy: The polling policy.
+            uncertainty: Seconds (±) the run's start may lie off.
+
+        Returns:
+            Seconds a running job is left alone, or None when nothing is known.
         """
         observed = self._learned(resolution)
         if observed is not None:
@@ -337,11 +400,22 @@ class RunDurationEstimator:
         return None if prior is None else max(0.0, prior - uncertainty)
 
     def job_started(self, request_id: str, resolution: str | None, after: float) -> None:
-        """A wait saw its job running; it started no sooner than `after`."""
+        """Note that a wait saw its job running, for the queue's predictions.
+
+        Args:
+            request_id: The request.
+            resolution: The edit's resolution.
+            after: The moment (monotonic) it started, at the earliest.
+        """
         with self._lock:
             self._running[request_id] = (resolution, after)
 
     def job_ended(self, request_id: str) -> None:
+        """Note that a job is no longer running.
+
+        Args:
+            request_id: The request.
+        """
         with self._lock:
             self._running.pop(request_id, None)
 
@@ -353,6 +427,15 @@ class RunDurationEstimator:
         Known only while the batch has jobs running: a FIFO worker frees up when one
         of them ends, so the job starts once `position` of them have ended (past all
         of them, each further position takes a mean run divided by their number).
+
+        Args:
+            position: The job's queue position.
+            now: The current moment (monotonic).
+            policy: The polling policy.
+
+        Returns:
+            `(earliest, expected)` seconds until it starts, or None while no job of
+            the batch is known to run.
         """
         with self._lock:
             running = list(self._running.items())

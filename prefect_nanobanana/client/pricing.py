@@ -54,6 +54,11 @@ class CostEstimate:
     by_resolution: Mapping[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
+        """The estimate in a few words, for messages.
+
+        Returns:
+            E.g. `estimated $1.80 for 12 rows to pay`.
+        """
         return f"estimated {format_usd(self.estimate_usd)} for {self.rows_to_pay} rows to pay"
 
 
@@ -63,7 +68,21 @@ def estimate_cost(
     *,
     resolution_factors: Mapping[str, float] | None = None,
 ) -> CostEstimate:
-    """Sum the estimates of `(resolution, num_images)` pairs, one per row still to pay."""
+    """Sum the estimates of the rows still to pay.
+
+    Args:
+        base_price_usd: The listed price of one image (`ModelInfo.base_price_usd`).
+        rows: A `(resolution, num_images)` pair per row that needs a paid submit.
+        resolution_factors: Multipliers per resolution over the defaults (4K: 2.0).
+
+    Returns:
+        The `CostEstimate`: rows, images, the total and the total by resolution.
+
+    Example:
+        ```python
+        estimate_cost(0.15, [("1K", 1), ("4K", 2)]).estimate_usd  # 0.15 + 0.6 = 0.75
+        ```
+    """
     by_resolution: dict[str, float] = {}
     rows_to_pay = images = 0
     for resolution, num_images in rows:
@@ -206,10 +225,18 @@ class CostBudget:
 
     @property
     def spent_usd(self) -> float:
+        """The billed cost of finished requests plus the estimates of those in flight."""
         return self.billed_usd + self.in_flight_usd
 
     def reserve(self, estimate_usd: float) -> bool:
-        """Count `estimate_usd` as in flight if it still fits the budget; False holds the row."""
+        """Count a row's estimate as in flight if it still fits the budget.
+
+        Args:
+            estimate_usd: The row's estimate, asked right before its paid submit.
+
+        Returns:
+            True when it fits (it is now counted as in flight); False holds the row.
+        """
         if (
             self.max_cost_usd is not None
             and self.spent_usd + estimate_usd > self.max_cost_usd + BUDGET_TOLERANCE_USD
@@ -219,11 +246,20 @@ class CostBudget:
         return True
 
     def release(self, estimate_usd: float) -> None:
-        """The submit provably cost nothing (refused, never sent): forget its estimate."""
+        """Forget a row's estimate: its submit provably cost nothing (refused, never sent).
+
+        Args:
+            estimate_usd: The estimate `reserve` counted for the row.
+        """
         self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
 
     def settle(self, estimate_usd: float, billed_usd: float | None) -> None:
-        """The request ended: its bill replaces its estimate (None: count the estimate)."""
+        """A request ended: its bill replaces its estimate.
+
+        Args:
+            estimate_usd: The estimate `reserve` counted for the row.
+            billed_usd: The billed cost; None counts the estimate instead.
+        """
         self.in_flight_usd = max(0.0, self.in_flight_usd - estimate_usd)
         self.billed_usd += estimate_usd if billed_usd is None else billed_usd
 

@@ -5,6 +5,7 @@ on anything transient. A submit is billed and the API has no idempotency key, so
 it is retried only when the request provably never reached the server (the
 connection was never made, or HTTP 429); anything after the bytes left is
 `SubmitOutcomeUnknownError`.
+Whatever the policy allows, one call ends by its total (`DEFAULT_TOTAL_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ class CallKind(str, Enum):
     SUBMIT = "submit"
 
 
+# How long one API call may take in all, its retries included (the client's
+# `total_timeout`). 45 s: more than one whole attempt (30 s by default), so a slow
+# answer that arrives within its own deadline is never cut on a fresh call; room
+# for the default policy's whole backoff (at most 0.5 + 1 + 2 + 4 + 8 = 15.5 s of
+# sleeps over 6 attempts), so quick failures (a refused connection, a run of 503s)
+# still get every attempt; and a caller hears within 45 s, not after 6 slow
+# attempts of 30 s each (over 3 minutes), however slowly the server answers.
+DEFAULT_TOTAL_TIMEOUT = 45.0
+
 # The request never left this machine: safe to repeat even a billed call.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
@@ -42,13 +52,36 @@ class RetryPolicy:
     max_delay: float = 30.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to sleep before attempt `attempt + 1` (attempts count from 1)."""
+        """How long to sleep before the next attempt.
+
+        Args:
+            attempt: The attempt that just failed (attempts count from 1).
+            retry_after: The server's `Retry-After`, in seconds, when it sent one.
+
+        Returns:
+            Seconds: `retry_after` (capped at `max_delay`), else a full-jitter draw
+            from an exponentially growing ceiling.
+        """
         if retry_after is not None and retry_after >= 0:
             return min(retry_after, self.max_delay)
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return random.uniform(0, ceiling)
 
     def should_retry(self, kind: CallKind, error: RunComfyError, attempt: int) -> bool:
+        """Whether a failed call is tried again.
+
+        A read is retried on any transient error. A billed submit only when it
+        provably never arrived (a refused connection, a 429): its outcome is
+        otherwise unknown, and a resend could pay twice.
+
+        Args:
+            kind: A read or a submit.
+            error: What the attempt raised.
+            attempt: The attempt that failed (from 1).
+
+        Returns:
+            True to try again.
+        """
         if attempt >= self.max_attempts:
             return False
         if kind is CallKind.SUBMIT:

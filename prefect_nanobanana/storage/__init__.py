@@ -8,6 +8,8 @@ package does not import boto3.
 from .._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    # The guard's record types, which the ledger stores.
+    **dict.fromkeys(["ClaimOwner", "LedgerEntry", "VersionedEntry"], "..guard.records"),
     **dict.fromkeys(
         [
             "LedgerError",
@@ -81,12 +83,23 @@ _EXPORTS: dict[str, str] = {
         ],
         ".archive",
     ),
-    **dict.fromkeys(
-        ["ClaimOwner", "Ledger", "LedgerEntry", "VersionedEntry", "job_key_for"], ".ledger"
-    ),
+    **dict.fromkeys(["Ledger", "job_key_for"], ".ledger"),
     **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".thumbnails"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
     **dict.fromkeys(["RunTimeHistory"], ".run_times"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "ListedImage", "list_images"], ".listing"),
+    **dict.fromkeys(
+        [
+            "DAILY_BUDGET_NAME",
+            "BudgetRefusal",
+            "BudgetTotal",
+            "DailyBudget",
+            "Reservation",
+            "SharedBudget",
+            "daily_totals",
+        ],
+        ".budget",
+    ),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,17 +13,17 @@ same key across runs.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from ..guard.records import LedgerEntry, VersionedEntry
 from .backends import DEFAULT_ARCHIVE_URI, open_backend
 from .errors import LedgerError
 from .locations import LocalLocation, join_key, parse_location, redact
@@ -32,54 +32,6 @@ LEDGER_PREFIX = "_ledger"
 LOOKUP_PARALLELISM = 16
 _JOB_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
-JobStatus = Literal["submitting", "submitted", "archiving", "archived", "failed"]
-
-
-class ClaimOwner(BaseModel):
-    """Who holds a claim on a job (its submit, or its archiving), and since when.
-
-    Enough to tell a live claim from one whose process died: the same process knows
-    its own live claims by ``token``, the same host can ask whether ``pid`` still
-    runs, and any other machine can only wait until the claim is old.
-    """
-
-    token: str = Field(description="One claim attempt, unique.")
-    host: str
-    pid: int
-    flow_run_id: str | None = None
-    claimed_at: dt.datetime
-
-
-class LedgerEntry(BaseModel):
-    """What is known about one logical job: its request, and how far it got.
-
-    ``previous_request_ids`` lists earlier submits of the same job (e.g. a rerun
-    after a failure), so every paid request stays traceable.
-    """
-
-    job_key: str
-    request_id: str | None = Field(
-        default=None, description="None only while `submitting`: the outcome is not known yet."
-    )
-    status: JobStatus
-    submitted_at: dt.datetime
-    updated_at: dt.datetime
-    facts: dict[str, Any] = Field(default_factory=dict)
-    metadata_location: str | None = None
-    output_locations: list[str] = Field(default_factory=list)
-    error: str | None = None
-    previous_request_ids: list[str] = Field(default_factory=list)
-    owner: ClaimOwner | None = Field(default=None, description="Who claimed the submit.")
-    archiver: ClaimOwner | None = Field(default=None, description="Who claimed the archiving.")
-    cost: float | None = Field(default=None, description="What RunComfy billed, once known.")
-
-
-class VersionedEntry(NamedTuple):
-    """An entry as read, with the version a conditional `Ledger.replace` must name."""
-
-    entry: LedgerEntry
-    version: str
-
 
 def job_key_for(
     prompt: str,
@@ -87,8 +39,10 @@ def job_key_for(
     options: Mapping[str, Any] | None = None,
     row_id: str | None = None,
     scope: str | None = None,
+    content: str | None = None,
 ) -> str:
-    """The one job-key scheme: sha256 of a job's prompt, sources, options, row id and scope.
+    """The one job-key scheme: sha256 of a job's prompt, sources, options, row id, scope
+    and content.
 
     Local paths are made absolute, URLs signature-stripped (so restaging, with new
     signatures, does not change the key) and data: URIs named by their digest;
@@ -97,7 +51,10 @@ def job_key_for(
     and an omitted resolution should be the same job. ``row_id`` tells identical
     rows of a batch apart (two copies of a row are two paid jobs). ``scope`` narrows
     the key to one context (a flow run id: "this run's edit", not "this edit ever");
-    unset, it is left out, so keys made before it existed stay the same.
+    unset, it is left out, so keys made before it existed stay the same. ``content``
+    is an identity of the sources' bytes (`ListedImage.content`: an S3 ETag, a local
+    sha256) for rows read from a location whose files may be replaced under the same
+    names: a changed image is a new job. Unset, it is left out too.
     """
     canonical = {
         "prompt": prompt,
@@ -107,6 +64,7 @@ def job_key_for(
         },
         "row_id": row_id,
         **({"scope": scope} if scope is not None else {}),
+        **({"content": content} if content is not None else {}),
     }
     encoded = json.dumps(redact(canonical), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -170,17 +128,29 @@ class Ledger:
         before the first submit. The listing costs one request per 1,000 entries; only
         the entries it names are read, `parallel` at a time.
         """
-        existing = {
-            name.removesuffix(".json")
-            for key in self.backend.list_keys(LEDGER_PREFIX)
-            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
-        }
+        existing = self.known_keys()
         found: dict[str, VersionedEntry | None] = dict.fromkeys(job_keys)
         to_read = sorted(set(job_keys) & existing)
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(to_read) or 1))) as pool:
             for job_key, versioned in zip(to_read, pool.map(self.read, to_read), strict=True):
                 found[job_key] = versioned
         return found
+
+    def known_keys(self) -> set[str]:
+        """The job keys that have an entry, from one listing (a request per 1,000 entries).
+
+        Enough to plan a listed batch as it streams: a row whose key is not here is
+        new (it needs a paid submit, no read); only the others' entries need reading.
+        A snapshot: the submit guard decides again, atomically, when the row runs.
+
+        Returns:
+            The set of job keys with an entry under ``_ledger/``.
+        """
+        return {
+            name.removesuffix(".json")
+            for key in self.backend.list_keys(LEDGER_PREFIX)
+            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
+        }
 
     def create(self, entry: LedgerEntry) -> str | None:
         """Write a first entry for its job; its version, or None when one exists already."""

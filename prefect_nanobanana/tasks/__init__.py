@@ -1,37 +1,31 @@
 """Prefect tasks: the submit guard, the request tasks, the storage tasks.
 
-- `guard.py`: the one submit guard (job keys, claim / adopt, "outcome unknown",
-  archiving once, withdrawing a queued request). Every paid submit goes through it.
-- `records.py`: where the guard keeps its records (the `RecordStore` interface;
-  Prefect's result store + flow-run labels; memory; the archive's `Ledger` is one too).
+- `guard.py`: the submit guard inside a run (`prefect_nanobanana.guard` is the guard
+  itself, free of Prefect): job-key scope, the run as a claim's owner, its logger, the
+  `on_cancellation` hook. Every paid submit goes through the guard.
+- `records.py`: Prefect's result store + flow-run labels as a `RecordStore`.
 - `requests.py`: `submit_edit`, `get_request_status`, `get_request_result`,
   `cancel_request`, `wait_for_request`, each with an `a*` async twin.
 - `storage.py`: `stage_images` / `archive_request` (+ `a*`), over the storage room.
 - `options.py`: what every request task shares (no cache, retries of transient errors).
 """
 
-from .guard import (
+from ..guard.protocol import (
     ArchiveTurn,
     SubmittedRequest,
     abandons_request,
     archive_claim,
     cancel_if_queued,
-    cancel_recorded_requests,
     default_job_key,
     mark_archived,
     mark_failed,
     outcome_unknown,
     submit_once,
-    withdraw_if_queued,
 )
+from ..guard.records import MemoryRecordStore, RecordStore
+from .guard import cancel_recorded_requests, withdraw_if_queued
 from .options import TASK_OPTIONS, retry_if_transient
-from .records import (
-    RECORD_LABEL_PREFIX,
-    MemoryRecordStore,
-    PrefectRecordStore,
-    RecordStore,
-    recorded_request_ids,
-)
+from .records import RECORD_LABEL_PREFIX, PrefectRecordStore, recorded_request_ids
 from .requests import (
     RequestOutcome,
     acancel_request,

@@ -1,22 +1,13 @@
-"""Where the submit guard keeps its records: one small interface, three stores.
+"""Prefect's result store as the submit guard's `RecordStore`, for bare tasks and blocks.
 
-A record is a `LedgerEntry` (the storage room's model) per job key, read with a
-*version* and written only conditionally:
-
-- `create(entry)` succeeds for exactly one writer of a job key (the claim);
-- `replace(entry, version)` succeeds only if nobody wrote since `version` was read;
-- `scan()` reads every record at once (a batch can plan from one listing).
-
-The stores:
-
-- the archive's `Ledger` (local folder or S3; `storage.ledger`), for flows that
-  have an archive: atomic across processes and machines (hard link / rename under
-  a lock locally, `IfNoneMatch` / `IfMatch` on S3);
-- `PrefectRecordStore`: Prefect's result store plus the flow run's labels, for bare
-  tasks and blocks. Conditional writes hold the result store's lock manager (a
-  file lock, so atomic across the processes of one machine; the labels carry the
-  request ids to any machine that reruns the flow run);
-- `MemoryRecordStore`: one process's memory (tests, and the CLI's raw `submit`).
+The guard's records and their interface live in `prefect_nanobanana.guard.records`
+(with `MemoryRecordStore`); the archive's `storage.Ledger` is the store of flows
+that have an archive (atomic across machines: a hard link / rename under a lock
+locally, `IfNoneMatch` / `IfMatch` on S3). `PrefectRecordStore` keeps a record in
+Prefect's result store plus the flow run's labels. Conditional writes hold the
+records' lock manager (`locks.py`: Redis when `NANOBANANA_LOCK_URL` is set, atomic
+across machines; else a file lock, atomic across the processes of one machine); the
+labels carry the request ids to any machine that reruns the flow run.
 """
 
 from __future__ import annotations
@@ -29,16 +20,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID, uuid4
 
 from prefect.client.orchestration import get_client
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.results import ResultStore, get_result_store
-from prefect.settings import PREFECT_HOME
 
 from .. import observe
-from ..storage import LedgerEntry, VersionedEntry
+from ..guard.records import LedgerEntry, VersionedEntry, version_of
+from .locks import (
+    is_lock_service_error,
+    lock_service_error,
+    record_lock_manager,
+    warn_if_machine_local,
+)
 
 RECORD_LABEL_PREFIX = "nanobanana.job."
 _LABEL_SUBMITTING = "submitting"
@@ -46,70 +41,6 @@ _LABEL_NOT_SUBMITTED = "not-submitted"
 # How long a lock of the result store may be held (a crashed holder's lock expires).
 _LOCK_HOLD_SECONDS = 60.0
 _LOCK_WAIT_SECONDS = 60.0
-
-
-class RecordStore(Protocol):
-    """The records of the submit guard; `storage.Ledger` is one."""
-
-    def read(self, job_key: str) -> VersionedEntry | None:
-        """The job's record with its version, or None if the job was never claimed."""
-        ...
-
-    def create(self, entry: LedgerEntry) -> str | None:
-        """Write the job's first record; its version, or None when one exists (lost claim)."""
-        ...
-
-    def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """Overwrite the job's record if still at `version`; the new version, or None."""
-        ...
-
-    def scan(self) -> list[VersionedEntry]:
-        """Every record, with its version."""
-        ...
-
-    def location(self, job_key: str) -> str:
-        """Where the job's record is, for messages that tell a person what to look at."""
-        ...
-
-
-def _version_of(entry: LedgerEntry) -> str:
-    return hashlib.sha256(entry.model_dump_json().encode()).hexdigest()
-
-
-class MemoryRecordStore:
-    """Records in this process's memory: as conditional as the others, gone with the process."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, LedgerEntry] = {}
-        self._lock = threading.Lock()
-
-    def read(self, job_key: str) -> VersionedEntry | None:
-        with self._lock:
-            entry = self._entries.get(job_key)
-        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
-
-    def create(self, entry: LedgerEntry) -> str | None:
-        with self._lock:
-            if entry.job_key in self._entries:
-                return None
-            self._entries[entry.job_key] = entry
-        return _version_of(entry)
-
-    def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        with self._lock:
-            current = self._entries.get(entry.job_key)
-            if current is None or _version_of(current) != version:
-                return None
-            self._entries[entry.job_key] = entry
-        return _version_of(entry)
-
-    def scan(self) -> list[VersionedEntry]:
-        with self._lock:
-            entries = list(self._entries.values())
-        return [VersionedEntry(entry, _version_of(entry)) for entry in entries]
-
-    def location(self, job_key: str) -> str:
-        return f"memory of process {os.getpid()} (job {job_key})"
 
 
 def record_names(job_key: str) -> tuple[str, str]:
@@ -169,10 +100,11 @@ class PrefectRecordStore:
     `on_cancellation` hook in the runner's process, read them after the flow's
     process is gone. A known request id in either place wins.
 
-    Why it cannot race: a create or replace reads and writes while holding the
-    result store's lock for that record (Prefect's lock manager; a lock file made
-    with an exclusive create when the result store has none), so of two writers on
-    one machine one waits for the other and then sees its record. Label updates of
+    Why it cannot race: a create or replace reads and writes while holding a lock
+    for that record (`locks.record_lock_manager`: Redis when `NANOBANANA_LOCK_URL`
+    is set, else the result store's own lock manager, else a file lock), so of two
+    writers that share the lock one waits for the other and then sees its record.
+    A file lock is shared by the processes of one machine only. Label updates of
     one flow run hold a lock too, so concurrent tasks of the run never lose one
     another's labels.
     """
@@ -180,13 +112,24 @@ class PrefectRecordStore:
     def __init__(self, result_store: ResultStore | None = None) -> None:
         store = result_store or get_result_store()
         # Never from memory: another process may have written since.
-        update: dict[str, Any] = {"cache_result_in_memory": False}
-        if store.lock_manager is None:
-            locks = PREFECT_HOME.value() / "locks" / "nanobanana"
-            update["lock_manager"] = FileSystemLockManager(lock_files_directory=locks)
-        self.result_store = store.model_copy(update=update)
+        self.result_store = store.model_copy(
+            update={"cache_result_in_memory": False, "lock_manager": record_lock_manager(store)}
+        )
         self.flow_run_id: UUID | None = observe.current_flow_run_id()
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex}"
+
+    def warn_if_machine_local(self) -> bool:
+        """Warn once per process if these records are shared but their lock is not.
+
+        Callers that name a `job_key` of their own call it: such a key spans runs,
+        and runs on two machines may claim it at the same moment.
+
+        Returns:
+            Whether this call logged the warning.
+        """
+        lock_manager = self.result_store.lock_manager
+        assert lock_manager is not None
+        return warn_if_machine_local(self.result_store, lock_manager)
 
     def location(self, job_key: str) -> str:
         storage_key, label = record_names(job_key)
@@ -220,6 +163,10 @@ class PrefectRecordStore:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.005)
+                except Exception as error:
+                    if is_lock_service_error(error):
+                        raise lock_service_error(error) from error
+                    raise
             if not acquired:
                 raise TimeoutError(f"could not lock the submit record {key!r}")
             try:
@@ -248,7 +195,7 @@ class PrefectRecordStore:
 
     def read(self, job_key: str) -> VersionedEntry | None:
         entry = self._read_merged(job_key)
-        return VersionedEntry(entry, _version_of(entry)) if entry is not None else None
+        return VersionedEntry(entry, version_of(entry)) if entry is not None else None
 
     def _write(self, entry: LedgerEntry) -> str:
         storage_key, label = record_names(entry.job_key)
@@ -261,7 +208,7 @@ class PrefectRecordStore:
                 get_client(sync_client=True) as client,
             ):
                 client.update_flow_run_labels(self.flow_run_id, {label: value})
-        return _version_of(entry)
+        return version_of(entry)
 
     def ensure_label(self, job_key: str, request_id: str) -> None:
         """Name a request found elsewhere (another run's record) in this run's labels too."""
@@ -282,7 +229,7 @@ class PrefectRecordStore:
         storage_key, _ = record_names(entry.job_key)
         with self._locked(storage_key):
             current = self._read_merged(entry.job_key)
-            if current is None or _version_of(current) != version:
+            if current is None or version_of(current) != version:
                 return None
             return self._write(entry)
 
@@ -293,5 +240,5 @@ class PrefectRecordStore:
             if key.startswith(RECORD_LABEL_PREFIX) and value:
                 entry = _from_label(key.removeprefix(RECORD_LABEL_PREFIX), value)
                 if entry is not None:
-                    found.append(VersionedEntry(entry, _version_of(entry)))
+                    found.append(VersionedEntry(entry, version_of(entry)))
         return found

@@ -31,7 +31,8 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from .guard import SubmittedRequest, default_job_key, job_scope, submit_once, submit_run_name
+from ..guard.protocol import SubmittedRequest, default_job_key, submit_once
+from .guard import job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
 from .records import PrefectRecordStore
 
@@ -69,11 +70,32 @@ async def _submit_edit_once(
     Returns:
         The request this job owns: `resumed` if an earlier attempt of this run made
         it, `adopted` if another run did.
+
+    Raises:
+        SubmitOutcomeUnknownError: A submit with this key may have been billed and its
+            outcome is unknown (a 5xx or a timeout after sending, a process that died
+            mid-submit); it is never resent.
+        AuthenticationError: The API token was refused.
+        InsufficientBalanceError: The account balance is too low.
+        pydantic.ValidationError: The edit is not valid (nothing was sent).
+
+    Example:
+        ```python
+        from prefect import flow
+        from prefect_nanobanana.tasks import submit_edit, wait_for_request
+
+        @flow
+        def edit(url: str) -> list[str]:
+            submitted = submit_edit({"prompt": "Add snow", "image_urls": [url]})
+            return wait_for_request(submitted.request_id).output_urls
+        ```
     """
     edit = NanoBananaEditInput.model_validate(edit)
     credentials = credentials or RunComfyCredentials()
-    job_key = job_key or default_job_key(edit, job_scope())
     store = PrefectRecordStore()
+    if job_key:
+        store.warn_if_machine_local()
+    job_key = job_key or default_job_key(edit, job_scope())
     async with credentials.get_async_client() as client:
         submitted = await submit_once(
             job_key,
@@ -81,20 +103,20 @@ async def _submit_edit_once(
             client,
             edit,
             facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": _parameters(edit)},
+            run_id=run_id(),
+            log=run_log(),
         )
     if submitted.resumed or submitted.adopted:
         # This run's cancellation hook looks for its requests in its own labels.
         store.ensure_label(job_key, submitted.request_id)
         return submitted
-    (run_logger_or_none() or observe.logger).info(
-        "Submitted RunComfy request %s (job key %s)", submitted.request_id, job_key
-    )
-    observe.emit_request_event(
-        observe.EVENT_SUBMITTED,
+    await observe.aannounce_submitted(
+        run_log(),
         submitted.request_id,
-        payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+        job_key,
+        result_url=submitted.result_url,
+        model_id=NANO_BANANA_EDIT_MODEL_ID,
     )
-    await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
     return submitted
 
 
@@ -115,7 +137,20 @@ submit_edit, asubmit_edit = sync_and_async_tasks(
 async def _get_request_status(
     request_id: str, credentials: RunComfyCredentials | None = None
 ) -> RequestStatus:
-    """The request's current status (and queue position while queued)."""
+    """A request's current status. Never cached: every run asks the API.
+
+    Args:
+        request_id: The request.
+        credentials: RunComfy credentials; None uses the environment variables.
+
+    Returns:
+        The `RequestStatus` (`status`, and `queue_position` while queued).
+
+    Raises:
+        NotFoundError: RunComfy knows no such request.
+        RunComfyError: The API refused or could not be reached (transient errors
+            are retried by the client, then by Prefect).
+    """
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         return await client.status(request_id)
 
@@ -131,7 +166,19 @@ get_request_status, aget_request_status = sync_and_async_tasks(
 async def _get_request_result(
     request_id: str, credentials: RunComfyCredentials | None = None
 ) -> RequestResult:
-    """The request's result with its cost; while unfinished, its current status."""
+    """A request's result with its cost; while unfinished, its current status.
+
+    Args:
+        request_id: The request.
+        credentials: RunComfy credentials; None uses the environment variables.
+
+    Returns:
+        The `RequestResult` (`status`, `output_urls`, `cost`, times).
+
+    Raises:
+        NotFoundError: RunComfy knows no such request.
+        RunComfyError: The API refused or could not be reached (after retries).
+    """
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         return await client.result(request_id)
 
@@ -147,7 +194,20 @@ get_request_result, aget_request_result = sync_and_async_tasks(
 async def _cancel_request(
     request_id: str, credentials: RunComfyCredentials | None = None
 ) -> CancelResult:
-    """Cancel a queued request; one already running says `not_cancellable` and runs on."""
+    """Cancel a queued request, and log and announce the outcome.
+
+    Args:
+        request_id: The request.
+        credentials: RunComfy credentials; None uses the environment variables.
+
+    Returns:
+        The `CancelResult`: `outcome` is `cancelled` (a `nanobanana.request.cancelled`
+        event follows), or `not_cancellable` for a request already running (it runs
+        on, and is billed).
+
+    Raises:
+        RunComfyError: The API refused or could not be reached (after retries).
+    """
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         result = await client.cancel(request_id)
     observe.log_cancel_outcome(
@@ -240,6 +300,14 @@ async def _wait_for_request(
         resolution: The edit's resolution, so polling can expect its run time.
         submitted_at: When the request was submitted, so a retry of this task does
             not poll as if the job had just started.
+
+    Returns:
+        The `RequestOutcome`: status, the statuses seen, output URLs, cost, times.
+
+    Raises:
+        JobFailedError: The job failed at RunComfy.
+        JobCancelledError: The job was cancelled.
+        WaitTimeoutError: `timeout_seconds` passed first; the job may still finish.
     """
     trail = _StatusTrail()
     async with (credentials or RunComfyCredentials()).get_async_client() as client:

@@ -91,6 +91,15 @@ async def _stage_images(
         aws_credentials: A prefect-aws `AwsCredentials` block or its name; None uses
             boto3's standard chain (and `AWS_ENDPOINT_URL`).
         expires_in: Lifetime of the pre-signed URLs, in seconds: queue plus run time.
+
+    Returns:
+        A `StagedAsset` per image, in order: its fetchable `url` (pre-signed, a
+        `data:` URI without a staging location, or the URL given) and its source.
+
+    Raises:
+        StagingError: A source is missing, is not an image, or is over a cap
+            (checked before anything is uploaded or paid).
+        LocationError: The staging location cannot be used.
     """
     return await to_thread.run_sync(_stage, sources, staging_uri, aws_credentials, expires_in)
 
@@ -133,9 +142,25 @@ async def _archive_request(
     """Stream a request's outputs into the archive with its metadata.json (idempotent).
 
     The folder is `{archive}/{created_at date}/{request_id}/`, so archiving the
-    same request again finds it complete and writes nothing. `allowed_hosts`
-    (the credentials' `allowed_output_hosts()`) are the only hosts fetched from;
-    an output elsewhere is refused and reported with the request id.
+    same request again finds it complete and writes nothing.
+
+    Args:
+        request_id: The request whose outputs these are.
+        output_urls: The outputs' URLs, from its result.
+        archive_uri: A local folder, `s3://bucket/prefix` or `s3-bucket://BLOCK/prefix`.
+        metadata: What goes into `metadata.json` (prompt, parameters, sources, cost, …).
+        created_at: When the request was made; its date names the folder (today if None).
+        aws_credentials: A prefect-aws `AwsCredentials` block or its name; None uses
+            boto3's standard chain.
+        allowed_hosts: The only hosts outputs are fetched from (the credentials'
+            `allowed_output_hosts()`); an output elsewhere is refused.
+
+    Returns:
+        The `ArchiveRecord`: where each output and `metadata.json` went.
+
+    Raises:
+        ArchiveError: An output could not be fetched or written; it names the request
+            and carries what was archived (`partial_record`).
     """
     return await to_thread.run_sync(
         _archive,

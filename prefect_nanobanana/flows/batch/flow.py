@@ -68,6 +68,7 @@ from ...client.pricing import (
     format_usd,
     refuse_over_budget,
 )
+from ...guard.protocol import Decision
 from ...previews import DEFAULT_PREVIEW_ROWS
 from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
@@ -75,7 +76,6 @@ from ...storage import (
     Ledger,
     RunTimeHistory,
 )
-from ...tasks.guard import SUBMIT_CLAIM_SECONDS, claim_alive
 from ...tasks.storage import resolve_location
 from ..stopping import CancellingWatch, stopped_state
 from .chunks import chunk_budgets, credentials_parameter, run_in_chunks
@@ -359,26 +359,27 @@ async def _estimate_before_paying(
     return estimate
 
 
+# What a dry run says of each decision of the guard (None: the row is invalid); a row
+# another run is submitting right now will be adopted.
+_PLANNED_ACTIONS: dict[Decision | None, PlannedAction] = {
+    None: "invalid",
+    "pay": "pay",
+    "done": "skip",
+    "adopt": "adopt",
+    "wait": "adopt",
+    "unknown": "invalid",
+}
+
+
 def _dry_run_of(plans: list[_RowPlan], estimate: CostEstimate | None) -> BatchDryRun:
     """What a run would do with each row, and what the rows to pay are estimated to cost."""
     rows = []
     for plan in plans:
         entry = plan.entry
-        if plan.error:
-            action: PlannedAction = "invalid"
-        elif plan.needs_paid_submit:
-            action = "pay"
-        elif entry is not None and entry.status == "archived":
-            action = "skip"
-        elif (
-            entry is not None
-            and entry.status == "submitting"
-            and not claim_alive(entry.owner, SUBMIT_CLAIM_SECONDS)
-        ):
-            action = "invalid"
+        decision = plan.decision
+        if decision == "unknown":
             plan.error = "an earlier run stopped while submitting this row (outcome unknown)"
-        else:  # a request id, or another run submitting it right now
-            action = "adopt"
+        action: PlannedAction = _PLANNED_ACTIONS[decision]
         rows.append(
             PlannedRow(
                 row=plan.row,

@@ -12,6 +12,7 @@ from ...client import (
     Resolution,
 )
 from ...errors import NanoBananaError
+from ...guard.protocol import Decision, decide
 from ...storage import (
     LedgerEntry,
     strip_signature,
@@ -207,9 +208,14 @@ class _RowPlan(BaseModel):
     estimated_cost: float | None = None
 
     @property
+    def decision(self) -> Decision | None:
+        """What the guard says to do with the row's record (`guard.decide`); None: invalid."""
+        return None if self.error is not None else decide(self.entry)
+
+    @property
     def needs_paid_submit(self) -> bool:
         """Valid, and neither archived nor owning a request from an earlier run."""
-        return self.error is None and (self.entry is None or self.entry.status == "failed")
+        return self.decision == "pay"
 
     @property
     def label(self) -> str:

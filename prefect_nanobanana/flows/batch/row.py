@@ -25,6 +25,17 @@ from ...client import (
 )
 from ...client.pricing import BudgetExceededError, CostBudget
 from ...errors import NanoBananaError
+from ...guard.protocol import (
+    SubmittedRequest,
+    Unread,
+    archive_claim,
+    end_archiving_claim,
+    mark_archived,
+    mark_failed,
+    release_archiving,
+    submit_once,
+    withdraw,
+)
 from ...stop import RunStopped, Stop
 from ...storage import (
     ArchiveError,
@@ -36,17 +47,7 @@ from ...storage import (
     redact_text,
     strip_signature,
 )
-from ...tasks.guard import (
-    SubmittedRequest,
-    Unread,
-    archive_claim,
-    end_archiving_claim,
-    mark_archived,
-    mark_failed,
-    release_archiving,
-    submit_once,
-    withdraw,
-)
+from ...tasks.guard import run_log
 from ...tasks.options import TASK_OPTIONS, retry_if_transient
 from ...tasks.storage import ResolvedLocation
 from .models import BatchRowResult, RowStatus, _RowPlan
@@ -201,6 +202,8 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
             before_submit=partial(batch.check_budget, plan),
             known=known,
             hold_archiving=True,
+            run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
+            log=run_log(),
         )
     except SubmitOutcomeUnknownError:
         batch.settle(plan.row, None)  # it may have been billed: its estimate counts
@@ -210,20 +213,13 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
         raise
     batch.request_ids[plan.row] = submitted.request_id
     if not (submitted.resumed or submitted.adopted):
-        get_run_logger().info(
-            "%s: submitted as RunComfy request %s", plan.label, submitted.request_id
-        )
-        observe.emit_request_event(
-            observe.EVENT_SUBMITTED,
+        await observe.aannounce_submitted(
+            _RowLog(get_run_logger(), {"label": plan.label}),
             submitted.request_id,
-            payload=observe.event_payload(
-                submitted.request_id,
-                "submitted",
-                row=plan.row,
-                row_id=plan.job.id,
-                job_key=plan.job_key,
-                model_id=NANO_BANANA_EDIT_MODEL_ID,
-            ),
+            plan.job_key,
+            row=plan.row,
+            row_id=plan.job.id,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
         )
     return submitted
 
@@ -331,7 +327,11 @@ async def _wait_and_archive(
             ),
         )
     async with archive_claim(
-        batch.ledger, plan.job_key, known=submitted.record, held_token=submitted.archiving_token
+        batch.ledger,
+        plan.job_key,
+        known=submitted.record,
+        held_token=submitted.archiving_token,
+        run_id=str(batch.flow_run_id) if batch.flow_run_id else None,
     ) as turn:
         if (archived_elsewhere := turn.elsewhere) is not None:
             return plan.result(
@@ -499,7 +499,7 @@ def _settled_without_api(plan: _RowPlan) -> BatchRowResult | None:
     A row that cannot be submitted (invalid, or an earlier submit's outcome is
     unknown) is not settled here: its task run fails at once, so it shows red.
     """
-    if plan.entry is not None and plan.entry.status == "archived" and not plan.error:
+    if plan.decision == "done":
         return _skipped(plan)
     return None
 
