@@ -39,10 +39,10 @@ from prefect_nanobanana.client import (
     SubmitOutcomeUnknownError,
     WaitTimeoutError,
 )
+from prefect_nanobanana.emulator import LoopbackObjectStore
 from prefect_nanobanana.redaction import redact_text
 from prefect_nanobanana.storage import (
     ArchiveError,
-    LoopbackObjectStore,
     StagingError,
     archive_outputs,
     stage_assets,
