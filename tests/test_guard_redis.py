@@ -230,17 +230,19 @@ def test_local_records_or_a_redis_lock_do_not_warn(warning_once, monkeypatch, tm
 
 
 def test_a_folder_on_a_network_file_system_is_shared_storage(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
+    share = tmp_path / "the share"
+    folder = share / "results"
+    folder.mkdir(parents=True)
+    escaped = str(share).replace(" ", "\\040")  # as /proc/mounts writes a blank
     mounts = tmp_path / "mounts"
     mounts.write_text(
         "/dev/sda1 / ext4 rw 0 0\n"
-        f"server:/export {tmp_path} nfs4 rw,relatime 0 0\n"
+        f"server:/export {escaped} nfs4 rw,relatime 0 0\n"
         f"tmpfs {folder / 'nested'} tmpfs rw 0 0\n"
     )
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(folder)))
     assert "nfs4" in shared_storage(store, mounts_file=mounts)
-    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw 0 0\n")
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ntmpfs {escaped} tmpfs rw 0 0\n")
     assert shared_storage(store, mounts_file=mounts) is None
 
 
