@@ -4,8 +4,9 @@ Two processes stand for two machines: each its own `PREFECT_HOME` (so its own fi
 locks), one Prefect server, one shared result storage folder, configured through
 environment variables alone, as a work pool's job variables would. They race one
 explicit `job_key` 20 times, the claim forced to overlap: the run that finds the record
-free holds its lock until the other run is at the lock's door, and longer when it is
-inside too. With `NANOBANANA_LOCK_URL` naming a real `redis-server`, every key is paid
+free holds its lock until the other run is at the lock's door, then for half a second
+more, or until the other is inside too (which only a lock they do not share lets it
+be). With `NANOBANANA_LOCK_URL` naming a real `redis-server`, every key is paid
 once and both runs return the same request; with the per-machine lock (the variable
 unset) both runs claim, and a key is paid twice.
 """
