@@ -263,11 +263,12 @@ def test_an_unreachable_lock_service_fails_the_claim_naming_the_setting(monkeypa
 
 
 @pytest.mark.prefect
-def test_the_task_warns_for_an_explicit_job_key_only(
+def test_the_task_and_the_job_block_warn_for_an_explicit_job_key_only(
     warning_once, monkeypatch, prefect_harness, use_emulator, emulator, image_server, caplog
 ):
     from prefect import flow
 
+    from prefect_nanobanana import NanoBananaEditJob, RunComfyCredentials
     from prefect_nanobanana.tasks import submit_edit
 
     use_emulator(emulator)
@@ -283,8 +284,25 @@ def test_the_task_warns_for_an_explicit_job_key_only(
     def explicit_key(job_key: str):
         return submit_edit(edit, job_key=job_key), submit_edit(edit, job_key=job_key)
 
+    def warnings() -> int:
+        return len([r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()])
+
     with caplog.at_level(logging.WARNING):
         default_key()
-        assert not [r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()]
+        assert warnings() == 0
         explicit_key(f"warned-{uuid4().hex[:8]}")
-    assert len([r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()]) == 1
+        assert warnings() == 1
+        # The job block: the same warning (a fresh process would log it once too).
+        locks._reset_warning()
+        job = NanoBananaEditJob(
+            credentials=RunComfyCredentials(
+                api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+            ),
+            **edit,
+        )
+        job.trigger()
+        assert warnings() == 1
+        job_key = f"warned-block-{uuid4().hex[:8]}"
+        job.trigger(job_key=job_key)
+        job.trigger(job_key=job_key)
+        assert warnings() == 2
