@@ -87,6 +87,25 @@ def edit_and_archive(
         max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
             4K double) is over it, or the price cannot be looked up, the flow raises
             `BudgetExceededError` before staging or paying.
+
+    Returns:
+        An `EditAndArchiveResult`: the request id, the archived outputs and their
+        `metadata.json`, the statuses seen, the cost.
+
+    Raises:
+        BudgetExceededError: Over `max_cost_usd`, before anything is staged or paid.
+        JobFailedError: The job failed at RunComfy (a rerun may pay for it again).
+        WaitTimeoutError: `timeout_seconds` passed (a queued request is withdrawn).
+        ArchiveError: An output could not be archived (the others are kept).
+
+    Example:
+        ```python
+        from prefect_nanobanana.flows import edit_and_archive
+
+        result = edit_and_archive(prompt="Put the shoe on white", images=["shoe.jpg"],
+                                  archive_uri="s3://shop/edited")
+        print(result.output_locations, result.cost)
+        ```
     """
     warn_of_signed_urls_in_parameters()
     options = {

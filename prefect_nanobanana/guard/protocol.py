@@ -165,7 +165,15 @@ class SubmittedRequest(BaseModel):
 
 
 def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
-    """The job key of an edit within `scope` (usually the flow run id)."""
+    """The job key of an edit within `scope` (usually the flow run id).
+
+    Args:
+        edit: The edit.
+        scope: What makes the key unique: a flow run id, a subflow's parent task run.
+
+    Returns:
+        The key (see `storage.job_key_for`).
+    """
     options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
     return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
 
@@ -227,7 +235,15 @@ def _same_run(owner: ClaimOwner | None, me: ClaimOwner) -> bool:
 
 
 def outcome_unknown(job_key: str, where: str) -> SubmitOutcomeUnknownError:
-    """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again."""
+    """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again.
+
+    Args:
+        job_key: The job.
+        where: Where its record is (`RecordStore.location`), for a person to look.
+
+    Returns:
+        The error to raise.
+    """
     return SubmitOutcomeUnknownError(
         f"An earlier attempt of job {job_key!r} stopped while submitting, so RunComfy may or "
         "may not have accepted (and billed) that request. It was NOT submitted again. Check "
@@ -674,6 +690,18 @@ async def archive_claim(
 ) -> AsyncIterator[ArchiveTurn]:
     """Hold the archiving of a finished request, so its outputs are archived once.
 
+    Args:
+        store: Where the job's record is.
+        job_key: The job.
+        known: The record as the caller last wrote it (`SubmittedRequest.record`).
+        held_token: The archiving claimed with the request id
+            (`SubmittedRequest.archiving_token`); it ends with the block.
+        run_id: The run this caller works for.
+
+    Returns:
+        A context manager yielding an `ArchiveTurn`: this caller's turn
+        (`elsewhere` is None) or the record another run archived.
+
     Yields this caller's turn (`elsewhere` None: archive now, holding the claim until
     the block ends; `mark_archived` inside it, with `known=turn.claim`), or the
     record another run archived, with its locations: then there is nothing to do.
@@ -759,6 +787,17 @@ async def mark_archived(
 ) -> LedgerEntry | None:
     """Record that the job's outputs are archived (and what it cost): the job is done.
 
+    Args:
+        store: Where the job's record is.
+        job_key: The job.
+        metadata_location: Its `metadata.json`.
+        output_locations: Its archived outputs.
+        cost: What RunComfy billed.
+        known: The record as the caller last wrote it, saving a read.
+
+    Returns:
+        The record as written, or None when the store has none.
+
     `known`: the record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
     """
     return await _settle(
@@ -776,7 +815,13 @@ async def mark_archived(
 
 
 async def mark_failed(store: RecordStore, job_key: str, error: str | BaseException) -> None:
-    """Record that the job failed after its submit (it may be claimed and paid again)."""
+    """Record that the job failed after its submit (it may be claimed and paid again).
+
+    Args:
+        store: Where the job's record is.
+        job_key: The job.
+        error: What went wrong (redacted before it is written).
+    """
     text = error if isinstance(error, str) else _error_text(error)
     await _settle(store, job_key, {"status": "failed", "error": redact_text(text)})
 
@@ -832,6 +877,12 @@ def abandons_request(error: BaseException) -> bool:
     Signals, cancellation and interrupts are not `Exception`s; timeouts are. Other
     errors (say, the API down for a while) leave the request alone, so a retry of
     the flow run can resume it.
+
+    Args:
+        error: What ended the wait.
+
+    Returns:
+        True when the request should be withdrawn if still queued.
     """
     return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
 
@@ -863,6 +914,11 @@ def cancel_if_queued(client: RunComfyClient, request_id: str, *, log: Log = logg
     A queued job is withdrawn (nothing is billed), a running one is reported with
     its request id so its output can still be collected, and a finished one is
     left alone.
+
+    Args:
+        client: A client of the API.
+        request_id: The request.
+        log: Where to say what happened.
 
     Returns:
         "cancelled", "not_cancellable", or None when the request was over already.

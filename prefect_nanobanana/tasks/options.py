@@ -34,6 +34,14 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
     """`retry_condition_fn` of every task here: retry only what the client calls transient.
 
     Prefect hands the raised exception over as the data of a Failed state.
+
+    Args:
+        task: The task.
+        task_run: Its run.
+        state: The Failed state.
+
+    Returns:
+        True to retry.
     """
     error = state.data
     return isinstance(error, RunComfyError) and error.is_transient

@@ -164,6 +164,31 @@ async def batch_edit(
             `BatchDryRun` (rows to pay, rows done, the estimate).
         resolution_factors: Multipliers of the listed price per resolution for the
             estimate (default: 4K counts double).
+
+    Returns:
+        A `BatchEditResult` (every row, its status, request, outputs and cost; the
+        results manifest's location), or a `BatchDryRun` with `dry_run`. A run that
+        was stopped (SIGTERM, Ctrl-C, Cancelling) withdraws its rows' queued requests,
+        writes the manifest with each unfinished row's reason, and ends Cancelled (or
+        as Prefect reports a terminated run).
+
+    Raises:
+        BatchFailedError: Rows failed or were held back by the budget, and
+            `allow_partial` is off (every success is archived; the error has the rows).
+        BudgetExceededError: The estimate of the rows to pay is over `max_cost_usd`,
+            or the price is unknown under a budget; nothing was submitted.
+        AuthenticationError: The API refused the token (checked once, before any row).
+        ValueError: Not exactly one of `jobs` / `manifest_uri`, or a chunk option
+            without the other.
+
+    Example:
+        ```python
+        from prefect_nanobanana.flows import batch_edit
+
+        result = batch_edit(manifest_uri="s3://shop/manifests/today.csv",
+                            archive_uri="s3://shop/edited", max_cost_usd=20)
+        print(result.archived, result.failed, result.results_manifest)
+        ```
     """
     # The run form's fields, as the one value the run's steps and its chunks share.
     options = BatchOptions.model_validate(
