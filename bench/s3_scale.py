@@ -28,13 +28,24 @@ and the ledger are on S3.
   and its first submit (measured at `FULL_ROWS`: the flow's concurrency slots, the
   first row's task run, its staging PUT and its claim).
 
-Goals: at most 4 S3 requests per row in all; the first submit within 5 s at 5,000 rows.
+* A prefix of `LISTED_OBJECTS` images as the batch (`images_uri`, issue 25): the time
+  from the start to a first row ready to submit: the prefix listed a page at a time,
+  the ledger scanned once (its listing, alongside the first page), the row's job key
+  made (its ETag in it), found new, and its input checked and signed (HEAD, ranged
+  GET, pre-signed URL). Once on an empty archive, once on a rerun whose ledger holds
+  every image but the `NEW_ON_RERUN` newest (listed last). Beside it, for the lead:
+  the same rows planned by today's whole-batch planning (`_plan_rows` +
+  `_stage_rows`, every S3 input checked before the first submit).
+
+Goals: at most 4 S3 requests per row in all; the first submit within 5 s at 5,000 rows;
+a first listed row ready within 5 s at 5,000 objects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import math
 import os
 import threading
 import time
@@ -65,6 +76,9 @@ DURATION = 0.05  # each emulated job, seconds
 BUCKET = "bench-s3-scale"
 REQUESTS_GOAL = 4.0
 FIRST_SUBMIT_GOAL = 5.0  # seconds, at the largest PLAN_ROWS
+LISTED_OBJECTS = 5000
+NEW_ON_RERUN = 2
+FIRST_LISTED_GOAL = 5.0  # seconds, to a first listed row ready to submit
 
 
 class _LatencyProxy(ThreadingHTTPServer):
@@ -119,7 +133,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             for name, value in answer.getheaders():
                 if name.lower() not in ("connection", "transfer-encoding", "content-length"):
                     self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
+            # A HEAD's length is the object's, not that of its (empty) body.
+            length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)
@@ -280,6 +296,228 @@ def measure_full(
     return Figures(rows, "full run" if staged else "full run, inline", seconds, counts), head
 
 
+@dataclass
+class ListingFigures:
+    """A listed batch: seconds to a first row ready to submit, and to every row keyed."""
+
+    objects: int
+    phase: str
+    first_ready_seconds: float
+    all_keyed_seconds: float
+    new_rows: int
+    requests_to_first: dict[str, int]
+    requests: dict[str, int]
+
+
+def _direct_client(proxy: _LatencyProxy) -> Any:
+    """A client straight to moto (no added round trip), to lay out the bench's data fast."""
+    import boto3
+    from botocore.config import Config
+
+    host, port = proxy.upstream
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{host}:{port}",
+        region_name="us-east-1",
+        config=Config(max_pool_connections=32),
+    )
+
+
+def _fill_prefix(proxy: _LatencyProxy, prefix: str, first: int, count: int) -> None:
+    """`count` distinct small PNGs under `prefix`, named in the order S3 lists them."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    direct = _direct_client(proxy)
+
+    def put(number: int) -> None:
+        image = io.BytesIO()
+        Image.new("RGB", (16, 16), (number % 256, (number // 256) % 256, 40)).save(image, "PNG")
+        direct.put_object(Bucket=BUCKET, Key=f"{prefix}img-{number:05d}.png", Body=image.getvalue())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(first, first + count)))
+
+
+def _fill_ledger(proxy: _LatencyProxy, archive_key: str, job_keys: list[str]) -> None:
+    """Archived ledger entries for `job_keys`, as an earlier run leaves them."""
+    import datetime as dt
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_nanobanana.storage import LedgerEntry
+
+    direct = _direct_client(proxy)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def put(job_key: str) -> None:
+        entry = LedgerEntry(
+            job_key=job_key,
+            request_id=f"req-{job_key[:8]}",
+            status="archived",
+            submitted_at=now,
+            updated_at=now,
+            cost=0.15,
+        )
+        key = f"{archive_key}/_ledger/{job_key}.json"
+        direct.put_object(Bucket=BUCKET, Key=key, Body=entry.model_dump_json().encode())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, job_keys))
+
+
+LISTING_DEFAULTS = {
+    "aspect_ratio": "auto",
+    "resolution": "1K",
+    "output_format": "png",
+    "num_images": 1,
+}
+
+
+def measure_first_listed_row(
+    proxy: _LatencyProxy, uri: str, archive: str, phase: str
+) -> ListingFigures:
+    """Start to a first listed row ready to submit; then every row keyed against the scan."""
+    from prefect_nanobanana.flows.batch.sources import key_listed_rows, listed_rows
+    from prefect_nanobanana.storage import Ledger, stage_assets
+
+    proxy.take()
+    began = time.perf_counter()
+    first_ready = math.nan
+    to_first: dict[str, int] = {}
+    new_rows = 0
+    rows = listed_rows(uri, "listed scale")
+    for keyed in key_listed_rows(rows, LISTING_DEFAULTS, Ledger(archive)):
+        if not keyed.new:
+            continue  # archived earlier; its entry is read only to see whether it failed
+        new_rows += 1
+        if new_rows == 1:
+            # What the row needs before its submit: its input checked and signed.
+            staged = stage_assets(keyed.row.job.images, None, check_target=False)
+            assert staged[0].url.startswith("http")
+            first_ready = time.perf_counter() - began
+            to_first = dict(proxy.take())
+    all_keyed = time.perf_counter() - began
+    counts = Counter(to_first) + proxy.take()
+    return ListingFigures(
+        LISTED_OBJECTS, phase, first_ready, all_keyed, new_rows, to_first, dict(counts)
+    )
+
+
+def measure_listed_whole_plan(proxy: _LatencyProxy, uri: str, archive: str) -> Figures:
+    """The listed rows through today's planning: every S3 input checked before any submit."""
+    from prefect_nanobanana.flows.batch.plan import _plan_rows, _stage_rows
+    from prefect_nanobanana.flows.batch.sources import listed_rows
+    from prefect_nanobanana.storage import Ledger
+    from prefect_nanobanana.tasks.storage import ResolvedLocation
+
+    proxy.take()
+    began = time.perf_counter()
+    jobs = [row.job for row in listed_rows(uri, "listed scale")]
+    ledger = Ledger(archive)
+    plans = _plan_rows(jobs, LISTING_DEFAULTS, ledger)
+    _stage_rows(plans, ResolvedLocation(None, None), dry_run=False)
+    assert not [plan.error for plan in plans if plan.error][:1]
+    return Figures(len(jobs), "listed, whole plan", time.perf_counter() - began, dict(proxy.take()))
+
+
+def measure_listing(proxy: _LatencyProxy) -> tuple[list[ListingFigures], Figures]:
+    """The listed-batch case: a first run, a rerun with a few new images, today's planning."""
+    from prefect_nanobanana.flows.batch.sources import listed_job_key, listed_rows
+
+    prefix = f"incoming-{LISTED_OBJECTS}/"
+    uri = f"s3://{BUCKET}/{prefix}"
+    existing = LISTED_OBJECTS - NEW_ON_RERUN
+    _fill_prefix(proxy, prefix, 0, LISTED_OBJECTS)
+    first = measure_first_listed_row(
+        proxy, uri, f"s3://{BUCKET}/listed-first/archive", "listed, first run"
+    )
+    print(
+        f"  listed {LISTED_OBJECTS} objects: first row ready in "
+        f"{first.first_ready_seconds:.2f} s, all keyed in {first.all_keyed_seconds:.1f} s",
+        flush=True,
+    )
+    # The rerun's archive holds every image but the newest few (they sort last).
+    done = [
+        listed_job_key(row, LISTING_DEFAULTS)
+        for _, row in zip(range(existing), listed_rows(uri, "listed scale"), strict=False)
+    ]
+    _fill_ledger(proxy, "listed-rerun/archive", done)
+    rerun = measure_first_listed_row(
+        proxy, uri, f"s3://{BUCKET}/listed-rerun/archive", "listed, rerun"
+    )
+    assert rerun.new_rows == NEW_ON_RERUN, rerun.new_rows
+    print(
+        f"  rerun with {NEW_ON_RERUN} new: first new row ready in "
+        f"{rerun.first_ready_seconds:.2f} s",
+        flush=True,
+    )
+    whole = measure_listed_whole_plan(proxy, uri, f"s3://{BUCKET}/listed-whole/archive")
+    print(f"  today's whole-batch planning of the listed rows: {whole.seconds:.1f} s", flush=True)
+    return [first, rerun], whole
+
+
+def _listing_lines(listed: list[ListingFigures], whole: Figures) -> tuple[str, bool]:
+    kinds = ("GET", "HEAD", "PUT", "LIST")
+    rows_out = [
+        [
+            figure.phase,
+            figure.objects,
+            figure.new_rows,
+            figure.first_ready_seconds,
+            figure.all_keyed_seconds,
+            *(figure.requests_to_first.get(kind, 0) for kind in kinds),
+        ]
+        for figure in listed
+    ]
+    print(
+        table(
+            [
+                "listed batch",
+                "objects",
+                "new",
+                "first ready s",
+                "all keyed s",
+                *(f"{kind} to first" for kind in kinds),
+            ],
+            rows_out,
+        )
+    )
+    print(
+        f"today's whole-batch planning of the same {whole.rows} listed rows (every input "
+        f"checked before the first submit): {whole.seconds:.1f} s, "
+        f"{whole.per_row:.2f} S3 requests a row"
+    )
+    worst = max(figure.first_ready_seconds for figure in listed)
+    return (
+        f"first listed row ready {worst:.2f} s at {LISTED_OBJECTS} objects "
+        f"(goal <= {FIRST_LISTED_GOAL:g} s)",
+        worst <= FIRST_LISTED_GOAL,
+    )
+
+
+def run_listing() -> Verdict:
+    """Only the listed-batch case (`python -m bench.s3_scale listing`): no flow, no emulator."""
+    print_header("s3_scale listing: a 5,000-object prefix as a batch, time to a first row")
+    print(f"moto's S3 behind a loopback proxy adding {RTT_SECONDS * 1000:.0f} ms a request")
+    uptime = Path("/proc/loadavg").read_text().split()[:3]
+    with s3_rig() as (proxy, _client):
+        listed, whole = measure_listing(proxy)
+    detail, met = _listing_lines(listed, whole)
+    verdict = Verdict("s3_scale_listing", met, f"{detail}; load {uptime}")
+    write_results(
+        "s3_scale_listing",
+        {
+            "rtt_seconds": RTT_SECONDS,
+            "load_average": uptime,
+            "listed": [asdict(figure) for figure in listed],
+            "whole_plan": {**asdict(whole), "per_row": whole.per_row},
+            "verdict": asdict(verdict),
+        },
+    )
+    print(verdict.line())
+    return verdict
+
+
 def run() -> Verdict:
     """Measure, print the table, write the JSON."""
     print_header("s3_scale: S3 requests per row and time to the first submit")
@@ -295,6 +533,7 @@ def run() -> Verdict:
         for rows in PLAN_ROWS:
             figures.append(measure_planning(proxy, workdir, rows))
             print(f"  planned {rows} rows in {figures[-1].seconds:.1f} s", flush=True)
+        listed, listed_whole = measure_listing(proxy)
         with (
             EmulatorProcess(WORKERS, DURATION) as emulator,
             api_environment(emulator.base_url, poll_time_scale(DURATION)),
@@ -333,14 +572,19 @@ def run() -> Verdict:
         f"(planning {largest.per_row:.2f} + the rest of the run {run_phase:.2f}), "
         f"{total_per_row + api_per_row:.1f} with the API's reads of the inputs; load {uptime}"
     )
-    met = total_per_row + api_per_row <= REQUESTS_GOAL and first_at_largest <= FIRST_SUBMIT_GOAL
+    listing_detail, listing_met = _listing_lines(listed, listed_whole)
+    met = (
+        total_per_row + api_per_row <= REQUESTS_GOAL
+        and first_at_largest <= FIRST_SUBMIT_GOAL
+        and listing_met
+    )
     verdict = Verdict(
         "s3_scale",
         met,
         f"{total_per_row + api_per_row:.1f} S3 requests a row in all, {total_per_row:.1f} of "
         f"ours (goal <= {REQUESTS_GOAL:g}; {inline.per_row_in_all:.1f} with inputs inline); "
         f"first submit {first_at_largest:.1f} s at {largest.rows} rows "
-        f"(goal <= {FIRST_SUBMIT_GOAL:g} s)",
+        f"(goal <= {FIRST_SUBMIT_GOAL:g} s); {listing_detail}",
     )
     write_results(
         "s3_scale",
@@ -362,8 +606,18 @@ def run() -> Verdict:
             "first_submit_seconds_at_largest": first_at_largest,
             "requests_per_row_ours": total_per_row,
             "requests_per_row_in_all": total_per_row + api_per_row,
+            "listed": [asdict(figure) for figure in listed],
+            "listed_whole_plan": {**asdict(listed_whole), "per_row": listed_whole.per_row},
             "verdict": asdict(verdict),
         },
     )
     print(verdict.line())
     return verdict
+
+
+if __name__ == "__main__":
+    import sys
+
+    # `python -m bench.s3_scale listing`: the listed-batch case alone; else the whole bench.
+    verdict = run_listing() if sys.argv[1:] == ["listing"] else run()
+    sys.exit(0 if verdict.met else 1)

@@ -5,8 +5,13 @@ trips a 30 s read timeout, and a call can last for ever. :func:`call_deadline`
 sets a deadline for everything a thread or task sends and reads until it ends;
 :func:`install_deadlines` wraps httpcore's network backend of an httpx client so
 that every connect, TLS handshake, write and read gets at most what is left of it.
-The client (each API call) and the archive (each output's download, retries
-included) both use it; it knows nothing of either.
+
+Deadlines nest and the earliest wins: a deadline set inside another, or given an
+``until`` (the end of a caller's wait, or of a call's retries), can only shorten
+what is left, never extend it. That is how an attempt gets no more than what is
+left of its call and of the wait it polls for. The client (each API call, retries
+included) and the archive (each output's download, retries included) both use
+it; it knows nothing of either.
 """
 
 from __future__ import annotations
@@ -25,13 +30,30 @@ _deadline: ContextVar[float | None] = ContextVar("runcomfy_call_deadline", defau
 
 
 @contextlib.contextmanager
-def call_deadline(seconds: float) -> Iterator[None]:
-    """Every network operation of this thread or task ends within ``seconds`` from now."""
-    token = _deadline.set(time.monotonic() + seconds)
+def call_deadline(seconds: float | None, *, until: float | None = None) -> Iterator[float | None]:
+    """Every network operation of this thread or task ends within ``seconds`` from now.
+
+    Args:
+        seconds: How long from now; None sets no bound of its own.
+        until: A ``time.monotonic()`` instant that bounds it too (a wait's end).
+
+    Returns:
+        A context manager yielding the deadline in force (a ``time.monotonic()``
+        instant, or None when nothing bounds it): the earliest of ``seconds`` from
+        now, ``until`` and any deadline already set around it.
+    """
+    bounds = [_deadline.get(), until, None if seconds is None else time.monotonic() + seconds]
+    deadline = min((bound for bound in bounds if bound is not None), default=None)
+    token = _deadline.set(deadline)
     try:
-        yield
+        yield deadline
     finally:
         _deadline.reset(token)
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """What is left of ``deadline`` (a ``time.monotonic()`` instant), never below 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _budget(timeout: float | None, expired: type[Exception]) -> float | None:

@@ -318,6 +318,28 @@ def _request_note_arguments(
     }
 
 
+async def aannounce_submitted(
+    log: logging.Logger | logging.LoggerAdapter,
+    request_id: str,
+    job_key: str,
+    *,
+    result_url: str | None = None,
+    **facts: Any,
+) -> None:
+    """The one announcement of a fresh (paid) submit: a log line, the `submitted` event
+    with `facts` (row, model…), and, given `result_url`, the request's note artifact
+    (a batch leaves it out: an artifact a row is more than its bookkeeping can bear).
+    """
+    log.info("Submitted RunComfy request %s (job key %s)", request_id, job_key)
+    emit_request_event(
+        EVENT_SUBMITTED,
+        request_id,
+        payload=event_payload(request_id, "submitted", job_key=job_key, **facts),
+    )
+    if result_url is not None:
+        await alink_request(request_id, result_url, job_key)
+
+
 async def alink_request(
     request_id: str, result_url: str | None, job_key: str | None = None
 ) -> None:

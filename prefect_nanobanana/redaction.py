@@ -69,6 +69,17 @@ def strip_signature(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def carries_signature(url: str) -> bool:
+    """Whether ``url`` is an http(s) URL that carries a credential: a signature or
+    credential query parameter (a pre-signed URL, by every spelling the redaction
+    knows) or user info. Such a URL must not be kept anywhere but the request that
+    needs it."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https"):
+        return False
+    return "@" in parts.netloc or _SECRET_PARAM_RE.search(parts.query) is not None
+
+
 def redact_text(text: str) -> str:
     """``text`` with no URL signature, credential parameter, bearer token or data: payload."""
     if not text:

@@ -18,4 +18,5 @@ pytest_plugins = [
     "tests.fixtures.prefect",
     "tests.fixtures.deployments",
     "tests.fixtures.hostile",
+    "tests.fixtures.redis_server",
 ]

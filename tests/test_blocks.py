@@ -15,9 +15,11 @@ from prefect import flow, runtime
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from pydantic import ValidationError
 
 from prefect_nanobanana import (
     AsyncRunComfyClient,
+    InvalidBaseURLError,
     JobCancelledError,
     NanoBananaEditJob,
     NanoBananaEditJobRun,
@@ -69,16 +71,29 @@ def test_token_is_hidden_in_repr_and_str():
 def test_clients_use_the_fields(monkeypatch):
     monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
     credentials = RunComfyCredentials(
-        api_token=SECRET, base_url="http://127.0.0.1:9/", request_timeout=7
+        api_token=SECRET, base_url="http://127.0.0.1:9/", request_timeout=7, total_timeout=12
     )
     with credentials.get_client() as client:
         assert isinstance(client, RunComfyClient)
         assert client.base_url == "http://127.0.0.1:9"
         assert client.timeout == 7
+        assert client.total_timeout == 12
     client = credentials.get_async_client()
     assert isinstance(client, AsyncRunComfyClient)
     assert client.base_url == "http://127.0.0.1:9"
+    assert client.total_timeout == 12
     asyncio.run(client.aclose())
+
+
+def test_the_total_of_one_call_defaults_to_what_its_description_says():
+    from prefect_nanobanana.client import DEFAULT_TOTAL_TIMEOUT
+
+    field = RunComfyCredentials.model_fields["total_timeout"]
+    assert field.default == DEFAULT_TOTAL_TIMEOUT == 45
+    assert "45 s by default" in field.description and field.description.endswith(".")
+    assert RunComfyCredentials(api_token=SECRET).total_timeout == 45
+    with pytest.raises(ValidationError):
+        RunComfyCredentials(total_timeout=0)
 
 
 def test_empty_fields_fall_back_to_the_environment(monkeypatch):
@@ -90,6 +105,20 @@ def test_empty_fields_fall_back_to_the_environment(monkeypatch):
     monkeypatch.delenv("RUNCOMFY_BASE_URL")
     with RunComfyCredentials().get_client() as client:
         assert client.base_url == "https://model-api.runcomfy.net"
+
+
+@pytest.mark.parametrize("base_url", ["not-a-url", "ftp://host", "http://", "http://h:99999"])
+def test_a_base_url_that_is_no_url_is_refused_by_the_block_and_the_client(base_url, monkeypatch):
+    """It was tried as a host, retried 6 times and reported as an unreachable API."""
+    monkeypatch.setenv("RUNCOMFY_API_TOKEN", SECRET)
+    with pytest.raises(ValueError, match="base URL") as refused:
+        RunComfyCredentials(base_url=base_url)
+    assert repr(base_url) in str(refused.value)
+    with pytest.raises(InvalidBaseURLError, match=r"base URL .* expected e\.g\. https://"):
+        RunComfyClient(base_url=base_url)
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", base_url)
+    with pytest.raises(InvalidBaseURLError, match="RUNCOMFY_BASE_URL"):
+        RunComfyCredentials().get_client()
 
 
 @pytest.mark.prefect

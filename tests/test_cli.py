@@ -173,6 +173,23 @@ def test_bad_token_and_bad_input_exit_codes(api, image_server, monkeypatch, caps
     assert "file.png" in capsys.readouterr().err
 
 
+def test_a_base_url_that_is_no_url_is_refused_at_once_with_the_reason(api, monkeypatch, capsys):
+    """It was tried as a host: six attempts, then "unreachable" (exit 8)."""
+    emulator = api()
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "req-1", "--base-url", "not-a-url"])
+    assert exited.value.code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "argument --base-url: 'not-a-url' is not an http:// or https:// URL" in err
+    # The same check where the URL comes from the environment (or a block).
+    monkeypatch.setenv("RUNCOMFY_BASE_URL", "not-a-url")
+    assert main(["status", "req-1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "RUNCOMFY_BASE_URL 'not-a-url' is not an http:// or https:// URL" in err
+    assert "nothing was paid for" in err
+    assert sum(emulator.stats.calls.values()) == 0
+
+
 def test_an_out_that_names_a_file_is_refused_before_the_submit(api, image_server, tmp_path, capsys):
     """It was found only when saving: the edit paid for, then "nothing was paid for"."""
     emulator = api()
@@ -250,6 +267,83 @@ def test_spend_counts_what_edit_archived(api, image_server, tmp_path, capsys):
     assert main(["spend", "--archive", archive, "--json"]) == 0
     spent = json.loads(capsys.readouterr().out)
     assert (spent["total_billed_usd"], spent["without_bill"]) == (0.3, 0)
+
+
+def test_s3_without_aws_credentials_says_what_to_set(
+    api, sample_images, tmp_path, monkeypatch, capsys
+):
+    """It was "unexpected NoCredentialsError" (exit 1), from every verb that reads S3."""
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask for
+    emulator = api()
+    image = str(sample_images / "a.png")
+    for argv in (
+        ["spend", "--archive", "s3://my-archive/edits"],
+        ["edit", "--prompt", "p", "--image", image, "--staging", "s3://my-staging/in"],
+        ["edit", "--prompt", "p", "--image", image, "--archive", "s3://my-archive/edits"],
+    ):
+        assert main(argv) == EXIT_BAD_INPUT, argv
+        err = capsys.readouterr().err
+        assert "no AWS credentials found for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET" in err
+        assert "unexpected" not in err
+    assert emulator.stats.submits_received == 0
+
+
+# Runs the CLI in a child process and says, after its output, whether Prefect was imported.
+_CLI_AND_WHETHER_PREFECT_LOADED = """
+import json, sys
+from prefect_nanobanana.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "prefect_imported": "prefect" in sys.modules}))
+"""
+
+
+@pytest.mark.prefect
+def test_status_with_credentials_reads_the_block_from_the_configured_prefect_api(
+    prefect_harness, emulator_factory, image_server, tmp_path
+):
+    """`status ID --credentials NAME` imported Prefect, and without a configured API started
+    its temporary server (about 7 s), for one block: with PREFECT_API_URL set it is one
+    HTTP read of that API."""
+    from prefect_nanobanana import RunComfyClient, RunComfyCredentials
+
+    emulator = emulator_factory(time_scale=TIME_SCALE)
+    token = emulator.config.api_tokens[0]
+    RunComfyCredentials(api_token=token, base_url=emulator.base_url).save(
+        "cli-status-block", overwrite=True
+    )
+    with RunComfyClient(api_token=token, base_url=emulator.base_url) as client:
+        edit = {"prompt": "p", "image_urls": [image_server.url_for("square.png")]}
+        request_id = client.submit_edit(edit).request_id
+    home = tmp_path / "prefect-home"
+    # The environment's token is wrong and no base URL is set: only the block's can work.
+    env = prefect_harness.env(PREFECT_HOME=str(home), RUNCOMFY_API_TOKEN="not-the-block-token")
+    env.pop("RUNCOMFY_BASE_URL", None)
+
+    def cli(*argv: str) -> tuple[list[str], str]:
+        command = [sys.executable, "-c", _CLI_AND_WHETHER_PREFECT_LOADED, *argv]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        return run.stdout.splitlines(), run.stderr
+
+    out, err = cli("status", request_id, "--credentials", "cli-status-block", "--json")
+    assert json.loads(out[0])["request_id"] == request_id, err
+    assert json.loads(out[-1]) == {"code": 0, "prefect_imported": False}
+    out, err = cli("status", request_id, "--credentials", "no-such-block")
+    assert json.loads(out[-1]) == {"code": EXIT_BAD_INPUT, "prefect_imported": False}
+    assert "no RunComfyCredentials block named 'no-such-block'" in err
+    assert prefect_harness.api_url in err
+    assert not list(home.rglob("*.db"))  # no temporary server made its database
 
 
 def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):

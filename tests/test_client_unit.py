@@ -141,6 +141,7 @@ def test_error_mapping_and_no_retry_for_permanent_errors(client, http_status, bo
         client.result("r1")
     assert route.call_count == 1
     assert caught.value.status_code == http_status
+    assert "gave up" not in str(caught.value)  # the server's answer, not a give-up
     if "detail" in body:
         assert caught.value.detail == body["detail"]
         assert "prompt" in str(caught.value)
@@ -164,9 +165,11 @@ def test_reads_are_retried_on_5xx_and_429_then_succeed(client):
 @respx.mock
 def test_reads_give_up_after_max_attempts(client):
     route = respx.get(f"{BASE}/v1/requests/r1/status").respond(503)
-    with pytest.raises(ServerError):
+    with pytest.raises(ServerError) as caught:
         client.status("r1")
     assert route.call_count == FAST_RETRIES.max_attempts
+    assert "; gave up after 4 attempts in 0." in str(caught.value)
+    assert "total_timeout" not in str(caught.value)  # the attempts ran out, not the time
 
 
 @respx.mock
@@ -538,3 +541,21 @@ def test_output_hosts_come_from_the_environment_when_not_given(monkeypatch):
     monkeypatch.setenv("RUNCOMFY_OUTPUT_HOSTS", "cdn.example.net, 127.0.0.1:9001")
     assert output_hosts_for("http://127.0.0.1:9000") == ("cdn.example.net", "127.0.0.1:9001")
     assert output_hosts_for(None, ["given.example.net"]) == ("given.example.net",)
+
+
+def test_a_deadline_inside_another_only_shortens_it():
+    import time
+
+    from prefect_nanobanana.deadline import call_deadline
+
+    start = time.monotonic()
+    with call_deadline(5) as outer:
+        assert outer is not None and start + 5 <= outer < start + 6
+        with call_deadline(60) as inner:
+            assert inner == outer
+        with call_deadline(60, until=start + 2) as until:
+            assert until == start + 2
+        with call_deadline(1) as shorter:
+            assert shorter < outer
+    with call_deadline(None) as unbounded:
+        assert unbounded is None

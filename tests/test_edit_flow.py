@@ -470,6 +470,53 @@ def test_a_token_sent_inline_through_the_api_is_used_and_the_run_says_where_it_i
     assert not [message for message in logs if SECRET in message]
 
 
+def test_a_pre_signed_url_as_a_parameter_is_warned_about_and_its_s3_form_stores_no_signature(
+    prefect_harness, emulator_factory, use_emulator, s3_client, s3_bucket, tmp_path
+):
+    """Prefect stores a flow run's parameters as they were sent: a pre-signed URL given as
+    one sits in its database, signature included, so the run warns once and names the
+    s3:// form, which the flows sign inside the run."""
+    import io
+
+    from prefect_nanobanana import BatchJob, batch_edit, edit_and_archive
+
+    use_emulator(emulator_factory())
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture, format="PNG")
+    s3_client.put_object(Bucket=s3_bucket, Key="in/a.png", Body=picture.getvalue())
+    location = f"s3://{s3_bucket}/in/a.png"
+    signed = s3_client.generate_presigned_url(
+        "get_object", Params={"Bucket": s3_bucket, "Key": "in/a.png"}, ExpiresIn=600
+    )
+    signature = signed.split("Signature=", 1)[1].split("&")[0]
+    warning = "pre-signed URL came in this flow run's parameters"
+    archive = str(tmp_path / "archive")
+
+    plain = edit_and_archive(prompt="p", images=[location], archive_uri=archive, return_state=True)
+    assert plain.is_completed()
+    assert read_flow_run(flow_run_id(plain)).parameters["images"] == [location]
+    assert not [message for message in run_logs(flow_run_id(plain)) if warning in message]
+
+    runs = [
+        edit_and_archive(prompt="p", images=[signed], archive_uri=archive, return_state=True),
+        edit_image(prompt="p", image_urls=[signed], return_state=True),
+        asyncio.run(
+            batch_edit(
+                jobs=[BatchJob(prompt="p", images=[signed])], archive_uri=archive, return_state=True
+            )
+        ),
+    ]
+    for state in runs:
+        assert state.is_completed()
+        run_id = flow_run_id(state)
+        stored = json.dumps(read_flow_run(run_id).parameters)
+        assert signature in stored  # as it was given: only the sender can keep it out
+        logs = run_logs(run_id)
+        (warned,) = [message for message in logs if warning in message]
+        assert f"pass {location} instead" in warned
+        assert not [message for message in logs if signature in message]
+
+
 def test_no_log_artifact_or_parameter_shows_the_token(
     prefect_harness, emulator_factory, image_server, monkeypatch, caplog
 ):

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from prefect_nanobanana.client import (
     DEFAULT_WAIT_TIMEOUT,
     MAX_PROMPT_CHARS,
+    APIConnectionError,
     InvalidRequestError,
     JobFailedError,
     NanoBananaEditInput,
@@ -158,21 +159,22 @@ def _drip_whole_response(handler: HostileHandler) -> None:
         b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
     )
-    # Even the status line is dripped: httpx's per-read timeout never trips.
-    for byte in dripped(head + body, every_seconds=2.0):
+    # One byte a second, even the status line: httpx's per-read timeout never trips,
+    # and the whole answer (about two minutes) outlasts every bound under test.
+    for byte in dripped(head + body, every_seconds=1.0):
         handler.wfile.write(byte)
         handler.wfile.flush()
 
 
-def test_wait_over_a_dripping_server_ends_by_its_deadline_plus_one_call(
-    hostile: HostileServer,
-) -> None:
-    """Row 2: `wait(timeout=60)` took 94 s. Now `wait(timeout=8)`, calls of 5 s: within 13 s."""
+def test_wait_over_a_dripping_server_ends_by_its_deadline(hostile: HostileServer) -> None:
+    """Row 2 and issue 24: `wait(timeout=8)` returned after 30 s, the poll in flight
+    keeping a whole call's deadline. It gets only what is left of the wait: within 10 s."""
     hostile.route("GET", "/v1/requests/", _drip_whole_response)
     started = time.monotonic()
-    with _client(hostile, timeout=5) as client, pytest.raises(WaitTimeoutError) as caught:
+    with _client(hostile) as client, pytest.raises(WaitTimeoutError) as caught:
+        assert client.timeout == 30  # one call's deadline alone would not end it in time
         client.wait("r1", timeout=8)
-    assert time.monotonic() - started < 13
+    assert time.monotonic() - started < 10
     assert caught.value.request_id == "r1"
 
 
@@ -191,10 +193,114 @@ async def test_the_async_client_holds_the_same_deadline(hostile: HostileServer) 
 
     hostile.route("GET", "/v1/requests/", _drip_whole_response)
     started = time.monotonic()
-    async with AsyncRunComfyClient(HOSTILE_TOKEN, hostile.base_url, timeout=1) as client:
+    async with AsyncRunComfyClient(HOSTILE_TOKEN, hostile.base_url) as client:
+        assert client.timeout == 30
         with pytest.raises(WaitTimeoutError):
-            await client.wait("r1", timeout=1.5)
-    assert time.monotonic() - started < 1.5 + 1 + 1
+            await client.wait("r1", timeout=8)
+    assert time.monotonic() - started < 10
+
+
+async def test_a_wait_queued_for_a_pooled_connection_still_ends_by_its_deadline(
+    hostile: HostileServer,
+) -> None:
+    """A batch shares one client: a poll waiting for a free connection waits within
+    what is left of its wait too, not a whole call's 30 s."""
+    import asyncio
+    import contextlib
+
+    from prefect_nanobanana.client import AsyncRunComfyClient
+
+    hostile.route("GET", "/v1/requests/", _drip_whole_response)
+    async with AsyncRunComfyClient(
+        HOSTILE_TOKEN, hostile.base_url, max_connections=1, total_timeout=20
+    ) as client:
+        hog = asyncio.create_task(client.status("hog"))
+        while not hostile.hits_of("GET", "/v1/requests/hog/"):
+            await asyncio.sleep(0.01)  # the one connection is taken
+        started = time.monotonic()
+        with pytest.raises(WaitTimeoutError):
+            await client.wait("r1", timeout=3)
+        assert time.monotonic() - started < 3 + 2
+        hog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hog
+    assert not hostile.hits_of("GET", "/v1/requests/r1/")
+
+
+def _tried(error: Exception, total: float) -> tuple[int, float]:
+    """The attempts and seconds a call's error says it spent before its total ran out."""
+    said = re.search(
+        rf"gave up after (\d+) attempts? in ([\d.]+) s "
+        rf"\(this call's total_timeout is {total:g} s\)",
+        str(error),
+    )
+    assert said, str(error)
+    return int(said[1]), float(said[2])
+
+
+def test_one_call_and_its_retries_end_within_the_calls_total(hostile: HostileServer) -> None:
+    """Issue 24: `status()` raised after 192 s, each of its 6 attempts given a fresh 30 s.
+    The call, retries included, ends by its `total_timeout` (7 s here, to be quick) and
+    its error says how long it tried and how many attempts. Attempts of 4 s: the
+    second, begun at 4 to 4.5 s, is cut at 7 s by what is left of the total."""
+    hostile.route("GET", "/v1/requests/", _drip_whole_response)
+    started = time.monotonic()
+    with (
+        _client(hostile, timeout=4, total_timeout=7) as client,
+        pytest.raises(APIConnectionError) as caught,
+    ):
+        client.status("r1")
+    elapsed = time.monotonic() - started
+    assert elapsed < 7 + 1
+    attempts, seconds = _tried(caught.value, 7)
+    assert attempts == len(hostile.hits_of("GET", "/v1/requests/r1/status")) == 2
+    assert seconds == pytest.approx(elapsed, abs=0.5)
+    _no_secret_in(str(caught.value))
+
+
+async def test_an_async_call_gives_its_attempt_no_more_than_what_is_left_of_its_total(
+    hostile: HostileServer,
+) -> None:
+    """With the default 30 s per attempt, a 5 s total ends the first attempt at 5 s."""
+    from prefect_nanobanana.client import AsyncRunComfyClient
+
+    hostile.route("GET", "/v1/requests/", _drip_whole_response)
+    started = time.monotonic()
+    async with AsyncRunComfyClient(HOSTILE_TOKEN, hostile.base_url, total_timeout=5) as client:
+        with pytest.raises(APIConnectionError) as caught:
+            await client.status("r1")
+    elapsed = time.monotonic() - started
+    assert elapsed < 5 + 1
+    attempts, seconds = _tried(caught.value, 5)
+    assert attempts == len(hostile.hits_of("GET", "/v1/requests/r1/status")) == 1
+    assert seconds == pytest.approx(elapsed, abs=0.5)
+    _no_secret_in(str(caught.value))
+
+
+def test_a_submit_ends_within_its_total_and_is_not_resent(hostile: HostileServer) -> None:
+    hostile.route("POST", SUBMIT_PATH, _drip_whole_response)
+    started = time.monotonic()
+    with (
+        _client(hostile, total_timeout=3) as client,
+        pytest.raises(SubmitOutcomeUnknownError) as caught,
+    ):
+        client.submit_edit(EDIT)
+    assert time.monotonic() - started < 3 + 1
+    assert _tried(caught.value, 3)[0] == len(hostile.hits_of("POST")) == 1
+    _no_secret_in(str(caught.value))
+
+
+def test_one_call_has_the_documented_total_by_default() -> None:
+    import inspect
+
+    from prefect_nanobanana.client import DEFAULT_TOTAL_TIMEOUT, AsyncRunComfyClient
+
+    assert DEFAULT_TOTAL_TIMEOUT == 45
+    for cls in (RunComfyClient, AsyncRunComfyClient):
+        assert inspect.signature(cls).parameters["total_timeout"].default == 45
+    assert "`total_timeout` (45 s by default" in " ".join(RunComfyClient.__doc__.split())
+    with pytest.raises(ValueError, match="total_timeout"):
+        RunComfyClient(HOSTILE_TOKEN, total_timeout=0)
 
 
 def test_a_trickled_download_ends_by_its_deadline_retries_included(

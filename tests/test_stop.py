@@ -36,7 +36,8 @@ import pytest
 
 from prefect_nanobanana.emulator import Fault, FaultPlan
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# Tens of processes started and stopped, each batch rerun: minutes, not seconds.
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.timeout(1800)]
 
 ROWS = 6
 STOP_WITHIN_SECONDS = 20.0
@@ -46,10 +47,14 @@ NEWEST = tuple(int(part) for part in prefect.__version__.split(".")[:2]) >= (3, 
 SIGTERM_MOMENTS = 30 if NEWEST else 10
 CANCEL_MOMENTS = 4 if NEWEST else 2
 
+# Imports first, then waits for a line on stdin: the next trial's process warms up
+# (Prefect's import takes seconds) while the current trial runs.
 _BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit
 options, name = json.loads(sys.argv[1]), sys.argv[2]
+if sys.stdin.readline().strip() != "go":
+    sys.exit(0)  # the test ended without this trial
 asyncio.run(batch_edit.with_options(flow_run_name=name)(**options))
 """
 
@@ -102,12 +107,21 @@ class Trial:
             **{k: v for k, v in os.environ.items() if k.startswith(("RUNCOMFY_", "NANOBANANA_"))}
         )
         with self.log.open("wb") as log:
-            return subprocess.Popen(
+            self.child = subprocess.Popen(
                 [sys.executable, "-c", _BATCH, json.dumps(self.options), self.label],
                 env=env,
+                stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        return self.child
+
+    def go(self) -> subprocess.Popen[bytes]:
+        """Let the warmed-up process run its batch."""
+        assert self.child.stdin is not None
+        self.child.stdin.write(b"go\n")
+        self.child.stdin.close()
+        return self.child
 
     def records(self) -> list[dict[str, Any]]:
         folder = self.archive / "_ledger"
@@ -204,9 +218,13 @@ async def test_a_batch_stopped_by_sigterm_at_many_moments(
     """What a worker sends a flow run it cancels, and Kubernetes an evicted pod."""
     image = image_server.url_for("wide.png")
     found = []
-    for number, moment in enumerate(_moments(SIGTERM_MOMENTS), start=1):
-        trial = Trial(f"sigterm-{number}", tmp_path, image)
-        child = trial.start(prefect_harness)
+    moments = _moments(SIGTERM_MOMENTS)
+    trials = [Trial(f"sigterm-{number}", tmp_path, image) for number in range(1, len(moments) + 1)]
+    trials[0].start(prefect_harness)
+    for number, (trial, moment) in enumerate(zip(trials, moments, strict=True), start=1):
+        child = trial.go()
+        if number < len(trials):
+            trials[number].start(prefect_harness)
         trial.wait_for_first_claim(child)
         time.sleep(moment)
         phases = _stop_and_check(
@@ -248,7 +266,8 @@ async def test_a_direct_batch_cancelled_through_the_api_at_several_moments(
     found = []
     for number, moment in enumerate(_moments(CANCEL_MOMENTS), start=1):
         trial = Trial(f"cancel-direct-{number}", tmp_path, image)
-        child = trial.start(prefect_harness)
+        trial.start(prefect_harness)
+        child = trial.go()
         trial.wait_for_first_claim(child)
         time.sleep(moment)
         phases = _stop_and_check(

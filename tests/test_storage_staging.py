@@ -15,6 +15,7 @@ from prefect_nanobanana.storage import (
     LoopbackObjectStore,
     StagedAsset,
     StagingError,
+    check_sources,
     stage_assets,
 )
 
@@ -131,6 +132,41 @@ def test_an_s3_pixel_bomb_is_refused_from_its_header_alone(
     s3_client.upload_file(str(fine), s3_bucket, "src/fine.png")
     (asset,) = stage_assets([f"s3://{s3_bucket}/src/fine.png"])
     assert asset.content_type == "image/png"
+
+
+def test_an_https_pixel_bomb_is_refused_from_its_header_alone(tmp_path: Path) -> None:
+    """An http(s) input went to the API as given, whatever its header claimed: the API
+    refused it only after the submit was billed. Now a ranged GET of its header checks
+    the pixel cap, as for S3 (the tests serve "https" inputs over loopback http)."""
+    from tests.fixtures.emulator import ImageServer
+    from tests.test_hostile_server import write_pixel_bomb
+    from tests.test_storage_inline import _heic
+
+    write_pixel_bomb(tmp_path / "bomb.png")
+    write_pixel_bomb(tmp_path / "over.png", 8000, 4001)
+    write_pixel_bomb(tmp_path / "fine.png", 8000, 4000)  # 32,000,000: at the cap
+    _heic(tmp_path / "bomb.heic", (30_000, 30_000))
+    server = ImageServer(tmp_path).start()
+    try:
+        refusals = {
+            "bomb.png": "image has far more than 32,000,000 pixels",
+            "over.png": "8000x4001 is 32,008,000 pixels, over",
+            "bomb.heic": "30000x30000 is 900,000,000 pixels",
+            "redirect/over.png": "8000x4001 is 32,008,000 pixels, over",
+        }
+        for name, refusal in refusals.items():
+            url = server.url_for(name, query="X-Amz-Signature=secret")
+            shown = server.url_for(name)
+            with pytest.raises(StagingError, match=rf"^{shown}: {refusal}") as refused:
+                stage_assets([url])
+            assert "secret" not in str(refused.value)
+            with pytest.raises(StagingError, match=refusal):  # the pre-flight's check too
+                check_sources([url])
+        fine = server.url_for("fine.png", query="sig=abc")
+        assert [asset.url for asset in stage_assets([fine])] == [fine]
+        assert "/fine.png?sig=abc" in server._server.requested_paths
+    finally:
+        server.stop()
 
 
 @pytest.fixture

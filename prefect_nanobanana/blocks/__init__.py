@@ -7,6 +7,9 @@
 
 from .._lazy import lazy_exports
 
+# Read by the command line without importing Prefect (see `cli/connection.py`).
+CREDENTIALS_BLOCK_TYPE_SLUG = "runcomfy-credentials"
+
 _EXPORTS: dict[str, str] = {
     "RunComfyCredentials": ".credentials",
     "NanoBananaEditJob": ".jobs",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from prefect.blocks.abstract import CredentialsBlock
@@ -11,11 +12,15 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.utilities.asyncutils import run_coro_as_sync
-from pydantic import ConfigDict, Field, SecretStr
+from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from ..client import AsyncRunComfyClient, RunComfyClient
-from ..client.client import output_hosts_for
+from ..client.client import check_base_url, output_hosts_for
+from ..client.retry import DEFAULT_TOTAL_TIMEOUT
 from ..errors import NanoBananaError
+from ..redaction import carries_signature, strip_signature
+from ..storage.locations import s3_location_of_url
+from . import CREDENTIALS_BLOCK_TYPE_SLUG
 
 
 def run_logger_or_none() -> logging.Logger | logging.LoggerAdapter | None:
@@ -94,6 +99,7 @@ class RunComfyCredentials(CredentialsBlock):
     model_config = ConfigDict(json_schema_extra=_unambiguous_block_schema)
 
     _block_type_name = "RunComfy Credentials"
+    _block_type_slug = CREDENTIALS_BLOCK_TYPE_SLUG
     _logo_url = "https://www.runcomfy.com/apple-touch-icon.png"
     _documentation_url = "https://docs.runcomfy.com/model-apis/quickstart"
     _description = (
@@ -131,6 +137,17 @@ class RunComfyCredentials(CredentialsBlock):
             "read), however slowly the server answers."
         ),
     )
+    total_timeout: float = Field(
+        default=DEFAULT_TOTAL_TIMEOUT,
+        gt=0,
+        title="Total Timeout",
+        description=(
+            "Seconds one API call (a submit, a status or result poll, a cancel) may take "
+            "in all, its retries included, however slowly the server answers; 45 s by "
+            "default. Its error then says how long it tried and how many attempts. A "
+            "wait's polls also end with the wait."
+        ),
+    )
     output_hosts: list[str] | None = Field(
         default=None,
         title="Output Hosts",
@@ -139,6 +156,12 @@ class RunComfyCredentials(CredentialsBlock):
             "host:port or *.domain). When empty, *.runcomfy.net and the base URL's host."
         ),
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_a_url(cls, base_url: str | None) -> str | None:
+        # The client's own check, so a block saved with a typo fails when it is made.
+        return check_base_url(base_url) if base_url and base_url.strip() else None
 
     def allowed_output_hosts(self) -> list[str]:
         """The hosts outputs may be downloaded from.
@@ -154,6 +177,7 @@ class RunComfyCredentials(CredentialsBlock):
             "api_token": self.api_token,
             "base_url": self.base_url,
             "timeout": self.request_timeout,
+            "total_timeout": self.total_timeout,
             "logger": run_logger_or_none(),
             "output_hosts": self.output_hosts,
         }
@@ -202,10 +226,62 @@ def _token_kept_in_parameters(block: RunComfyCredentials) -> bool:
     )
 
 
+def _strings_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings_in(item)
+
+
+def warn_of_signed_urls_in_parameters() -> None:
+    """Warn, once, when this flow run's parameters hold pre-signed URLs.
+
+    Prefect keeps a flow run's parameters in its database as they were sent, so a
+    pre-signed URL given as a parameter stays readable there, signature included,
+    until it expires; only the person who sent it can stop that. The `s3://` form
+    of the same object leaves no signature behind: the flows sign it inside the
+    run. The warning names that form when the URL tells it (AWS's hosts, or the
+    endpoint in `AWS_ENDPOINT_URL`), and the URLs without their signatures.
+    Each flow calls this once, at its start; outside a flow run it does nothing.
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    signed = list(
+        dict.fromkeys(
+            text
+            for text in _strings_in(context.flow_run.parameters or {})
+            if carries_signature(text)
+        )
+    )
+    if not signed:
+        return
+    locations = [location for url in signed if (location := s3_location_of_url(url))]
+    shown = ", ".join(strip_signature(url) for url in signed[:3]) + (
+        ", ..." if len(signed) > 3 else ""
+    )
+    instead = ", ".join(locations[:3]) + (", ..." if len(locations) > 3 else "")
+    (run_logger_or_none() or logging.getLogger(__name__)).warning(
+        "%d pre-signed URL%s came in this flow run's parameters (%s), and Prefect keeps "
+        "parameters in its database as they were sent, signature included, readable until "
+        "the URL expires: pass %s instead (the images of edit_and_archive, the rows of "
+        "batch_edit), which the flows sign inside the run, so no signature is stored.",
+        len(signed),
+        "" if len(signed) == 1 else "s",
+        shown,
+        instead or "the object's s3://bucket/key",
+    )
+
+
 def _from_parameter_dict(credentials: dict[str, Any]) -> RunComfyCredentials:
     return RunComfyCredentials(
         base_url=credentials.get("base_url"),
         request_timeout=credentials.get("request_timeout") or 30.0,
+        total_timeout=credentials.get("total_timeout") or DEFAULT_TOTAL_TIMEOUT,
         output_hosts=credentials.get("output_hosts"),
     )
 

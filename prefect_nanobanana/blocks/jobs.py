@@ -222,9 +222,10 @@ class NanoBananaEditJob(JobBlock):
 
         Args:
             job_key: Names the job. The same key again (another trigger, another
-                run, another process of this machine) adopts the request instead of
-                paying twice. None: a fresh job, scoped to the current flow run
-                when there is one (a retry of the run resumes its request).
+                run, another process; another machine too when `NANOBANANA_LOCK_URL`
+                names a Redis) adopts the request instead of paying twice. None: a
+                fresh job, scoped to the current flow run when there is one (a retry
+                of the run resumes its request).
 
         Returns:
             A `NanoBananaEditJobRun` to wait on, fetch or cancel; `adopted` is True
@@ -239,12 +240,15 @@ class NanoBananaEditJob(JobBlock):
             pydantic.ValidationError: The block's settings are not a valid edit.
         """
         edit = self.edit_input()
+        store = PrefectRecordStore()
+        if job_key:
+            store.warn_if_machine_local()
         job_key = job_key or default_job_key(edit, job_scope())
 
         async with self.credentials.get_async_client() as client:
             submitted = await submit_once(
                 job_key,
-                PrefectRecordStore(),
+                store,
                 client,
                 edit,
                 facts={
@@ -255,13 +259,13 @@ class NanoBananaEditJob(JobBlock):
                 log=self.logger,
             )
         if not (submitted.resumed or submitted.adopted):
-            self.logger.info("Submitted RunComfy request %s", submitted.request_id)
-            observe.emit_request_event(
-                observe.EVENT_SUBMITTED,
+            await observe.aannounce_submitted(
+                self.logger,
                 submitted.request_id,
-                payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+                job_key,
+                result_url=submitted.result_url,
+                model_id=NANO_BANANA_EDIT_MODEL_ID,
             )
-            await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
         return NanoBananaEditJobRun(
             request_id=submitted.request_id,
             credentials=self.credentials,

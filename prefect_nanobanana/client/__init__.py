@@ -12,6 +12,7 @@ _EXPORTS: dict[str, str] = {
             "APIConnectionError",
             "AuthenticationError",
             "InsufficientBalanceError",
+            "InvalidBaseURLError",
             "InvalidRequestError",
             "JobCancelledError",
             "JobFailedError",
@@ -57,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["BudgetExceededError", "CostBudget", "CostEstimate", "estimate_cost"], ".pricing"
     ),
-    "RetryPolicy": ".retry",
+    **dict.fromkeys(["DEFAULT_TOTAL_TIMEOUT", "RetryPolicy"], ".retry"),
     **dict.fromkeys(["MAX_ANSWER_BYTES", "MAX_INLINE_RESULT_BYTES"], ".transport"),
     "DEFAULT_WAIT_TIMEOUT": ".waiting",
 }

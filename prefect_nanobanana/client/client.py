@@ -3,7 +3,8 @@
 Both share `_ClientCore` for everything that is not I/O (configuration, request
 building, answer parsing, the retry decision), so the two loops that do I/O are
 the only code written twice. Both speak through `transport.py`: each HTTP attempt
-ends by a wall-clock deadline (`timeout`) and every answer is read up to a cap.
+ends by a wall-clock deadline (`timeout`), each API call with its retries by
+another (`total_timeout`), and every answer is read up to a cap.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from .errors import (
     AuthenticationError,
+    InvalidBaseURLError,
     InvalidRequestError,
     ProtocolError,
     RateLimitedError,
@@ -42,7 +45,14 @@ from .models import (
     check_request_id,
 )
 from .polling import PollingPolicy, RunDurationEstimator
-from .retry import CallKind, RetryPolicy, parse_retry_after, submit_server_error, transport_error
+from .retry import (
+    DEFAULT_TOTAL_TIMEOUT,
+    CallKind,
+    RetryPolicy,
+    parse_retry_after,
+    submit_server_error,
+    transport_error,
+)
 from .transport import (
     MAX_ANSWER_BYTES,
     MAX_INLINE_RESULT_BYTES,
@@ -51,6 +61,7 @@ from .transport import (
     call_deadline,
     install_deadlines,
     read_answer,
+    seconds_left,
 )
 from .vocabulary import DEFAULT_BASE_URL, DEFAULT_OUTPUT_HOSTS, NANO_BANANA_EDIT_MODEL_ID
 from .waiting import DEFAULT_WAIT_TIMEOUT, StatusCallback, WaitTracker
@@ -70,8 +81,55 @@ _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
 def resolve_base_url(base_url: str | None) -> str:
-    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API."""
-    return (base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL).rstrip("/")
+    """The API's base URL: given, else `RUNCOMFY_BASE_URL`, else the real API.
+
+    Raises:
+        InvalidBaseURLError: The URL is no http(s) URL with a host (see `check_base_url`).
+    """
+    if base_url:
+        return check_base_url(base_url)
+    if from_environment := os.environ.get(BASE_URL_ENV_VAR):
+        return check_base_url(from_environment, source=BASE_URL_ENV_VAR)
+    return DEFAULT_BASE_URL
+
+
+def check_base_url(url: str, source: str = "base URL") -> str:
+    """`url` without its trailing slash, when it can be an API base URL.
+
+    The one check of a base URL, for the client, the credentials block and the
+    command line alike: a value that is no URL would otherwise be tried as one,
+    retried as an unreachable server and reported as a network failure.
+
+    Args:
+        url: The base URL, e.g. `https://model-api.runcomfy.net`.
+        source: Where it was set, for the message (`RUNCOMFY_BASE_URL`, `--base-url`).
+
+    Returns:
+        The URL without a trailing slash.
+
+    Raises:
+        InvalidBaseURLError: It is not an http:// or https:// URL with a host and a valid
+            port, or it carries a query or fragment (paths are joined onto it).
+    """
+    parts = urlsplit(url.strip())
+    problem = None
+    if parts.scheme.lower() not in ("http", "https"):
+        problem = "is not an http:// or https:// URL"
+    elif not parts.hostname:
+        problem = "names no host"
+    elif parts.query or parts.fragment:
+        problem = "has a query or fragment (the API's paths are appended to it)"
+    else:
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+        except ValueError:
+            problem = "has an invalid port"
+    if problem is not None:
+        raise InvalidBaseURLError(
+            f"{source} {url!r} {problem}; expected e.g. {DEFAULT_BASE_URL} "
+            "or an emulator's http://127.0.0.1:PORT"
+        )
+    return url.strip().rstrip("/")
 
 
 def output_hosts_for(
@@ -100,6 +158,45 @@ class _OutOfTime(Exception):
         self.error = error
 
 
+class _Call:
+    """The attempts of one API call, retries included, and the time they may take.
+
+    The call ends by `total` seconds from its start and, when it polls for a
+    `wait`, by `until` (that wait's end, a `time.monotonic()` instant): its
+    attempts and its sleeps get only what is left of both.
+    """
+
+    def __init__(self, total: float, until: float | None) -> None:
+        self.started = time.monotonic()
+        self.total = total
+        self.until = until
+        self.ends = self.started + total if until is None else min(self.started + total, until)
+        self.attempts = 0
+
+    def total_spent(self, delay: float = 0.0) -> bool:
+        """Whether `delay` more seconds would reach the end of the call's own total."""
+        return time.monotonic() + delay >= self.started + self.total
+
+    def gave_up(self, error: RunComfyError, *, spent: bool = False) -> RunComfyError:
+        """`error`, its message saying how long the call tried and how many attempts.
+
+        Said when the call could have been retried or was: a permanent error on its
+        first attempt (a 404, a refused submit) is the server's answer, not a give-up.
+        """
+        if spent or error.is_transient or self.attempts > 1:
+            plural = "" if self.attempts == 1 else "s"
+            tried = (
+                f"gave up after {self.attempts} attempt{plural} in "
+                f"{time.monotonic() - self.started:.1f} s"
+            )
+            if spent:
+                tried += f" (this call's total_timeout is {self.total:g} s)"
+            # Only numbers are added to a message already redacted when the error was built.
+            error.message = f"{error.message}; {tried}"
+            error.args = (error.message,)
+        return error
+
+
 def _plain_secret(api_token: str | SecretStr | None) -> str:
     if isinstance(api_token, SecretStr):
         api_token = api_token.get_secret_value()
@@ -119,6 +216,7 @@ class _ClientCore:
         api_token: str | SecretStr | None,
         base_url: str | None,
         timeout: float,
+        total_timeout: float,
         retry_policy: RetryPolicy | None,
         polling_policy: PollingPolicy | None,
         duration_estimator: RunDurationEstimator | None,
@@ -128,11 +226,14 @@ class _ClientCore:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be a positive number of seconds")
+        if total_timeout <= 0:
+            raise ValueError("total_timeout must be a positive number of seconds")
         self.max_answer_bytes = max_answer_bytes
         self._api_token = SecretStr(_plain_secret(api_token))
         self.base_url = resolve_base_url(base_url)
         self.output_hosts = output_hosts_for(self.base_url, output_hosts)
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.retry_policy = retry_policy or RetryPolicy()
         self.polling_policy = polling_policy or PollingPolicy(
             time_scale=float(os.environ.get(POLL_TIME_SCALE_ENV_VAR) or 1.0)
@@ -191,6 +292,16 @@ class _ClientCore:
         if isinstance(edit, NanoBananaEditInput):
             return edit
         return NanoBananaEditInput.model_validate(edit)
+
+    def _attempt_timeout(self, deadline: float | None) -> httpx.Timeout:
+        """httpx's timeouts for one attempt; its wait for a pooled connection included.
+
+        The deadline bounds every network operation (see `deadline.py`); waiting for
+        a free connection of the pool is not one, so it gets what is left here.
+        """
+        left = seconds_left(deadline)
+        pool = self.timeout if left is None else max(min(self.timeout, left), 0.001)
+        return httpx.Timeout(self.timeout, connect=min(10.0, self.timeout), pool=pool)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_token.get_secret_value(), "**********")
@@ -319,37 +430,36 @@ class _ClientCore:
     def _out_of_time(self, until: float | None, delay: float = 0.0) -> bool:
         return until is not None and time.monotonic() + delay >= until
 
-    def _next_step(
-        self, kind: CallKind, error: RunComfyError, attempt: int, until: float | None
-    ) -> float:
+    def _next_step(self, kind: CallKind, error: RunComfyError, call: _Call) -> float:
         """Seconds to wait before retrying, or raise `error` (or its submit form).
 
-        `until` (a `time.monotonic()` instant) is the caller's own deadline: no
-        retry starts after it, so a `wait` ends by its deadline plus one attempt.
+        No retry starts past the call's end: a `wait` ends by its own deadline
+        (its poll in flight gets only what is left of it), and any call ends by its
+        `total_timeout`, the error then saying how long it tried and how often.
         """
         if kind is CallKind.SUBMIT and isinstance(error, ServerError):
-            raise submit_server_error(error)
-        if not self.retry_policy.should_retry(kind, error, attempt):
-            raise error
-        delay = self.retry_policy.delay(attempt, getattr(error, "retry_after", None))
-        if self._out_of_time(until, delay):
+            raise call.gave_up(submit_server_error(error), spent=call.total_spent())
+        if not self.retry_policy.should_retry(kind, error, call.attempts):
+            raise call.gave_up(error, spent=call.total_spent())
+        delay = self.retry_policy.delay(call.attempts, getattr(error, "retry_after", None))
+        if self._out_of_time(call.until, delay):
             raise _OutOfTime(error)
+        if call.total_spent(delay):
+            raise call.gave_up(error, spent=True)
         if isinstance(error, RateLimitedError):
             self._paused_until = max(self._paused_until, time.monotonic() + delay)
         self.logger.warning(
             "%s; retrying in %.2f s (attempt %d of %d)",
             error,
             delay,
-            attempt + 1,
+            call.attempts + 1,
             self.retry_policy.max_attempts,
         )
         return delay
 
-    def _pause_remaining(self, until: float | None) -> float:
-        """How long a 429 still pauses this client, never past the caller's deadline."""
-        now = time.monotonic()
-        end = self._paused_until if until is None else min(self._paused_until, until)
-        return end - now
+    def _pause_remaining(self, call: _Call) -> float:
+        """How long a 429 still pauses this client, never past the call's end."""
+        return min(self._paused_until, call.ends) - time.monotonic()
 
     def _tracker(
         self,
@@ -376,13 +486,18 @@ class RunComfyClient(_ClientCore):
     """The blocking client of the RunComfy Model API (no Prefect needed).
 
     Reads are retried on connection errors, timeouts, 429 and 5xx; a billed submit
-    only when it provably never arrived. A 429 pauses every call of the client.
+    only when it provably never arrived. A 429 pauses every call of the client. One
+    API call, its retries and their sleeps included, ends by `total_timeout` however
+    slowly the server answers; past it the call raises its last error, whose message
+    says how long it tried and how many attempts.
 
     Args:
         api_token: The API token; None reads `RUNCOMFY_API_TOKEN`.
         base_url: The API's base URL; None reads `RUNCOMFY_BASE_URL`, else the real API.
         timeout: The wall-clock deadline of each HTTP attempt, in seconds (connect,
             send and every read together).
+        total_timeout: The deadline of one API call, retries included, in seconds
+            (`DEFAULT_TOTAL_TIMEOUT`, 45 s).
         retry_policy: How calls are retried (`RetryPolicy()` by default).
         polling_policy: How `wait` polls; by default scaled by `RUNCOMFY_POLL_TIME_SCALE`.
         duration_estimator: What `wait` knows of run times (shared by a batch's waits).
@@ -413,6 +528,7 @@ class RunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -424,6 +540,7 @@ class RunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -451,9 +568,15 @@ class RunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout), self._http.stream(method, path, **send) as response:
+        with (
+            call_deadline(self.timeout, until=call.ends) as deadline,
+            self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response,
+        ):
             try:
                 content = read_answer(response, limit)
             except AnswerTooLarge as exc:
@@ -472,10 +595,10 @@ class RunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 time.sleep(pause)
             try:
                 outcome = self._attempt(
@@ -484,6 +607,7 @@ class RunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -492,7 +616,7 @@ class RunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            time.sleep(self._next_step(kind, outcome, attempt, until))
+            time.sleep(self._next_step(kind, outcome, call))
 
     def submit(self, model_id: str, payload: Payload) -> RequestHandle:
         """Submit a job for any model id. Billed: retried only when it provably never arrived.
@@ -590,7 +714,7 @@ class RunComfyClient(_ClientCore):
         return self._poll_result(request_id, include_cost, None)
 
     def _poll_status(self, request_id: str, until: float | None) -> RequestStatus:
-        """The request's status; `until` (monotonic) stops retries past a wait's deadline."""
+        """The request's status; `until` (monotonic), a wait's end, bounds the poll too."""
         body = self._call(
             CallKind.READ,
             "GET",
@@ -646,7 +770,8 @@ class RunComfyClient(_ClientCore):
 
         Polls adaptively: quick at first, backing off while queued, quiet while a
         running job cannot be done yet, then dense near its expected end. Returns or
-        raises by `timeout` seconds plus one call's `timeout`.
+        raises by `timeout` seconds whatever the server's pace: the poll in flight
+        gets no more than what is left of the wait.
 
         Args:
             request_id: The request.
@@ -695,10 +820,11 @@ class RunComfyClient(_ClientCore):
 
 
 class AsyncRunComfyClient(_ClientCore):
-    """The async twin of `RunComfyClient`: the same methods, awaited.
+    """The async twin of `RunComfyClient`: the same methods, awaited, the same time bounds.
 
     Takes the same arguments, and `max_connections` (the connection pool's size, for
-    a batch that shares one client across many lanes).
+    a batch that shares one client across many lanes); a call waiting for a free
+    connection waits within its own deadlines.
 
     Example:
         ```python
@@ -713,6 +839,7 @@ class AsyncRunComfyClient(_ClientCore):
         base_url: str | None = None,
         *,
         timeout: float = 30.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
         retry_policy: RetryPolicy | None = None,
         polling_policy: PollingPolicy | None = None,
         duration_estimator: RunDurationEstimator | None = None,
@@ -725,6 +852,7 @@ class AsyncRunComfyClient(_ClientCore):
             api_token,
             base_url,
             timeout,
+            total_timeout,
             retry_policy,
             polling_policy,
             duration_estimator,
@@ -757,10 +885,13 @@ class AsyncRunComfyClient(_ClientCore):
         path: str,
         limit: int,
         request_id: str | None,
+        call: _Call,
         **send: Any,
     ) -> dict[str, Any] | RunComfyError:
-        with call_deadline(self.timeout):
-            async with self._http.stream(method, path, **send) as response:
+        with call_deadline(self.timeout, until=call.ends) as deadline:
+            async with self._http.stream(
+                method, path, timeout=self._attempt_timeout(deadline), **send
+            ) as response:
                 try:
                     content = await aread_answer(response, limit)
                 except AnswerTooLarge as exc:
@@ -779,10 +910,10 @@ class AsyncRunComfyClient(_ClientCore):
         limit: int | None = None,
         until: float | None = None,
     ) -> dict[str, Any]:
-        attempt = 0
+        call = _Call(self.total_timeout, until)
         while True:
-            attempt += 1
-            if (pause := self._pause_remaining(until)) > 0:
+            call.attempts += 1
+            if (pause := self._pause_remaining(call)) > 0:
                 await asyncio.sleep(pause)
             try:
                 outcome = await self._attempt(
@@ -791,6 +922,7 @@ class AsyncRunComfyClient(_ClientCore):
                     path,
                     limit or self.max_answer_bytes,
                     request_id,
+                    call,
                     json=json,
                     params=params,
                 )
@@ -799,7 +931,7 @@ class AsyncRunComfyClient(_ClientCore):
                 outcome = transport_error(kind, exc, f"{method} {self.base_url}{path}")
             if not isinstance(outcome, RunComfyError):
                 return outcome
-            await asyncio.sleep(self._next_step(kind, outcome, attempt, until))
+            await asyncio.sleep(self._next_step(kind, outcome, call))
 
     async def submit(self, model_id: str, payload: Payload) -> RequestHandle:
         """Submit a job for any model id. Billed: retried only when it provably never arrived.

@@ -81,6 +81,14 @@ class InvalidRequestError(RunComfyError):
     """The server refused the request body or model id (422001, 400001); see `detail`."""
 
 
+class InvalidBaseURLError(InvalidRequestError, ValueError):
+    """The API base URL is no http(s) URL with a host; found before any call is made.
+
+    Also a `ValueError`, so a credentials block with such a `base_url` fails its
+    validation with this message.
+    """
+
+
 class NotFoundError(RunComfyError):
     """The request id is unknown, deleted or expired (404001)."""
 

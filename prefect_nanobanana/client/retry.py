@@ -5,6 +5,7 @@ on anything transient. A submit is billed and the API has no idempotency key, so
 it is retried only when the request provably never reached the server (the
 connection was never made, or HTTP 429); anything after the bytes left is
 `SubmitOutcomeUnknownError`.
+Whatever the policy allows, one call ends by its total (`DEFAULT_TOTAL_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ class CallKind(str, Enum):
     READ = "read"
     SUBMIT = "submit"
 
+
+# How long one API call may take in all, its retries included (the client's
+# `total_timeout`). 45 s: more than one whole attempt (30 s by default), so a slow
+# answer that arrives within its own deadline is never cut on a fresh call; room
+# for the default policy's whole backoff (at most 0.5 + 1 + 2 + 4 + 8 = 15.5 s of
+# sleeps over 6 attempts), so quick failures (a refused connection, a run of 503s)
+# still get every attempt; and a caller hears within 45 s, not after 6 slow
+# attempts of 30 s each (over 3 minutes), however slowly the server answers.
+DEFAULT_TOTAL_TIMEOUT = 45.0
 
 # The request never left this machine: safe to repeat even a billed call.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)

@@ -11,14 +11,15 @@ The API's answers are not ours to trust. Two bounds hold whatever the server doe
 * **Time.** httpx's timeouts are per operation: a server that drips one byte a
   second never trips a 30 s read timeout. Each attempt runs under
   :func:`~prefect_nanobanana.deadline.call_deadline`, so it ends by its deadline
-  however the server paces its bytes.
+  however the server paces its bytes; an attempt inside a call (or a wait) with
+  less left gets only what is left.
 """
 
 from __future__ import annotations
 
 import httpx
 
-from ..deadline import call_deadline, install_deadlines
+from ..deadline import call_deadline, install_deadlines, seconds_left
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -28,6 +29,7 @@ __all__ = [
     "call_deadline",
     "install_deadlines",
     "read_answer",
+    "seconds_left",
 ]
 
 MAX_ANSWER_BYTES = 4 * 1024 * 1024

@@ -29,7 +29,12 @@ from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
+from ..blocks.credentials import (
+    DEFAULT_CREDENTIALS_BLOCK,
+    RunComfyCredentials,
+    resolve_credentials,
+    warn_of_signed_urls_in_parameters,
+)
 from ..client import (
     AspectRatio,
     JobCancelledError,
@@ -205,6 +210,7 @@ def edit_image(
     Returns:
         The request id, statuses seen, output URLs, cost and timings.
     """
+    warn_of_signed_urls_in_parameters()
     edit = NanoBananaEditInput(
         prompt=prompt,
         image_urls=image_urls,

@@ -16,7 +16,12 @@ from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
 from .. import observe, previews
-from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK, RunComfyCredentials, resolve_credentials
+from ..blocks.credentials import (
+    DEFAULT_CREDENTIALS_BLOCK,
+    RunComfyCredentials,
+    resolve_credentials,
+    warn_of_signed_urls_in_parameters,
+)
 from ..client import (
     NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
@@ -83,6 +88,7 @@ def edit_and_archive(
             4K double) is over it, or the price cannot be looked up, the flow raises
             `BudgetExceededError` before staging or paying.
     """
+    warn_of_signed_urls_in_parameters()
     options = {
         "aspect_ratio": aspect_ratio,
         "resolution": resolution,

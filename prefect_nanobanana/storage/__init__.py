@@ -11,7 +11,14 @@ _EXPORTS: dict[str, str] = {
     # The guard's record types, which the ledger stores.
     **dict.fromkeys(["ClaimOwner", "LedgerEntry", "VersionedEntry"], "..guard.records"),
     **dict.fromkeys(
-        ["LedgerError", "LocationError", "ManifestError", "StagingError", "StorageError"],
+        [
+            "LedgerError",
+            "LocationError",
+            "ManifestError",
+            "S3CredentialsError",
+            "StagingError",
+            "StorageError",
+        ],
         ".errors",
     ),
     **dict.fromkeys(
@@ -25,6 +32,7 @@ _EXPORTS: dict[str, str] = {
             "parse_location",
             "redact",
             "redact_text",
+            "s3_location_of_url",
             "strip_signature",
         ],
         ".locations",
@@ -79,6 +87,19 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["location_link", "location_uri", "thumbnail_data_uri"], ".thumbnails"),
     **dict.fromkeys(["read_manifest", "write_results_manifest"], ".manifest"),
     **dict.fromkeys(["RunTimeHistory"], ".run_times"),
+    **dict.fromkeys(["IMAGE_EXTENSIONS", "ListedImage", "list_images"], ".listing"),
+    **dict.fromkeys(
+        [
+            "DAILY_BUDGET_NAME",
+            "BudgetRefusal",
+            "BudgetTotal",
+            "DailyBudget",
+            "Reservation",
+            "SharedBudget",
+            "daily_totals",
+        ],
+        ".budget",
+    ),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .errors import LocationError, StorageError
+from .errors import LocationError, S3CredentialsError, StorageError
 from .locations import HttpLocation, LocalLocation, join_key, parse_location
 
 # The archive's default root: a folder in the working directory, no cloud needed.
@@ -119,13 +119,29 @@ def make_s3_client(**client_kwargs: Any) -> Any:
     return _shared_s3_client(environment)
 
 
+NO_AWS_CREDENTIALS = (
+    "no AWS credentials found for S3: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    "(and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE, or run with an instance "
+    "or task role (and AWS_ENDPOINT_URL for MinIO or another S3 API)"
+)
+
+
 def _new_s3_client(**client_kwargs: Any) -> Any:
+    """A client from boto3's default chain; S3CredentialsError when the chain finds none.
+
+    botocore looks the credentials up when it makes the client; without any, every
+    call would fail later with its bare NoCredentialsError, which names nothing to set.
+    """
     import boto3
     from botocore.config import Config
 
     # Enough connections for a batch's lanes and parallel staging, so none waits for one.
     config = Config(max_pool_connections=S3_MAX_CONNECTIONS)
-    return boto3.session.Session().client("s3", **{"config": config, **client_kwargs})
+    session = boto3.session.Session()
+    client = session.client("s3", **{"config": config, **client_kwargs})
+    if "aws_access_key_id" not in client_kwargs and session.get_credentials() is None:
+        raise S3CredentialsError(NO_AWS_CREDENTIALS)
+    return client
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,6 +26,14 @@ class LocationError(StorageError, ValueError):
     """A location string cannot be used: unknown scheme, non-HTTPS remote URL, bad bucket."""
 
 
+class S3CredentialsError(LocationError):
+    """No AWS credentials were found for S3; nothing was read or written.
+
+    Raised when the S3 client is made from boto3's default chain, so every verb
+    and flow that uses an ``s3://`` location says what to set, before anything is paid.
+    """
+
+
 class StagingError(StorageError, ValueError):
     """An asset cannot be staged; nothing has been submitted (paid for) yet.
 

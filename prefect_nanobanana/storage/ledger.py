@@ -39,8 +39,10 @@ def job_key_for(
     options: Mapping[str, Any] | None = None,
     row_id: str | None = None,
     scope: str | None = None,
+    content: str | None = None,
 ) -> str:
-    """The one job-key scheme: sha256 of a job's prompt, sources, options, row id and scope.
+    """The one job-key scheme: sha256 of a job's prompt, sources, options, row id, scope
+    and content.
 
     Local paths are made absolute, URLs signature-stripped (so restaging, with new
     signatures, does not change the key) and data: URIs named by their digest;
@@ -49,7 +51,10 @@ def job_key_for(
     and an omitted resolution should be the same job. ``row_id`` tells identical
     rows of a batch apart (two copies of a row are two paid jobs). ``scope`` narrows
     the key to one context (a flow run id: "this run's edit", not "this edit ever");
-    unset, it is left out, so keys made before it existed stay the same.
+    unset, it is left out, so keys made before it existed stay the same. ``content``
+    is an identity of the sources' bytes (`ListedImage.content`: an S3 ETag, a local
+    sha256) for rows read from a location whose files may be replaced under the same
+    names: a changed image is a new job. Unset, it is left out too.
     """
     canonical = {
         "prompt": prompt,
@@ -59,6 +64,7 @@ def job_key_for(
         },
         "row_id": row_id,
         **({"scope": scope} if scope is not None else {}),
+        **({"content": content} if content is not None else {}),
     }
     encoded = json.dumps(redact(canonical), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -122,17 +128,29 @@ class Ledger:
         before the first submit. The listing costs one request per 1,000 entries; only
         the entries it names are read, `parallel` at a time.
         """
-        existing = {
-            name.removesuffix(".json")
-            for key in self.backend.list_keys(LEDGER_PREFIX)
-            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
-        }
+        existing = self.known_keys()
         found: dict[str, VersionedEntry | None] = dict.fromkeys(job_keys)
         to_read = sorted(set(job_keys) & existing)
         with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(to_read) or 1))) as pool:
             for job_key, versioned in zip(to_read, pool.map(self.read, to_read), strict=True):
                 found[job_key] = versioned
         return found
+
+    def known_keys(self) -> set[str]:
+        """The job keys that have an entry, from one listing (a request per 1,000 entries).
+
+        Enough to plan a listed batch as it streams: a row whose key is not here is
+        new (it needs a paid submit, no read); only the others' entries need reading.
+        A snapshot: the submit guard decides again, atomically, when the row runs.
+
+        Returns:
+            The set of job keys with an entry under ``_ledger/``.
+        """
+        return {
+            name.removesuffix(".json")
+            for key in self.backend.list_keys(LEDGER_PREFIX)
+            if (name := key.rsplit("/", 1)[-1]).endswith(".json")
+        }
 
     def create(self, entry: LedgerEntry) -> str | None:
         """Write a first entry for its job; its version, or None when one exists already."""

@@ -33,11 +33,16 @@ __all__ = [
     "parse_location",
     "redact",
     "redact_text",
+    "s3_location_of_url",
     "strip_signature",
 ]
 
 # S3's rules for bucket names, loosely: 3-63 lowercase letters, digits, dots and hyphens.
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# AWS's S3 hosts: virtual-hosted (the bucket first) and path-style (the bucket in the path).
+_AWS_S3_HOST_RE = re.compile(
+    r"^(?:(?P<bucket>[a-z0-9][a-z0-9.\-]*)\.)?s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,35 @@ def _parse_s3(value: str) -> S3Location:
     if not _BUCKET_RE.match(bucket):
         raise LocationError(f"invalid S3 bucket name {bucket!r} in {value!r}")
     return S3Location(bucket, key.strip("/"))
+
+
+def s3_location_of_url(url: str) -> str | None:
+    """The ``s3://bucket/key`` an S3 object's URL (pre-signed or not) names, or None when
+    the URL is not one this can tell: AWS's virtual-hosted and path-style hosts, and
+    the endpoint ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` names (MinIO, moto).
+    """
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    path = unquote(parts.path).lstrip("/")
+    aws = _AWS_S3_HOST_RE.match(host)
+    if aws and aws.group("bucket"):
+        bucket, key = aws.group("bucket"), path
+    elif aws or _is_s3_endpoint(parts.scheme, parts.netloc):
+        bucket, _, key = path.partition("/")
+    else:
+        return None
+    if not _BUCKET_RE.match(bucket) or not key:
+        return None
+    return f"s3://{bucket}/{key}"
+
+
+def _is_s3_endpoint(scheme: str, netloc: str) -> bool:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return False
+    parts = urlsplit(endpoint)
+    origin = (parts.scheme.lower(), parts.netloc.rpartition("@")[2].lower())
+    return origin == (scheme.lower(), netloc.rpartition("@")[2].lower())
 
 
 def is_loopback_host(host: str) -> bool:

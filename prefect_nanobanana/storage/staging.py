@@ -18,7 +18,8 @@ cheap request, for a batch's pre-flight.
 Sources: local files, folders (the images inside, sorted, non-recursive), globs,
 ``s3://`` objects (HEAD + a ranged GET of the header, size and pixels checked, then a
 pre-signed URL), ``https://`` URLs
-(passed through untouched) and loopback ``http://`` URLs (tests, demo).
+and loopback ``http://`` URLs (tests, demo), passed on as given after a ranged GET of
+their header checks the pixel cap.
 Targets for local files: ``s3://bucket/prefix`` or a loopback object store
 (:class:`prefect_nanobanana.emulator.LoopbackObjectStore`, the offline stand-in for S3).
 """
@@ -30,6 +31,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +271,7 @@ def stage_assets(
     ``check_target=False`` skips the check that the target is usable (a request on
     S3) for a caller staging many rows that checked it once already.
     """
-    planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri)
+    planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri, DEFAULT_PROBE_TIMEOUT)
     clients = planned.clients
     target = None
     if planned.local_files and staging_uri:
@@ -311,7 +313,7 @@ def check_sources(
     URLs only after the submit is billed. Raises :class:`StagingError` naming
     every problem.
     """
-    planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri)
+    planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri, probe_timeout)
     if probe_timeout is not None:
         check_urls([item for item in planned.items if isinstance(item, StagedAsset)], probe_timeout)
 
@@ -380,16 +382,21 @@ def _plan(
     expires_in: int,
     clients: _S3Clients,
     staging_uri: str | None,
+    url_timeout: float | None,
 ) -> _Plan:
     """Phase one: expand and check every source, and the inline caps when there is no
-    staging location; nothing written anywhere."""
+    staging location; nothing written anywhere. An http(s) source's header is read
+    within `url_timeout` seconds (None: not read)."""
     if isinstance(sources, str | os.PathLike):
         sources = [sources]
     if not sources:
         raise StagingError("no sources given")
     if not 1 <= expires_in <= MAX_URL_EXPIRES_IN:
         raise StagingError(f"expires_in must be between 1 and {MAX_URL_EXPIRES_IN} seconds")
-    plan = _Plan([item for source in sources for item in _plan_source(source, clients)], clients)
+    plan = _Plan(
+        [item for source in sources for item in _plan_source(source, clients, url_timeout)],
+        clients,
+    )
     if plan.local_files and not staging_uri:
         _check_inline(plan.local_files)
     return plan
@@ -431,7 +438,9 @@ def check_assets(
     """Validate sources as `stage_assets` does (the inline caps without a staging
     location), and that the staging store answers, uploading nothing (a dry run's
     check); the number of images found. Raises :class:`StagingError`."""
-    planned = _plan(sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri)
+    planned = _plan(
+        sources, DEFAULT_EXPIRES_IN, _S3Clients(s3_client), staging_uri, DEFAULT_PROBE_TIMEOUT
+    )
     if not planned.local_files or not staging_uri:
         return len(planned.items)
     target = _open_target(staging_uri, planned.clients, DEFAULT_EXPIRES_IN, upload_token)
@@ -540,11 +549,14 @@ def _parse(value: str | os.PathLike[str]) -> LocalLocation | S3Location | HttpLo
         raise StagingError(str(exc)) from exc
 
 
-def _plan_source(source: str | os.PathLike[str], clients: _S3Clients) -> list[_Planned]:
+def _plan_source(
+    source: str | os.PathLike[str], clients: _S3Clients, url_timeout: float | None
+) -> list[_Planned]:
     """Phase one for one source: expand and validate it; no writes anywhere."""
     location = _parse(source)
     if isinstance(location, HttpLocation):
-        # The API fetches https URLs itself; fetching them here would only cost time.
+        if url_timeout is not None:
+            _check_url_header(location, url_timeout)
         return [StagedAsset(source=str(location), url=location.url)]
     if isinstance(location, S3Location):
         return [_inspect_s3(location, clients)]
@@ -627,6 +639,52 @@ def _inspect_s3(location: S3Location, clients: _S3Clients) -> _S3Object:
         raise StagingError(_not_an_image(str(location)))
     header_facts(head_bytes, str(location))  # the header's pixel count, when in range
     return _S3Object(location, content_type, size)
+
+
+def _check_url_header(location: HttpLocation, timeout: float) -> None:
+    """The pixel cap of an http(s) input, from a ranged GET of its header, as for S3.
+
+    The API fetches the URL itself, and would refuse a pixel bomb only after the
+    submit is billed. A URL that does not answer here, or not with an image, is
+    left to the API (it may reach what this machine cannot) and to the probe of
+    :func:`check_urls`, which says so where a person is waiting.
+    """
+    head = read_url_header(location.url, timeout=timeout)
+    if head is not None and sniff_image_type(head[:SNIFF_BYTES]) is not None:
+        header_facts(head, str(location))
+
+
+def read_url_header(url: str, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> bytes | None:
+    """The first :data:`HEADER_BYTES` of what ``url`` serves (a ranged GET, redirects
+    followed), read within ``timeout`` seconds in all; None when it does not answer
+    200 or 206 in time. Servers that ignore the range are read no further."""
+    host = urlsplit(url).hostname or ""
+    deadline = time.monotonic() + timeout
+    head = b""
+    try:
+        # A loopback URL must not go through a proxy from the environment.
+        with (
+            httpx.Client(
+                follow_redirects=True, timeout=timeout, trust_env=not is_loopback_host(host)
+            ) as http,
+            http.stream(
+                "GET",
+                url,
+                # Identity: a compressed chunk could inflate far past the header we want.
+                headers={"Range": f"bytes=0-{HEADER_BYTES - 1}", "Accept-Encoding": "identity"},
+            ) as got,
+        ):
+            if got.status_code not in (200, 206):
+                return None
+            for chunk in got.iter_bytes():
+                head += chunk
+                if len(head) >= HEADER_BYTES:
+                    break
+                if time.monotonic() > deadline:
+                    return None  # a server dripping its answer: left to the API
+    except httpx.HTTPError:
+        return None
+    return head[:HEADER_BYTES]
 
 
 def _not_an_image(name: str) -> str:

@@ -1,22 +1,13 @@
-"""Where the submit guard keeps its records: one small interface, three stores.
+"""Prefect's result store as the submit guard's `RecordStore`, for bare tasks and blocks.
 
-A record is a `LedgerEntry` (the storage room's model) per job key, read with a
-*version* and written only conditionally:
-
-- `create(entry)` succeeds for exactly one writer of a job key (the claim);
-- `replace(entry, version)` succeeds only if nobody wrote since `version` was read;
-- `scan()` reads every record at once (a batch can plan from one listing).
-
-The stores:
-
-- the archive's `Ledger` (local folder or S3; `storage.ledger`), for flows that
-  have an archive: atomic across processes and machines (hard link / rename under
-  a lock locally, `IfNoneMatch` / `IfMatch` on S3);
-- `PrefectRecordStore`: Prefect's result store plus the flow run's labels, for bare
-  tasks and blocks. Conditional writes hold the result store's lock manager (a
-  file lock, so atomic across the processes of one machine; the labels carry the
-  request ids to any machine that reruns the flow run);
-- `MemoryRecordStore`: one process's memory (tests, and the CLI's raw `submit`).
+The guard's records and their interface live in `prefect_nanobanana.guard.records`
+(with `MemoryRecordStore`); the archive's `storage.Ledger` is the store of flows
+that have an archive (atomic across machines: a hard link / rename under a lock
+locally, `IfNoneMatch` / `IfMatch` on S3). `PrefectRecordStore` keeps a record in
+Prefect's result store plus the flow run's labels. Conditional writes hold the
+records' lock manager (`locks.py`: Redis when `NANOBANANA_LOCK_URL` is set, atomic
+across machines; else a file lock, atomic across the processes of one machine); the
+labels carry the request ids to any machine that reruns the flow run.
 """
 
 from __future__ import annotations
@@ -33,12 +24,16 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from prefect.client.orchestration import get_client
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.results import ResultStore, get_result_store
-from prefect.settings import PREFECT_HOME
 
 from .. import observe
 from ..guard.records import LedgerEntry, VersionedEntry, version_of
+from .locks import (
+    is_lock_service_error,
+    lock_service_error,
+    record_lock_manager,
+    warn_if_machine_local,
+)
 
 RECORD_LABEL_PREFIX = "nanobanana.job."
 _LABEL_SUBMITTING = "submitting"
@@ -112,10 +107,11 @@ class PrefectRecordStore:
     `on_cancellation` hook in the runner's process, read them after the flow's
     process is gone. A known request id in either place wins.
 
-    Why it cannot race: a create or replace reads and writes while holding the
-    result store's lock for that record (Prefect's lock manager; a lock file made
-    with an exclusive create when the result store has none), so of two writers on
-    one machine one waits for the other and then sees its record. Label updates of
+    Why it cannot race: a create or replace reads and writes while holding a lock
+    for that record (`locks.record_lock_manager`: Redis when `NANOBANANA_LOCK_URL`
+    is set, else the result store's own lock manager, else a file lock), so of two
+    writers that share the lock one waits for the other and then sees its record.
+    A file lock is shared by the processes of one machine only. Label updates of
     one flow run hold a lock too, so concurrent tasks of the run never lose one
     another's labels.
     """
@@ -123,13 +119,24 @@ class PrefectRecordStore:
     def __init__(self, result_store: ResultStore | None = None) -> None:
         store = result_store or get_result_store()
         # Never from memory: another process may have written since.
-        update: dict[str, Any] = {"cache_result_in_memory": False}
-        if store.lock_manager is None:
-            locks = PREFECT_HOME.value() / "locks" / "nanobanana"
-            update["lock_manager"] = FileSystemLockManager(lock_files_directory=locks)
-        self.result_store = store.model_copy(update=update)
+        self.result_store = store.model_copy(
+            update={"cache_result_in_memory": False, "lock_manager": record_lock_manager(store)}
+        )
         self.flow_run_id: UUID | None = observe.current_flow_run_id()
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex}"
+
+    def warn_if_machine_local(self) -> bool:
+        """Warn once per process if these records are shared but their lock is not.
+
+        Callers that name a `job_key` of their own call it: such a key spans runs,
+        and runs on two machines may claim it at the same moment.
+
+        Returns:
+            Whether this call logged the warning.
+        """
+        lock_manager = self.result_store.lock_manager
+        assert lock_manager is not None
+        return warn_if_machine_local(self.result_store, lock_manager)
 
     def location(self, job_key: str) -> str:
         storage_key, label = record_names(job_key)
@@ -163,6 +170,10 @@ class PrefectRecordStore:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.005)
+                except Exception as error:
+                    if is_lock_service_error(error):
+                        raise lock_service_error(error) from error
+                    raise
             if not acquired:
                 raise TimeoutError(f"could not lock the submit record {key!r}")
             try:

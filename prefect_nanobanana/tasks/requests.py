@@ -92,8 +92,10 @@ async def _submit_edit_once(
     """
     edit = NanoBananaEditInput.model_validate(edit)
     credentials = credentials or RunComfyCredentials()
-    job_key = job_key or default_job_key(edit, job_scope())
     store = PrefectRecordStore()
+    if job_key:
+        store.warn_if_machine_local()
+    job_key = job_key or default_job_key(edit, job_scope())
     async with credentials.get_async_client() as client:
         submitted = await submit_once(
             job_key,
@@ -108,15 +110,13 @@ async def _submit_edit_once(
         # This run's cancellation hook looks for its requests in its own labels.
         store.ensure_label(job_key, submitted.request_id)
         return submitted
-    (run_logger_or_none() or observe.logger).info(
-        "Submitted RunComfy request %s (job key %s)", submitted.request_id, job_key
-    )
-    observe.emit_request_event(
-        observe.EVENT_SUBMITTED,
+    await observe.aannounce_submitted(
+        run_log(),
         submitted.request_id,
-        payload={"job_key": job_key, "model_id": NANO_BANANA_EDIT_MODEL_ID},
+        job_key,
+        result_url=submitted.result_url,
+        model_id=NANO_BANANA_EDIT_MODEL_ID,
     )
-    await observe.alink_request(submitted.request_id, submitted.result_url, job_key)
     return submitted
 
 

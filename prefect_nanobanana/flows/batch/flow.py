@@ -48,6 +48,7 @@ from ...blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
     aresolve_credentials,
+    warn_of_signed_urls_in_parameters,
 )
 from ...client import (
     NANO_BANANA_EDIT_MODEL_ID,
@@ -168,6 +169,7 @@ async def batch_edit(
     options = BatchOptions.model_validate(
         {name: value for name, value in locals().items() if name in BatchOptions.model_fields}
     )
+    warn_of_signed_urls_in_parameters()
     if (jobs is None) == (manifest_uri is None):
         raise ValueError("give exactly one of `jobs` or `manifest_uri`")
     if (chunk_size is None) != (chunk_deployment is None):

@@ -67,6 +67,12 @@ async def run_in_lanes(
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The task awaiting the lanes was cancelled (a caller's timeout, a notebook's
+            # interrupt): the same stop as a cancel, then the cancellation goes on.
+            stop.set("cancelling")
+            await asyncio.wait({running}, timeout=STOP_GRACE_SECONDS)
+            raise
         finally:
             stopping.cancel()
         if not running.done():

@@ -213,20 +213,13 @@ async def _request_of(plan: _RowPlan, batch: _Batch) -> SubmittedRequest:
         raise
     batch.request_ids[plan.row] = submitted.request_id
     if not (submitted.resumed or submitted.adopted):
-        get_run_logger().info(
-            "%s: submitted as RunComfy request %s", plan.label, submitted.request_id
-        )
-        observe.emit_request_event(
-            observe.EVENT_SUBMITTED,
+        await observe.aannounce_submitted(
+            _RowLog(get_run_logger(), {"label": plan.label}),
             submitted.request_id,
-            payload=observe.event_payload(
-                submitted.request_id,
-                "submitted",
-                row=plan.row,
-                row_id=plan.job.id,
-                job_key=plan.job_key,
-                model_id=NANO_BANANA_EDIT_MODEL_ID,
-            ),
+            plan.job_key,
+            row=plan.row,
+            row_id=plan.job.id,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
         )
     return submitted
 
