@@ -87,6 +87,27 @@ def edit_and_archive(
         max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
             4K double) is over it, or the price cannot be looked up, the flow raises
             `BudgetExceededError` before staging or paying.
+
+    Returns:
+        An `EditAndArchiveResult`: the request id, where each output and its
+        `metadata.json` were archived, the statuses seen, the cost.
+
+    Raises:
+        StagingError: An input is missing, is not an image or is over a cap (unpaid).
+        BudgetExceededError: The estimate is over `max_cost_usd` (unpaid).
+        JobFailedError: The edit failed at RunComfy.
+        WaitTimeoutError: `timeout_seconds` passed; a queued request is cancelled.
+        ArchiveError: An output could not be archived; it names the request.
+
+    Example:
+        ```python
+        from prefect_nanobanana import edit_and_archive
+
+        result = edit_and_archive(
+            prompt="Add a lighthouse", images=["photo.png"], archive_uri="s3://bucket/edited"
+        )
+        print(result.output_locations, result.metadata_location)
+        ```
     """
     warn_of_signed_urls_in_parameters()
     options = {
