@@ -19,7 +19,8 @@ import pytest
 from prefect_nanobanana.cli.demo import TEMPORARY_SERVER_STARTUP_SECONDS
 from tests.fixtures.scratch import scratch_env
 
-pytestmark = pytest.mark.slow
+# Minutes, not the suite's 300 s per test: the clean environment installs about 150 packages.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 
