@@ -9,6 +9,7 @@ environment running the test, so pip takes them from its cache.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -31,10 +32,21 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     return done
 
 
+# What a build must not see: environments, earlier builds (setuptools reuses `build/`,
+# which would hide a file the package data leaves out), caches.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv*", "build", "dist", "site", "*.egg-info", "__pycache__", "test-screenshots"
+)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("source") / "prefect-nanobanana"
+    shutil.copytree(REPO, source, ignore=_NOT_SOURCE)
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(REPO)])
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(source)]
+    )
     (built,) = dist.glob("prefect_nanobanana-*.whl")
     return built
 
