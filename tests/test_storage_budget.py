@@ -102,6 +102,8 @@ def test_shared_budget_names_its_cap(tmp_path: Path) -> None:
     assert budget.read().in_flight_usd == 0.5
     with pytest.raises(ValueError, match="budget name"):
         SharedBudget(tmp_path, "../escape", 1.0)
+    with pytest.raises(ValueError, match="budget name"):
+        SharedBudget(tmp_path, "..", 1.0)
     with pytest.raises(ValueError, match="0 or more"):
         budget.reserve(-1)
 

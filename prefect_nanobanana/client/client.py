@@ -509,7 +509,7 @@ class RunComfyClient(_ClientCore):
 
     Raises:
         AuthenticationError: No token was given or found in the environment.
-        ValueError: `timeout` is not a positive number.
+        ValueError: `timeout` or `total_timeout` is not a positive number.
 
     Example:
         ```python
@@ -1084,7 +1084,8 @@ class AsyncRunComfyClient(_ClientCore):
 
         Polls adaptively: quick at first, backing off while queued, quiet while a
         running job cannot be done yet, then dense near its expected end. Returns or
-        raises by `timeout` seconds plus one call's `timeout`.
+        raises by `timeout` seconds whatever the server's pace: the poll in flight
+        gets no more than what is left of the wait.
 
         Args:
             request_id: The request.

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from .backends import DEFAULT_ARCHIVE_URI, Backend, open_backend
+from .backends import Backend, open_backend
 from .errors import StorageError
 from .locations import join_key
 
@@ -217,7 +217,7 @@ class SharedBudget:
 
     Args:
         archive_uri: The archive (local folder or ``s3://bucket/prefix``) the record lives in.
-        name: The budget's name: letters, digits, ``.``, ``_`` or ``-``.
+        name: The budget's name: letters, digits, ``.``, ``_`` or ``-``, not first ``.``.
         cap_usd: The cap in USD; reservations that would pass it are refused.
         cap_name: How refusals name the cap (a parameter's name, e.g. ``max_cost_usd``).
         s3_client: A boto3 S3 client for an ``s3://`` archive; None: boto3's default chain.
@@ -235,8 +235,10 @@ class SharedBudget:
         cap_name: str = "max_cost_usd",
         s3_client: Any = None,
     ) -> None:
-        if not name or not all(char.isalnum() or char in "._-" for char in name):
-            raise ValueError(f"budget name {name!r} must be letters, digits, '.', '_' or '-'")
+        if name[:1] in ("", ".") or not all(char.isalnum() or char in "._-" for char in name):
+            raise ValueError(
+                f"budget name {name!r} must be letters, digits, '.', '_' or '-' (not first '.')"
+            )
         self._init(open_backend(archive_uri, s3_client), cap_usd, cap_name)
         self.key = join_key("shared", name)
 
@@ -379,8 +381,8 @@ class DailyBudget(SharedBudget):
 
     def __init__(
         self,
-        archive_uri: str | os.PathLike[str] = DEFAULT_ARCHIVE_URI,
-        cap_usd: float = 0.0,
+        archive_uri: str | os.PathLike[str],
+        cap_usd: float,
         *,
         s3_client: Any = None,
         clock: Callable[[], dt.datetime] = _utcnow,

@@ -62,13 +62,13 @@ from ...client import (
     RunComfyError,
 )
 from ...client.pricing import (
-    CostBudget,
     CostEstimate,
     base_price_of,
     format_usd,
     refuse_over_budget,
 )
 from ...guard.protocol import Decision
+from ...pipeline import Budget, Pipeline
 from ...previews import DEFAULT_PREVIEW_ROWS
 from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
@@ -93,7 +93,7 @@ from .models import (
 )
 from .plan import aplan_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
-from .row import _Batch, _run_row, _settled_without_api, not_finished
+from .row import BatchRun, RowObserver, _run_row, _settled_without_api, not_finished
 
 
 @flow(name="nano-banana-batch")
@@ -297,16 +297,22 @@ async def _run_rows(
         progress_id = await acreate_progress_artifact(
             progress=0.0, description=f"Rows of this batch finished, of {len(plans)}."
         )
-        batch = _Batch(
-            client=client,
-            stop=stop,
-            ledger=Ledger(location, s3_client=s3_client),
-            archive=archive,
+        run_id = observe.current_flow_run_id()
+        batch = BatchRun(
+            pipeline=Pipeline(
+                client=client,
+                store=Ledger(location, s3_client=s3_client),
+                archive_uri=location,
+                stop=stop,
+                budget=Budget(options.max_cost_usd),
+                observer=RowObserver(),
+                timeout_seconds=options.timeout_seconds,
+                s3_client=s3_client,
+            ),
             staging=resolve_location(options.staging_uri, options.aws_credentials),
-            max_concurrency=min(options.max_concurrency, shared_limit),
-            timeout_seconds=options.timeout_seconds,
-            budget=CostBudget(options.max_cost_usd),
+            lanes=min(options.max_concurrency, shared_limit),
             preview_rows=options.preview_rows,
+            run_id=str(run_id) if run_id else None,
         )
 
         progress = BatchProgress(len(plans), progress_id)
