@@ -89,22 +89,24 @@ def edit_and_archive(
             `BudgetExceededError` before staging or paying.
 
     Returns:
-        An `EditAndArchiveResult`: the request id, the archived outputs and their
-        `metadata.json`, the statuses seen, the cost.
+        An `EditAndArchiveResult`: the request id, where each output and its
+        `metadata.json` were archived, the statuses seen, the cost.
 
     Raises:
-        BudgetExceededError: Over `max_cost_usd`, before anything is staged or paid.
-        JobFailedError: The job failed at RunComfy (a rerun may pay for it again).
-        WaitTimeoutError: `timeout_seconds` passed (a queued request is withdrawn).
-        ArchiveError: An output could not be archived (the others are kept).
+        StagingError: An input is missing, is not an image or is over a cap (unpaid).
+        BudgetExceededError: The estimate is over `max_cost_usd` (unpaid).
+        JobFailedError: The edit failed at RunComfy.
+        WaitTimeoutError: `timeout_seconds` passed; a queued request is cancelled.
+        ArchiveError: An output could not be archived; it names the request.
 
     Example:
         ```python
-        from prefect_nanobanana.flows import edit_and_archive
+        from prefect_nanobanana import edit_and_archive
 
-        result = edit_and_archive(prompt="Put the shoe on white", images=["shoe.jpg"],
-                                  archive_uri="s3://shop/edited")
-        print(result.output_locations, result.cost)
+        result = edit_and_archive(
+            prompt="Add a lighthouse", images=["photo.png"], archive_uri="s3://bucket/edited"
+        )
+        print(result.output_locations, result.metadata_location)
         ```
     """
     warn_of_signed_urls_in_parameters()

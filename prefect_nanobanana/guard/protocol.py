@@ -165,14 +165,15 @@ class SubmittedRequest(BaseModel):
 
 
 def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
-    """The job key of an edit within `scope` (usually the flow run id).
+    """The job key of an edit within a scope: the same edit in the same scope, the same key.
 
     Args:
-        edit: The edit.
-        scope: What makes the key unique: a flow run id, a subflow's parent task run.
+        edit: The edit (prompt, images as given, options).
+        scope: What the key is unique within: usually the flow run id, or a
+            subflow's parent task run.
 
     Returns:
-        The key (see `storage.job_key_for`).
+        A sha256 hex digest (`storage.job_key_for`).
     """
     options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
     return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
@@ -238,11 +239,11 @@ def outcome_unknown(job_key: str, where: str) -> SubmitOutcomeUnknownError:
     """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again.
 
     Args:
-        job_key: The job.
-        where: Where its record is (`RecordStore.location`), for a person to look.
+        job_key: The job whose submit may or may not have been billed.
+        where: Where its record is, so a person can check it (and delete it to resubmit).
 
     Returns:
-        The error to raise.
+        The `SubmitOutcomeUnknownError` to raise (exit code 7 on the command line).
     """
     return SubmitOutcomeUnknownError(
         f"An earlier attempt of job {job_key!r} stopped while submitting, so RunComfy may or "
@@ -690,18 +691,6 @@ async def archive_claim(
 ) -> AsyncIterator[ArchiveTurn]:
     """Hold the archiving of a finished request, so its outputs are archived once.
 
-    Args:
-        store: Where the job's record is.
-        job_key: The job.
-        known: The record as the caller last wrote it (`SubmittedRequest.record`).
-        held_token: The archiving claimed with the request id
-            (`SubmittedRequest.archiving_token`); it ends with the block.
-        run_id: The run this caller works for.
-
-    Returns:
-        A context manager yielding an `ArchiveTurn`: this caller's turn
-        (`elsewhere` is None) or the record another run archived.
-
     Yields this caller's turn (`elsewhere` None: archive now, holding the claim until
     the block ends; `mark_archived` inside it, with `known=turn.claim`), or the
     record another run archived, with its locations: then there is nothing to do.
@@ -710,6 +699,17 @@ async def archive_claim(
     last wrote it (`SubmittedRequest.record`): on S3 a read fewer per row.
     `held_token` (`SubmittedRequest.archiving_token`): the archiving this caller
     claimed with the request id, which ends with the block.
+
+    Args:
+        store: Where the job's record lives.
+        job_key: The job.
+        known: The record as the caller last wrote it, to save a read.
+        held_token: The archiving claim taken with the request id, if any.
+        run_id: The run this caller works for.
+
+    Yields:
+        An `ArchiveTurn`: archive now (`elsewhere` is None), or the record of the
+        run that archived it.
     """
     me = new_owner(run_id)
     _LIVE_CLAIMS.add(me.token)
@@ -788,17 +788,15 @@ async def mark_archived(
     """Record that the job's outputs are archived (and what it cost): the job is done.
 
     Args:
-        store: Where the job's record is.
+        store: Where the job's record lives.
         job_key: The job.
-        metadata_location: Its `metadata.json`.
-        output_locations: Its archived outputs.
-        cost: What RunComfy billed.
-        known: The record as the caller last wrote it, saving a read.
+        metadata_location: Where its `metadata.json` went.
+        output_locations: Where its outputs went.
+        cost: The billed cost (kept for `nanobanana spend`).
+        known: The record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
 
     Returns:
-        The record as written, or None when the store has none.
-
-    `known`: the record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
+        The record as written, or None when it could not be written.
     """
     return await _settle(
         store,
@@ -818,9 +816,9 @@ async def mark_failed(store: RecordStore, job_key: str, error: str | BaseExcepti
     """Record that the job failed after its submit (it may be claimed and paid again).
 
     Args:
-        store: Where the job's record is.
+        store: Where the job's record lives.
         job_key: The job.
-        error: What went wrong (redacted before it is written).
+        error: Why it failed (redacted before it is written).
     """
     text = error if isinstance(error, str) else _error_text(error)
     await _settle(store, job_key, {"status": "failed", "error": redact_text(text)})
@@ -879,10 +877,10 @@ def abandons_request(error: BaseException) -> bool:
     the flow run can resume it.
 
     Args:
-        error: What ended the wait.
+        error: What ended the run's wait.
 
     Returns:
-        True when the request should be withdrawn if still queued.
+        True when the request should be withdrawn if it is still queued.
     """
     return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
 
@@ -916,7 +914,7 @@ def cancel_if_queued(client: RunComfyClient, request_id: str, *, log: Log = logg
     left alone.
 
     Args:
-        client: A client of the API.
+        client: A blocking client.
         request_id: The request.
         log: Where to say what happened.
 

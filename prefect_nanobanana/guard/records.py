@@ -86,55 +86,55 @@ class RecordStore(Protocol):
     """Where the submit guard keeps its records; `storage.Ledger` is one."""
 
     def read(self, job_key: str) -> VersionedEntry | None:
-        """The job's record with its version.
+        """Read a job's record.
 
         Args:
             job_key: The job.
 
         Returns:
-            The record and its version, or None if the job was never claimed.
+            The record with its version, or None if the job was never claimed.
         """
         ...
 
     def create(self, entry: LedgerEntry) -> str | None:
-        """Write the job's first record (the claim: of two writers, one wins).
+        """Write a job's first record, atomically: of two writers exactly one wins.
 
         Args:
-            entry: The record; its `job_key` names the job.
+            entry: The record (its `job_key` names the job).
 
         Returns:
-            Its version, or None when a record exists already (the claim was lost).
+            The new record's version, or None when one exists already (a lost claim).
         """
         ...
 
     def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """Overwrite the job's record if nobody wrote it since `version`.
+        """Overwrite a job's record only if it is still at `version`.
 
         Args:
             entry: The new record.
-            version: The version this writer read.
+            version: The version the writer read (or wrote) last.
 
         Returns:
-            The new version, or None when another writer came first.
+            The new version, or None when someone else wrote in between.
         """
         ...
 
     def scan(self) -> list[VersionedEntry]:
-        """Every record at once.
+        """List the records.
 
         Returns:
-            Each record with its version.
+            Every record this store can list, with its version.
         """
         ...
 
     def location(self, job_key: str) -> str:
-        """Where the job's record is, for messages that tell a person what to look at.
+        """Where a job's record is, for messages that tell a person what to look at.
 
         Args:
             job_key: The job.
 
         Returns:
-            A path, a URI or a description of the store.
+            A path, an `s3://` location or a description of the record's place.
         """
         ...
 
@@ -152,27 +152,11 @@ class MemoryRecordStore:
         self._lock = threading.Lock()
 
     def read(self, job_key: str) -> VersionedEntry | None:
-        """See `RecordStore.read`.
-
-        Args:
-            job_key: The job.
-
-        Returns:
-            The record and its version, or None.
-        """
         with self._lock:
             entry = self._entries.get(job_key)
         return VersionedEntry(entry, version_of(entry)) if entry is not None else None
 
     def create(self, entry: LedgerEntry) -> str | None:
-        """See `RecordStore.create`.
-
-        Args:
-            entry: The record.
-
-        Returns:
-            Its version, or None when one exists.
-        """
         with self._lock:
             if entry.job_key in self._entries:
                 return None
@@ -180,15 +164,6 @@ class MemoryRecordStore:
         return version_of(entry)
 
     def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """See `RecordStore.replace`.
-
-        Args:
-            entry: The new record.
-            version: The version read.
-
-        Returns:
-            The new version, or None when another writer came first.
-        """
         with self._lock:
             current = self._entries.get(entry.job_key)
             if current is None or version_of(current) != version:
@@ -197,22 +172,9 @@ class MemoryRecordStore:
         return version_of(entry)
 
     def scan(self) -> list[VersionedEntry]:
-        """See `RecordStore.scan`.
-
-        Returns:
-            Each record with its version.
-        """
         with self._lock:
             entries = list(self._entries.values())
         return [VersionedEntry(entry, version_of(entry)) for entry in entries]
 
     def location(self, job_key: str) -> str:
-        """See `RecordStore.location`.
-
-        Args:
-            job_key: The job.
-
-        Returns:
-            Which process's memory holds it.
-        """
         return f"memory of process {os.getpid()} (job {job_key})"

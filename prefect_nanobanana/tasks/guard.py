@@ -144,9 +144,9 @@ def cancel_recorded_requests(flow: Flow[..., Any], flow_run: FlowRun, state: Sta
     request already cancelled is finished and left alone.
 
     Args:
-        flow: The flow.
-        flow_run: The run being cancelled.
-        state: Its Cancelled state.
+        flow: The flow being cancelled (Prefect passes it).
+        flow_run: Its flow run.
+        state: The Cancelling or Cancelled state.
     """
     log = flow_run_logger(flow_run, flow)
     with get_client(sync_client=True) as prefect_client:

@@ -50,13 +50,13 @@ def record_names(job_key: str) -> tuple[str, str]:
 
 
 def recorded_request_ids(labels: dict[str, Any]) -> list[str]:
-    """The request ids a flow run recorded in its labels, in the order they were made.
+    """The request ids a flow run recorded in its labels.
 
     Args:
-        labels: The flow run's labels.
+        labels: The flow run's labels, as Prefect's API returns them.
 
     Returns:
-        The request ids (claims still submitting, or not submitted, are left out).
+        The request ids, in the order they were made.
     """
     return [
         value
@@ -139,14 +139,6 @@ class PrefectRecordStore:
         return warn_if_machine_local(self.result_store, lock_manager)
 
     def location(self, job_key: str) -> str:
-        """Where the job's record is: the result record, and the flow run's label.
-
-        Args:
-            job_key: The job.
-
-        Returns:
-            Both names, for a person to look them up.
-        """
         storage_key, label = record_names(job_key)
         where = f"Prefect result record {storage_key!r}"
         if self.flow_run_id is not None:
@@ -209,14 +201,6 @@ class PrefectRecordStore:
         return stored or labelled
 
     def read(self, job_key: str) -> VersionedEntry | None:
-        """The job's record (a known request id in the result store or the labels wins).
-
-        Args:
-            job_key: The job.
-
-        Returns:
-            The record and its version, or None if the job was never claimed.
-        """
         entry = self._read_merged(job_key)
         return VersionedEntry(entry, version_of(entry)) if entry is not None else None
 
@@ -234,11 +218,12 @@ class PrefectRecordStore:
         return version_of(entry)
 
     def ensure_label(self, job_key: str, request_id: str) -> None:
-        """Name a request found elsewhere (another run's record) in this run's labels too.
+        """Name a request found elsewhere (another run's record) in this run's labels too,
+        so this run's cancellation hook finds it.
 
         Args:
             job_key: The job.
-            request_id: Its request, which this run's cancellation hook should know.
+            request_id: The request its record names.
         """
         _, label = record_names(job_key)
         if self.flow_run_id is None or self._read_labels().get(label) == request_id:
@@ -247,14 +232,6 @@ class PrefectRecordStore:
             client.update_flow_run_labels(self.flow_run_id, {label: request_id})
 
     def create(self, entry: LedgerEntry) -> str | None:
-        """Write the job's first record under the records' lock (the claim).
-
-        Args:
-            entry: The record.
-
-        Returns:
-            Its version, or None when a record exists already.
-        """
         storage_key, _ = record_names(entry.job_key)
         with self._locked(storage_key):
             if self._read_merged(entry.job_key) is not None:
@@ -262,15 +239,6 @@ class PrefectRecordStore:
             return self._write(entry)
 
     def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """Overwrite the job's record under the records' lock, if still at `version`.
-
-        Args:
-            entry: The new record.
-            version: The version this writer read.
-
-        Returns:
-            The new version, or None when another writer came first.
-        """
         storage_key, _ = record_names(entry.job_key)
         with self._locked(storage_key):
             current = self._read_merged(entry.job_key)
@@ -279,10 +247,10 @@ class PrefectRecordStore:
             return self._write(entry)
 
     def scan(self) -> list[VersionedEntry]:
-        """The records this flow run's labels name (a result store cannot be listed).
+        """List the records this flow run's labels name (a result store cannot be listed).
 
         Returns:
-            Each record with its version.
+            Those records, with their versions.
         """
         found = []
         for key, value in self._read_labels().items():

@@ -166,28 +166,27 @@ async def batch_edit(
             estimate (default: 4K counts double).
 
     Returns:
-        A `BatchEditResult` (every row, its status, request, outputs and cost; the
-        results manifest's location), or a `BatchDryRun` with `dry_run`. A run that
-        was stopped (SIGTERM, Ctrl-C, Cancelling) withdraws its rows' queued requests,
-        writes the manifest with each unfinished row's reason, and ends Cancelled (or
-        as Prefect reports a terminated run).
+        A `BatchEditResult`: a row each (status, request id, outputs, cost, error),
+        the counts, `total_cost`, `paid_cost` and the results manifest's location;
+        with `dry_run`, a `BatchDryRun` instead.
 
     Raises:
-        BatchFailedError: Rows failed or were held back by the budget, and
-            `allow_partial` is off (every success is archived; the error has the rows).
-        BudgetExceededError: The estimate of the rows to pay is over `max_cost_usd`,
-            or the price is unknown under a budget; nothing was submitted.
-        AuthenticationError: The API refused the token (checked once, before any row).
-        ValueError: Not exactly one of `jobs` / `manifest_uri`, or a chunk option
-            without the other.
+        BatchFailedError: Rows failed (or were held back by the budget) and
+            `allow_partial` is off; raised after every success is archived, and
+            carries the full result.
+        BudgetExceededError: The estimate is over `max_cost_usd` before any submit
+            (nothing was paid).
+        ManifestError: The manifest cannot be read, or a row's options are invalid.
 
     Example:
         ```python
-        from prefect_nanobanana.flows import batch_edit
+        import asyncio
+        from prefect_nanobanana import batch_edit
 
-        result = batch_edit(manifest_uri="s3://shop/manifests/today.csv",
-                            archive_uri="s3://shop/edited", max_cost_usd=20)
-        print(result.archived, result.failed, result.results_manifest)
+        result = asyncio.run(
+            batch_edit(manifest_uri="manifest.jsonl", archive_uri="archive", allow_partial=True)
+        )
+        print(result.archived, result.failed, result.total_cost)
         ```
     """
     # The run form's fields, as the one value the run's steps and its chunks share.
