@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
@@ -135,9 +134,13 @@ class RowObserver(Observer):
         )
 
 
-@dataclass
 class BatchRun:
     """What every row of one batch run shares: the pipeline, and the run's own bookkeeping.
+
+    A plain object on purpose: it travels as a row task's parameter, and Prefect looks
+    inside every dataclass, model and collection among a task's parameters (for
+    futures to wait on). Inside this one it would walk the pipeline and every row's
+    job, a cost that grows with the batch, for each row.
 
     Args:
         pipeline: The steps, with the run's client, ledger, archive, stop and budget.
@@ -147,12 +150,21 @@ class BatchRun:
         run_id: The batch's flow run, for its claims and metadata.
     """
 
-    pipeline: Pipeline
-    staging: ResolvedLocation
-    lanes: int
-    preview_rows: int = 0
-    run_id: str | None = None
-    jobs: dict[int, Job] = field(default_factory=dict)
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        staging: ResolvedLocation,
+        lanes: int,
+        preview_rows: int = 0,
+        run_id: str | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.staging = staging
+        self.lanes = lanes
+        self.preview_rows = preview_rows
+        self.run_id = run_id
+        # Row → its pipeline job, made once (a retry of the row's task reuses it).
+        self.jobs: dict[int, Job] = {}
 
     @property
     def stop(self) -> Stop:
