@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
             "check_sources",
             "check_urls",
             "probe_image_url",
+            "url_input_problem",
             "stage_assets",
         ],
         ".staging",

@@ -260,6 +260,7 @@ def stage_assets(
     expires_in: int = DEFAULT_EXPIRES_IN,
     upload_token: str | None = None,
     check_target: bool = True,
+    url_timeout: float | None = DEFAULT_PROBE_TIMEOUT,
 ) -> list[StagedAsset]:
     """Validate every source, then upload local files and return one fetchable URL per image.
 
@@ -269,9 +270,11 @@ def stage_assets(
     ``data:`` URIs when they are within the provider's caps. Raises
     :class:`StagingError` before any upload if any source is unusable.
     ``check_target=False`` skips the check that the target is usable (a request on
-    S3) for a caller staging many rows that checked it once already.
+    S3) for a caller staging many rows that checked it once already. An http(s)
+    source's header is read within ``url_timeout`` seconds for the pixel cap; None
+    leaves that to a caller that asks each URL once (`url_input_problem`).
     """
-    planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri, DEFAULT_PROBE_TIMEOUT)
+    planned = _plan(sources, expires_in, _S3Clients(s3_client), staging_uri, url_timeout)
     clients = planned.clients
     target = None
     if planned.local_files and staging_uri:
@@ -652,6 +655,25 @@ def _check_url_header(location: HttpLocation, timeout: float) -> None:
     head = read_url_header(location.url, timeout=timeout)
     if head is not None and sniff_image_type(head[:SNIFF_BYTES]) is not None:
         header_facts(head, str(location))
+
+
+def url_input_problem(url: str, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> str | None:
+    """Everything asked of one http(s) input before a paid submit, for a caller that asks
+    each URL once however many rows use it: over the pixel cap (its header), or not an
+    image (`probe_image_url`).
+
+    Args:
+        url: The input as the API will fetch it.
+        timeout: Seconds for each of the two looks.
+
+    Returns:
+        The problem, naming the URL without its signature; None when there is none.
+    """
+    try:
+        _check_url_header(HttpLocation(url), timeout)
+    except StagingError as error:
+        return str(error)
+    return probe_image_url(url, timeout=timeout)
 
 
 def read_url_header(url: str, *, timeout: float = DEFAULT_PROBE_TIMEOUT) -> bytes | None:

@@ -23,11 +23,11 @@ from ...storage import (
     check_assets,
     check_sources,
     job_key_for,
-    probe_image_url,
     read_manifest,
     redact_text,
     stage_assets,
     strip_signature,
+    url_input_problem,
 )
 from ...tasks.storage import SIGNED_RESULT_OPTIONS, ResolvedLocation, resolve_location
 from .models import BatchJob, _RowPlan
@@ -100,7 +100,9 @@ def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool)
                 plan.stage_at_submit = True
                 urls = [image for image in images if image.startswith(("http://", "https://"))]
             else:
-                staged = stage_assets(images, location, s3_client=s3_client, check_target=False)
+                staged = stage_assets(
+                    images, location, s3_client=s3_client, check_target=False, url_timeout=None
+                )
                 plan.image_urls = [asset.url for asset in staged]
                 plan.sources = [asset.provenance for asset in staged]
                 NanoBananaEditInput(
@@ -109,7 +111,7 @@ def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool)
                 urls = [asset.url for asset in staged if asset.passed_through]
             for url in urls:
                 if url not in probed:
-                    probed[url] = probe_image_url(url)
+                    probed[url] = url_input_problem(url)
                 if probed[url] is not None:
                     raise StagingError(probed[url])
         except (StorageError, ValidationError, ValueError) as error:
