@@ -131,6 +131,7 @@ class RowObserver(Observer):
                 "estimated_cost": job.estimated_cost,
                 "spent": refusal.spent_usd,
                 "max_cost_usd": refusal.max_cost_usd,
+                "cap": refusal.cap_name,
             },
         )
 
