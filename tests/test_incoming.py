@@ -167,3 +167,55 @@ async def test_three_runs_at_once_and_a_fourth_share_one_daily_cap(
     fourth = await run("carol")
     assert emulator.stats.submits_accepted == paid  # nothing submitted
     assert fourth.over_budget == 6 and fourth.paid_cost == 0
+
+
+def test_cli_batch_over_a_folder_pays_only_for_the_new_images_on_rerun(
+    emulator_factory, use_emulator, tmp_path, capsys
+):
+    from prefect_nanobanana.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    incoming = tmp_path / "incoming"
+    for index in range(3):
+        _image(incoming / f"{index}.png", 50 * index)
+    _image(incoming / "thumbs" / "t.png", 5)
+    archive = str(tmp_path / "archive")
+    argv = ["batch", "--images", str(incoming), "--prompt", "studio light", "--archive", archive]
+    argv += ["--exclude", "thumbs/**"]
+
+    assert main(["batch", "--images", str(incoming), "--archive", archive]) == EXIT_BAD_INPUT
+    assert "--images needs --prompt" in capsys.readouterr().err
+    assert main(["batch", "m.jsonl", "--images", str(incoming), "--archive", archive]) == (
+        EXIT_BAD_INPUT
+    )
+    assert "exactly one" in capsys.readouterr().err
+
+    assert main(argv) == EXIT_OK
+    assert "3 new; 3 archived, 0 skipped" in capsys.readouterr().out
+    assert emulator.stats.submits_accepted == 3
+    _image(incoming / "3.png", 210)
+    _image(incoming / "4.png", 230)
+    assert main(argv) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "2 new; 2 archived, 3 skipped" in out
+    assert emulator.stats.submits_accepted == 5
+
+
+def test_cli_daily_budget_holds_rows_back_and_spend_shows_the_cap(
+    emulator_factory, use_emulator, tmp_path, capsys
+):
+    from prefect_nanobanana.cli import EXIT_OK, EXIT_OVER_BUDGET, main
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    incoming = tmp_path / "incoming"
+    for index in range(4):
+        _image(incoming / f"{index}.png", 50 * index)
+    archive = str(tmp_path / "archive")
+    argv = ["batch", "--images", str(incoming), "--prompt", "p", "--archive", archive]
+    code = main([*argv, "--daily-budget", str(2 * PRICE), "--max-concurrency", "1"])
+    out = capsys.readouterr().out
+    assert code == EXIT_OVER_BUDGET
+    assert emulator.stats.submits_accepted == 2
+    assert "2 over budget" in out and "daily_budget_usd $0.30 reached" in out
+    assert main(["spend", "--archive", archive]) == EXIT_OK
+    assert "$0.30 of $0.30" in capsys.readouterr().out
