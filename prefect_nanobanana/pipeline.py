@@ -61,7 +61,7 @@ from .stop import RunStopped, Stop
 from .storage import ArchiveMetadata, ArchiveRecord, archive_outputs
 from .storage.budget import BudgetRefusal, Reservation
 
-__all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline", "SharedTotal"]
+__all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline", "SharedTotal", "bill_after"]
 
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
 logger = logging.getLogger(__name__)
@@ -296,6 +296,24 @@ class Budget:
                     reservation.cap_name,
                     error,
                 )
+
+
+def bill_after(error: BaseException) -> float | None:
+    """What a job that ended with ``error`` was billed, as far as a budget can tell.
+
+    Args:
+        error: Why the job ended without a result.
+
+    Returns:
+        0 when provably nothing was billed (the API refused the submit, the job failed
+        or was cancelled, a budget held it back); None when it may have been (its
+        estimate keeps counting): an unknown submit outcome, a wait given up, a crash.
+    """
+    if isinstance(error, SubmitOutcomeUnknownError | WaitTimeoutError):
+        return None
+    if isinstance(error, RunComfyError | BudgetExceededError | RunStopped):
+        return 0.0
+    return None
 
 
 @dataclass

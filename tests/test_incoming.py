@@ -219,3 +219,45 @@ def test_cli_daily_budget_holds_rows_back_and_spend_shows_the_cap(
     assert "2 over budget" in out and "daily_budget_usd $0.30 reached" in out
     assert main(["spend", "--archive", archive]) == EXIT_OK
     assert "$0.30 of $0.30" in capsys.readouterr().out
+
+
+def test_single_edits_draw_from_the_archives_daily_cap(
+    emulator_factory, use_emulator, image_server, tmp_path, monkeypatch, capsys
+):
+    """`edit_and_archive` reserves in its archive's daily total, `edit_image` (which archives
+    nothing) in the default archive's, the CLI's `edit --archive` in its archive's; the
+    parameter overrides the credentials block's field."""
+    from prefect_nanobanana import BudgetExceededError, RunComfyCredentials, edit_and_archive
+    from prefect_nanobanana.cli import EXIT_OK, EXIT_OVER_BUDGET, main
+    from prefect_nanobanana.flows import edit_image
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    monkeypatch.chdir(tmp_path)  # the default archive, nanobanana-archive, lands here
+    url = image_server.url_for("wide.png")
+    archive = str(tmp_path / "archive")
+    capped = RunComfyCredentials(daily_budget_usd=2 * PRICE)
+    for _ in range(2):
+        edit_and_archive(prompt="teal", images=[url], archive_uri=archive, credentials=capped)
+    with pytest.raises(BudgetExceededError, match=r"daily_budget_usd \$0\.30 reached"):
+        edit_and_archive(prompt="teal", images=[url], archive_uri=archive, credentials=capped)
+    assert emulator.stats.submits_accepted == 2
+    # The parameter overrides the block's field.
+    edit_and_archive(
+        prompt="teal", images=[url], archive_uri=archive, credentials=capped, daily_budget_usd=1.0
+    )
+    assert emulator.stats.submits_accepted == 3
+    (total,) = daily_totals(archive).values()
+    assert total.spent_usd == pytest.approx(3 * PRICE) and total.in_flight == 0
+
+    edit_image(prompt="teal", image_urls=[url], daily_budget_usd=PRICE)
+    with pytest.raises(BudgetExceededError, match="daily_budget_usd"):
+        edit_image(prompt="teal", image_urls=[url], daily_budget_usd=PRICE)
+    assert emulator.stats.submits_accepted == 4
+    (default_total,) = daily_totals(tmp_path / "nanobanana-archive").values()
+    assert default_total.spent_usd == pytest.approx(PRICE)
+
+    argv = ["edit", "--prompt", "teal", "--image", url, "--archive", archive]
+    assert main([*argv, "--daily-budget", str(4 * PRICE)]) == EXIT_OK
+    assert main([*argv, "--daily-budget", str(4 * PRICE)]) == EXIT_OVER_BUDGET
+    assert "daily_budget_usd" in capsys.readouterr().err
+    assert emulator.stats.submits_accepted == 5

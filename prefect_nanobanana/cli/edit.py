@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
-from ..client.pricing import estimate_edit, format_usd
+from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
 from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
 from .connection import client_for
 from .exit_codes import EXIT_OK, UsageError
@@ -77,20 +77,63 @@ def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) 
 
 
 def _refuse_over_budget(
-    client: RunComfyClient, edit: NanoBananaEditInput, max_cost_usd: float, display: _StatusDisplay
-) -> None:
-    """`--max-cost`: the listed price, and `BudgetExceededError` before anything is paid."""
+    client: RunComfyClient,
+    edit: NanoBananaEditInput,
+    max_cost_usd: float | None,
+    display: _StatusDisplay,
+    daily_budget_usd: float | None = None,
+) -> float | None:
+    """`--max-cost`, `--daily-budget`: the listed price, and `BudgetExceededError` before
+    anything is paid when over `--max-cost` or unknown; the estimate."""
     info, failure = None, None
     try:
         info = client.model_info()
     except RunComfyError as error:
         failure = f"the price lookup failed: {error}"
     estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
-    if estimate is not None:
-        display.say(
-            f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
-            f"price; budget {format_usd(max_cost_usd)})"
+    if estimate is None:
+        # Without an estimate the daily total could not count this edit.
+        from ..storage.budget import DAILY_BUDGET_NAME
+
+        raise BudgetExceededError(
+            None, daily_budget_usd or 0.0, 1, reason=failure, cap_name=DAILY_BUDGET_NAME
         )
+    budget = format_usd(max_cost_usd) if max_cost_usd is not None else "none"
+    display.say(
+        f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
+        f"price; budget {budget})"
+    )
+    return estimate.estimate_usd
+
+
+def daily_budget_for(daily_budget_usd: float | None, archive: str | None) -> Any:
+    """`--daily-budget`: a `Budget` drawing on the archive's daily total, as the flows keep
+    it (`--archive`, else the flows' default archive: never a plain `--out` folder of
+    images); None without a cap."""
+    if daily_budget_usd is None:
+        return None
+    from ..pipeline import Budget
+    from ..storage import DEFAULT_ARCHIVE_URI
+    from ..storage.budget import DailyBudget
+
+    return Budget(shared=[DailyBudget(archive or DEFAULT_ARCHIVE_URI, daily_budget_usd)])
+
+
+def reserve_daily(budget: Any, job_key: str, estimate: float | None) -> Any:
+    """The guard's `before_submit` for `--daily-budget`: reserve right before the paid POST."""
+    if budget is None:
+        return None
+
+    async def reserve() -> None:
+        await budget.reserve(job_key, estimate, label="nanobanana CLI")
+
+    return reserve
+
+
+def settle_daily(budget: Any, job_key: str, bill: float | None) -> None:
+    """The edit ended: its reservation in the daily total settles to `bill` (0: released)."""
+    if budget is not None:
+        asyncio.run(budget.end(job_key, bill))
 
 
 def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any]) -> None:
@@ -125,12 +168,9 @@ def run_edit_command(args: argparse.Namespace) -> int:
     every run is a new edit, its request id printed at once and kept in its
     metadata file, and no `_ledger/` is left beside the images.
     """
-    from ..guard.protocol import mark_archived, submit_once_blocking
     from ..guard.records import MemoryRecordStore
     from ..storage import (
-        ArchiveMetadata,
         Ledger,
-        archive_outputs,
         check_urls,
         job_key_for,
         stage_assets,
@@ -145,9 +185,12 @@ def run_edit_command(args: argparse.Namespace) -> int:
     }
     checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
+    estimate = None
     with RunComfyClient(base_url=args.base_url) as client:
-        if args.max_cost is not None:
-            _refuse_over_budget(client, checked, args.max_cost, display)
+        if args.max_cost is not None or args.daily_budget is not None:
+            estimate = _refuse_over_budget(
+                client, checked, args.max_cost, display, args.daily_budget
+            )
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     edit = NanoBananaEditInput(
@@ -166,8 +209,62 @@ def run_edit_command(args: argparse.Namespace) -> int:
         "parameters": options,
         "prompt_sha256": hashlib.sha256(args.prompt.encode()).hexdigest(),
     }
+    daily = daily_budget_for(args.daily_budget, args.archive)
+    try:
+        record, result, handle = _paid_part(
+            args, job_key, records, edit, facts, staged, daily, estimate, display
+        )
+    except BaseException as error:
+        from ..pipeline import bill_after
+
+        settle_daily(daily, job_key, bill_after(error))
+        raise
+    settle_daily(daily, job_key, result.cost)
+    payload = {
+        "request_id": handle.request_id,
+        "outputs": record.output_locations,
+        "metadata": record.metadata_location,
+        "cost": result.cost,
+    }
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        for output in record.outputs:
+            kind = output.content_type.removeprefix("image/")
+            size = f"{output.width}x{output.height} " if output.width and output.height else ""
+            print(f"saved {output.location} ({size}{kind})")
+        print(f"metadata {record.metadata_location}")
+        print(format_cost(result.cost))
+    return EXIT_OK
+
+
+def _paid_part(
+    args: argparse.Namespace,
+    job_key: str,
+    records: Any,
+    edit: NanoBananaEditInput,
+    facts: dict[str, Any],
+    staged: Any,
+    daily: Any,
+    estimate: float | None,
+    display: _StatusDisplay,
+) -> tuple[Any, Any, SubmittedRequest]:
+    """Submit through the guard (reserving in the daily total right before the POST), wait
+    with the live line, archive and mark archived: the record, the result, the request."""
+    from ..guard.protocol import mark_archived, submit_once_blocking
+    from ..storage import ArchiveMetadata, archive_outputs
+
+    options = edit.model_dump(include={"aspect_ratio", "resolution", "output_format", "num_images"})
+    archive_uri = args.archive or args.out or DEFAULT_OUT
     with client_for(args) as client:
-        handle = submit_once_blocking(job_key, records, client, edit, facts=facts)
+        handle = submit_once_blocking(
+            job_key,
+            records,
+            client,
+            edit,
+            facts=facts,
+            before_submit=reserve_daily(daily, job_key, estimate),
+        )
         _refuse_another_edits_request(handle, facts)
         # From here on the request exists: no failure may say nothing was paid for.
         args.submitted_request_id = handle.request_id
@@ -213,19 +310,4 @@ def run_edit_command(args: argparse.Namespace) -> int:
             known=handle.record,
         )
     )
-    payload = {
-        "request_id": handle.request_id,
-        "outputs": record.output_locations,
-        "metadata": record.metadata_location,
-        "cost": result.cost,
-    }
-    if args.json:
-        print(json.dumps(payload))
-    else:
-        for output in record.outputs:
-            kind = output.content_type.removeprefix("image/")
-            size = f"{output.width}x{output.height} " if output.width and output.height else ""
-            print(f"saved {output.location} ({size}{kind})")
-        print(f"metadata {record.metadata_location}")
-        print(format_cost(result.cost))
-    return EXIT_OK
+    return record, result, handle
