@@ -242,6 +242,63 @@ def bench_stack(workers: int, duration: float, prefix: str) -> Iterator[Stack]:
         yield Stack(emulator, image_url, Path(workdir), server)
 
 
+def _event_kind(name: str) -> str:
+    """An event's family: Prefect's task runs' and flow runs' states, assets, ours."""
+    for prefix, kind in (
+        ("prefect.task-run.", "task-run"),
+        ("prefect.flow-run.", "flow-run"),
+        ("prefect.asset.", "asset"),
+        ("nanobanana.", "nanobanana"),
+    ):
+        if name.startswith(prefix):
+            return kind
+    return "other"
+
+
+@contextlib.contextmanager
+def prefect_traffic() -> Iterator[Counter[str]]:
+    """What this process sends Prefect while the block runs: `api` (HTTP calls to its API,
+    log batches included) and `events` with one count per family (`events:task-run`…).
+
+    Counted at the two doors every Prefect client goes through: httpx's `send` (calls
+    to other hosts, such as the emulator, are not counted) and the events client's
+    `emit` (the websocket carries events one by one).
+    """
+    from prefect.events.clients import EventsClient
+    from prefect.settings import PREFECT_API_URL
+
+    api = str(PREFECT_API_URL.value() or "")
+    counts: Counter[str] = Counter()
+    async_send, sync_send, emit = httpx.AsyncClient.send, httpx.Client.send, EventsClient.emit
+
+    async def counted_async_send(self: Any, request: httpx.Request, **kwargs: Any) -> Any:
+        if api and str(request.url).startswith(api):
+            counts["api"] += 1
+        return await async_send(self, request, **kwargs)
+
+    def counted_sync_send(self: Any, request: httpx.Request, **kwargs: Any) -> Any:
+        if api and str(request.url).startswith(api):
+            counts["api"] += 1
+        return sync_send(self, request, **kwargs)
+
+    async def counted_emit(self: Any, event: Any) -> None:
+        counts["events"] += 1
+        counts[f"events:{_event_kind(event.event)}"] += 1
+        return await emit(self, event)
+
+    with (
+        mock.patch.object(httpx.AsyncClient, "send", counted_async_send),
+        mock.patch.object(httpx.Client, "send", counted_sync_send),
+        mock.patch.object(EventsClient, "emit", counted_emit),
+    ):
+        yield counts
+
+
+def per_row(counts: Counter[str], rows: int) -> dict[str, float]:
+    """Counts of `prefect_traffic` divided by the rows of the batch, rounded for a table."""
+    return {name: round(value / rows, 2) for name, value in sorted(counts.items())}
+
+
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU of a process (this one by default) and its reaped children."""
     if pid is None:
@@ -291,6 +348,8 @@ class Run:
     gap: float = math.nan  # a slot's mean idle time between one job's end and the next submit
     drain: float = math.nan  # the Prefect server still busy after the flow returned
     cpu: dict[str, float] = field(default_factory=dict)
+    # What one row cost in Prefect: API calls and events (`prefect_traffic`), flow only.
+    prefect_per_row: dict[str, float] = field(default_factory=dict)
 
 
 def _parse_time(value: str | None) -> float:
@@ -424,6 +483,7 @@ def measure(
     started_wall, started = time.time(), time.perf_counter()
     head = tail = math.nan
     lags: list[float] = []
+    prefect_per_row: dict[str, float] = {}
     if variant == "floor":
         ok, lags = asyncio.run(floor_batch(emulator.base_url, image_url, rows))
     elif variant == "bare":
@@ -434,7 +494,11 @@ def measure(
         ok, lags = asyncio.run(client_batch(image_url, rows))
     else:
         archive = Path(tempfile.mkdtemp(prefix="archive-", dir=workdir))
-        result, finished = asyncio.run(flow_batch(image_url, rows, archive, "bench-batch-overhead"))
+        with prefect_traffic() as traffic:
+            result, finished = asyncio.run(
+                flow_batch(image_url, rows, archive, "bench-batch-overhead")
+            )
+        prefect_per_row = per_row(traffic, rows)
         ok = result.archived
         ended_wall = started_wall + time.perf_counter() - started
         request_ids = [row.request_id for row in result.rows if row.request_id]
@@ -457,6 +521,7 @@ def measure(
         gap=phase / math.ceil(rows / WORKERS) - emulator.duration,
         drain=drain,
         cpu=cpu,
+        prefect_per_row=prefect_per_row,
     )
 
 
@@ -543,6 +608,8 @@ def run() -> Verdict:
     flow_runs = [run.wall / ideal for run in runs if run.variant == "flow"]
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"flow runs x ideal: {', '.join(f'{ratio:.3f}' for ratio in flow_runs)}; load {load}")
+    flow_traffic = _median_traffic([run.prefect_per_row for run in runs if run.variant == "flow"])
+    print(f"Prefect per row (flow, median): {_traffic_line(flow_traffic)}")
     lost = [run for run in runs if run.ok != ROWS]
     met = client <= CLIENT_GOAL and max(flow_runs) <= FLOW_GOAL and not lost
     detail = (
@@ -566,6 +633,7 @@ def run() -> Verdict:
             "flow_runs_x_ideal": flow_runs,
             "load_average": load,
             "median_x_ideal": medians,
+            "prefect_per_row": flow_traffic,
             "goals": {"client": CLIENT_GOAL, "flow": FLOW_GOAL},
             "runs": [asdict(run) for run in runs],
             "benchmark_seconds": time.perf_counter() - began,
@@ -574,6 +642,22 @@ def run() -> Verdict:
     )
     print(verdict.line())
     return verdict
+
+
+def _median_traffic(per_rows: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({name for per_row in per_rows for name in per_row})
+    return {
+        name: statistics.median(per_row.get(name, 0.0) for per_row in per_rows) for name in names
+    }
+
+
+def _traffic_line(traffic: dict[str, float]) -> str:
+    kinds = ", ".join(
+        f"{name.removeprefix('events:')} {value:g}"
+        for name, value in traffic.items()
+        if name.startswith("events:")
+    )
+    return f"{traffic.get('api', 0):g} API calls, {traffic.get('events', 0):g} events ({kinds})"
 
 
 # Leaf frames of a thread that waits rather than works (py-spy's idle filter misses some).

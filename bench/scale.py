@@ -33,10 +33,14 @@ import httpx
 from ._common import Verdict, print_header, table, write_results
 from .batch_overhead import (
     Stack,
+    _median_traffic,
+    _traffic_line,
     bench_stack,
     cpu_seconds,
     first_submit,
     flow_batch,
+    per_row,
+    prefect_traffic,
     settle,
 )
 
@@ -72,6 +76,7 @@ class ScaleRun:
     cpu_bench: float
     cpu_server: float
     cpu_emulator: float
+    prefect_per_row: dict[str, float]  # API calls and events one row cost (`prefect_traffic`)
 
     @property
     def rows_per_second(self) -> float:
@@ -117,9 +122,10 @@ def measure(rows: int, stack: Stack) -> ScaleRun:
     archive = Path(tempfile.mkdtemp(prefix="archive-", dir=stack.workdir))
     cpu_before = (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(emulator.pid))
     started_wall, started = time.time(), time.perf_counter()
-    result, finished = asyncio.run(
-        flow_batch(stack.image_url, rows, archive, "bench-scale", lanes=WORKERS)
-    )
+    with prefect_traffic() as traffic:
+        result, finished = asyncio.run(
+            flow_batch(stack.image_url, rows, archive, "bench-scale", lanes=WORKERS)
+        )
     wall = time.perf_counter() - started
     drain = settle(server.pid)
     cpu_after = (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(emulator.pid))
@@ -144,6 +150,7 @@ def measure(rows: int, stack: Stack) -> ScaleRun:
         cpu_bench=cpu_after[0] - cpu_before[0],
         cpu_server=cpu_after[1] - cpu_before[1],
         cpu_emulator=cpu_after[2] - cpu_before[2],
+        prefect_per_row=per_row(traffic, rows),
     )
 
 
@@ -245,6 +252,8 @@ def run() -> Verdict:
     )
     if skipped:
         print(f"not repeated (first run over {REPEAT_BUDGET_SECONDS:g} s): {skipped}")
+    traffic = _median_traffic([run.prefect_per_row for run in runs])
+    print(f"Prefect per row (median of every run): {_traffic_line(traffic)}")
     smallest, largest = medians[SIZES[0]], medians[SIZES[-1]]
     growth = largest["ms_per_row"] / smallest["ms_per_row"]
     lost = [run for run in runs if run.archived != run.rows or run.files != run.rows]
@@ -276,6 +285,7 @@ def run() -> Verdict:
             "medians": medians,
             "ms_per_row_growth": growth,
             "knee_job_seconds": knee_seconds,
+            "prefect_per_row": traffic,
             "runs": [
                 {
                     **asdict(run),

@@ -412,19 +412,3 @@ async def arecord_outcome(row: dict[str, Any]) -> None:
         logger.warning(
             "Could not create the outcome artifact of request %s", row["request_id"], exc_info=True
         )
-
-
-def log_cancel_outcome(
-    log: logging.Logger | logging.LoggerAdapter, request_id: str, outcome: str
-) -> None:
-    """The one wording for what a cancel achieved; in-progress jobs run on, and say so."""
-    if outcome == "cancelled":
-        log.info("Cancelled queued RunComfy request %s", request_id)
-    else:
-        log.warning(
-            "RunComfy request %s is already running (or finished) and cannot be cancelled; "
-            "it will still be billed. Collect its output later with its request id, e.g. "
-            "`get_request_result(%r)`",
-            request_id,
-            request_id,
-        )

@@ -147,8 +147,13 @@ class JobOutcome:
 class Observer:
     """Told what happened at each step; does nothing unless a surface overrides it.
 
-    Its methods must not raise: observability never fails a paid request.
+    Its methods must not raise (observability never fails a paid request), but for
+    `holding`, where a surface may still refuse the request it was handed.
     """
+
+    def holding(self, job: Job, request: SubmittedRequest) -> None:
+        """The job holds its request (submitted now, resumed or adopted), before any wait;
+        raising here refuses it (the CLI refuses a job key reused for another edit)."""
 
     async def submitted(self, job: Job, request: SubmittedRequest) -> None:
         """A paid submit was made (not one resumed or adopted)."""
@@ -433,6 +438,7 @@ class Pipeline:
             log=job.log or self.log,
         )
         job.request_id = request.request_id
+        self.observer.holding(job, request)
         if not (request.resumed or request.adopted):
             await self.observer.submitted(job, request)
         return request

@@ -4,8 +4,9 @@ Two processes stand for two machines: each its own `PREFECT_HOME` (so its own fi
 locks), one Prefect server, one shared result storage folder, configured through
 environment variables alone, as a work pool's job variables would. They race one
 explicit `job_key` 20 times, the claim forced to overlap: the run that finds the record
-free holds its lock until the other run is at the lock's door, and longer when it is
-inside too. With `NANOBANANA_LOCK_URL` naming a real `redis-server`, every key is paid
+free holds its lock until the other run is at the lock's door, then for half a second
+more, or until the other is inside too (which only a lock they do not share lets it
+be). With `NANOBANANA_LOCK_URL` naming a real `redis-server`, every key is paid
 once and both runs return the same request; with the per-machine lock (the variable
 unset) both runs claim, and a key is paid twice.
 """
@@ -230,17 +231,19 @@ def test_local_records_or_a_redis_lock_do_not_warn(warning_once, monkeypatch, tm
 
 
 def test_a_folder_on_a_network_file_system_is_shared_storage(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
+    share = tmp_path / "the share"
+    folder = share / "results"
+    folder.mkdir(parents=True)
+    escaped = str(share).replace(" ", "\\040")  # as /proc/mounts writes a blank
     mounts = tmp_path / "mounts"
     mounts.write_text(
         "/dev/sda1 / ext4 rw 0 0\n"
-        f"server:/export {tmp_path} nfs4 rw,relatime 0 0\n"
+        f"server:/export {escaped} nfs4 rw,relatime 0 0\n"
         f"tmpfs {folder / 'nested'} tmpfs rw 0 0\n"
     )
     store = ResultStore(result_storage=LocalFileSystem(basepath=str(folder)))
     assert "nfs4" in shared_storage(store, mounts_file=mounts)
-    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw 0 0\n")
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ntmpfs {escaped} tmpfs rw 0 0\n")
     assert shared_storage(store, mounts_file=mounts) is None
 
 
@@ -260,11 +263,12 @@ def test_an_unreachable_lock_service_fails_the_claim_naming_the_setting(monkeypa
 
 
 @pytest.mark.prefect
-def test_the_task_warns_for_an_explicit_job_key_only(
+def test_the_task_and_the_job_block_warn_for_an_explicit_job_key_only(
     warning_once, monkeypatch, prefect_harness, use_emulator, emulator, image_server, caplog
 ):
     from prefect import flow
 
+    from prefect_nanobanana import NanoBananaEditJob, RunComfyCredentials
     from prefect_nanobanana.tasks import submit_edit
 
     use_emulator(emulator)
@@ -280,8 +284,25 @@ def test_the_task_warns_for_an_explicit_job_key_only(
     def explicit_key(job_key: str):
         return submit_edit(edit, job_key=job_key), submit_edit(edit, job_key=job_key)
 
+    def warnings() -> int:
+        return len([r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()])
+
     with caplog.at_level(logging.WARNING):
         default_key()
-        assert not [r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()]
+        assert warnings() == 0
         explicit_key(f"warned-{uuid4().hex[:8]}")
-    assert len([r for r in caplog.records if LOCK_URL_ENV_VAR in r.getMessage()]) == 1
+        assert warnings() == 1
+        # The job block: the same warning (a fresh process would log it once too).
+        locks._reset_warning()
+        job = NanoBananaEditJob(
+            credentials=RunComfyCredentials(
+                api_token=emulator.config.api_tokens[0], base_url=emulator.base_url
+            ),
+            **edit,
+        )
+        job.trigger()
+        assert warnings() == 1
+        job_key = f"warned-block-{uuid4().hex[:8]}"
+        job.trigger(job_key=job_key)
+        job.trigger(job_key=job_key)
+        assert warnings() == 2

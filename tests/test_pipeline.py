@@ -374,6 +374,7 @@ async def test_a_cancelled_batch_withdraws_its_queued_request_and_a_rerun_submit
     deadline = time.monotonic() + 60
     while not _both_waited_on(emulator, options) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
+    emulator.hold_queue()  # the queued request stays queued until the stop reaches it
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
@@ -411,6 +412,7 @@ async def _assert_withdrawn_then_resubmitted(emulator: Any, options: dict[str, A
     from prefect_nanobanana.storage import Ledger
 
     assert emulator.stats.cancel_outcomes["cancelled"] == 1, emulator.stats.cancel_outcomes
+    emulator.hold_queue(False)
     entries = Ledger(options["archive_uri"]).entries()
     withdrawn = [entry for entry in entries if entry.status == "failed"]
     assert len(entries) == 2 and len(withdrawn) == 1, entries
@@ -456,6 +458,7 @@ async def test_a_direct_batch_set_to_cancelling_withdraws_its_queued_request(
     while not _both_waited_on(emulator, options) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert emulator.stats.jobs_by_status.get("in_queue") == 1, emulator.stats.jobs_by_status
+    emulator.hold_queue()  # the queued request stays queued until the stop reaches it
     with get_client(sync_client=True) as client:
         (flow_run,) = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))
@@ -497,6 +500,7 @@ async def test_a_batch_stopped_by_sigterm_withdraws_its_queued_request(
         while not _both_waited_on(emulator, options) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert emulator.stats.jobs_by_status.get("in_queue") == 1, emulator.stats.jobs_by_status
+        emulator.hold_queue()  # the queued request stays queued until the stop reaches it
         child.send_signal(signal.SIGTERM)
         assert child.wait(30) != 0
     finally:

@@ -305,6 +305,7 @@ async def test_a_deployment_batch_cancelled_through_the_api_at_several_moments(
             [sys.executable, "-c", _SERVE, "stop-test"], env=env, stdout=log, stderr=log
         )
     try:
+        await _served(served, served_log, "nano-banana-batch/stop-test")
         found = []
         for number, moment in enumerate(_moments(CANCEL_MOMENTS), start=1):
             trial = Trial(f"cancel-deployment-{number}", tmp_path, image)
@@ -327,6 +328,25 @@ async def test_a_deployment_batch_cancelled_through_the_api_at_several_moments(
     finally:
         served.terminate()
         served.wait(30)
+
+
+async def _served(served: subprocess.Popen[bytes], log: Path, name: str) -> None:
+    """Wait until the serving process has registered its deployment."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + 120
+    async with get_client() as client:
+        while True:
+            try:
+                await client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                assert served.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"{name} was never served"
+                await asyncio.sleep(0.2)
 
 
 async def _cancel_deployment_run_and_check(trial: Trial, emulator: Any, flow_run_id: Any) -> str:

@@ -17,10 +17,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from prefect_nanobanana.emulator import LoopbackObjectStore
 from prefect_nanobanana.storage import (
     ArchiveError,
     LocationError,
-    LoopbackObjectStore,
     archive_layout,
     archive_outputs,
     load_archive_record,

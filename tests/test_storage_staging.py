@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from prefect_nanobanana.emulator import LoopbackObjectStore
 from prefect_nanobanana.storage import (
     MAX_INPUT_BYTES,
-    LoopbackObjectStore,
     StagedAsset,
     StagingError,
     check_sources,

@@ -9,6 +9,7 @@ environment running the test, so pip takes them from its cache.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,8 @@ import pytest
 from prefect_nanobanana.cli.demo import TEMPORARY_SERVER_STARTUP_SECONDS
 from tests.fixtures.scratch import scratch_env
 
-pytestmark = pytest.mark.slow
+# Minutes, not the suite's 300 s per test: the clean environment installs about 150 packages.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +32,21 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     return done
 
 
+# What a build must not see: environments, earlier builds (setuptools reuses `build/`,
+# which would hide a file the package data leaves out), caches.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv*", "build", "dist", "site", "*.egg-info", "__pycache__", "test-screenshots"
+)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("source") / "prefect-nanobanana"
+    shutil.copytree(REPO, source, ignore=_NOT_SOURCE)
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(REPO)])
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(source)]
+    )
     (built,) = dist.glob("prefect_nanobanana-*.whl")
     return built
 

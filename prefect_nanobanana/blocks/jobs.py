@@ -20,7 +20,7 @@ from ..client import (
     RequestResult,
     Resolution,
 )
-from ..guard.protocol import default_job_key, submit_once
+from ..guard.protocol import default_job_key, log_cancel_outcome, submit_once
 from ..stop import signals_deferred
 from ..tasks.guard import job_scope, run_id
 from ..tasks.records import PrefectRecordStore
@@ -129,7 +129,7 @@ class NanoBananaEditJobRun(BaseModel, JobRun[RequestResult]):
         """
         async with self.credentials.get_async_client() as client:
             result = await client.cancel(self.request_id)
-        observe.log_cancel_outcome(self.logger, self.request_id, result.outcome)
+        log_cancel_outcome(self.logger, self.request_id, result.outcome)
         return result
 
     @async_dispatch(acancel)

@@ -49,17 +49,19 @@ def _base_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error).strip()) from None
 
 
-def client_for(args: argparse.Namespace) -> RunComfyClient:
-    """The client the verb's flags ask for; `args.api_base_url` names where it points."""
-    from ..client import RunComfyClient
+def client_for(args: argparse.Namespace, *, asynchronous: bool = False) -> RunComfyClient:
+    """The client the verb's flags ask for (its async twin with `asynchronous`);
+    `args.api_base_url` names where it points."""
+    from ..client import AsyncRunComfyClient, RunComfyClient
     from ..client.client import resolve_base_url
 
+    client_class = AsyncRunComfyClient if asynchronous else RunComfyClient
     block = load_credentials_block(args.credentials) if args.credentials else None
     block_url = block.base_url if block is not None else None
     args.api_base_url = resolve_base_url(args.base_url or block_url)
     if block is None:
-        return RunComfyClient(base_url=args.api_base_url)
-    return RunComfyClient(
+        return client_class(base_url=args.api_base_url)  # type: ignore[return-value]
+    return client_class(  # type: ignore[return-value]
         api_token=block.api_token,
         base_url=args.api_base_url,
         timeout=block.request_timeout,

@@ -1,7 +1,7 @@
 """The CLI's `edit` verb: one edit with a live status line.
 
-`edit` works without a Prefect server (stage → submit → wait → save, straight
-through the client and storage rooms), so one image does not wait for one. Local
+`edit` works without Prefect (stage, then the pipeline's submit → wait → save),
+so one image does not wait for a server. Local
 images go inline (as `data:` URIs) unless `--staging` names where to upload them.
 It ends by saying where each file went and what the request cost; `--out DIR`
 puts the files, named by the request, directly in `DIR`.
@@ -16,18 +16,18 @@ import json
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
 from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
-from ..client.vocabulary import NANO_BANANA_EDIT_MODEL_ID
+from ..guard.protocol import SubmittedRequest
+from ..guard.records import RecordStore
+from ..pipeline import Budget, Job, JobOutcome, Observer, Pipeline
+from ..stop import Stop, stop_on_signals
 from .connection import client_for
 from .exit_codes import EXIT_OK, UsageError
 from .requests import format_cost
-
-if TYPE_CHECKING:  # the guard imports Prefect: only `edit` itself pays for it
-    from ..guard.protocol import SubmittedRequest
 
 DEFAULT_OUT = "nanobanana-output"
 
@@ -62,20 +62,6 @@ class _StatusDisplay:
         self._stream.flush()
 
 
-def _withdraw(client: RunComfyClient, request_id: str, display: _StatusDisplay) -> None:
-    """Ctrl-C: withdraw the request if still queued (the guard's one way), and say so."""
-    from ..guard.protocol import cancel_if_queued
-
-    outcome = cancel_if_queued(client, request_id, log=logging.getLogger(__name__))
-    if outcome == "cancelled":
-        display.say(f"Interrupted: request {request_id} was still queued; cancel: {outcome}.")
-    elif outcome is not None:
-        display.say(
-            f"Interrupted: request {request_id} is already running and cannot be cancelled; "
-            f"collect it later with `nanobanana result {request_id} --download DIR`."
-        )
-
-
 def _refuse_over_budget(
     client: RunComfyClient,
     edit: NanoBananaEditInput,
@@ -92,9 +78,9 @@ def _refuse_over_budget(
         failure = f"the price lookup failed: {error}"
     estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
     if estimate is None:
-        # Without an estimate the daily total could not count this edit.
         from ..storage.budget import DAILY_BUDGET_NAME
 
+        # Without an estimate the daily total could not count this edit.
         raise BudgetExceededError(
             None, daily_budget_usd or 0.0, 1, reason=failure, cap_name=DAILY_BUDGET_NAME
         )
@@ -106,23 +92,20 @@ def _refuse_over_budget(
     return estimate.estimate_usd
 
 
-def daily_budget_for(daily_budget_usd: float | None, archive: str | None) -> Any:
+def daily_budget_for(daily_budget_usd: float | None, archive: str | None) -> Budget:
     """`--daily-budget`: a `Budget` drawing on the archive's daily total, as the flows keep
     it (`--archive`, else the flows' default archive: never a plain `--out` folder of
-    images); None without a cap."""
+    images); one that counts without refusing when no cap is given."""
     if daily_budget_usd is None:
-        return None
-    from ..pipeline import Budget
+        return Budget()
     from ..storage import DEFAULT_ARCHIVE_URI
     from ..storage.budget import DailyBudget
 
     return Budget(shared=[DailyBudget(archive or DEFAULT_ARCHIVE_URI, daily_budget_usd)])
 
 
-def reserve_daily(budget: Any, job_key: str, estimate: float | None) -> Any:
+def reserve_daily(budget: Budget, job_key: str, estimate: float | None) -> Any:
     """The guard's `before_submit` for `--daily-budget`: reserve right before the paid POST."""
-    if budget is None:
-        return None
 
     async def reserve() -> None:
         await budget.reserve(job_key, estimate, label="nanobanana CLI")
@@ -130,10 +113,9 @@ def reserve_daily(budget: Any, job_key: str, estimate: float | None) -> Any:
     return reserve
 
 
-def settle_daily(budget: Any, job_key: str, bill: float | None) -> None:
+def settle_daily(budget: Budget, job_key: str, bill: float | None) -> None:
     """The edit ended: its reservation in the daily total settles to `bill` (0: released)."""
-    if budget is not None:
-        asyncio.run(budget.end(job_key, bill))
+    asyncio.run(budget.end(job_key, bill))
 
 
 def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any]) -> None:
@@ -158,23 +140,42 @@ def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any
         )
 
 
+class _EditObserver(Observer):
+    """The CLI's view of its one job: the request named at once, then its status line."""
+
+    def __init__(
+        self, args: argparse.Namespace, display: _StatusDisplay, facts: dict[str, Any]
+    ) -> None:
+        self._args = args
+        self._display = display
+        self._facts = facts
+
+    def holding(self, job: Job, request: SubmittedRequest) -> None:
+        _refuse_another_edits_request(request, self._facts)
+        # From here on the request exists: no failure may say nothing was paid for.
+        self._args.submitted_request_id = request.request_id
+        verb = "Adopted" if request.adopted or request.resumed else "Submitted"
+        count = f"{self._args.num_images} image{'s' if self._args.num_images > 1 else ''}"
+        self._display.say(f"{verb} request {request.request_id} ({self._args.resolution}, {count})")
+
+    def status(self, job: Job, status: RequestStatus) -> None:
+        self._display(status)
+
+
 def run_edit_command(args: argparse.Namespace) -> int:
     """Stage, submit through the guard, wait with a live line, archive with metadata.json.
 
-    With `--archive` or `--job-key` the job's record goes to the archive's ledger,
-    like a batch row's: with `--job-key`, running the same command again (after a
-    crash, Ctrl-C or on another machine sharing an S3 archive) adopts the request
-    instead of paying again. A plain `--out DIR` is a person's folder of images:
-    every run is a new edit, its request id printed at once and kept in its
-    metadata file, and no `_ledger/` is left beside the images.
+    The steps are the pipeline's, as for a batch row, without Prefect. With
+    `--archive` or `--job-key` the job's record goes to the archive's ledger, like a
+    batch row's: with `--job-key`, running the same command again (after a crash,
+    Ctrl-C or on another machine sharing an S3 archive) adopts the request instead
+    of paying again. A plain `--out DIR` is a person's folder of images: every run
+    is a new edit, its request id printed at once and kept in its metadata file, and
+    no `_ledger/` is left beside the images. Ctrl-C (or SIGTERM) is the run's stop:
+    a request still queued is withdrawn, a running one is named for `result`.
     """
     from ..guard.records import MemoryRecordStore
-    from ..storage import (
-        Ledger,
-        check_urls,
-        job_key_for,
-        stage_assets,
-    )
+    from ..storage import Ledger, check_urls, job_key_for, stage_assets
     from ..storage.backends import open_backend
 
     options = {
@@ -193,9 +194,6 @@ def run_edit_command(args: argparse.Namespace) -> int:
             )
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
-    edit = NanoBananaEditInput(
-        prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
-    )
     archive_uri = args.archive or args.out or DEFAULT_OUT
     records: Ledger | MemoryRecordStore = MemoryRecordStore()
     if args.archive or args.job_key:
@@ -203,111 +201,86 @@ def run_edit_command(args: argparse.Namespace) -> int:
     # Where the files go must be writable before the edit is paid for (an --out that
     # names a file failed only once the job had run).
     open_backend(archive_uri).check()
-    job_key = args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex)
-    facts = {
-        "model_id": NANO_BANANA_EDIT_MODEL_ID,
-        "parameters": options,
-        "prompt_sha256": hashlib.sha256(args.prompt.encode()).hexdigest(),
-    }
-    daily = daily_budget_for(args.daily_budget, args.archive)
-    try:
-        record, result, handle = _paid_part(
-            args, job_key, records, edit, facts, staged, daily, estimate, display
-        )
-    except BaseException as error:
-        from ..pipeline import bill_after
+    facts = {"prompt_sha256": hashlib.sha256(args.prompt.encode()).hexdigest()}
+    job = Job(
+        job_key=args.job_key or job_key_for(args.prompt, args.images, options, scope=uuid4().hex),
+        prompt=args.prompt,
+        options=options,
+        sources=[asset.provenance for asset in staged],
+        edit=NanoBananaEditInput(
+            prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
+        ),
+        facts=facts,
+        estimated_cost=estimate,
+    )
+    observer = _EditObserver(args, display, {**facts, "parameters": options})
+    budget = daily_budget_for(args.daily_budget, args.archive)
+    outcome = asyncio.run(_run(args, job, records, archive_uri, observer, budget))
+    if outcome.status == "over_budget" and outcome.refusal is not None:
+        raise outcome.refusal  # held back before its submit: nothing paid
+    if outcome.status == "stopped":
+        request_id = outcome.request_id
+        if outcome.withdrawn:
+            display.say(f"Interrupted: request {request_id} was still queued; cancel: cancelled.")
+        else:
+            display.say(
+                f"Interrupted: request {request_id} is already running and cannot be "
+                f"cancelled; collect it later with `nanobanana result {request_id} --download DIR`."
+            )
+        raise KeyboardInterrupt
+    if outcome.status == "not_started":
+        raise KeyboardInterrupt
+    _print_outcome(args, outcome)
+    return EXIT_OK
 
-        settle_daily(daily, job_key, bill_after(error))
-        raise
-    settle_daily(daily, job_key, result.cost)
-    payload = {
-        "request_id": handle.request_id,
-        "outputs": record.output_locations,
-        "metadata": record.metadata_location,
-        "cost": result.cost,
-    }
+
+async def _run(
+    args: argparse.Namespace,
+    job: Job,
+    records: RecordStore,
+    archive_uri: str,
+    observer: _EditObserver,
+    budget: Budget,
+) -> JobOutcome:
+    """The job through the pipeline, Ctrl-C and SIGTERM being its stop."""
+    stop = Stop()
+    async with client_for(args, asynchronous=True) as client:  # type: ignore[attr-defined]
+        pipeline = Pipeline(
+            client=client,
+            store=records,
+            archive_uri=archive_uri,
+            stop=stop,
+            budget=budget,
+            observer=observer,
+            timeout_seconds=args.timeout,
+            flat=args.archive is None,  # --out (or the default): the files right there
+            log=logging.getLogger(__name__),
+        )
+        with stop_on_signals(stop, asyncio.get_running_loop()):
+            return await pipeline.run(job)
+
+
+def _print_outcome(args: argparse.Namespace, outcome: JobOutcome) -> None:
+    """Where each file went and what the request cost (or the same as JSON)."""
+    record, elsewhere = outcome.record, outcome.archived_elsewhere
+    outputs = record.output_locations if record else elsewhere.output_locations  # type: ignore[union-attr]
+    metadata = record.metadata_location if record else elsewhere.metadata_location  # type: ignore[union-attr]
     if args.json:
+        payload = {
+            "request_id": outcome.request_id,
+            "outputs": outputs,
+            "metadata": metadata,
+            "cost": outcome.cost,
+        }
         print(json.dumps(payload))
-    else:
+        return
+    if record is not None:
         for output in record.outputs:
             kind = output.content_type.removeprefix("image/")
             size = f"{output.width}x{output.height} " if output.width and output.height else ""
             print(f"saved {output.location} ({size}{kind})")
-        print(f"metadata {record.metadata_location}")
-        print(format_cost(result.cost))
-    return EXIT_OK
-
-
-def _paid_part(
-    args: argparse.Namespace,
-    job_key: str,
-    records: Any,
-    edit: NanoBananaEditInput,
-    facts: dict[str, Any],
-    staged: Any,
-    daily: Any,
-    estimate: float | None,
-    display: _StatusDisplay,
-) -> tuple[Any, Any, SubmittedRequest]:
-    """Submit through the guard (reserving in the daily total right before the POST), wait
-    with the live line, archive and mark archived: the record, the result, the request."""
-    from ..guard.protocol import mark_archived, submit_once_blocking
-    from ..storage import ArchiveMetadata, archive_outputs
-
-    options = edit.model_dump(include={"aspect_ratio", "resolution", "output_format", "num_images"})
-    archive_uri = args.archive or args.out or DEFAULT_OUT
-    with client_for(args) as client:
-        handle = submit_once_blocking(
-            job_key,
-            records,
-            client,
-            edit,
-            facts=facts,
-            before_submit=reserve_daily(daily, job_key, estimate),
-        )
-        _refuse_another_edits_request(handle, facts)
-        # From here on the request exists: no failure may say nothing was paid for.
-        args.submitted_request_id = handle.request_id
-        verb = "Adopted" if handle.adopted or handle.resumed else "Submitted"
-        count = f"{args.num_images} image{'s' if args.num_images > 1 else ''}"
-        display.say(f"{verb} request {handle.request_id} ({args.resolution}, {count})")
-        try:
-            result = client.wait(
-                handle.request_id,
-                args.timeout,
-                resolution=args.resolution,
-                on_status=display,
-                submitted_at=handle.submitted_at,
-            )
-        except KeyboardInterrupt:
-            _withdraw(client, handle.request_id, display)
-            raise
-    record = archive_outputs(
-        handle.request_id,
-        result.output_urls,
-        date=result.created_at.date() if result.created_at else None,
-        archive_uri=archive_uri,
-        metadata=ArchiveMetadata(
-            prompt=args.prompt,
-            parameters=options,
-            model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.provenance for asset in staged],
-            created_at=result.created_at,
-            finished_at=result.finished_at,
-            cost=result.cost,
-        ),
-        flat=args.archive is None,  # --out (or the default): the files right there
-        allowed_hosts=client.output_hosts,
-    )
-    # Done, with its bill: what `nanobanana spend --archive` adds up.
-    asyncio.run(
-        mark_archived(
-            records,
-            job_key,
-            metadata_location=record.metadata_location,
-            output_locations=record.output_locations,
-            cost=result.cost,
-            known=handle.record,
-        )
-    )
-    return record, result, handle
+    else:
+        for location in outputs:
+            print(f"archived earlier: {location}")
+    print(f"metadata {metadata}")
+    print(format_cost(outcome.cost))

@@ -49,15 +49,19 @@ def submit(args: argparse.Namespace) -> int:
         sync_mode=args.sync_mode,
     )
     job_key = uuid4().hex
-    daily, estimate = None, None
-    if args.daily_budget is not None:
-        from .edit import _refuse_over_budget, _StatusDisplay, daily_budget_for
+    from .edit import (
+        _refuse_over_budget,
+        _StatusDisplay,
+        daily_budget_for,
+        reserve_daily,
+        settle_daily,
+    )
 
+    estimate = None
+    if args.daily_budget is not None:
         with client_for(args) as client:
             estimate = _refuse_over_budget(client, edit, None, _StatusDisplay(), args.daily_budget)
-        daily = daily_budget_for(args.daily_budget, args.archive)
-    from .edit import reserve_daily, settle_daily
-
+    daily = daily_budget_for(args.daily_budget, args.archive)
     with client_for(args) as client:
         try:
             handle = submit_once_blocking(

@@ -14,7 +14,7 @@ from .batch import (
     batch_edit,
 )
 from .edit import EditImageResult, edit_image
-from .pipeline import EditAndArchiveResult, edit_and_archive
+from .edit_and_archive import EditAndArchiveResult, edit_and_archive
 
 __all__ = [
     "BatchDryRun",

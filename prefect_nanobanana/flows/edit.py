@@ -275,7 +275,22 @@ def edit_image(
             `daily_budget_usd`.
 
     Returns:
-        The request id, statuses seen, output URLs, cost and timings.
+        An `EditImageResult`: the request id, statuses seen, output URLs, cost and
+        timings.
+
+    Raises:
+        BudgetExceededError: The estimate is over `max_cost_usd` (unpaid).
+        SubmitOutcomeUnknownError: The submit may have been billed; never resent.
+        JobFailedError: The edit failed at RunComfy.
+        WaitTimeoutError: `timeout_seconds` passed; a queued request is cancelled.
+
+    Example:
+        ```python
+        from prefect_nanobanana import edit_image
+
+        result = edit_image(prompt="Add snow", image_urls=["https://…/photo.png"])
+        print(result.output_urls, result.cost)
+        ```
     """
     warn_of_signed_urls_in_parameters()
     edit = NanoBananaEditInput(

@@ -165,7 +165,16 @@ class SubmittedRequest(BaseModel):
 
 
 def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
-    """The job key of an edit within `scope` (usually the flow run id)."""
+    """The job key of an edit within a scope: the same edit in the same scope, the same key.
+
+    Args:
+        edit: The edit (prompt, images as given, options).
+        scope: What the key is unique within: usually the flow run id, or a
+            subflow's parent task run.
+
+    Returns:
+        A sha256 hex digest (`storage.job_key_for`).
+    """
     options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
     return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
 
@@ -227,7 +236,15 @@ def _same_run(owner: ClaimOwner | None, me: ClaimOwner) -> bool:
 
 
 def outcome_unknown(job_key: str, where: str) -> SubmitOutcomeUnknownError:
-    """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again."""
+    """The one "outcome unknown" error: a claim stopped mid-submit; nothing is sent again.
+
+    Args:
+        job_key: The job whose submit may or may not have been billed.
+        where: Where its record is, so a person can check it (and delete it to resubmit).
+
+    Returns:
+        The `SubmitOutcomeUnknownError` to raise (exit code 7 on the command line).
+    """
     return SubmitOutcomeUnknownError(
         f"An earlier attempt of job {job_key!r} stopped while submitting, so RunComfy may or "
         "may not have accepted (and billed) that request. It was NOT submitted again. Check "
@@ -691,6 +708,17 @@ async def archive_claim(
     last wrote it (`SubmittedRequest.record`): on S3 a read fewer per row.
     `held_token` (`SubmittedRequest.archiving_token`): the archiving this caller
     claimed with the request id, which ends with the block.
+
+    Args:
+        store: Where the job's record lives.
+        job_key: The job.
+        known: The record as the caller last wrote it, to save a read.
+        held_token: The archiving claim taken with the request id, if any.
+        run_id: The run this caller works for.
+
+    Yields:
+        An `ArchiveTurn`: archive now (`elsewhere` is None), or the record of the
+        run that archived it.
     """
     me = new_owner(run_id)
     _LIVE_CLAIMS.add(me.token)
@@ -768,7 +796,16 @@ async def mark_archived(
 ) -> LedgerEntry | None:
     """Record that the job's outputs are archived (and what it cost): the job is done.
 
-    `known`: the record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
+    Args:
+        store: Where the job's record lives.
+        job_key: The job.
+        metadata_location: Where its `metadata.json` went.
+        output_locations: Where its outputs went.
+        cost: The billed cost (kept for `nanobanana spend`).
+        known: The record as the caller last wrote it (`ArchiveTurn.claim`), saving a read.
+
+    Returns:
+        The record as written, or None when it could not be written.
     """
     return await _settle(
         store,
@@ -785,7 +822,13 @@ async def mark_archived(
 
 
 async def mark_failed(store: RecordStore, job_key: str, error: str | BaseException) -> None:
-    """Record that the job failed after its submit (it may be claimed and paid again)."""
+    """Record that the job failed after its submit (it may be claimed and paid again).
+
+    Args:
+        store: Where the job's record lives.
+        job_key: The job.
+        error: Why it failed (redacted before it is written).
+    """
     text = error if isinstance(error, str) else _error_text(error)
     await _settle(store, job_key, {"status": "failed", "error": redact_text(text)})
 
@@ -841,6 +884,12 @@ def abandons_request(error: BaseException) -> bool:
     Signals, cancellation and interrupts are not `Exception`s; timeouts are. Other
     errors (say, the API down for a while) leave the request alone, so a retry of
     the flow run can resume it.
+
+    Args:
+        error: What ended the run's wait.
+
+    Returns:
+        True when the request should be withdrawn if it is still queued.
     """
     return not isinstance(error, Exception) or isinstance(error, (TimeoutError, WaitTimeoutError))
 
@@ -872,6 +921,11 @@ def cancel_if_queued(client: RunComfyClient, request_id: str, *, log: Log = logg
     A queued job is withdrawn (nothing is billed), a running one is reported with
     its request id so its output can still be collected, and a finished one is
     left alone.
+
+    Args:
+        client: A blocking client.
+        request_id: The request.
+        log: Where to say what happened.
 
     Returns:
         "cancelled", "not_cancellable", or None when the request was over already.

@@ -86,23 +86,56 @@ class RecordStore(Protocol):
     """Where the submit guard keeps its records; `storage.Ledger` is one."""
 
     def read(self, job_key: str) -> VersionedEntry | None:
-        """The job's record with its version, or None if the job was never claimed."""
+        """Read a job's record.
+
+        Args:
+            job_key: The job.
+
+        Returns:
+            The record with its version, or None if the job was never claimed.
+        """
         ...
 
     def create(self, entry: LedgerEntry) -> str | None:
-        """Write the job's first record; its version, or None when one exists (lost claim)."""
+        """Write a job's first record, atomically: of two writers exactly one wins.
+
+        Args:
+            entry: The record (its `job_key` names the job).
+
+        Returns:
+            The new record's version, or None when one exists already (a lost claim).
+        """
         ...
 
     def replace(self, entry: LedgerEntry, version: str) -> str | None:
-        """Overwrite the job's record if still at `version`; the new version, or None."""
+        """Overwrite a job's record only if it is still at `version`.
+
+        Args:
+            entry: The new record.
+            version: The version the writer read (or wrote) last.
+
+        Returns:
+            The new version, or None when someone else wrote in between.
+        """
         ...
 
     def scan(self) -> list[VersionedEntry]:
-        """Every record, with its version."""
+        """List the records.
+
+        Returns:
+            Every record this store can list, with its version.
+        """
         ...
 
     def location(self, job_key: str) -> str:
-        """Where the job's record is, for messages that tell a person what to look at."""
+        """Where a job's record is, for messages that tell a person what to look at.
+
+        Args:
+            job_key: The job.
+
+        Returns:
+            A path, an `s3://` location or a description of the record's place.
+        """
         ...
 
 

@@ -142,6 +142,11 @@ def cancel_recorded_requests(flow: Flow[..., Any], flow_run: FlowRun, state: Sta
     `submit_edit` recorded) and its `credentials` parameter back from the API.
     Running it twice (in the flow's process and in the runner's) is harmless: a
     request already cancelled is finished and left alone.
+
+    Args:
+        flow: The flow being cancelled (Prefect passes it).
+        flow_run: Its flow run.
+        state: The Cancelling or Cancelled state.
     """
     log = flow_run_logger(flow_run, flow)
     with get_client(sync_client=True) as prefect_client:

@@ -21,6 +21,7 @@ pay; `warn_if_machine_local` says so once per process, naming `NANOBANANA_LOCK_U
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ _SHARED_FS_TYPES = frozenset(
 _SHARED_FUSE_TYPES = ("sshfs", "s3fs", "gcsfuse", "mountpoint-s3", "rclone", "juicefs", "gluster")
 _LOCAL_FSSPEC_SCHEMES = ("", "file", "local", "memory")
 MOUNTS_FILE = Path("/proc/mounts")
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 class LockSettingError(NanoBananaError, ValueError):
@@ -186,7 +188,7 @@ def _mount_type(path: Path, mounts_file: Path) -> str | None:
         if len(fields) < 3:
             continue
         # /proc/mounts escapes blanks in mount points as octal (\040).
-        point = fields[1].encode().decode("unicode_escape")
+        point = _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), fields[1])
         inside = target == point or target.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= len(best):
             best, fs_type = point, fields[2]

@@ -34,6 +34,15 @@ def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any
     """`retry_condition_fn` of every task here: retry only what the client calls transient.
 
     Prefect hands the raised exception over as the data of a Failed state.
+
+    Args:
+        task: The task (Prefect passes it).
+        task_run: Its run.
+        state: The Failed state, carrying the raised exception.
+
+    Returns:
+        True for a transient `RunComfyError` (a 429, a 5xx on a read, a timeout);
+        auth, validation and balance errors fail at once.
     """
     error = state.data
     return isinstance(error, RunComfyError) and error.is_transient

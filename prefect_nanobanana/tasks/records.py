@@ -50,7 +50,14 @@ def record_names(job_key: str) -> tuple[str, str]:
 
 
 def recorded_request_ids(labels: dict[str, Any]) -> list[str]:
-    """The request ids a flow run recorded in its labels, in the order they were made."""
+    """The request ids a flow run recorded in its labels.
+
+    Args:
+        labels: The flow run's labels, as Prefect's API returns them.
+
+    Returns:
+        The request ids, in the order they were made.
+    """
     return [
         value
         for key, value in labels.items()
@@ -211,7 +218,13 @@ class PrefectRecordStore:
         return version_of(entry)
 
     def ensure_label(self, job_key: str, request_id: str) -> None:
-        """Name a request found elsewhere (another run's record) in this run's labels too."""
+        """Name a request found elsewhere (another run's record) in this run's labels too,
+        so this run's cancellation hook finds it.
+
+        Args:
+            job_key: The job.
+            request_id: The request its record names.
+        """
         _, label = record_names(job_key)
         if self.flow_run_id is None or self._read_labels().get(label) == request_id:
             return
@@ -234,7 +247,11 @@ class PrefectRecordStore:
             return self._write(entry)
 
     def scan(self) -> list[VersionedEntry]:
-        """The records this flow run's labels name (a result store cannot be listed)."""
+        """List the records this flow run's labels name (a result store cannot be listed).
+
+        Returns:
+            Those records, with their versions.
+        """
         found = []
         for key, value in self._read_labels().items():
             if key.startswith(RECORD_LABEL_PREFIX) and value:

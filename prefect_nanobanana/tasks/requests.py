@@ -31,7 +31,7 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from ..guard.protocol import SubmittedRequest, default_job_key, submit_once
+from ..guard.protocol import SubmittedRequest, default_job_key, log_cancel_outcome, submit_once
 from .guard import job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
 from .records import PrefectRecordStore
@@ -210,9 +210,7 @@ async def _cancel_request(
     """
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
         result = await client.cancel(request_id)
-    observe.log_cancel_outcome(
-        run_logger_or_none() or observe.logger, result.request_id, result.outcome
-    )
+    log_cancel_outcome(run_logger_or_none() or observe.logger, result.request_id, result.outcome)
     if result.outcome == "cancelled":
         observe.emit_request_event(observe.EVENT_CANCELLED, result.request_id)
     return result

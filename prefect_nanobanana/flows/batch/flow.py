@@ -177,6 +177,30 @@ async def batch_edit(
             `BatchDryRun` (rows to pay, rows done, the estimate).
         resolution_factors: Multipliers of the listed price per resolution for the
             estimate (default: 4K counts double).
+
+    Returns:
+        A `BatchEditResult`: a row each (status, request id, outputs, cost, error),
+        the counts, `total_cost`, `paid_cost` and the results manifest's location;
+        with `dry_run`, a `BatchDryRun` instead.
+
+    Raises:
+        BatchFailedError: Rows failed (or were held back by the budget) and
+            `allow_partial` is off; raised after every success is archived, and
+            carries the full result.
+        BudgetExceededError: The estimate is over `max_cost_usd` before any submit
+            (nothing was paid).
+        ManifestError: The manifest cannot be read, or a row's options are invalid.
+
+    Example:
+        ```python
+        import asyncio
+        from prefect_nanobanana import batch_edit
+
+        result = asyncio.run(
+            batch_edit(manifest_uri="manifest.jsonl", archive_uri="archive", allow_partial=True)
+        )
+        print(result.archived, result.failed, result.total_cost)
+        ```
     """
     # The run form's fields, as the one value the run's steps and its chunks share.
     options = BatchOptions.model_validate(

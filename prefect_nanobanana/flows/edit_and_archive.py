@@ -93,6 +93,28 @@ def edit_and_archive(
             machine using `archive_uri` (its total is kept beside the ledger); overrides
             the credentials block's. Over it, `BudgetExceededError` before paying,
             naming `daily_budget_usd`.
+
+    Returns:
+        An `EditAndArchiveResult`: the request id, where each output and its
+        `metadata.json` were archived, the statuses seen, the cost.
+
+    Raises:
+        StagingError: An input is missing, is not an image or is over a cap (unpaid).
+        BudgetExceededError: The estimate is over `max_cost_usd`, or the day's total
+            would pass `daily_budget_usd` (unpaid).
+        JobFailedError: The edit failed at RunComfy.
+        WaitTimeoutError: `timeout_seconds` passed; a queued request is cancelled.
+        ArchiveError: An output could not be archived; it names the request.
+
+    Example:
+        ```python
+        from prefect_nanobanana import edit_and_archive
+
+        result = edit_and_archive(
+            prompt="Add a lighthouse", images=["photo.png"], archive_uri="s3://bucket/edited"
+        )
+        print(result.output_locations, result.metadata_location)
+        ```
     """
     warn_of_signed_urls_in_parameters()
     options = {
