@@ -170,6 +170,7 @@ def edit_and_archive(
         model_id=NANO_BANANA_EDIT_MODEL_ID,
         prompt=prompt,
         cost=outcome.cost,
+        resolution=resolution,
     )
     previews.show_edit(
         record,

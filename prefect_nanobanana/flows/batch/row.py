@@ -121,6 +121,7 @@ class RowObserver(Observer):
             cost=outcome.cost,
             row=job.row,
             row_id=job.row_id,
+            resolution=job.options.get("resolution"),
         )
 
     def held_back(self, job: Job, refusal: BudgetExceededError) -> None:
