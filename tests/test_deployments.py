@@ -271,6 +271,97 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     assert stack.emulator.stats.submits_accepted == submits_before + 10
 
 
+async def test_three_runs_one_chunked_over_the_workers_share_one_daily_cap(
+    stack: Stack, tmp_path: Path, monkeypatch
+) -> None:
+    """Three runs at once on one archive under one `daily_budget_usd`, billed at twice the
+    listed price; one is chunked, its chunks run by the workers (other processes). Together
+    they stay within the cap plus the estimates in flight, hold the rest back
+    `over_budget`, and a fourth run the same day submits nothing."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from prefect_nanobanana import RunComfyCredentials
+    from prefect_nanobanana.emulator import EmulatorConfig, EmulatorServer
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import chunks
+    from prefect_nanobanana.storage import daily_totals
+
+    monkeypatch.setattr(chunks, "CHUNK_POLL_SECONDS", 0.25)
+    price, lanes, rows = 0.15, 2, 6
+    cap = 8 * price
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(rows):
+        Image.new("RGB", (24, 16), (40 * index, 80, 160)).save(images / f"{index}.png")
+    archive = tmp_path / "archive"
+    config = EmulatorConfig(
+        api_tokens=(TOKEN_FOR_BLOCK,), workers=8, time_scale=0.005, bill_multiplier=2.0
+    )
+    with EmulatorServer(config) as emulator:
+        # The chunks load the credentials by name on the workers: this emulator, not theirs.
+        block = f"daily-cap-{uuid.uuid4().hex[:6]}"
+        await RunComfyCredentials(api_token=TOKEN_FOR_BLOCK, base_url=emulator.base_url).asave(
+            block
+        )
+        limit = f"daily-cap-{uuid.uuid4().hex[:6]}"
+        async with get_client() as client:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=limit, limit=16)
+            )
+
+        def run(name: str, **chunking: Any) -> Any:
+            return batch_edit(
+                images_uri=str(images),
+                prompt=f"edit for {name}",  # each run its own edits: nothing adopted
+                archive_uri=str(archive),
+                daily_budget_usd=cap,
+                max_concurrency=lanes,
+                concurrency_limit_name=limit,
+                credentials=block,
+                allow_partial=True,
+                preview_rows=0,
+                return_state=True,
+                **chunking,
+            )
+
+        states = await asyncio.gather(
+            run("nightly", chunk_size=3, chunk_deployment=CHUNK), run("alice"), run("bob")
+        )
+        assert all(state.is_completed() for state in states), (states, stack.log_tail())
+        results = [await state.aresult() for state in states]
+        in_flight_at_most = (2 + 1 + 1) * lanes  # two chunks, two runs, `lanes` rows each
+        billed = sum(result.paid_cost for result in results)
+        assert emulator.stats.spent_usd == pytest.approx(billed)
+        assert billed <= cap + in_flight_at_most * price + 1e-9, billed
+        held = [row for result in results for row in result.rows if row.status == "over_budget"]
+        assert held and all("daily_budget_usd" in (row.error or "") for row in held)
+        assert sum(result.archived + result.over_budget for result in results) == 3 * rows
+        (total,) = daily_totals(archive).values()
+        assert total.in_flight == 0 and total.spent_usd == pytest.approx(billed)
+        async with get_client() as client:
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                        any_=[states[0].state_details.flow_run_id]
+                    )
+                )
+            )
+        assert len(children) == 2
+        assert {child.labels["prefect.worker.name"] for child in children} <= set(WORKERS)
+
+        paid = emulator.stats.submits_accepted
+        fourth = await (await run("carol")).aresult()
+        assert emulator.stats.submits_accepted == paid  # nothing submitted
+        assert fourth.over_budget == rows and fourth.paid_cost == 0
+
+
+TOKEN_FOR_BLOCK = "daily-cap-token"
+
+
 def test_chunk_rows_come_back_in_the_parents_numbering(tmp_path: Path) -> None:
     from prefect_nanobanana.flows import BatchJob, BatchRowResult
     from prefect_nanobanana.flows.batch.chunks import _in_parent_numbering, _read_chunk_rows
