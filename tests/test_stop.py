@@ -281,10 +281,13 @@ async def test_a_direct_batch_cancelled_through_the_api_at_several_moments(
     print("cancelled while:", ", ".join(found))
 
 
+# Served from the repository's entry point, as `deployments/prefect.yaml` points at it:
+# the runner's child process loads the flow from there.
 _SERVE = """
 import sys
-from prefect_nanobanana.flows import batch_edit
-batch_edit.serve(name=sys.argv[1], limit=1)
+from prefect import flow
+batch = flow.from_source(source=sys.argv[2], entrypoint="flows/nightly_batch.py:batch_edit")
+batch.serve(name=sys.argv[1], limit=1)
 """
 
 
@@ -302,7 +305,10 @@ async def test_a_deployment_batch_cancelled_through_the_api_at_several_moments(
     served_log = tmp_path / "served.log"
     with served_log.open("wb") as log:
         served = subprocess.Popen(
-            [sys.executable, "-c", _SERVE, "stop-test"], env=env, stdout=log, stderr=log
+            [sys.executable, "-c", _SERVE, "stop-test", str(Path(__file__).parents[1])],
+            env=env,
+            stdout=log,
+            stderr=log,
         )
     try:
         await _served(served, served_log, "nano-banana-batch/stop-test")

@@ -20,9 +20,9 @@ from ..client import (
     RequestResult,
     Resolution,
 )
-from ..guard.protocol import default_job_key, log_cancel_outcome, submit_once
+from ..guard.protocol import log_cancel_outcome, submit_once
 from ..stop import signals_deferred
-from ..tasks.guard import job_scope, run_id
+from ..tasks.guard import default_job_key, job_scope, run_id
 from ..tasks.records import PrefectRecordStore
 from .credentials import RunComfyCredentials
 

@@ -81,7 +81,6 @@ from ..client import (
 from ..client.pricing import BudgetExceededError
 from ..redaction import redact, redact_text
 from ..stop import RunStopped, signals_deferred
-from ..storage.ledger import job_key_for
 from .records import ClaimOwner, LedgerEntry, RecordStore, VersionedEntry
 
 __all__ = [
@@ -97,7 +96,6 @@ __all__ = [
     "cancel_if_queued",
     "claim_alive",
     "decide",
-    "default_job_key",
     "end_archiving_claim",
     "log_cancel_outcome",
     "mark_archived",
@@ -162,21 +160,6 @@ class SubmittedRequest(BaseModel):
 
 
 # --------------------------------------------------------------------------- job keys
-
-
-def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
-    """The job key of an edit within a scope: the same edit in the same scope, the same key.
-
-    Args:
-        edit: The edit (prompt, images as given, options).
-        scope: What the key is unique within: usually the flow run id, or a
-            subflow's parent task run.
-
-    Returns:
-        A sha256 hex digest (`storage.job_key_for`).
-    """
-    options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
-    return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
 
 
 # --------------------------------------------------------------------------- owners

@@ -16,14 +16,13 @@ from ..guard.protocol import (
     abandons_request,
     archive_claim,
     cancel_if_queued,
-    default_job_key,
     mark_archived,
     mark_failed,
     outcome_unknown,
     submit_once,
 )
 from ..guard.records import MemoryRecordStore, RecordStore
-from .guard import cancel_recorded_requests, withdraw_if_queued
+from .guard import cancel_recorded_requests, default_job_key, withdraw_if_queued
 from .options import TASK_OPTIONS, retry_if_transient
 from .records import RECORD_LABEL_PREFIX, PrefectRecordStore, recorded_request_ids
 from .requests import (

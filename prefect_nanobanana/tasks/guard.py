@@ -25,11 +25,13 @@ from prefect.states import State
 from .. import observe
 from ..blocks.credentials import RunComfyCredentials, resolve_credentials, run_logger_or_none
 from ..client import NanoBananaEditInput, RunComfyClient, RunComfyError
-from ..guard.protocol import cancel_if_queued, default_job_key
+from ..guard.protocol import cancel_if_queued
+from ..storage import job_key_for
 from .records import recorded_request_ids
 
 __all__ = [
     "cancel_recorded_requests",
+    "default_job_key",
     "job_scope",
     "run_id",
     "run_log",
@@ -71,6 +73,21 @@ def job_scope() -> str:
         return str(task_run_context.task_run.id)
     # No run to resume: a fresh key, so identical inputs never alias an old job.
     return str(uuid4())
+
+
+def default_job_key(edit: NanoBananaEditInput, scope: str) -> str:
+    """The job key of an edit within a scope: the same edit in the same scope, the same key.
+
+    Args:
+        edit: The edit (prompt, images as given, options).
+        scope: What the key is unique within: usually the flow run id, or a
+            subflow's parent task run.
+
+    Returns:
+        A sha256 hex digest (`storage.job_key_for`).
+    """
+    options = edit.model_dump(mode="json", exclude={"prompt", "image_urls"})
+    return job_key_for(edit.prompt, edit.image_urls, options, scope=scope)
 
 
 def submit_run_name(parameters: dict[str, Any]) -> str:

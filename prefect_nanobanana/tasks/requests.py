@@ -31,8 +31,8 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from ..guard.protocol import SubmittedRequest, default_job_key, log_cancel_outcome, submit_once
-from .guard import job_scope, run_id, run_log, submit_run_name
+from ..guard.protocol import SubmittedRequest, log_cancel_outcome, submit_once
+from .guard import default_job_key, job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
 from .records import PrefectRecordStore
 
