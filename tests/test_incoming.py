@@ -12,11 +12,14 @@ import asyncio
 import datetime as dt
 import json
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
 
 from prefect_nanobanana.storage import daily_totals
+from prefect_nanobanana.storage.backends import make_s3_client
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -107,10 +110,26 @@ async def test_an_s3_prefix_as_the_batch_pays_only_for_the_new_objects_on_rerun(
         "archive_uri": f"s3://{s3_bucket}/archive",
         "concurrency_limit_name": "test-incoming-s3",
         "preview_rows": 0,
+        "max_concurrency": 1,
     }
-    first = await batch_edit(**options)
+    # Listed objects are not checked one by one before the first submit (5,000 HEADs took
+    # minutes): each row's input is read, if at all, right before its own submit.
+    before_first_submit: list[str] = []
+
+    def note(request: Any, **_: Any) -> None:
+        path = urlsplit(request.url).path
+        if "/incoming/" in path and emulator.stats.submits_accepted == 0:
+            before_first_submit.append(f"{request.method} {path}")
+
+    s3 = make_s3_client()  # the process's shared client, which the flow uses too
+    s3.meta.events.register("before-send.s3", note)
+    try:
+        first = await batch_edit(**options)
+    finally:
+        s3.meta.events.unregister("before-send.s3", note)
     assert (first.archived, first.new) == (3, 3), [row.error for row in first.rows]
     assert emulator.stats.submits_accepted == 3
+    assert len(before_first_submit) <= 1, before_first_submit  # the first row's own, at most
     put("d.png", 200)
     put("sub/e.png", 220)
     second = await batch_edit(**options)
