@@ -66,7 +66,7 @@ __all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline", "SharedTotal",
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
 logger = logging.getLogger(__name__)
 
-JobStatus = Literal["archived", "adopted", "over_budget", "not_started", "stopped"]
+OutcomeStatus = Literal["archived", "adopted", "over_budget", "not_started", "stopped"]
 
 
 @dataclass
@@ -123,7 +123,7 @@ class JobOutcome:
       was still queued (withdrawn, not billed), else it stays recorded for a rerun.
     """
 
-    status: JobStatus
+    status: OutcomeStatus
     request: SubmittedRequest | None = None
     result: RequestResult | None = None
     record: ArchiveRecord | None = None
@@ -501,7 +501,7 @@ class Pipeline:
     ) -> JobOutcome:
         """How an output reaches the archive: the archiving claimed once through the guard,
         the outputs and `metadata.json` written, the record marked archived."""
-        status: JobStatus = "adopted" if request.adopted else "archived"
+        status: OutcomeStatus = "adopted" if request.adopted else "archived"
         async with archive_claim(
             self.store,
             job.job_key,

@@ -128,8 +128,13 @@ def test_check_sources_uploads_and_encodes_nothing(sample_images: Path, image_se
         check_sources([image_server.url_for("not-an-image.txt")])
     with pytest.raises(StagingError, match="file not found"):
         check_sources([str(sample_images / "missing.png")])
-    # One GET (HEAD is not logged by the fixture) for the text file, judged by its first bytes.
-    assert len(image_server.requested_paths) == before + 1
+    # A ranged GET of each http(s) input's header (the pixel cap), and one GET more for the
+    # text file, judged by its first bytes when HEAD (not logged by the fixture) names no image.
+    assert image_server.requested_paths[before:] == [
+        "/tall.jpg",
+        "/not-an-image.txt",
+        "/not-an-image.txt",
+    ]
 
 
 def _box(kind: bytes, body: bytes, full: bool = False) -> bytes:
