@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from anyio import to_thread
 
@@ -59,8 +59,9 @@ from .guard.protocol import (
 from .guard.records import LedgerEntry, RecordStore, VersionedEntry
 from .stop import RunStopped, Stop
 from .storage import ArchiveMetadata, ArchiveRecord, archive_outputs
+from .storage.budget import BudgetRefusal, Reservation
 
-__all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline"]
+__all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline", "SharedTotal", "bill_after"]
 
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
 logger = logging.getLogger(__name__)
@@ -176,27 +177,65 @@ class Observer:
         """The budget held the job back before its submit."""
 
 
+class SharedTotal(Protocol):
+    """A running total other runs draw from too (`storage.DailyBudget`, `storage.SharedBudget`)."""
+
+    cap_name: str
+
+    def reserve(self, estimate_usd: float, label: str | None = None) -> Reservation | BudgetRefusal:
+        """Reserve the estimate, or refuse it (see `storage.SharedBudget.reserve`)."""
+        ...
+
+    def settle(self, reservation: Reservation, billed_usd: float | None) -> None:
+        """Replace the reservation by the bill."""
+        ...
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the reservation back: nothing was paid."""
+        ...
+
+
 class Budget:
     """A run's spend: each job reserves its estimate right before its paid submit, and
     one call (`end`) settles it when the job ends, whichever way.
 
+    The run's own cap is kept here, in memory; a cap shared with other runs (the
+    archive's `daily_budget_usd`, a chunked batch's `max_cost_usd` across its
+    chunks) is a stored total in `shared`, reserved in and settled the same way, so
+    every run that uses it can pass it only by what is in flight.
+
     Args:
         max_cost_usd: The run's cap; None counts without refusing.
+        shared: Stored totals every reservation must also fit (blocking I/O: run in
+            a worker thread).
     """
 
-    def __init__(self, max_cost_usd: float | None = None) -> None:
+    def __init__(
+        self, max_cost_usd: float | None = None, shared: Sequence[SharedTotal] = ()
+    ) -> None:
         self.spend = CostBudget(max_cost_usd)
+        self.shared = list(shared)
         self._in_flight: dict[str, float] = {}
+        self._held: dict[str, list[tuple[SharedTotal, Reservation]]] = {}
         self.bills: dict[str, float] = {}
 
-    def reserve(self, job_key: str, estimate_usd: float | None) -> None:
+    async def reserve(
+        self, job_key: str, estimate_usd: float | None, label: str | None = None
+    ) -> None:
         """Count the job's estimate in flight, or refuse it (before anything is sent).
 
         A job that already holds a reservation (a retry after a refused submit) keeps it.
 
+        Args:
+            job_key: The job.
+            estimate_usd: Its estimate (None counts as 0).
+            label: Who reserves, written beside a shared reservation (a row's id).
+
         Raises:
             BudgetExceededError: The billed cost so far, the estimates in flight and
-                this one would pass the cap.
+                this one would pass the run's cap, or a shared total's cap (its
+                message is the shared total's reason, naming the cap).
+            StorageError: A shared total cannot be read or written (nothing is sent).
         """
         if job_key in self._in_flight:
             return
@@ -208,15 +247,78 @@ class Budget:
                 estimate, self.spend.max_cost_usd, rows_to_pay=1, spent_usd=spent
             )
         self._in_flight[job_key] = estimate
+        held: list[tuple[SharedTotal, Reservation]] = []
+        try:
+            for total in self.shared:
+                answer = await to_thread.run_sync(partial(total.reserve, estimate, label=label))
+                if isinstance(answer, BudgetRefusal):
+                    raise BudgetExceededError(
+                        estimate,
+                        answer.cap_usd,
+                        rows_to_pay=1,
+                        spent_usd=answer.total_usd,
+                        cap_name=answer.cap_name,
+                        message=answer.reason,
+                    )
+                held.append((total, answer))
+        except BaseException:
+            # Refused (or unreadable): nothing will be sent, so nothing stays reserved.
+            self._in_flight.pop(job_key, None)
+            self.spend.release(estimate)
+            await self._give_back(held, 0.0)
+            raise
+        if held:
+            self._held[job_key] = held
 
-    def end(self, job_key: str, billed_usd: float | None) -> None:
+    async def end(self, job_key: str, billed_usd: float | None) -> None:
         """The job ended: its bill replaces its estimate (0 when nothing was billed; None
-        when unknown, so the estimate keeps counting)."""
+        when unknown, so the estimate keeps counting), here and in the shared totals."""
         if (estimate := self._in_flight.pop(job_key, None)) is None:
             return
         self.spend.settle(estimate, billed_usd)
         if billed_usd:
             self.bills[job_key] = billed_usd
+        await self._give_back(self._held.pop(job_key, []), billed_usd)
+
+    @staticmethod
+    async def _give_back(
+        held: list[tuple[SharedTotal, Reservation]], billed_usd: float | None
+    ) -> None:
+        """Settle shared reservations to the bill, or release them when nothing was paid.
+
+        A failed write is logged, never raised: the job is paid for already, and the
+        stored reservation keeps counting its estimate until its day ends.
+        """
+        for total, reservation in held:
+            try:
+                if billed_usd == 0:
+                    await to_thread.run_sync(total.release, reservation)
+                else:
+                    await to_thread.run_sync(total.settle, reservation, billed_usd)
+            except Exception as error:
+                logger.warning(
+                    "Could not settle a reservation of %s (%s): it keeps counting its estimate",
+                    reservation.cap_name,
+                    error,
+                )
+
+
+def bill_after(error: BaseException) -> float | None:
+    """What a job that ended with ``error`` was billed, as far as a budget can tell.
+
+    Args:
+        error: Why the job ended without a result.
+
+    Returns:
+        0 when provably nothing was billed (the API refused the submit, the job failed
+        or was cancelled, a budget held it back); None when it may have been (its
+        estimate keeps counting): an unknown submit outcome, a wait given up, a crash.
+    """
+    if isinstance(error, SubmitOutcomeUnknownError | WaitTimeoutError):
+        return None
+    if isinstance(error, RunComfyError | BudgetExceededError | RunStopped):
+        return 0.0
+    return None
 
 
 @dataclass
@@ -302,7 +404,7 @@ class Pipeline:
                 end_archiving_claim(request)
             return outcome
         finally:
-            self.budget.end(job.job_key, bill)
+            await self.budget.end(job.job_key, bill)
 
     async def _submit(self, job: Job) -> SubmittedRequest:
         """The job's request, through the guard: recorded, adopted, or one paid submit."""
@@ -313,7 +415,8 @@ class Pipeline:
 
         async def before_submit() -> None:
             self.stop.check()
-            self.budget.reserve(job.job_key, job.estimated_cost)
+            label = f"row {job.row} ({job.row_id})" if job.row_id else job.job_key[:12]
+            await self.budget.reserve(job.job_key, job.estimated_cost, label=label)
 
         known, job.known = job.known, Unread  # a retry reads the record afresh
         request = await submit_once(

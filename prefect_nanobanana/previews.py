@@ -206,13 +206,17 @@ def emit_materializations(
     prompt: str,
     cost: float | None,
     row_id: str | None = None,
+    resolution: str | None = None,
 ) -> int:
     """A `prefect.asset.materialization.succeeded` event per archived output; how many.
 
     Resource: the output's URI (`s3://…` or `file://…`). Related: the input images
     (role `asset`, signatures removed) and the model (`asset-materialized-by`), as
-    Prefect's own materializing tasks relate them. Payload: request id, prompt,
-    cost, pixel size, sha256, bytes, content type.
+    Prefect's own materializing tasks relate them. Payload (the materialization's
+    metadata, shown in Prefect's asset view): request id, model, resolution, the
+    request's billed cost (`cost` and `billed_cost_usd`, the same figure: what
+    RunComfy billed for the request, all its outputs together), prompt, pixel
+    size, sha256, bytes, content type.
     """
     upstream = [
         {"prefect.resource.id": key, "prefect.resource.role": "asset"}
@@ -236,6 +240,10 @@ def emit_materializations(
                 payload={
                     "request_id": record.request_id,
                     "row_id": row_id,
+                    "model_id": model_id,
+                    "resolution": resolution,
+                    "billed_cost_usd": cost,
+                    "outputs_of_request": len(record.outputs),
                     "prompt": prompt,
                     "cost": cost,
                     "width": output.width,
@@ -262,6 +270,7 @@ def announce_archived(
     cost: float | None,
     row: int | None = None,
     row_id: str | None = None,
+    resolution: str | None = None,
 ) -> None:
     """Everything an archived request says at once: the log line, the event, the assets."""
     log_where(log, label, record)
@@ -279,7 +288,13 @@ def announce_archived(
         ),
     )
     emit_materializations(
-        record, sources=sources, model_id=model_id, prompt=prompt, cost=cost, row_id=row_id
+        record,
+        sources=sources,
+        model_id=model_id,
+        prompt=prompt,
+        cost=cost,
+        row_id=row_id,
+        resolution=resolution,
     )
 
 

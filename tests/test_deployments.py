@@ -19,6 +19,7 @@ from PIL import Image
 
 from tests.fixtures.deployments import (
     CHUNK,
+    INCOMING,
     NIGHTLY,
     POOL,
     REPO,
@@ -83,6 +84,42 @@ def test_deployments_carry_the_schedule_form_and_pull_step(stack: Stack) -> None
         assert deployment.pull_steps == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
         ]
+
+
+async def test_incoming_folder_runs_hourly_and_pays_only_for_new_images(stack: Stack) -> None:
+    """The `incoming-folder` deployment: hourly over NANOBANANA_INCOMING_URI; a run on a
+    worker edits each image once, the next run finds them all archived and pays nothing."""
+    from prefect.deployments import run_deployment
+
+    incoming = _deployment(INCOMING)
+    (schedule,) = incoming.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 * * * *", "UTC")
+    assert schedule.active
+    assert incoming.parameters["images_uri"] == str(stack.images)
+    assert incoming.parameters["prompt"] == "put it on a white background"
+    assert incoming.parameters["archive_uri"] == str(stack.archive)
+    assert incoming.work_pool_name == POOL
+    images = sorted(path.name for path in stack.images.iterdir())
+
+    def manifest_of(flow_run: Any) -> list[dict[str, Any]]:
+        (found,) = (stack.archive / "_results").glob(f"batch-*-{flow_run.id}.jsonl")
+        return [json.loads(line) for line in found.read_text().splitlines()]
+
+    before = stack.emulator.stats.submits_accepted
+    first = await run_deployment(
+        INCOMING, timeout=RUN_SECONDS, poll_interval=0.25, as_subflow=False
+    )
+    assert first.state and first.state.is_completed(), (first.state, stack.log_tail())
+    rows = manifest_of(first)
+    assert sorted(row["id"] for row in rows) == images
+    assert all(row["new"] and row["status"] == "archived" for row in rows)
+    assert stack.emulator.stats.submits_accepted == before + len(images)
+    again = await run_deployment(
+        INCOMING, timeout=RUN_SECONDS, poll_interval=0.25, as_subflow=False
+    )
+    assert again.state and again.state.is_completed(), (again.state, stack.log_tail())
+    assert {(row["new"], row["status"]) for row in manifest_of(again)} == {(False, "skipped")}
+    assert stack.emulator.stats.submits_accepted == before + len(images)
 
 
 async def test_single_edit_deployment_runs_on_a_worker(stack: Stack) -> None:
@@ -214,10 +251,16 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     assert len(children) == 3
     assert all(child.state and child.state.is_completed() for child in children)
     assert sorted(len(child.parameters["jobs"]) for child in children) == [2, 4, 4]
-    # The budget is shared out by the chunks' estimates (the rows are alike: by rows).
-    shares = {len(child.parameters["jobs"]): child.parameters["max_cost_usd"] for child in children}
-    assert sum(child.parameters["max_cost_usd"] for child in children) == pytest.approx(budget)
-    assert shares[4] == pytest.approx(2 * shares[2]) and shares[2] == pytest.approx(budget / 5)
+    # The chunks draw from one budget, named after the parent run, kept beside the ledger.
+    shared = {child.parameters["shared_budget_name"] for child in children}
+    assert shared == {f"batch-{state.state_details.flow_run_id}"}
+    assert {child.parameters["max_cost_usd"] for child in children} == {budget}
+    from prefect_nanobanana.storage import SharedBudget
+
+    (name,) = shared
+    total = SharedBudget(archive, name, budget).read()
+    assert total.in_flight == 0 and total.settled == 10
+    assert total.spent_usd == pytest.approx(result.paid_cost)
     workers = {child.labels["prefect.worker.name"] for child in children}
     assert workers == set(WORKERS), [(c.name, c.labels, c.infrastructure_pid) for c in children]
     assert len({child.infrastructure_pid for child in children}) == 3
@@ -226,6 +269,97 @@ async def test_batch_scales_out_in_chunks_over_both_workers(
     again = await batch_edit(**options)
     assert (again.archived, again.skipped, again.failed) == (0, 10, 0)
     assert stack.emulator.stats.submits_accepted == submits_before + 10
+
+
+async def test_three_runs_one_chunked_over_the_workers_share_one_daily_cap(
+    stack: Stack, tmp_path: Path, monkeypatch
+) -> None:
+    """Three runs at once on one archive under one `daily_budget_usd`, billed at twice the
+    listed price; one is chunked, its chunks run by the workers (other processes). Together
+    they stay within the cap plus the estimates in flight, hold the rest back
+    `over_budget`, and a fourth run the same day submits nothing."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from prefect_nanobanana import RunComfyCredentials
+    from prefect_nanobanana.emulator import EmulatorConfig, EmulatorServer
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import chunks
+    from prefect_nanobanana.storage import daily_totals
+
+    monkeypatch.setattr(chunks, "CHUNK_POLL_SECONDS", 0.25)
+    price, lanes, rows = 0.15, 2, 6
+    cap = 8 * price
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(rows):
+        Image.new("RGB", (24, 16), (40 * index, 80, 160)).save(images / f"{index}.png")
+    archive = tmp_path / "archive"
+    config = EmulatorConfig(
+        api_tokens=(TOKEN_FOR_BLOCK,), workers=8, time_scale=0.005, bill_multiplier=2.0
+    )
+    with EmulatorServer(config) as emulator:
+        # The chunks load the credentials by name on the workers: this emulator, not theirs.
+        block = f"daily-cap-{uuid.uuid4().hex[:6]}"
+        await RunComfyCredentials(api_token=TOKEN_FOR_BLOCK, base_url=emulator.base_url).asave(
+            block
+        )
+        limit = f"daily-cap-{uuid.uuid4().hex[:6]}"
+        async with get_client() as client:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=limit, limit=16)
+            )
+
+        def run(name: str, **chunking: Any) -> Any:
+            return batch_edit(
+                images_uri=str(images),
+                prompt=f"edit for {name}",  # each run its own edits: nothing adopted
+                archive_uri=str(archive),
+                daily_budget_usd=cap,
+                max_concurrency=lanes,
+                concurrency_limit_name=limit,
+                credentials=block,
+                allow_partial=True,
+                preview_rows=0,
+                return_state=True,
+                **chunking,
+            )
+
+        states = await asyncio.gather(
+            run("nightly", chunk_size=3, chunk_deployment=CHUNK), run("alice"), run("bob")
+        )
+        assert all(state.is_completed() for state in states), (states, stack.log_tail())
+        results = [await state.aresult() for state in states]
+        in_flight_at_most = (2 + 1 + 1) * lanes  # two chunks, two runs, `lanes` rows each
+        billed = sum(result.paid_cost for result in results)
+        assert emulator.stats.spent_usd == pytest.approx(billed)
+        assert billed <= cap + in_flight_at_most * price + 1e-9, billed
+        held = [row for result in results for row in result.rows if row.status == "over_budget"]
+        assert held and all("daily_budget_usd" in (row.error or "") for row in held)
+        assert sum(result.archived + result.over_budget for result in results) == 3 * rows
+        (total,) = daily_totals(archive).values()
+        assert total.in_flight == 0 and total.spent_usd == pytest.approx(billed)
+        async with get_client() as client:
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                        any_=[states[0].state_details.flow_run_id]
+                    )
+                )
+            )
+        assert len(children) == 2
+        assert {child.labels["prefect.worker.name"] for child in children} <= set(WORKERS)
+
+        paid = emulator.stats.submits_accepted
+        fourth = await (await run("carol")).aresult()
+        assert emulator.stats.submits_accepted == paid  # nothing submitted
+        assert fourth.over_budget == rows and fourth.paid_cost == 0
+
+
+TOKEN_FOR_BLOCK = "daily-cap-token"
 
 
 def test_chunk_rows_come_back_in_the_parents_numbering(tmp_path: Path) -> None:
@@ -246,28 +380,6 @@ def test_chunk_rows_come_back_in_the_parents_numbering(tmp_path: Path) -> None:
     ]
     assert rows[1].error == "chunk 2 ended Crashed"
     assert rows[1].sources == ["https://x/b.png"]
-
-
-def test_a_budget_is_shared_out_by_the_chunks_estimates() -> None:
-    from prefect_nanobanana.client.pricing import CostEstimate
-    from prefect_nanobanana.flows.batch.chunks import chunk_budgets
-    from prefect_nanobanana.flows.batch.models import BatchJob, _RowPlan
-
-    def plan(row: int, cost: float | None, error: str | None = None) -> _RowPlan:
-        job = BatchJob(prompt="p", images=["a.png"])
-        return _RowPlan(row=row, job=job, options={}, estimated_cost=cost, error=error)
-
-    # Chunks of two: 0.30, then 0.30 (its second row pays nothing: invalid), then 0.15.
-    plans = [plan(1, 0.15), plan(2, 0.15), plan(3, 0.30), plan(4, None, "bad"), plan(5, 0.15)]
-    estimate = CostEstimate(base_price_usd=0.15, rows_to_pay=4, images=4, estimate_usd=0.75)
-    shares = chunk_budgets(plans, 2, 1.0, estimate)
-    assert shares == [pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.2)]
-    # Exactly the estimate: every chunk gets its own estimate, no more.
-    assert chunk_budgets(plans, 2, 0.75, estimate) == [
-        pytest.approx(0.3),
-        pytest.approx(0.3),
-        pytest.approx(0.15),
-    ]
 
 
 async def test_chunks_too_large_for_prefect_are_refused_before_any_starts(monkeypatch) -> None:

@@ -172,6 +172,10 @@ def test_each_archived_output_is_an_asset_made_from_its_inputs(
     assert payload["request_id"] == archived["payload"]["request_id"]
     assert payload["prompt"] == "add a lighthouse"
     assert payload["cost"] == pytest.approx(0.15)
+    # What the output cost, in Prefect's asset view: the request, model, resolution, bill.
+    assert payload["model_id"] == NANO_BANANA_EDIT_MODEL_ID
+    assert payload["resolution"] == "1K"
+    assert payload["billed_cost_usd"] == pytest.approx(0.15)
     assert payload["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
     with Image.open(output) as image:
         assert (payload["width"], payload["height"]) == image.size

@@ -156,6 +156,17 @@ class RunComfyCredentials(CredentialsBlock):
             "host:port or *.domain). When empty, *.runcomfy.net and the base URL's host."
         ),
     )
+    daily_budget_usd: float | None = Field(
+        default=None,
+        ge=0,
+        title="Daily Budget (USD)",
+        description=(
+            "A cap in USD per UTC day on what runs using these credentials may submit, "
+            "shared by every run, chunk and machine that writes to the same archive (the "
+            "running total lives beside its ledger). A flow's daily_budget_usd parameter "
+            "overrides it. When empty, no daily cap."
+        ),
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -330,3 +341,16 @@ def resolve_credentials(
 ) -> RunComfyCredentials:
     """The blocking face of `aresolve_credentials` (sync flows, the cancellation hook)."""
     return run_coro_as_sync(aresolve_credentials(credentials))
+
+
+def daily_budget_of(parameter: float | None, credentials: RunComfyCredentials) -> float | None:
+    """The daily cap a run uses: its `daily_budget_usd` parameter, else its credentials'.
+
+    Args:
+        parameter: The flow's (or the CLI's `--daily-budget`) value; None: not given.
+        credentials: The run's resolved credentials.
+
+    Returns:
+        The cap in USD per UTC day, or None for no daily cap.
+    """
+    return parameter if parameter is not None else credentials.daily_budget_usd

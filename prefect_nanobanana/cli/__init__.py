@@ -84,6 +84,17 @@ def _add_max_cost_option(parser: argparse.ArgumentParser, rows: bool = False) ->
     )
 
 
+def _add_daily_budget_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--daily-budget",
+        type=_non_negative_float,
+        metavar="USD",
+        help="A cap per UTC day shared by every run using the same archive (kept beside its "
+        "ledger); a submit that would pass it is held back unpaid. Overrides the credentials "
+        "block's daily_budget_usd.",
+    )
+
+
 # Checked by argparse, so a value that cannot work is refused before anything is paid.
 def _prompt(text: str) -> str:
     if not text.strip():
@@ -172,13 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="Name the job: the same key again adopts its request instead of paying twice.",
     )
     _add_max_cost_option(edit)
+    _add_daily_budget_option(edit)
     add_connection_options(edit)
     edit.set_defaults(handler="edit:run_edit_command")
 
     batch = verbs.add_parser(
-        "batch", parents=[common], help="Run every row of a JSONL/CSV manifest."
+        "batch",
+        parents=[common],
+        help="Run every row of a JSONL/CSV manifest, or edit every image of a folder or prefix.",
     )
-    batch.add_argument("manifest", help="Manifest location: local path or s3://.")
+    batch.add_argument(
+        "manifest", nargs="?", help="Manifest location: local path or s3:// (or use --images)."
+    )
+    batch.add_argument(
+        "--images",
+        metavar="DIR_OR_URI",
+        help="A location as the batch: a folder, a glob or s3://bucket/prefix; every image "
+        "gets --prompt, and a rerun pays only for images new or changed since.",
+    )
+    batch.add_argument("--prompt", type=_prompt, help="With --images: the edit every image gets.")
+    batch.add_argument(
+        "--include",
+        action="append",
+        metavar="PAT",
+        help="With --images: a glob an image must match (default: image extensions). Repeatable.",
+    )
+    batch.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PAT",
+        help="With --images: a glob that leaves images out (e.g. 'thumbs/**'). Repeatable.",
+    )
     batch.add_argument(
         "--archive",
         required=True,
@@ -209,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RUNCOMFY_API_TOKEN and RUNCOMFY_BASE_URL).",
     )
     _add_max_cost_option(batch, rows=True)
+    _add_daily_budget_option(batch)
     batch.add_argument(
         "--dry-run",
         action="store_true",
@@ -235,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_edit_options(submit)
     submit.add_argument("--sync-mode", action="store_true")
+    submit.add_argument(
+        "--archive",
+        metavar="URI",
+        help="With --daily-budget: the archive whose daily total the submit counts in "
+        "(default: nanobanana-archive, as the flows').",
+    )
+    _add_daily_budget_option(submit)
     add_connection_options(submit)
     submit.set_defaults(handler="requests:submit")
 

@@ -1,6 +1,9 @@
-"""The CLI's `batch` verb: the `batch_edit` flow over a manifest, with a progress bar.
+"""The CLI's `batch` verb: the `batch_edit` flow over a manifest or a location, with a
+progress bar.
 
-First the pre-flight (`preflight.py`): every row is checked before Prefect's
+`--images DIR_OR_URI --prompt ...` makes every image under a folder, glob or S3
+prefix a row (its relative path as id); a rerun pays only for images not archived
+yet. For a manifest, first the pre-flight (`preflight.py`): every row is checked before Prefect's
 server starts, all problems are listed with their lines, and nothing is
 submitted when any row is bad unless `--allow-partial` (then the flow fails the
 bad rows without paying for them and runs the rest). Then it runs the flow (its
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..client.pricing import format_usd
 from .connection import load_credentials_block
-from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK, EXIT_OVER_BUDGET
+from .exit_codes import EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_OK, EXIT_OVER_BUDGET, UsageError
 from .preflight import preflight_batch
 
 if TYPE_CHECKING:
@@ -80,7 +83,30 @@ def _console_without_tracebacks() -> None:
             handler.setFormatter(_OneLineErrors(handler.formatter or logging.Formatter()))
 
 
+def _check_sources(args: argparse.Namespace) -> None:
+    """A manifest or --images (with --prompt), not both: refused before anything starts."""
+    if (args.manifest is None) == (args.images is None):
+        raise UsageError("give a manifest or --images DIR_OR_URI (exactly one of them)")
+    if args.images is not None and args.prompt is None:
+        raise UsageError("--images needs --prompt: the edit every image gets")
+    if args.images is None and (args.prompt or args.include or args.exclude):
+        raise UsageError(
+            "--prompt, --include and --exclude go with --images; a manifest's rows carry "
+            "their own prompts"
+        )
+
+
 def run_batch_command(args: argparse.Namespace) -> int:
+    _check_sources(args)
+    if args.manifest is not None:
+        code = _preflight(args)
+        if code is not None:
+            return code
+    return _run(args)
+
+
+def _preflight(args: argparse.Namespace) -> int | None:
+    """The manifest's rows checked before Prefect starts; an exit code to stop with."""
     checked = preflight_batch(args.manifest, args.staging)
     if checked.problems:
         bad = len(checked.problems)
@@ -102,6 +128,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
             )
             return EXIT_BAD_INPUT
         print(f"--allow-partial: running the other {checked.rows - bad} rows.", file=sys.stderr)
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The flow on Prefect, its rows drawn as a bar; the row table and the totals."""
     # Prefect gives its temporary server 20 s to start; a busy machine can need more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from ..blocks.credentials import DEFAULT_CREDENTIALS_BLOCK
@@ -130,6 +161,11 @@ def run_batch_command(args: argparse.Namespace) -> int:
         result = asyncio.run(
             batch_edit(
                 manifest_uri=args.manifest,
+                images_uri=args.images,
+                prompt=args.prompt,
+                include=args.include,
+                exclude=args.exclude,
+                daily_budget_usd=args.daily_budget,
                 archive_uri=args.archive,
                 staging_uri=args.staging,
                 max_concurrency=args.max_concurrency,
@@ -164,6 +200,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         "" if result.estimated_cost is None else f" (estimated {format_usd(result.estimated_cost)})"
     )
     print(
+        f"{result.new} new; "
         f"{result.archived} archived, {result.skipped} skipped, {result.adopted} adopted "
         f"(another run's request), {result.failed} failed, {result.over_budget} over budget; "
         f"total billed {format_usd(result.total_cost)} ({format_usd(result.paid_cost)} paid by "

@@ -20,10 +20,10 @@ from typing import Any
 from uuid import uuid4
 
 from ..client import NanoBananaEditInput, RequestStatus, RunComfyClient, RunComfyError
-from ..client.pricing import estimate_edit, format_usd
+from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
 from ..guard.protocol import SubmittedRequest
 from ..guard.records import RecordStore
-from ..pipeline import Job, JobOutcome, Observer, Pipeline
+from ..pipeline import Budget, Job, JobOutcome, Observer, Pipeline
 from ..stop import Stop, stop_on_signals
 from .connection import client_for
 from .exit_codes import EXIT_OK, UsageError
@@ -63,20 +63,59 @@ class _StatusDisplay:
 
 
 def _refuse_over_budget(
-    client: RunComfyClient, edit: NanoBananaEditInput, max_cost_usd: float, display: _StatusDisplay
-) -> None:
-    """`--max-cost`: the listed price, and `BudgetExceededError` before anything is paid."""
+    client: RunComfyClient,
+    edit: NanoBananaEditInput,
+    max_cost_usd: float | None,
+    display: _StatusDisplay,
+    daily_budget_usd: float | None = None,
+) -> float | None:
+    """`--max-cost`, `--daily-budget`: the listed price, and `BudgetExceededError` before
+    anything is paid when over `--max-cost` or unknown; the estimate."""
     info, failure = None, None
     try:
         info = client.model_info()
     except RunComfyError as error:
         failure = f"the price lookup failed: {error}"
     estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
-    if estimate is not None:
-        display.say(
-            f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
-            f"price; budget {format_usd(max_cost_usd)})"
+    if estimate is None:
+        from ..storage.budget import DAILY_BUDGET_NAME
+
+        # Without an estimate the daily total could not count this edit.
+        raise BudgetExceededError(
+            None, daily_budget_usd or 0.0, 1, reason=failure, cap_name=DAILY_BUDGET_NAME
         )
+    budget = format_usd(max_cost_usd) if max_cost_usd is not None else "none"
+    display.say(
+        f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
+        f"price; budget {budget})"
+    )
+    return estimate.estimate_usd
+
+
+def daily_budget_for(daily_budget_usd: float | None, archive: str | None) -> Budget:
+    """`--daily-budget`: a `Budget` drawing on the archive's daily total, as the flows keep
+    it (`--archive`, else the flows' default archive: never a plain `--out` folder of
+    images); one that counts without refusing when no cap is given."""
+    if daily_budget_usd is None:
+        return Budget()
+    from ..storage import DEFAULT_ARCHIVE_URI
+    from ..storage.budget import DailyBudget
+
+    return Budget(shared=[DailyBudget(archive or DEFAULT_ARCHIVE_URI, daily_budget_usd)])
+
+
+def reserve_daily(budget: Budget, job_key: str, estimate: float | None) -> Any:
+    """The guard's `before_submit` for `--daily-budget`: reserve right before the paid POST."""
+
+    async def reserve() -> None:
+        await budget.reserve(job_key, estimate, label="nanobanana CLI")
+
+    return reserve
+
+
+def settle_daily(budget: Budget, job_key: str, bill: float | None) -> None:
+    """The edit ended: its reservation in the daily total settles to `bill` (0: released)."""
+    asyncio.run(budget.end(job_key, bill))
 
 
 def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any]) -> None:
@@ -147,9 +186,12 @@ def run_edit_command(args: argparse.Namespace) -> int:
     }
     checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
+    estimate = None
     with RunComfyClient(base_url=args.base_url) as client:
-        if args.max_cost is not None:
-            _refuse_over_budget(client, checked, args.max_cost, display)
+        if args.max_cost is not None or args.daily_budget is not None:
+            estimate = _refuse_over_budget(
+                client, checked, args.max_cost, display, args.daily_budget
+            )
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     archive_uri = args.archive or args.out or DEFAULT_OUT
@@ -169,9 +211,13 @@ def run_edit_command(args: argparse.Namespace) -> int:
             prompt=args.prompt, image_urls=[asset.url for asset in staged], **options
         ),
         facts=facts,
+        estimated_cost=estimate,
     )
     observer = _EditObserver(args, display, {**facts, "parameters": options})
-    outcome = asyncio.run(_run(args, job, records, archive_uri, observer))
+    budget = daily_budget_for(args.daily_budget, args.archive)
+    outcome = asyncio.run(_run(args, job, records, archive_uri, observer, budget))
+    if outcome.status == "over_budget" and outcome.refusal is not None:
+        raise outcome.refusal  # held back before its submit: nothing paid
     if outcome.status == "stopped":
         request_id = outcome.request_id
         if outcome.withdrawn:
@@ -194,6 +240,7 @@ async def _run(
     records: RecordStore,
     archive_uri: str,
     observer: _EditObserver,
+    budget: Budget,
 ) -> JobOutcome:
     """The job through the pipeline, Ctrl-C and SIGTERM being its stop."""
     stop = Stop()
@@ -203,6 +250,7 @@ async def _run(
             store=records,
             archive_uri=archive_uri,
             stop=stop,
+            budget=budget,
             observer=observer,
             timeout_seconds=args.timeout,
             flat=args.archive is None,  # --out (or the default): the files right there

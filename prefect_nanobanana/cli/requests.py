@@ -25,7 +25,11 @@ def format_cost(cost: float | None) -> str:
 
 
 def submit(args: argparse.Namespace) -> int:
-    """One paid submit, through the submit guard (its record lives in this process only)."""
+    """One paid submit, through the submit guard (its record lives in this process only).
+
+    With `--daily-budget` it reserves its estimate in the archive's daily total right
+    before the POST; it does not wait for the bill, so the estimate stays counted.
+    """
     from uuid import uuid4
 
     from ..client import NanoBananaEditInput
@@ -44,8 +48,36 @@ def submit(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         sync_mode=args.sync_mode,
     )
+    job_key = uuid4().hex
+    from .edit import (
+        _refuse_over_budget,
+        _StatusDisplay,
+        daily_budget_for,
+        reserve_daily,
+        settle_daily,
+    )
+
+    estimate = None
+    if args.daily_budget is not None:
+        with client_for(args) as client:
+            estimate = _refuse_over_budget(client, edit, None, _StatusDisplay(), args.daily_budget)
+    daily = daily_budget_for(args.daily_budget, args.archive)
     with client_for(args) as client:
-        handle = submit_once_blocking(uuid4().hex, MemoryRecordStore(), client, edit)
+        try:
+            handle = submit_once_blocking(
+                job_key,
+                MemoryRecordStore(),
+                client,
+                edit,
+                before_submit=reserve_daily(daily, job_key, estimate),
+            )
+        except BaseException as error:
+            from ..pipeline import bill_after
+
+            settle_daily(daily, job_key, bill_after(error))
+            raise
+    # Not waited for here: its estimate stays in the day's total (the bill is unknown).
+    settle_daily(daily, job_key, None)
     payload = handle.model_dump(include={"request_id", "status_url", "result_url", "cancel_url"})
     _emit(args, payload, handle.request_id)
     return EXIT_OK

@@ -111,7 +111,9 @@ class BudgetExceededError(NanoBananaError):
     the estimate, the budget and how many rows were to be paid for; during a batch
     (`spent_usd` given), it names what was spent so far and the held-back row's
     estimate. `estimate_usd` is None when the price lookup failed, since under a
-    budget an unknown price refuses just like a high one.
+    budget an unknown price refuses just like a high one. A cap shared beyond the
+    run (`daily_budget_usd`, a chunked batch's `max_cost_usd`) names itself in
+    `cap_name` and says its own `message` (the stored total's refusal).
     """
 
     def __init__(
@@ -121,35 +123,46 @@ class BudgetExceededError(NanoBananaError):
         rows_to_pay: int,
         reason: str | None = None,
         spent_usd: float | None = None,
+        *,
+        cap_name: str = "max_cost_usd",
+        message: str | None = None,
     ) -> None:
         self.estimate_usd = estimate_usd
         self.max_cost_usd = max_cost_usd
         self.rows_to_pay = rows_to_pay
         self.reason = reason
         self.spent_usd = spent_usd
-        budget = f"max_cost_usd={format_usd(max_cost_usd)}"
-        if estimate_usd is None:
+        self.cap_name = cap_name
+        budget = f"{cap_name}={format_usd(max_cost_usd)}"
+        if message is None and estimate_usd is None:
             message = (
                 f"No estimate for {rows_to_pay} rows to pay ({reason or 'the price is unknown'}), "
                 f"so the budget {budget} cannot be checked; nothing was submitted"
             )
-        elif spent_usd is not None:
+        elif message is None and spent_usd is not None:
             message = (
                 f"held back by the budget: spent {format_usd(spent_usd)} (billed, plus estimates "
                 f"of requests in flight) and this row's estimated {format_usd(estimate_usd)} "
                 f"would pass {budget}; nothing was submitted for it"
             )
-        else:
+        elif message is None:
             message = (
                 f"The estimated cost {format_usd(estimate_usd)} of {rows_to_pay} rows to pay is "
                 f"over the budget {budget}; nothing was submitted"
             )
         super().__init__(message)
+        self.message = message
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Prefect pickles a failed flow's exception (a deployment's run): keep the figures.
         figures = (self.estimate_usd, self.max_cost_usd, self.rows_to_pay)
-        return (type(self), (*figures, self.reason, self.spent_usd))
+        named = {"cap_name": self.cap_name, "message": self.message}
+        return (_rebuild_error, (type(self), (*figures, self.reason, self.spent_usd), named))
+
+
+def _rebuild_error(cls: type[Exception], args: tuple[Any, ...], named: dict[str, Any]) -> Exception:
+    """Unpickle an error whose constructor takes keyword-only arguments."""
+    return cls(*args, **named)
 
 
 def refuse_over_budget(

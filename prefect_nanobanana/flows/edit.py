@@ -27,11 +27,13 @@ from typing import Annotated
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
 from ..blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
+    daily_budget_of,
     resolve_credentials,
     warn_of_signed_urls_in_parameters,
 )
@@ -43,7 +45,10 @@ from ..client import (
     Resolution,
     RunComfyError,
 )
-from ..client.pricing import estimate_edit, format_usd
+from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
+from ..pipeline import Budget, bill_after
+from ..storage import DEFAULT_ARCHIVE_URI
+from ..storage.budget import DAILY_BUDGET_NAME, DailyBudget
 from ..tasks import (
     RequestOutcome,
     SubmittedRequest,
@@ -53,6 +58,7 @@ from ..tasks import (
     wait_for_request,
     withdraw_if_queued,
 )
+from ..tasks.storage import resolve_location
 from .stopping import CancellingWatch, direct_flow_run_id
 
 
@@ -84,11 +90,15 @@ def remote_seconds(submitted: SubmittedRequest, outcome: RequestOutcome) -> floa
 
 
 def estimate_within_budget(
-    credentials: RunComfyCredentials, edit: NanoBananaEditInput, max_cost_usd: float | None
+    credentials: RunComfyCredentials,
+    edit: NanoBananaEditInput,
+    max_cost_usd: float | None,
+    daily_budget_usd: float | None = None,
 ) -> float | None:
     """With a budget: the listed price, and `BudgetExceededError` before the paid submit when
-    the edit's estimate is over `max_cost_usd` or the price cannot be looked up."""
-    if max_cost_usd is None:
+    the edit's estimate is over `max_cost_usd` or the price cannot be looked up (under
+    either cap: without an estimate the daily total could not count the edit)."""
+    if max_cost_usd is None and daily_budget_usd is None:
         return None
     info, failure = None, None
     try:
@@ -97,13 +107,64 @@ def estimate_within_budget(
     except RunComfyError as error:
         failure = f"the price lookup failed: {error}"
     estimate = estimate_edit(info, edit, max_cost_usd, lookup_failure=failure)
-    assert estimate is not None  # under a budget, no estimate is a refusal
-    get_run_logger().info(
-        "Cost %s, within the budget max_cost_usd=%s",
-        estimate.describe(),
-        format_usd(max_cost_usd),
-    )
+    if estimate is None:
+        assert daily_budget_usd is not None  # under max_cost_usd, no estimate is a refusal
+        raise BudgetExceededError(
+            None, daily_budget_usd, 1, reason=failure, cap_name=DAILY_BUDGET_NAME
+        )
+    caps = [
+        f"{name}={format_usd(cap)}"
+        for name, cap in (("max_cost_usd", max_cost_usd), (DAILY_BUDGET_NAME, daily_budget_usd))
+        if cap is not None
+    ]
+    get_run_logger().info("Cost %s; budget %s", estimate.describe(), ", ".join(caps))
     return estimate.estimate_usd
+
+
+class DailyHold:
+    """An edit's reservation in the archive's daily total; `bill` is what it settles to."""
+
+    def __init__(self) -> None:
+        self.bill: float | None = None  # unknown until told: the estimate keeps counting
+
+
+@contextmanager
+def held_in_daily_budget(
+    daily_budget_usd: float | None,
+    archive_uri: str,
+    aws_credentials: str | None,
+    estimate_usd: float | None,
+) -> Iterator[DailyHold]:
+    """Reserve one edit's estimate in the archive's daily total before its submit, and
+    settle it to the bill when the block ends (`DailyHold.bill`), or release it.
+
+    The same `Budget` a batch row reserves in (`pipeline.Budget`), so edits and batches
+    on one archive draw from one total.
+
+    Raises:
+        BudgetExceededError: The day's total plus the estimate would pass the cap (its
+            message names `daily_budget_usd`); nothing was submitted.
+    """
+    held = DailyHold()
+    if daily_budget_usd is None:
+        yield held
+        return
+    location, s3_client = resolve_location(archive_uri, aws_credentials)
+    assert location is not None
+    budget = Budget(shared=[DailyBudget(location, daily_budget_usd, s3_client=s3_client)])
+    label = f"flow run {direct_flow_run_id() or '?'}"
+    run_coro_as_sync(budget.reserve(_ONE_EDIT, estimate_usd, label=label))
+    try:
+        yield held
+    except BaseException as error:
+        if held.bill is None:
+            held.bill = bill_after(error)
+        raise
+    finally:
+        run_coro_as_sync(budget.end(_ONE_EDIT, held.bill))
+
+
+_ONE_EDIT = "edit"  # the one job of a single-edit run's Budget
 
 
 @contextmanager
@@ -181,6 +242,7 @@ def edit_image(
     credentials: RunComfyCredentials | str = DEFAULT_CREDENTIALS_BLOCK,
     timeout_seconds: Annotated[float, Field(gt=0)] = 600,
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
+    daily_budget_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditImageResult:
     """Edit images with Google's Nano Banana Pro on the RunComfy Model API.
 
@@ -206,6 +268,11 @@ def edit_image(
         max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
             4K double) is over it, or the price cannot be looked up, the flow raises
             `BudgetExceededError` before paying.
+        daily_budget_usd: A cap in USD per UTC day shared with every run on the default
+            archive (`nanobanana-archive`: this flow archives nothing, so it keeps its
+            daily total where the other flows keep theirs by default); overrides the
+            credentials block's. Over it, `BudgetExceededError` before paying, naming
+            `daily_budget_usd`.
 
     Returns:
         An `EditImageResult`: the request id, statuses seen, output URLs, cost and
@@ -236,9 +303,16 @@ def edit_image(
         sync_mode=sync_mode,
     )
     resolved = resolve_credentials(credentials)
-    estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd)
-    submitted = submit_edit(edit, resolved)
-    outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+    daily = daily_budget_of(daily_budget_usd, resolved)
+    estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd, daily)
+    with held_in_daily_budget(daily, DEFAULT_ARCHIVE_URI, None, estimated_cost) as held:
+        submitted = submit_edit(edit, resolved)
+        earlier = submitted.resumed or submitted.adopted
+        if earlier:
+            held.bill = 0.0  # paid (and counted) by the attempt or run that submitted it
+        outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+        if not earlier:
+            held.bill = 0.0 if outcome is None else outcome.cost  # None: withdrawn, unbilled
     if watch.fired or outcome is None:
         return watch.cancelled_state()  # type: ignore[return-value]
     return EditImageResult(

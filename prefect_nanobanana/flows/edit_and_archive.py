@@ -19,6 +19,7 @@ from .. import observe, previews
 from ..blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
+    daily_budget_of,
     resolve_credentials,
     warn_of_signed_urls_in_parameters,
 )
@@ -33,7 +34,7 @@ from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
 from ..tasks import cancel_recorded_requests, submit_edit
 from ..tasks.guard import job_scope
 from ..tasks.storage import archive_request, stage_images
-from .edit import estimate_within_budget, remote_seconds, wait_watched
+from .edit import estimate_within_budget, held_in_daily_budget, remote_seconds, wait_watched
 
 
 class EditAndArchiveResult(BaseModel):
@@ -65,6 +66,7 @@ def edit_and_archive(
     aws_credentials: str | None = None,
     timeout_seconds: Annotated[float, Field(gt=0)] = 600,
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
+    daily_budget_usd: Annotated[float, Field(ge=0)] | None = None,
 ) -> EditAndArchiveResult:
     """Stage images, edit them with Nano Banana Pro, and archive the outputs with metadata.
 
@@ -87,6 +89,10 @@ def edit_and_archive(
         max_cost_usd: A budget in USD: when the edit's estimate (listed price x images,
             4K double) is over it, or the price cannot be looked up, the flow raises
             `BudgetExceededError` before staging or paying.
+        daily_budget_usd: A cap in USD per UTC day shared by every run, chunk and
+            machine using `archive_uri` (its total is kept beside the ledger); overrides
+            the credentials block's. Over it, `BudgetExceededError` before paying,
+            naming `daily_budget_usd`.
 
     Returns:
         An `EditAndArchiveResult`: the request id, where each output and its
@@ -94,7 +100,8 @@ def edit_and_archive(
 
     Raises:
         StagingError: An input is missing, is not an image or is over a cap (unpaid).
-        BudgetExceededError: The estimate is over `max_cost_usd` (unpaid).
+        BudgetExceededError: The estimate is over `max_cost_usd`, or the day's total
+            would pass `daily_budget_usd` (unpaid).
         JobFailedError: The edit failed at RunComfy.
         WaitTimeoutError: `timeout_seconds` passed; a queued request is cancelled.
         ArchiveError: An output could not be archived; it names the request.
@@ -119,13 +126,20 @@ def edit_and_archive(
     # Options and counts are checked before anything is uploaded or paid for.
     checked = NanoBananaEditInput(prompt=prompt, image_urls=images, **options)
     resolved = resolve_credentials(credentials)
-    estimated_cost = estimate_within_budget(resolved, checked, max_cost_usd)
+    daily = daily_budget_of(daily_budget_usd, resolved)
+    estimated_cost = estimate_within_budget(resolved, checked, max_cost_usd, daily)
     staged = stage_images(images, staging_uri, aws_credentials)
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
     # The sources as given, not the staged URLs (new signatures on every retry).
     job_key = job_key_for(prompt, images, options, scope=job_scope())
-    submitted = submit_edit(edit, resolved, job_key=job_key)
-    outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+    with held_in_daily_budget(daily, archive_uri, aws_credentials, estimated_cost) as held:
+        submitted = submit_edit(edit, resolved, job_key=job_key)
+        earlier = submitted.resumed or submitted.adopted
+        if earlier:
+            held.bill = 0.0  # paid (and counted) by the attempt or run that submitted it
+        outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
+        if not earlier:
+            held.bill = 0.0 if outcome is None else outcome.cost
     if outcome is None:
         return watch.cancelled_state()  # type: ignore[return-value]
     record = archive_request(
@@ -156,6 +170,7 @@ def edit_and_archive(
         model_id=NANO_BANANA_EDIT_MODEL_ID,
         prompt=prompt,
         cost=outcome.cost,
+        resolution=resolution,
     )
     previews.show_edit(
         record,

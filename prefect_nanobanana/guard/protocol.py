@@ -432,10 +432,19 @@ def submit_once_blocking(
     *,
     facts: Mapping[str, Any] | None = None,
     known: VersionedEntry | object | None = Unread,
+    before_submit: Callable[[], Awaitable[None]] | None = None,
 ) -> SubmittedRequest:
     """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
     sending with a blocking client."""
-    claiming = submit_once(job_key, store, client, edit, facts=facts, known=known)  # type: ignore[arg-type]
+    claiming = submit_once(
+        job_key,
+        store,
+        client,  # type: ignore[arg-type]
+        edit,
+        facts=facts,
+        known=known,
+        before_submit=before_submit,
+    )
     with signals_deferred():  # a stop takes effect once the request id is recorded
         return asyncio.run(claiming)
 

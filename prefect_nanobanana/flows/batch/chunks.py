@@ -16,14 +16,13 @@ from prefect.settings import get_current_settings
 from ...blocks.credentials import (
     RunComfyCredentials,
 )
-from ...client.pricing import CostEstimate
 from ...storage import (
     redact_text,
     strip_signature,
 )
 from ...storage.backends import open_object
 from ...tasks.storage import resolve_location
-from .models import BatchJob, BatchRowResult, _RowPlan
+from .models import BatchJob, BatchRowResult
 from .report import ROW_PROGRESS
 
 # How often the parent of a chunked batch asks the server whether a chunk's run ended.
@@ -47,32 +46,15 @@ def credentials_parameter(credentials: RunComfyCredentials | str) -> str:
     return name
 
 
-def chunk_budgets(
-    plans: list[_RowPlan], chunk_size: int, max_cost_usd: float, estimate: CostEstimate | None
-) -> list[float]:
-    """Each chunk's share of `max_cost_usd`: its own estimate, plus the budget's slack
-    over the whole estimate in proportion to it.
+def shared_budget_name(flow_run_id: object) -> str:
+    """The name of the budget a chunked batch's chunks share: the parent's flow run.
 
-    The chunks run at once, on several machines, with no budget they could share
-    as they spend; so each gets a fixed part, the parts add up to the budget, and
-    every chunk's estimate fits its part. A chunk cannot spend another's unused part.
+    One name per parent run, so a rerun of the batch starts a budget of its own, and
+    every chunk, on whichever worker, reserves in and settles to the same stored total
+    (`storage.SharedBudget`, beside the archive's ledger): a fast chunk can use a slow
+    one's slack, and together they pass `max_cost_usd` only by what is in flight.
     """
-    starts = range(0, len(plans), chunk_size)
-    estimates = [
-        sum(
-            plan.estimated_cost or 0.0
-            for plan in plans[start : start + chunk_size]
-            if plan.needs_paid_submit
-        )
-        for start in starts
-    ]
-    total = sum(estimates)
-    # The estimate was checked against the budget already; no estimate means no price
-    # was found, and a budget then refuses before this.
-    slack = max(0.0, max_cost_usd - (estimate.estimate_usd if estimate else total))
-    if total <= 0:
-        return [max_cost_usd / len(estimates)] * len(estimates)
-    return [part + slack * part / total for part in estimates]
+    return f"batch-{flow_run_id or uuid4().hex}"
 
 
 def max_parameter_bytes() -> int:
@@ -142,11 +124,12 @@ async def run_in_chunks(
     options: dict[str, Any],
     results_location: str,
     aws_credentials: str | None,
-    budgets: list[float] | None = None,
+    shared_budget: str | None = None,
 ) -> list[BatchRowResult]:
     """Run the rows as concurrent child runs of `chunk_deployment`; their rows, renumbered.
 
-    `budgets` gives each chunk its `max_cost_usd` (see `chunk_budgets`).
+    `shared_budget` names the budget every chunk draws its `max_cost_usd` from (see
+    `shared_budget_name`); None: the chunks have no `max_cost_usd`.
 
     A child returns its rows through its results manifest, written next to the
     parent's, rather than through Prefect's result storage: the manifest is written
@@ -178,7 +161,7 @@ async def run_in_chunks(
             "results_uri": location_of(index),
             "chunk_size": None,
             "chunk_deployment": None,
-            "max_cost_usd": None if budgets is None else budgets[index - 1],
+            "shared_budget_name": shared_budget,
         }
 
     parameters = [parameters_of(index, start) for index, start in enumerate(starts, start=1)]

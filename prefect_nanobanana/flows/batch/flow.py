@@ -48,6 +48,7 @@ from ...blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
     aresolve_credentials,
+    daily_budget_of,
     warn_of_signed_urls_in_parameters,
 )
 from ...client import (
@@ -62,23 +63,26 @@ from ...client import (
     RunComfyError,
 )
 from ...client.pricing import (
+    BudgetExceededError,
     CostEstimate,
     base_price_of,
     format_usd,
     refuse_over_budget,
 )
 from ...guard.protocol import Decision
-from ...pipeline import Budget, Pipeline
+from ...pipeline import Budget, Pipeline, SharedTotal
 from ...previews import DEFAULT_PREVIEW_ROWS
 from ...stop import Stop, redeliver, stop_on_signals
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
     RunTimeHistory,
+    strip_signature,
 )
+from ...storage.budget import DAILY_BUDGET_NAME, DailyBudget, SharedBudget
 from ...tasks.storage import resolve_location
 from ..stopping import CancellingWatch, stopped_state
-from .chunks import chunk_budgets, credentials_parameter, run_in_chunks
+from .chunks import credentials_parameter, run_in_chunks, shared_budget_name
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
 from .models import (
@@ -91,7 +95,7 @@ from .models import (
     PlannedRow,
     _RowPlan,
 )
-from .plan import aplan_batch, aread_batch_manifest, estimate_rows
+from .plan import _stage_rows, aplan_batch, aplan_listed_batch, aread_batch_manifest, estimate_rows
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import BatchRun, RowObserver, _run_row, _settled_without_api, not_finished
 
@@ -119,11 +123,20 @@ async def batch_edit(
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None,
     dry_run: bool = False,
     resolution_factors: dict[str, float] | None = None,
+    images_uri: Annotated[str, Field(min_length=1)] | None = None,
+    prompt: Annotated[str, Field(min_length=1)] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    daily_budget_usd: Annotated[float, Field(ge=0)] | None = None,
+    shared_budget_name: str | None = None,
 ) -> BatchEditResult | BatchDryRun:
     """Run many Nano Banana Pro edits: stage, submit, wait and archive every row.
 
+    Give the rows one of three ways: `jobs`, `manifest_uri`, or `images_uri` with a
+    `prompt` (every image under the location gets the same edit).
+
     Args:
-        jobs: The rows, when not read from `manifest_uri`.
+        jobs: The rows, when not read from `manifest_uri` or listed from `images_uri`.
         manifest_uri: A JSONL or CSV manifest (local or s3://), one row per edit:
             prompt, images, and optional per-row options and id.
         archive_uri: Where outputs, metadata.json files and the ledger go: a local
@@ -194,12 +207,31 @@ async def batch_edit(
         {name: value for name, value in locals().items() if name in BatchOptions.model_fields}
     )
     warn_of_signed_urls_in_parameters()
-    if (jobs is None) == (manifest_uri is None):
-        raise ValueError("give exactly one of `jobs` or `manifest_uri`")
+    check_batch_sources(jobs, manifest_uri, images_uri, prompt, include, exclude)
     if (chunk_size is None) != (chunk_deployment is None):
         raise ValueError("give both `chunk_size` and `chunk_deployment`, or neither")
-    if jobs is None:
+    listed = None
+    if images_uri is not None:
+        listed = await aplan_listed_batch(
+            images_uri,
+            prompt,
+            include,
+            exclude,
+            options.row_defaults,
+            options.archive_uri,
+            options.aws_credentials,
+        )
+        jobs = [plan.job for plan in listed]
+        get_run_logger().info(
+            "Listed %d images under %s: %d new, %d known to the ledger",
+            len(listed),
+            strip_signature(images_uri),
+            sum(plan.new for plan in listed),
+            sum(not plan.new for plan in listed),
+        )
+    elif jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
+    assert jobs is not None
     chunked = chunk_size is not None and len(jobs) > chunk_size and not dry_run
     if chunked and chunk_size is not None and chunk_deployment is not None:
         # The parent pays for nothing: a stop (Prefect's SIGTERM bridge) ends its
@@ -211,7 +243,7 @@ async def batch_edit(
         stop_on_signals(stop, asyncio.get_running_loop()) as signals,
         CancellingWatch(flow_run_id, partial(stop.set, "cancelling"), STOPPED_MESSAGE),
     ):
-        ended = await _run_rows(jobs, options, stop)
+        ended = await _run_rows(jobs, options, stop, listed)
         if not stop.is_set:
             return ended
         cancelled = await stopped_state(stop, flow_run_id, STOPPED_MESSAGE)
@@ -219,6 +251,47 @@ async def batch_edit(
         return cancelled  # type: ignore[return-value]
     redeliver(signals)  # Prefect's SIGTERM bridge, back in place, ends the run as it does
     return ended
+
+
+def check_batch_sources(
+    jobs: list[BatchJob] | None,
+    manifest_uri: str | None,
+    images_uri: str | None,
+    prompt: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> None:
+    """Refuse, before anything is listed or paid, a batch given no rows or two kinds.
+
+    Raises:
+        ValueError: Not exactly one of `jobs`, `manifest_uri`, `images_uri`; or
+            `images_uri` without a `prompt`; or `prompt`, `include`, `exclude` without it.
+    """
+    given = [
+        name
+        for name, value in (
+            ("jobs", jobs),
+            ("manifest_uri", manifest_uri),
+            ("images_uri", images_uri),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        also = f" (got {', '.join(given)})" if given else ""
+        raise ValueError(f"give exactly one of `jobs`, `manifest_uri` or `images_uri`{also}")
+    if images_uri is not None and not (prompt or "").strip():
+        raise ValueError("`images_uri` needs a `prompt`: the edit every listed image gets")
+    if images_uri is None:
+        stray = [
+            name
+            for name, value in (("prompt", prompt), ("include", include), ("exclude", exclude))
+            if value is not None
+        ]
+        if stray:
+            raise ValueError(
+                f"{', '.join(f'`{name}`' for name in stray)} go with `images_uri` only; rows of "
+                "`jobs` or a manifest carry their own prompt"
+            )
 
 
 STOPPED_MESSAGE = (
@@ -231,7 +304,7 @@ async def _run_chunked(
     jobs: list[BatchJob], chunk_size: int, chunk_deployment: str, options: BatchOptions
 ) -> BatchEditResult:
     """The rows as child runs of `chunk_deployment`, one a chunk, gathered into one result."""
-    budgets = None
+    shared_budget = None
     if options.max_cost_usd is not None:
         plans = await aplan_batch(
             jobs,
@@ -243,10 +316,15 @@ async def _run_chunked(
         )
         resolved = await aresolve_credentials(options.credentials)
         async with resolved.get_async_client() as client:
-            estimate = await _estimate_before_paying(
+            await _estimate_before_paying(
                 client, plans, options.max_cost_usd, options.resolution_factors
             )
-        budgets = chunk_budgets(plans, chunk_size, options.max_cost_usd, estimate)
+        shared_budget = shared_budget_name(observe.current_flow_run_id())
+        archive, archive_s3 = resolve_location(options.archive_uri, options.aws_credentials)
+        assert archive is not None
+        await to_thread.run_sync(
+            SharedBudget(archive, shared_budget, options.max_cost_usd, s3_client=archive_s3).check
+        )
     # Made here, once: children starting together would race to create it.
     await _ensure_concurrency_limit(options.concurrency_limit_name, options.max_concurrency)
     results_location = _results_location(options.archive_uri, options.results_uri)
@@ -257,7 +335,7 @@ async def _run_chunked(
         options.chunk_parameters(credentials_parameter(options.credentials)),
         results_location,
         options.aws_credentials,
-        budgets,
+        shared_budget,
     )
     return await _finish_batch(
         rows,
@@ -270,24 +348,30 @@ async def _run_chunked(
 
 
 async def _run_rows(
-    jobs: list[BatchJob], options: BatchOptions, stop: Stop
+    jobs: list[BatchJob], options: BatchOptions, stop: Stop, listed: list[_RowPlan] | None = None
 ) -> BatchEditResult | BatchDryRun:
     """Every row of an unchunked batch through its lanes, until done or stopped; then the
-    results manifest and the report."""
-    plans = await aplan_batch(
-        jobs,
-        options.row_defaults,
-        options.archive_uri,
-        options.staging_uri,
-        options.aws_credentials,
-        options.dry_run,
-    )
+    results manifest and the report. `listed`: the rows, planned already from `images_uri`."""
+    if listed is None:
+        plans = await aplan_batch(
+            jobs,
+            options.row_defaults,
+            options.archive_uri,
+            options.staging_uri,
+            options.aws_credentials,
+            options.dry_run,
+        )
+    else:
+        plans = listed
+        staging = resolve_location(options.staging_uri, options.aws_credentials)
+        await to_thread.run_sync(_stage_rows, plans, staging, options.dry_run)
     archive = resolve_location(options.archive_uri, options.aws_credentials)
     location, s3_client = archive
     resolved = await aresolve_credentials(options.credentials)
+    daily_cap = daily_budget_of(options.daily_budget_usd, resolved)
     async with resolved.get_async_client() as client:
         estimate = await _estimate_before_paying(
-            client, plans, options.max_cost_usd, options.resolution_factors
+            client, plans, options.max_cost_usd, options.resolution_factors, daily_cap
         )
         if options.dry_run:
             return _dry_run_of(plans, estimate)
@@ -304,7 +388,7 @@ async def _run_rows(
                 store=Ledger(location, s3_client=s3_client),
                 archive_uri=location,
                 stop=stop,
-                budget=Budget(options.max_cost_usd),
+                budget=run_budget(options, daily_cap, location, s3_client),
                 observer=RowObserver(),
                 timeout_seconds=options.timeout_seconds,
                 s3_client=s3_client,
@@ -355,11 +439,31 @@ async def _run_rows(
     )
 
 
+def run_budget(
+    options: BatchOptions, daily_cap: float | None, archive: Any, s3_client: Any
+) -> Budget:
+    """The run's `Budget`: its own `max_cost_usd` in memory, or, for a chunk, the budget its
+    parent shares with every chunk; and the archive's daily cap."""
+    shared: list[SharedTotal] = []
+    local_cap = options.max_cost_usd
+    if options.shared_budget_name is not None and options.max_cost_usd is not None:
+        shared.append(
+            SharedBudget(
+                archive, options.shared_budget_name, options.max_cost_usd, s3_client=s3_client
+            )
+        )
+        local_cap = None
+    if daily_cap is not None:
+        shared.append(DailyBudget(archive, daily_cap, s3_client=s3_client))
+    return Budget(local_cap, shared=shared)
+
+
 async def _estimate_before_paying(
     client: AsyncRunComfyClient,
     plans: list[_RowPlan],
     max_cost_usd: float | None,
     resolution_factors: dict[str, float] | None,
+    daily_budget_usd: float | None = None,
 ) -> CostEstimate | None:
     """Look up the price and estimate the rows to pay; refuse, before any submit, when the
     estimate is over `max_cost_usd` or the price is unknown under a budget, and stop the
@@ -377,6 +481,11 @@ async def _estimate_before_paying(
         failure = f"the price lookup failed: {error}"
     estimate = estimate_rows(plans, base_price, resolution_factors)
     refuse_over_budget(estimate, max_cost_usd, rows_to_pay=rows_to_pay, lookup_failure=failure)
+    if estimate is None and daily_budget_usd is not None and rows_to_pay:
+        # Without a price every row would reserve nothing: the daily cap would not hold.
+        raise BudgetExceededError(
+            None, daily_budget_usd, rows_to_pay, reason=failure, cap_name=DAILY_BUDGET_NAME
+        )
     if estimate is None:
         logger.warning("No cost estimate (%s); going on without one (no max_cost_usd)", failure)
     else:

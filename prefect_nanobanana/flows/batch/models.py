@@ -38,6 +38,11 @@ class BatchJob(BaseModel):
     output_format: OutputFormat | None = Field(default=None, description="Output format.")
     num_images: int | None = Field(default=None, ge=1, le=4, description="Images to produce.")
     id: str | None = Field(default=None, description="A stable id, so reruns find the row.")
+    content: str | None = Field(
+        default=None,
+        description="An identity of the image's bytes, for a row listed from `images_uri` "
+        "(part of its job key: a replaced image is a new edit).",
+    )
 
 
 class BatchRowResult(BaseModel):
@@ -62,6 +67,11 @@ class BatchRowResult(BaseModel):
     )
     seconds: float | None = None
     error: str | None = None
+    new: bool = Field(
+        default=False,
+        description="The ledger had no record of the row when the run planned it: it needed "
+        "a paid submit (not skipped, not adopted from an earlier run).",
+    )
     adopted_from: str | None = Field(
         default=None, description="When adopted: the flow run that submitted the request."
     )
@@ -85,7 +95,15 @@ class BatchEditResult(BaseModel):
     total_cost: float = Field(description="What the batch's rows cost, whichever run paid.")
     adopted: int = Field(default=0, description="Rows another run submitted meanwhile.")
     paid_cost: float = Field(default=0.0, description="What this run itself paid for.")
-    over_budget: int = Field(default=0, description="Rows `max_cost_usd` held back, unpaid.")
+    over_budget: int = Field(
+        default=0,
+        description="Rows a budget (`max_cost_usd`, `daily_budget_usd`) held back, unpaid.",
+    )
+    new: int = Field(
+        default=0,
+        description="Rows the ledger did not know when the run planned them (each needed a "
+        "paid submit); the others were skipped (archived earlier) or adopted.",
+    )
     estimated_cost: float | None = Field(
         default=None,
         description="The estimate, before the run, of the rows it had to pay for (None when "
@@ -147,7 +165,8 @@ class BatchOptions(BaseModel):
     """One `batch_edit` run's options: the run form's fields, travelling as one value.
 
     The fields are the flow's parameters of the same names (see `batch_edit` for
-    each); the rows, the manifest and the chunking are not among them.
+    each); the rows, the manifest and the chunking are not among them (a location's
+    listing, `images_uri` with its prompt and patterns, is: the parent lists it).
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
@@ -167,8 +186,14 @@ class BatchOptions(BaseModel):
     results_uri: str | None = None
     preview_rows: int = 0
     max_cost_usd: float | None = None
+    daily_budget_usd: float | None = None
+    shared_budget_name: str | None = None
     dry_run: bool = False
     resolution_factors: dict[str, float] | None = None
+    images_uri: str | None = None
+    prompt: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
     @property
     def row_defaults(self) -> dict[str, Any]:
@@ -180,10 +205,23 @@ class BatchOptions(BaseModel):
     def chunk_parameters(self, credentials: str) -> dict[str, Any]:
         """The parameters every chunk's child run shares (`credentials`: a block's name).
 
-        A chunk writes its own results manifest, pays from its own share of the
-        budget and is never a dry run; the parent sets those per chunk.
+        A chunk writes its own results manifest and is never a dry run; it draws
+        `max_cost_usd` from the budget the parent shares with every chunk
+        (`shared_budget_name`); the parent sets those per chunk.
         """
-        shared = self.model_dump(exclude={"credentials", "results_uri", "max_cost_usd", "dry_run"})
+        shared = self.model_dump(
+            exclude={
+                "credentials",
+                "results_uri",
+                "shared_budget_name",
+                "dry_run",
+                # The parent lists the location; its chunks get the rows.
+                "images_uri",
+                "prompt",
+                "include",
+                "exclude",
+            }
+        )
         return {**shared, "credentials": credentials}
 
 
@@ -206,6 +244,7 @@ class _RowPlan(BaseModel):
     sources: list[str] = Field(default_factory=list)
     error: str | None = None
     estimated_cost: float | None = None
+    new: bool = Field(default=False, description="The ledger had no entry for the row.")
 
     @property
     def decision(self) -> Decision | None:
@@ -235,5 +274,6 @@ class _RowPlan(BaseModel):
             prompt=self.job.prompt,
             resolution=self.options.get("resolution"),
             sources=[strip_signature(source) for source in self.job.images],
+            new=self.new,
             **facts,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -31,7 +32,10 @@ from ...storage import (
 )
 from ...tasks.storage import SIGNED_RESULT_OPTIONS, ResolvedLocation, resolve_location
 from .models import BatchJob, _RowPlan
+from .sources import KeyedRow, key_listed_rows, listed_rows
 
+# Ledger entries read at once while planning a listed batch (round trips, not CPU).
+LOOKUP_PARALLELISM = 16
 # Rows staged at once: uploads are round trips, not CPU; bounded so a batch of
 # thousands opens a pool's worth of connections, not thousands.
 STAGING_PARALLELISM = 16
@@ -55,7 +59,9 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
         plan = _RowPlan(row=row, job=job, options=options)
         try:
             NanoBananaEditInput(prompt=job.prompt, image_urls=job.images, **options)
-            plan.job_key = job_key_for(job.prompt, job.images, options, row_id=job.id or str(row))
+            plan.job_key = job_key_for(
+                job.prompt, job.images, options, row_id=job.id or str(row), content=job.content
+            )
         except (ValidationError, StorageError, ValueError) as error:
             plan.error = f"row {row} is invalid: {redact_text(str(error))}"
         plans.append(plan)
@@ -64,6 +70,39 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
         versioned = found.get(plan.job_key) if plan.job_key else None
         if versioned is not None:
             plan.entry, plan.version = versioned
+        plan.new = plan.job_key is not None and plan.entry is None
+    return plans
+
+
+def _plan_listed(
+    keyed: Iterable[KeyedRow], defaults: dict[str, Any], ledger: Ledger
+) -> list[_RowPlan]:
+    """The rows of a listed batch, keyed as the listing streams against one scan of the
+    ledger (`key_listed_rows`); only the entries of keys the scan knew are read.
+
+    The listing already proved each image exists, so nothing here reads the images
+    themselves: an S3 input is signed right before its row's submit (`_stage_rows`).
+    """
+    plans, known = [], []
+    for row, item in enumerate(keyed, start=1):
+        listed = item.row
+        job = listed.job.model_copy(update={"content": listed.content})
+        plan = _RowPlan(row=row, job=job, options=dict(defaults), job_key=item.job_key)
+        plan.new = item.new
+        try:
+            NanoBananaEditInput(prompt=job.prompt, image_urls=job.images, **plan.options)
+        except (ValidationError, ValueError) as error:
+            plan.error = f"row {row} is invalid: {redact_text(str(error))}"
+        plans.append(plan)
+        if not item.new:
+            known.append(plan)
+    with ThreadPoolExecutor(max_workers=LOOKUP_PARALLELISM) as pool:
+        for plan, versioned in zip(
+            known, pool.map(ledger.read, [p.job_key for p in known]), strict=True
+        ):
+            if versioned is not None:
+                plan.entry, plan.version = versioned
+            plan.new = plan.entry is None
     return plans
 
 
@@ -89,6 +128,12 @@ def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool)
 
     def stage(plan: _RowPlan, check_target: bool) -> None:
         images = plan.job.images
+        if plan.job.content is not None and not dry_run and _all_on_s3(images):
+            # Listed from a prefix: the listing proved each object is there, and checking
+            # 5,000 of them one by one kept the first submit waiting minutes. Signed (and
+            # judged an image) right before the row's submit; a bad one fails its row.
+            plan.stage_at_submit = True
+            return
         try:
             if check_target:
                 check_assets(images, location, s3_client=s3_client)  # the staging store too
@@ -119,6 +164,10 @@ def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool)
 
     if not pending:
         return
+    if all(plan.job.content is not None and _all_on_s3(plan.job.images) for plan in pending):
+        for plan in pending:
+            stage(plan, check_target=False)
+        return
     # One row checks the staging store for all (the first with local images); the rest go
     # in parallel, each checking it again only if that row failed (so each says why).
     first = next((plan for plan in pending if _has_local_images(plan.job.images)), pending[0])
@@ -126,6 +175,10 @@ def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool)
     rest = [plan for plan in pending if plan is not first]
     with ThreadPoolExecutor(max_workers=STAGING_PARALLELISM) as pool:
         list(pool.map(stage, rest, [first.error is not None] * len(rest)))
+
+
+def _all_on_s3(images: list[str]) -> bool:
+    return all(image.startswith("s3://") for image in images)
 
 
 def _has_local_images(images: list[str]) -> bool:
@@ -183,6 +236,32 @@ async def aplan_batch(
     staging = resolve_location(staging_uri, aws_credentials)
     await to_thread.run_sync(_stage_rows, plans, staging, dry_run)
     return plans
+
+
+@task(name="plan-listed-batch", **SIGNED_RESULT_OPTIONS)
+async def aplan_listed_batch(
+    images_uri: str,
+    prompt: str,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    defaults: dict[str, Any],
+    archive_uri: str,
+    aws_credentials: str | None,
+) -> list[_RowPlan]:
+    """List `images_uri` into rows (one per image, its relative path as id) and find what
+    earlier runs did with one scan of the ledger; the rows are staged by the run that
+    pays for them (`_stage_rows`), a chunked batch's by its chunks."""
+    location, s3_client = resolve_location(archive_uri, aws_credentials)
+    ledger = Ledger(location, s3_client=s3_client)
+    await to_thread.run_sync(ledger.check)
+
+    def plan() -> list[_RowPlan]:
+        rows = listed_rows(
+            images_uri, prompt, include=include, exclude=exclude, aws_credentials=aws_credentials
+        )
+        return _plan_listed(key_listed_rows(rows, defaults, ledger), defaults, ledger)
+
+    return await to_thread.run_sync(plan)
 
 
 @task(name="read-manifest", cache_policy=NO_CACHE)

@@ -66,6 +66,7 @@ def _report_markdown(
     rows: list[BatchRowResult], total_cost: float, s3_client: Any, preview_rows: int
 ) -> str:
     summary = (
+        f"{sum(r.new for r in rows)} new (unknown to the ledger when planned); "
         f"{sum(r.status == 'archived' for r in rows)} archived, "
         f"{sum(r.status == 'skipped' for r in rows)} skipped (done earlier), "
         f"{sum(r.status == 'adopted' for r in rows)} adopted (another run's request), "
@@ -169,6 +170,7 @@ async def _finish_batch(
         adopted=sum(row.status == "adopted" for row in rows),
         failed=sum(row.status == "failed" for row in rows),
         over_budget=sum(row.status == "over_budget" for row in rows),
+        new=sum(row.new for row in rows),
         total_cost=total_cost,
         estimated_cost=estimated_cost,
         paid_cost=round(
@@ -193,8 +195,10 @@ async def _finish_batch(
         description="Estimated beside billed cost, by resolution",
     )
     get_run_logger().info(
-        "Batch done: %d archived, %d skipped, %d adopted, %d failed, %d held back by the "
-        "budget; total billed %s (%s paid by this run; estimated for its rows: %s); results in %s",
+        "Batch done: %d new; %d archived, %d skipped, %d adopted, %d failed, %d held back by "
+        "the budget; total billed %s (%s paid by this run; estimated for its rows: %s); "
+        "results in %s",
+        result.new,
         result.archived,
         result.skipped,
         result.adopted,
@@ -212,7 +216,7 @@ async def _finish_batch(
         if result.over_budget:
             problems.append(
                 f"{result.over_budget} of {len(rows)} rows were held back by the budget "
-                "(max_cost_usd), unpaid"
+                "(max_cost_usd or daily_budget_usd), unpaid"
             )
         raise BatchFailedError(
             f"{' and '.join(problems)} (every success is archived; see {results_location}); "

@@ -120,6 +120,7 @@ class RowObserver(Observer):
             cost=outcome.cost,
             row=job.row,
             row_id=job.row_id,
+            resolution=job.options.get("resolution"),
         )
 
     def held_back(self, job: Job, refusal: BudgetExceededError) -> None:
@@ -130,6 +131,7 @@ class RowObserver(Observer):
                 "estimated_cost": job.estimated_cost,
                 "spent": refusal.spent_usd,
                 "max_cost_usd": refusal.max_cost_usd,
+                "cap": refusal.cap_name,
             },
         )
 
