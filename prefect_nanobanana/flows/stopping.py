@@ -28,7 +28,7 @@ from prefect.states import Cancelled, State
 
 from ..stop import Stop
 
-__all__ = ["CancellingWatch", "direct_flow_run_id", "stopped_state"]
+__all__ = ["CancellingWatch", "asked_to_cancel", "direct_flow_run_id", "stopped_state"]
 
 # How often a run's state is read while it works: "within a few seconds".
 CANCELLING_POLL_SECONDS = 1.0
@@ -89,20 +89,28 @@ def direct_flow_run_id() -> UUID | None:
     return flow_run.id
 
 
+async def asked_to_cancel(flow_run_id: UUID | None) -> bool:
+    """Whether the run is Cancelling (or Cancelled) on the API now; False when there is no
+    run, or no API to ask."""
+    if flow_run_id is None:
+        return False
+    try:
+        async with get_client() as prefect_client:
+            state = (await prefect_client.read_flow_run(flow_run_id)).state
+    except Exception:
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
+
+
 async def stopped_state(stop: Stop, flow_run_id: UUID | None, message: str) -> State[Any] | None:
-    """The state a stopped run ends in: Cancelled when it was cancelled, through the API
-    or by a runner's SIGTERM that followed a cancel; None for a run that was not
-    stopped, or that a signal alone stopped (`stop.redeliver` then ends it as Prefect
-    does).
+    """The state a run ends in once its work is done: Cancelled when it was cancelled,
+    through the API (also a cancel its watch had not seen yet: a run left Cancelling
+    could not complete) or by a runner's SIGTERM that followed a cancel; None for a run
+    that was not stopped, or that a signal alone stopped (`stop.redeliver` then ends it
+    as Prefect does).
     """
-    if not stop.is_set:
+    if stop.reason != "cancelling" and await asked_to_cancel(flow_run_id):
+        stop.set("cancelling")
+    if stop.reason != "cancelling":
         return None
-    if stop.reason != "cancelling" and flow_run_id is not None:
-        try:
-            async with get_client() as prefect_client:
-                state = (await prefect_client.read_flow_run(flow_run_id)).state
-        except Exception:
-            state = None  # no API to ask: the signal decides
-        if state is None or not (state.is_cancelling() or state.is_cancelled()):
-            return None
     return Cancelled(message=f"{message} ({stop.description})")

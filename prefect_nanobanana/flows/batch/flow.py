@@ -244,12 +244,14 @@ async def batch_edit(
         CancellingWatch(flow_run_id, partial(stop.set, "cancelling"), STOPPED_MESSAGE),
     ):
         ended = await _run_rows(jobs, options, stop, listed)
-        if not stop.is_set:
-            return ended
+        # Asked once more: a cancel that came as the last rows ended, before the watch's
+        # next look, must end the run Cancelled (Prefect keeps a Cancelling run from
+        # completing, and it would stay Cancelling).
         cancelled = await stopped_state(stop, flow_run_id, STOPPED_MESSAGE)
     if cancelled is not None:
         return cancelled  # type: ignore[return-value]
-    redeliver(signals)  # Prefect's SIGTERM bridge, back in place, ends the run as it does
+    if stop.is_set:
+        redeliver(signals)  # Prefect's SIGTERM bridge, back in place, ends the run as it does
     return ended
 
 
