@@ -308,14 +308,7 @@ async def _run_chunked(
     """The rows as child runs of `chunk_deployment`, one a chunk, gathered into one result."""
     shared_budget = None
     if options.max_cost_usd is not None:
-        plans = await aplan_batch(
-            jobs,
-            options.row_defaults,
-            options.archive_uri,
-            options.staging_uri,
-            options.aws_credentials,
-            dry_run=True,
-        )
+        plans = await _plan(jobs, options, dry_run=True)
         resolved = await aresolve_credentials(options.credentials)
         async with resolved.get_async_client() as client:
             await _estimate_before_paying(
@@ -355,14 +348,7 @@ async def _run_rows(
     """Every row of an unchunked batch through its lanes, until done or stopped; then the
     results manifest and the report. `listed`: the rows, planned already from `images_uri`."""
     if listed is None:
-        plans = await aplan_batch(
-            jobs,
-            options.row_defaults,
-            options.archive_uri,
-            options.staging_uri,
-            options.aws_credentials,
-            options.dry_run,
-        )
+        plans = await _plan(jobs, options, dry_run=options.dry_run)
     else:
         plans = listed
         staging = resolve_location(options.staging_uri, options.aws_credentials)
@@ -581,3 +567,15 @@ async def asave_run_times(client: AsyncRunComfyClient, history: RunTimeHistory |
         await to_thread.run_sync(history.save, NANO_BANANA_EDIT_MODEL_ID, observed)
     except Exception as error:
         get_run_logger().warning("Could not save this batch's run times: %s", error)
+
+
+async def _plan(jobs: list[BatchJob], options: BatchOptions, dry_run: bool) -> list[_RowPlan]:
+    """The rows planned against the batch's archive and staging (see `aplan_batch`)."""
+    return await aplan_batch(
+        jobs,
+        options.row_defaults,
+        options.archive_uri,
+        options.staging_uri,
+        options.aws_credentials,
+        dry_run,
+    )
