@@ -70,8 +70,9 @@ class RunStopped(NanoBananaError):
 class Stop:
     """One run's stop: unset until someone asks the run to end; then set for good.
 
-    Thread-safe: a watcher thread may set it while the run's event loop reads it.
-    The first reason given is kept.
+    Thread-safe: a watcher thread may set it while the run's event loop reads it, and
+    a signal handler on the main thread may set it again while it is being set (the
+    lock is re-entrant). The first reason given is kept.
 
     Example:
         ```python
@@ -84,7 +85,7 @@ class Stop:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._reason: StopReason | None = None
         self._loop_events: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
@@ -173,33 +174,39 @@ class Stop:
 def stop_on_signals(
     stop: Stop, loop: asyncio.AbstractEventLoop | None = None
 ) -> Iterator[list[int]]:
-    """SIGTERM and SIGINT set `stop` while the block runs, as callbacks on `loop`.
+    """SIGTERM and SIGINT set `stop` while the block runs; they raise nothing.
 
-    The signal is handled between two callbacks of the run's event loop, never
-    raised at an arbitrary line. On the way out the handlers found on the way in
-    (Prefect's SIGTERM bridge, asyncio's Ctrl-C handler) are put back. The list
-    it yields names the signals that came: the caller re-delivers them once its
-    stop is done (`redeliver`), so the process ends the way
-    those handlers end it. Outside the main thread signals cannot be handled;
-    then nothing is installed and the list stays empty.
+    With `loop` (an async run), the signal is handled between two callbacks of the
+    run's event loop; without one (a sync run, whose main thread waits on work done
+    elsewhere), by a handler that only sets `stop`. Either way no exception lands at
+    an arbitrary line. On the way out the handlers found on the way in (Prefect's
+    SIGTERM bridge, asyncio's Ctrl-C handler) are put back. The list it yields names
+    the signals that came: the caller re-delivers them once its stop is done
+    (`redeliver`), so the process ends the way those handlers end it. Outside the
+    main thread signals cannot be handled; then nothing is installed and the list
+    stays empty.
     """
     received: list[int] = []
-    if loop is None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield received
         return
     previous = {signum: signal.getsignal(signum) for signum in _SIGNAL_REASONS}
 
-    def on_signal(signum: int) -> None:
+    def on_signal(signum: int, frame: object = None) -> None:
         received.append(signum)
         stop.set(_SIGNAL_REASONS[signum])
 
     for signum in _SIGNAL_REASONS:
-        loop.add_signal_handler(signum, on_signal, signum)
+        if loop is not None:
+            loop.add_signal_handler(signum, on_signal, signum)
+        else:
+            signal.signal(signum, on_signal)
     try:
         yield received
     finally:
         for signum, handler in previous.items():
-            loop.remove_signal_handler(signum)
+            if loop is not None:
+                loop.remove_signal_handler(signum)
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 

@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import (
     ArtifactFilterFlowRunId,
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterName,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -432,16 +433,75 @@ def test_cancelling_a_served_run_cancels_its_queued_request(
                 60,
                 "the run to end",
             )
+            # Before the runner stops: its shutdown kills a process still sending its logs.
+            withdrawn = f"Cancelled queued RunComfy request {request_id}"
+            wait_for(lambda: withdrawn in run_logs(flow_run.id), 30, "the run's logs")
     finally:
         runner.send_signal(signal.SIGTERM)
         try:
             runner.wait(timeout=30)
         except subprocess.TimeoutExpired:
             runner.kill()
-    assert final.is_cancelled()
+    assert final.is_cancelled(), final
     assert emulator.job(request_id).status == "cancelled"
     assert emulator.stats.cancel_outcomes == {"cancelled": 1, "not_cancellable": 0}
-    assert f"Cancelled queued RunComfy request {request_id}" in run_logs(flow_run.id)
+
+
+# A direct run in a process of its own, as a script or a notebook's kernel runs it.
+DIRECT_RUN = """
+import sys
+from prefect_nanobanana.flows import edit_image
+
+edit_image.with_options(flow_run_name=sys.argv[1])(
+    prompt="paint it teal", image_urls=[sys.argv[2]], return_state=True
+)
+"""
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["cancelling-then-sigterm", "sigterm"])
+def test_a_stopped_edit_withdraws_its_queued_request_and_ends_as_it_was_asked(
+    prefect_harness, use_emulator, emulator_factory, image_server, cancelled
+):
+    """What a runner does when its cancel intent is not acknowledged in time (1 s in Prefect
+    3.9; 3.8 has no intent channel): the run is Cancelling on the API, then SIGTERM. The
+    run handles both as its stop: the queued request is withdrawn, and the run ends
+    Cancelled when it was cancelled, else as Prefect ends a terminated run (Crashed)."""
+    emulator = use_emulator(emulator_factory(faults=FaultPlan([Fault("stuck", endpoint="job")])))
+    name = f"stopped-edit-{uuid4().hex[:8]}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", DIRECT_RUN, name, image_server.url_for("wide.png")],
+        env=prefect_harness.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            run = wait_for(
+                lambda: next(
+                    iter(
+                        client.read_flow_runs(
+                            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))
+                        )
+                    ),
+                    None,
+                ),
+                60,
+                "the run",
+            )
+            request_id = wait_for(lambda: recorded_request_id(run.id), 60, "the submit")
+            assert emulator.job(request_id).status == "in_queue"
+            if cancelled:
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(60) != 0 or cancelled
+            final = client.read_flow_run(run.id).state
+    finally:
+        child.kill()
+    assert final.is_cancelled() if cancelled else final.is_crashed(), final
+    assert emulator.job(request_id).status == "cancelled"
+    assert emulator.stats.cancel_outcomes == {"cancelled": 1, "not_cancellable": 0}
+    assert f"letting go of RunComfy request {request_id}" in "\n".join(run_logs(run.id))
+    request_events(request_id, {EVENT_CANCELLED})
 
 
 def _deployment(client: Any, name: str) -> Any:

@@ -1,23 +1,18 @@
 """The `edit_image` flow: one Nano Banana Pro edit, submitted at most once and followed to its end.
 
-The remote job follows the Prefect run. If the run stops for good while the
-request is still queued (cancelled from the UI or API, timed out, SIGTERM,
-Ctrl-C), the request is cancelled at RunComfy so nothing is billed; one already
-running cannot be cancelled and is reported with its request id so its output
-can still be collected. Two mechanisms make sure of it:
+The remote job follows the Prefect run. A run asked to stop (cancelled from the
+UI or the API, SIGTERM from a worker or Kubernetes, Ctrl-C) handles it as a state,
+the way a batch does (`stopping.RunStop`): the wait ends, a request still queued
+at RunComfy is withdrawn through the guard (nothing is billed, and its record says
+so, so a retry submits it again), and a running one stays recorded for a retry to
+adopt. The run then ends Cancelled when it was cancelled, else as Prefect ends a
+terminated run. Two more ways cover what the run's own process cannot see:
 
-- in the flow's process, the wait is wrapped so that an ending run withdraws
-  its request before the exception leaves the flow;
+- an ending that is an exception (a flow timeout, a cancelled task) withdraws a
+  queued request as it leaves the wait (`withdrawn_if_abandoned`);
 - the `on_cancellation` hook, which Prefect's runner may call in its own process
   after killing the flow's, reads the request ids the run recorded in its labels
   from the API and does the same.
-
-A run started directly (a plain call, not through a deployment) has no runner:
-setting it to Cancelling through the API or the UI kills nothing and calls no
-hook. So while such a run waits, `withdrawn_when_cancelling` watches its state
-on the API and, once it is Cancelling, withdraws the queued request at once; the
-flow then ends Cancelled. A request already running cannot be withdrawn: the
-run waits for it and keeps its outputs (they are paid for), then ends Cancelled.
 """
 
 from collections.abc import Iterator
@@ -47,6 +42,7 @@ from ..client import (
 )
 from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
 from ..pipeline import Budget, bill_after
+from ..stop import Stop
 from ..storage import DEFAULT_ARCHIVE_URI
 from ..storage.budget import DAILY_BUDGET_NAME, DailyBudget
 from ..tasks import (
@@ -54,12 +50,13 @@ from ..tasks import (
     SubmittedRequest,
     abandons_request,
     cancel_recorded_requests,
+    let_go_of_request,
     submit_edit,
     wait_for_request,
     withdraw_if_queued,
 )
 from ..tasks.storage import resolve_location
-from .stopping import CancellingWatch, direct_flow_run_id
+from .stopping import RunStop, direct_flow_run_id
 
 
 class EditImageResult(BaseModel):
@@ -186,35 +183,27 @@ def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) ->
         raise
 
 
-def withdrawn_when_cancelling(credentials: RunComfyCredentials, request_id: str) -> CancellingWatch:
-    """A `CancellingWatch` that withdraws the request if this direct run is cancelled."""
-    log = get_run_logger()
-
-    def withdraw() -> None:
-        log.info("The run is Cancelling; withdrawing RunComfy request %s", request_id)
-        withdraw_if_queued(credentials, request_id, log=log)
-
-    return CancellingWatch(
-        direct_flow_run_id(),
-        withdraw,
-        f"Cancelled through the API while waiting for RunComfy request {request_id}; "
-        "a queued request was withdrawn",
-    )
+# The Cancelled state's message; `RunStop` adds why the run stopped.
+STOPPED_MESSAGE = (
+    "The edit was stopped: a queued request is withdrawn, a running one stays recorded "
+    "for a retry to adopt"
+)
 
 
-def wait_watched(
+def wait_or_let_go(
     resolved: RunComfyCredentials,
     submitted: SubmittedRequest,
     timeout_seconds: float,
     resolution: str,
-) -> tuple[RequestOutcome | None, CancellingWatch]:
-    """Wait for the request while the run is watched: abandoned or set to Cancelling, a
-    queued request is withdrawn. The outcome is None when the run's own cancel ended it;
-    `watch.fired` says the run must end Cancelled."""
-    with (
-        withdrawn_if_abandoned(resolved, submitted.request_id),
-        withdrawn_when_cancelling(resolved, submitted.request_id) as watch,
-    ):
+    stop: Stop,
+) -> tuple[RequestOutcome | None, bool]:
+    """Wait for the request until it ends or the run's `stop` is set.
+
+    Returns:
+        The outcome (None when the stop came first) and whether the request was
+        withdrawn (still queued when the run let go of it: nothing billed).
+    """
+    with withdrawn_if_abandoned(resolved, submitted.request_id):
         try:
             outcome = wait_for_request(
                 submitted.request_id,
@@ -222,12 +211,48 @@ def wait_watched(
                 timeout_seconds=timeout_seconds,
                 resolution=resolution,
                 submitted_at=submitted.submitted_at,
+                stop=stop,
             )
         except JobCancelledError:
-            if watch.fired:
-                return None, watch
+            if stop.is_set:  # the runner's cancellation hook withdrew it first: not billed
+                return None, True
             raise
-    return outcome, watch
+    if outcome is not None:
+        return outcome, False
+    return None, let_go_of_request(submitted, stop.description, resolved)
+
+
+def submit_and_wait(
+    resolved: RunComfyCredentials,
+    edit: NanoBananaEditInput,
+    stop: Stop,
+    *,
+    job_key: str | None,
+    timeout_seconds: float,
+    daily_budget_usd: float | None,
+    estimated_cost: float | None,
+    archive_uri: str,
+    aws_credentials: str | None = None,
+) -> tuple[SubmittedRequest, RequestOutcome | None]:
+    """The steps both edit flows take: reserve the estimate in the daily total, submit at
+    most once, wait until the request ends or `stop` is set (`wait_or_let_go`), and
+    settle the daily total to what was billed.
+
+    Returns:
+        The request, and its outcome (None when the run stopped first).
+    """
+    with held_in_daily_budget(
+        daily_budget_usd, archive_uri, aws_credentials, estimated_cost
+    ) as held:
+        submitted = submit_edit(edit, resolved, job_key=job_key)
+        outcome, withdrawn = wait_or_let_go(
+            resolved, submitted, timeout_seconds, edit.resolution, stop
+        )
+        if submitted.resumed or submitted.adopted or withdrawn:
+            held.bill = 0.0  # paid (and counted) by the run that submitted it, or not billed
+        else:
+            held.bill = outcome.cost if outcome is not None else None  # None: may be billed
+    return submitted, outcome
 
 
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
@@ -305,17 +330,20 @@ def edit_image(
     resolved = resolve_credentials(credentials)
     daily = daily_budget_of(daily_budget_usd, resolved)
     estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd, daily)
-    with held_in_daily_budget(daily, DEFAULT_ARCHIVE_URI, None, estimated_cost) as held:
-        submitted = submit_edit(edit, resolved)
-        earlier = submitted.resumed or submitted.adopted
-        if earlier:
-            held.bill = 0.0  # paid (and counted) by the attempt or run that submitted it
-        outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
-        if not earlier:
-            held.bill = 0.0 if outcome is None else outcome.cost  # None: withdrawn, unbilled
-    if watch.fired or outcome is None:
-        return watch.cancelled_state()  # type: ignore[return-value]
-    return EditImageResult(
+    run_stop = RunStop(STOPPED_MESSAGE)
+    with run_stop.handling() as stop:
+        submitted, outcome = submit_and_wait(
+            resolved,
+            edit,
+            stop,
+            job_key=None,
+            timeout_seconds=timeout_seconds,
+            daily_budget_usd=daily,
+            estimated_cost=estimated_cost,
+            archive_uri=DEFAULT_ARCHIVE_URI,
+        )
+        run_stop.settle_sync()
+    result = outcome and EditImageResult(
         request_id=submitted.request_id,
         job_key=submitted.job_key,
         resumed=submitted.resumed,
@@ -327,3 +355,4 @@ def edit_image(
         finished_at=outcome.finished_at,
         seconds=remote_seconds(submitted, outcome),
     )
+    return run_stop.end(result)  # type: ignore[return-value]

@@ -1,15 +1,16 @@
 """The `edit_and_archive` flow: stage inputs → edit → archive outputs, each step its own task.
 
-It runs the same submit and wait tasks as `edit_image`, so the remote job follows
-the Prefect run the same way (a queued request is withdrawn when the run stops
-for good). The job key is made from the sources as the user gave them, not from
+It runs the same submit and wait tasks as `edit_image`, and stops the same way
+(`stopping.RunStop`): a queued request is withdrawn when the run is cancelled or
+told to stop, and outputs already produced are archived before the run ends.
+The job key is made from the sources as the user gave them, not from
 the staged URLs, whose signatures change every time they are made: a retry of
 the flow run restages, and still resumes the same request.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.logging import get_run_logger
@@ -30,11 +31,12 @@ from ..client import (
     OutputFormat,
     Resolution,
 )
-from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, job_key_for
-from ..tasks import cancel_recorded_requests, submit_edit
+from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, StagedAsset, job_key_for
+from ..tasks import RequestOutcome, cancel_recorded_requests
 from ..tasks.guard import job_scope
 from ..tasks.storage import archive_request, stage_images
-from .edit import estimate_within_budget, held_in_daily_budget, remote_seconds, wait_watched
+from .edit import STOPPED_MESSAGE, estimate_within_budget, remote_seconds, submit_and_wait
+from .stopping import RunStop
 
 
 class EditAndArchiveResult(BaseModel):
@@ -132,18 +134,54 @@ def edit_and_archive(
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
     # The sources as given, not the staged URLs (new signatures on every retry).
     job_key = job_key_for(prompt, images, options, scope=job_scope())
-    with held_in_daily_budget(daily, archive_uri, aws_credentials, estimated_cost) as held:
-        submitted = submit_edit(edit, resolved, job_key=job_key)
-        earlier = submitted.resumed or submitted.adopted
-        if earlier:
-            held.bill = 0.0  # paid (and counted) by the attempt or run that submitted it
-        outcome, watch = wait_watched(resolved, submitted, timeout_seconds, resolution)
-        if not earlier:
-            held.bill = 0.0 if outcome is None else outcome.cost
-    if outcome is None:
-        return watch.cancelled_state()  # type: ignore[return-value]
+    run_stop = RunStop(STOPPED_MESSAGE)
+    with run_stop.handling() as stop:
+        submitted, outcome = submit_and_wait(
+            resolved,
+            edit,
+            stop,
+            job_key=job_key,
+            timeout_seconds=timeout_seconds,
+            daily_budget_usd=daily,
+            estimated_cost=estimated_cost,
+            archive_uri=archive_uri,
+            aws_credentials=aws_credentials,
+        )
+        # Outputs that were produced are archived even when the run is stopping: paid for.
+        result = outcome and _archive(
+            submitted.request_id,
+            outcome,
+            staged,
+            prompt=prompt,
+            options=options,
+            archive_uri=archive_uri,
+            aws_credentials=aws_credentials,
+            resolved=resolved,
+            estimated_cost=estimated_cost,
+            resumed=submitted.resumed,
+            seconds=remote_seconds(submitted, outcome),
+        )
+        run_stop.settle_sync()
+    return run_stop.end(result)  # type: ignore[return-value]
+
+
+def _archive(
+    request_id: str,
+    outcome: RequestOutcome,
+    staged: list[StagedAsset],
+    *,
+    prompt: str,
+    options: dict[str, Any],
+    archive_uri: str,
+    aws_credentials: str | None,
+    resolved: RunComfyCredentials,
+    estimated_cost: float | None,
+    resumed: bool,
+    seconds: float | None,
+) -> EditAndArchiveResult:
+    """Archive the outputs with their `metadata.json`, and show them in the run."""
     record = archive_request(
-        submitted.request_id,
+        request_id,
         outcome.output_urls,
         archive_uri,
         ArchiveMetadata(
@@ -170,7 +208,7 @@ def edit_and_archive(
         model_id=NANO_BANANA_EDIT_MODEL_ID,
         prompt=prompt,
         cost=outcome.cost,
-        resolution=resolution,
+        resolution=options["resolution"],
     )
     previews.show_edit(
         record,
@@ -180,15 +218,13 @@ def edit_and_archive(
         archive_uri=archive_uri,
         aws_credentials=aws_credentials,
     )
-    if watch.fired:  # it ran already when the cancel came: archived, then cancelled
-        return watch.cancelled_state()  # type: ignore[return-value]
     return EditAndArchiveResult(
-        request_id=submitted.request_id,
+        request_id=request_id,
         output_locations=record.output_locations,
         metadata_location=record.metadata_location,
         statuses=outcome.statuses,
         cost=outcome.cost,
         estimated_cost=estimated_cost,
-        seconds=remote_seconds(submitted, outcome),
-        resumed=submitted.resumed,
+        seconds=seconds,
+        resumed=resumed,
     )

@@ -31,7 +31,8 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from ..guard.protocol import SubmittedRequest, log_cancel_outcome, submit_once
+from ..guard.protocol import SubmittedRequest, log_cancel_outcome, submit_once, withdraw
+from ..stop import Stop
 from .guard import default_job_key, job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
 from .records import PrefectRecordStore
@@ -224,6 +225,45 @@ cancel_request, acancel_request = sync_and_async_tasks(
 )
 
 
+async def _let_go_of_request(
+    submitted: SubmittedRequest, reason: str, credentials: RunComfyCredentials | None = None
+) -> bool:
+    """A run that is stopping lets go of its request, through the guard (`withdraw`).
+
+    A queued request is cancelled at RunComfy (nothing is billed), its record in the
+    run's result store says "withdrawn" so a retry submits the job again, and an
+    event says so. A running one cannot be withdrawn: it stays recorded, for a retry
+    or another run with its job key to adopt.
+
+    Args:
+        submitted: The request the run holds (what `submit_edit` returned).
+        reason: Why the run stops, for the log.
+        credentials: RunComfy credentials; None uses the environment variables.
+
+    Returns:
+        True when the request was withdrawn.
+    """
+    log = run_log()
+    log.info(
+        "The run is stopping (%s); letting go of RunComfy request %s", reason, submitted.request_id
+    )
+    if submitted.adopted:  # another run's request: that run, or the next, collects it
+        return False
+    async with (credentials or RunComfyCredentials()).get_async_client() as client:
+        outcome = await withdraw(PrefectRecordStore(), client, submitted, log=log)
+    if outcome == "cancelled":
+        observe.emit_request_event(observe.EVENT_CANCELLED, submitted.request_id)
+    return outcome == "cancelled"
+
+
+let_go_of_request, alet_go_of_request = sync_and_async_tasks(
+    _let_go_of_request,
+    name="let-go-of-request",
+    task_run_name="let-go-{submitted.request_id}",
+    **REQUEST_TASK_OPTIONS,
+)
+
+
 class _StatusTrail:
     """Collects the distinct statuses a wait passes through (the `on_status` callback)."""
 
@@ -283,7 +323,8 @@ async def _wait_for_request(
     timeout_seconds: float | None = DEFAULT_WAIT_TIMEOUT,
     resolution: str | None = None,
     submitted_at: datetime | None = None,
-) -> RequestOutcome:
+    stop: Stop | None = None,
+) -> RequestOutcome | None:
     """Poll until the request ends; its outcome, or JobFailed/JobCancelled/WaitTimeout.
 
     Each status change is logged to the run (request id, queue position, elapsed);
@@ -298,9 +339,13 @@ async def _wait_for_request(
         resolution: The edit's resolution, so polling can expect its run time.
         submitted_at: When the request was submitted, so a retry of this task does
             not poll as if the job had just started.
+        stop: The run's `Stop` (see `flows.stopping.RunStop`): once it is set, the
+            wait ends at its next await and returns None. The request is left as it
+            is; the caller lets go of it (`let_go_of_request`).
 
     Returns:
-        The `RequestOutcome`: status, the statuses seen, output URLs, cost, times.
+        The `RequestOutcome`: status, the statuses seen, output URLs, cost, times;
+        None when `stop` ended the wait.
 
     Raises:
         JobFailedError: The job failed at RunComfy.
@@ -309,17 +354,20 @@ async def _wait_for_request(
     """
     trail = _StatusTrail()
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
+        waiting = client.wait(
+            request_id,
+            timeout_seconds,
+            resolution=resolution,
+            on_status=trail,
+            submitted_at=submitted_at,
+        )
         try:
-            result = await client.wait(
-                request_id,
-                timeout_seconds,
-                resolution=resolution,
-                on_status=trail,
-                submitted_at=submitted_at,
-            )
+            result = await (stop.first(waiting) if stop is not None else waiting)
         except (JobFailedError, JobCancelledError) as error:
             await observe.arecord_outcome(trail.failure_row(request_id, error))
             raise
+    if result is None:
+        return None
     outcome = trail.outcome(result)
     await observe.arecord_outcome(_success_row(outcome))
     return outcome

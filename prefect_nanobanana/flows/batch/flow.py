@@ -32,7 +32,6 @@ rows already archived, and together they stay within one API quota.
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -72,7 +71,7 @@ from ...client.pricing import (
 from ...guard.protocol import Decision
 from ...pipeline import Budget, Pipeline, SharedTotal
 from ...previews import DEFAULT_PREVIEW_ROWS
-from ...stop import Stop, redeliver, stop_on_signals
+from ...stop import Stop
 from ...storage import (
     DEFAULT_ARCHIVE_URI,
     Ledger,
@@ -81,7 +80,7 @@ from ...storage import (
 )
 from ...storage.budget import DAILY_BUDGET_NAME, DailyBudget, SharedBudget
 from ...tasks.storage import resolve_location
-from ..stopping import CancellingWatch, stopped_state
+from ..stopping import RunStop
 from .chunks import credentials_parameter, run_in_chunks, shared_budget_name
 from .lanes import run_in_lanes
 from .limit import DEFAULT_CONCURRENCY_LIMIT, _ensure_concurrency_limit, lane_slots
@@ -237,22 +236,14 @@ async def batch_edit(
         # The parent pays for nothing: a stop (Prefect's SIGTERM bridge) ends its
         # wait, and each chunk, a run of its own, handles its own stop.
         return await _run_chunked(jobs, chunk_size, chunk_deployment, options)
-    flow_run_id = observe.current_flow_run_id()
-    stop = Stop()
-    with (
-        stop_on_signals(stop, asyncio.get_running_loop()) as signals,
-        CancellingWatch(flow_run_id, partial(stop.set, "cancelling"), STOPPED_MESSAGE),
-    ):
+    run_stop = RunStop(STOPPED_MESSAGE)
+    with run_stop.handling(asyncio.get_running_loop()) as stop:
         ended = await _run_rows(jobs, options, stop, listed)
         # Asked once more: a cancel that came as the last rows ended, before the watch's
         # next look, must end the run Cancelled (Prefect keeps a Cancelling run from
         # completing, and it would stay Cancelling).
-        cancelled = await stopped_state(stop, flow_run_id, STOPPED_MESSAGE)
-    if cancelled is not None:
-        return cancelled  # type: ignore[return-value]
-    if stop.is_set:
-        redeliver(signals)  # Prefect's SIGTERM bridge, back in place, ends the run as it does
-    return ended
+        await run_stop.settle()
+    return run_stop.end(ended)  # type: ignore[return-value]
 
 
 def check_batch_sources(
