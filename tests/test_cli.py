@@ -346,6 +346,46 @@ def test_status_with_credentials_reads_the_block_from_the_configured_prefect_api
     assert not list(home.rglob("*.db"))  # no temporary server made its database
 
 
+@pytest.mark.prefect
+def test_the_paying_verbs_keep_to_the_credentials_blocks_daily_budget(
+    prefect_harness, emulator_factory, image_server, tmp_path
+):
+    """`edit` and `submit` took `--daily-budget` only: a cap saved on the block they were
+    given with `--credentials` was not applied (the flows apply it)."""
+    from prefect_nanobanana import RunComfyCredentials
+    from prefect_nanobanana.cli import EXIT_OVER_BUDGET
+
+    emulator = emulator_factory(time_scale=TIME_SCALE)
+    RunComfyCredentials(
+        api_token=emulator.config.api_tokens[0], base_url=emulator.base_url, daily_budget_usd=0.0
+    ).save("cli-daily-cap-block", overwrite=True)
+    env = prefect_harness.env(RUNCOMFY_API_TOKEN="not-the-block-token")
+    env.pop("RUNCOMFY_BASE_URL", None)
+    image = ["--image", image_server.url_for("square.png"), "--prompt", "add snow"]
+    archive = ["--archive", str(tmp_path / "archive")]
+    for verb in ("edit", "submit"):
+        command = [sys.executable, "-m", "prefect_nanobanana.cli", verb, *image, *archive]
+        run = subprocess.run(
+            [*command, "--credentials", "cli-daily-cap-block"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == EXIT_OVER_BUDGET, (verb, run.stdout, run.stderr)
+        assert "daily_budget_usd" in run.stderr, run.stderr
+        # `--daily-budget` overrides the block's cap, as a flow's parameter does.
+        run = subprocess.run(
+            [*command, "--credentials", "cli-daily-cap-block", "--daily-budget", "5"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, (verb, run.stdout, run.stderr)
+    assert emulator.stats.submits_received == 2
+
+
 def test_ctrl_c_cancels_a_queued_request(api, image_server, tmp_path):
     emulator = api(faults=FaultPlan([Fault("stuck", endpoint="submit")]))
     child = subprocess.Popen(

@@ -56,7 +56,7 @@ def client_for(args: argparse.Namespace, *, asynchronous: bool = False) -> RunCo
     from ..client.client import resolve_base_url
 
     client_class = AsyncRunComfyClient if asynchronous else RunComfyClient
-    block = load_credentials_block(args.credentials) if args.credentials else None
+    block = saved_credentials(args)
     block_url = block.base_url if block is not None else None
     args.api_base_url = resolve_base_url(args.base_url or block_url)
     if block is None:
@@ -79,6 +79,27 @@ class SavedCredentials:
     request_timeout: float
     total_timeout: float
     output_hosts: list[str] | None
+    daily_budget_usd: float | None = None
+
+
+def saved_credentials(args: argparse.Namespace) -> SavedCredentials | None:
+    """The block `--credentials` names, read once per command (None without the flag)."""
+    name = getattr(args, "credentials", None)
+    if not name:
+        return None
+    if getattr(args, "saved_credentials", None) is None:
+        args.saved_credentials = load_credentials_block(name)
+    return args.saved_credentials  # type: ignore[no-any-return]
+
+
+def daily_budget_cap(args: argparse.Namespace) -> float | None:
+    """The daily cap a paying verb uses: `--daily-budget`, else the `--credentials`
+    block's `daily_budget_usd` (as a flow's parameter overrides its block's); None for
+    no daily cap."""
+    if args.daily_budget is not None:
+        return float(args.daily_budget)
+    block = saved_credentials(args)
+    return block.daily_budget_usd if block is not None else None
 
 
 def load_credentials_block(name: str) -> SavedCredentials:
@@ -170,6 +191,7 @@ def _read_over_http(api_url: str, name: str) -> SavedCredentials | None:
         request_timeout=float(data.get("request_timeout") or 30.0),
         total_timeout=float(data.get("total_timeout") or DEFAULT_TOTAL_TIMEOUT),
         output_hosts=data.get("output_hosts"),
+        daily_budget_usd=data.get("daily_budget_usd"),
     )
 
 
@@ -196,4 +218,5 @@ def _load_through_prefect(name: str) -> SavedCredentials:
         request_timeout=block.request_timeout,
         total_timeout=block.total_timeout,
         output_hosts=block.output_hosts,
+        daily_budget_usd=block.daily_budget_usd,
     )

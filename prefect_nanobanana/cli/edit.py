@@ -25,7 +25,7 @@ from ..guard.protocol import SubmittedRequest
 from ..guard.records import RecordStore
 from ..pipeline import Budget, Job, JobOutcome, Observer, Pipeline
 from ..stop import Stop, stop_on_signals
-from .connection import client_for
+from .connection import client_for, daily_budget_cap
 from .exit_codes import EXIT_OK, UsageError
 from .requests import format_cost
 
@@ -187,11 +187,10 @@ def run_edit_command(args: argparse.Namespace) -> int:
     checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
     display = _StatusDisplay()
     estimate = None
-    with RunComfyClient(base_url=args.base_url) as client:
-        if args.max_cost is not None or args.daily_budget is not None:
-            estimate = _refuse_over_budget(
-                client, checked, args.max_cost, display, args.daily_budget
-            )
+    daily_cap = daily_budget_cap(args)
+    if args.max_cost is not None or daily_cap is not None:
+        with client_for(args) as client:
+            estimate = _refuse_over_budget(client, checked, args.max_cost, display, daily_cap)
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     archive_uri = args.archive or args.out or DEFAULT_OUT
@@ -214,7 +213,7 @@ def run_edit_command(args: argparse.Namespace) -> int:
         estimated_cost=estimate,
     )
     observer = _EditObserver(args, display, {**facts, "parameters": options})
-    budget = daily_budget_for(args.daily_budget, args.archive)
+    budget = daily_budget_for(daily_cap, args.archive)
     outcome = asyncio.run(_run(args, job, records, archive_uri, observer, budget))
     if outcome.status == "over_budget" and outcome.refusal is not None:
         raise outcome.refusal  # held back before its submit: nothing paid

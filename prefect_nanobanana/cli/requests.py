@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from ..client import RequestResult
-from .connection import client_for
+from .connection import client_for, daily_budget_cap
 from .exit_codes import EXIT_JOB_FAILED, EXIT_OK
 
 
@@ -27,7 +27,8 @@ def format_cost(cost: float | None) -> str:
 def submit(args: argparse.Namespace) -> int:
     """One paid submit, through the submit guard (its record lives in this process only).
 
-    With `--daily-budget` it reserves its estimate in the archive's daily total right
+    With a daily cap (`--daily-budget`, else the `--credentials` block's
+    `daily_budget_usd`) it reserves its estimate in the archive's daily total right
     before the POST; it does not wait for the bill, so the estimate stays counted.
     """
     from uuid import uuid4
@@ -58,10 +59,11 @@ def submit(args: argparse.Namespace) -> int:
     )
 
     estimate = None
-    if args.daily_budget is not None:
+    daily_cap = daily_budget_cap(args)
+    if daily_cap is not None:
         with client_for(args) as client:
-            estimate = _refuse_over_budget(client, edit, None, _StatusDisplay(), args.daily_budget)
-    daily = daily_budget_for(args.daily_budget, args.archive)
+            estimate = _refuse_over_budget(client, edit, None, _StatusDisplay(), daily_cap)
+    daily = daily_budget_for(daily_cap, args.archive)
     with client_for(args) as client:
         try:
             handle = submit_once_blocking(
