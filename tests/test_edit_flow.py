@@ -447,6 +447,34 @@ def test_cancelling_a_served_run_cancels_its_queued_request(
     assert emulator.stats.cancel_outcomes == {"cancelled": 1, "not_cancellable": 0}
 
 
+def test_an_edit_stopped_before_its_submit_sends_nothing(
+    prefect_harness, use_emulator, emulator, image_server
+):
+    from prefect_nanobanana.client import NanoBananaEditInput
+    from prefect_nanobanana.flows.edit import submit_and_wait
+    from prefect_nanobanana.stop import Stop
+
+    use_emulator(emulator)
+    stop = Stop()
+    stop.set("sigint")
+
+    @flow
+    def stopped_early() -> tuple[Any, Any]:
+        return submit_and_wait(
+            RunComfyCredentials(),
+            NanoBananaEditInput(prompt="p", image_urls=[image_server.url_for("wide.png")]),
+            stop,
+            job_key=None,
+            timeout_seconds=60,
+            daily_budget_usd=None,
+            estimated_cost=None,
+            archive_uri="unused",
+        )
+
+    assert stopped_early() == (None, None)
+    assert emulator.stats.submits_received == 0
+
+
 # A direct run in a process of its own, as a script or a notebook's kernel runs it.
 DIRECT_RUN = """
 import sys

@@ -233,17 +233,21 @@ def submit_and_wait(
     estimated_cost: float | None,
     archive_uri: str,
     aws_credentials: str | None = None,
-) -> tuple[SubmittedRequest, RequestOutcome | None]:
+) -> tuple[SubmittedRequest | None, RequestOutcome | None]:
     """The steps both edit flows take: reserve the estimate in the daily total, submit at
     most once, wait until the request ends or `stop` is set (`wait_or_let_go`), and
     settle the daily total to what was billed.
 
     Returns:
-        The request, and its outcome (None when the run stopped first).
+        The request (None when the run was stopped before its submit: nothing was sent),
+        and its outcome (None when the run stopped first).
     """
     with held_in_daily_budget(
         daily_budget_usd, archive_uri, aws_credentials, estimated_cost
     ) as held:
+        if stop.is_set:
+            held.bill = 0.0
+            return None, None
         submitted = submit_edit(edit, resolved, job_key=job_key)
         outcome, withdrawn = wait_or_let_go(
             resolved, submitted, timeout_seconds, edit.resolution, stop
