@@ -50,11 +50,11 @@ from .guard.protocol import (
     Unread,
     archive_claim,
     end_archiving_claim,
+    let_go,
     mark_archived,
     mark_failed,
     release_archiving,
     submit_once,
-    withdraw,
 )
 from .guard.records import LedgerEntry, RecordStore, VersionedEntry
 from .stop import RunStopped, Stop
@@ -483,15 +483,10 @@ class Pipeline:
     async def _let_go(self, job: Job, request: SubmittedRequest) -> bool:
         """The job will not wait for its request any more: withdrawn through the guard if it
         is still queued (True), else left recorded for the next run to adopt."""
-        if request.adopted:  # another run's request: that run, or the next, collects it
-            return False
-        log = job.log or self.log
-        log.info(
-            "The run is stopping (%s); letting go of RunComfy request %s",
-            self.stop.description if self.stop.is_set else "its wait timed out",
-            request.request_id,
+        reason = self.stop.description if self.stop.is_set else "its wait timed out"
+        withdrawn = await let_go(
+            self.store, self.client, request, reason=reason, log=job.log or self.log
         )
-        withdrawn = await withdraw(self.store, self.client, request, log=log) == "cancelled"
         if withdrawn:
             self.observer.withdrawn(job, request)
         return withdrawn

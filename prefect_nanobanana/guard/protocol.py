@@ -97,6 +97,7 @@ __all__ = [
     "claim_alive",
     "decide",
     "end_archiving_claim",
+    "let_go",
     "log_cancel_outcome",
     "mark_archived",
     "mark_failed",
@@ -856,6 +857,37 @@ async def withdraw(
     else:
         await release_archiving(store, submitted)
     return outcome
+
+
+async def let_go(
+    store: RecordStore,
+    client: AsyncRunComfyClient,
+    submitted: SubmittedRequest,
+    *,
+    reason: str,
+    log: Log = logger,
+) -> bool:
+    """A run that stops waiting lets go of the request it holds, and says so.
+
+    Its own request is withdrawn if still queued (`withdraw`); another run's (adopted)
+    is left to that run, or the next, to collect.
+
+    Args:
+        store: Where the job's record lives.
+        client: Cancels the request.
+        submitted: The request the run holds.
+        reason: Why the run stops waiting, for the log.
+        log: Where to say it.
+
+    Returns:
+        True when the request was withdrawn (still queued: nothing billed).
+    """
+    log.info(
+        "The run is stopping (%s); letting go of RunComfy request %s", reason, submitted.request_id
+    )
+    if submitted.adopted:
+        return False
+    return await withdraw(store, client, submitted, log=log) == "cancelled"
 
 
 # --------------------------------------------------------------------------- release

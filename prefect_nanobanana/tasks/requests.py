@@ -31,7 +31,7 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from ..guard.protocol import SubmittedRequest, log_cancel_outcome, submit_once, withdraw
+from ..guard.protocol import SubmittedRequest, let_go, log_cancel_outcome, submit_once
 from ..stop import Stop
 from .guard import default_job_key, job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
@@ -243,17 +243,13 @@ async def _let_go_of_request(
     Returns:
         True when the request was withdrawn.
     """
-    log = run_log()
-    log.info(
-        "The run is stopping (%s); letting go of RunComfy request %s", reason, submitted.request_id
-    )
-    if submitted.adopted:  # another run's request: that run, or the next, collects it
-        return False
     async with (credentials or RunComfyCredentials()).get_async_client() as client:
-        outcome = await withdraw(PrefectRecordStore(), client, submitted, log=log)
-    if outcome == "cancelled":
+        withdrawn = await let_go(
+            PrefectRecordStore(), client, submitted, reason=reason, log=run_log()
+        )
+    if withdrawn:
         observe.emit_request_event(observe.EVENT_CANCELLED, submitted.request_id)
-    return outcome == "cancelled"
+    return withdrawn
 
 
 let_go_of_request, alet_go_of_request = sync_and_async_tasks(
