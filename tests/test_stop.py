@@ -46,6 +46,8 @@ SPAN_SECONDS = 3.5
 NEWEST = tuple(int(part) for part in prefect.__version__.split(".")[:2]) >= (3, 9)
 SIGTERM_MOMENTS = 30 if NEWEST else 10
 CANCEL_MOMENTS = 4 if NEWEST else 2
+# A run that ended before its cancel came: Prefect refuses the cancel, and it stays Completed.
+ENDED_FIRST = ", ended before the cancel"
 
 # Imports first, then waits for a line on stdin: the next trial's process warms up
 # (Prefect's import takes seconds) while the current trial runs.
@@ -162,15 +164,18 @@ class Trial:
 
 
 def _stop_and_check(
-    trial: Trial, emulator: Any, child: subprocess.Popen[bytes], stop: Callable[[], None]
+    trial: Trial, emulator: Any, child: subprocess.Popen[bytes], stop: Callable[[], bool | None]
 ) -> str:
-    """Stop the run with its queue held, and check the stop itself; the phases it found."""
+    """Stop the run with its queue held, and check the stop itself; the phases it found.
+
+    `stop` answers False when the run had already ended and refused it (a cancel)."""
     emulator.hold_queue(True)
     try:
         queued = {job.request_id for job in trial.jobs(emulator) if job.status == "in_queue"}
         phases = trial.phases(emulator)
         stopped_at = time.monotonic()
-        stop()
+        if stop() is False:
+            phases += ENDED_FIRST
         try:
             child.wait(timeout=STOP_WITHIN_SECONDS + 30)
         finally:
@@ -235,16 +240,20 @@ async def test_a_batch_stopped_by_sigterm_at_many_moments(
     print("stopped while:", ", ".join(found))
 
 
-def _cancel_through_the_api(flow_run_name: str) -> None:
+def _cancel_through_the_api(flow_run_name: str) -> bool:
+    """Cancel as the UI and `prefect flow-run cancel` do: unforced, so Prefect refuses the
+    cancel of a run that has already ended. Whether the run took it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Cancelling
 
     with get_client(sync_client=True) as client:
         (flow_run,) = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name]))
         )
-        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        answer = client.set_flow_run_state(flow_run.id, Cancelling())
+    return answer.status == SetStateStatus.ACCEPT
 
 
 def _final_state(flow_run_name: str) -> Any:
@@ -273,10 +282,12 @@ async def test_a_direct_batch_cancelled_through_the_api_at_several_moments(
         phases = _stop_and_check(
             trial, stopping_emulator, child, partial(_cancel_through_the_api, trial.label)
         )
-        found.append(f"{moment:.2f}s:{phases}")
         state = _final_state(trial.label)
-        if "done" not in phases:
+        if phases.endswith(ENDED_FIRST):
+            assert state.is_completed(), f"{trial.label} ({phases}) refused the cancel: {state}"
+        elif "done" not in phases:
             assert state.is_cancelled(), f"{trial.label} ({phases}) ended {state}"
+        found.append(f"{moment:.2f}s:{phases}")
         await _rerun_and_check(trial, stopping_emulator)
     print("cancelled while:", ", ".join(found))
 
@@ -360,6 +371,7 @@ async def _cancel_deployment_run_and_check(trial: Trial, emulator: Any, flow_run
     import asyncio
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Cancelling
 
     emulator.hold_queue(True)
@@ -368,7 +380,16 @@ async def _cancel_deployment_run_and_check(trial: Trial, emulator: Any, flow_run
         phases = trial.phases(emulator)
         async with get_client() as client:
             stopped_at = time.monotonic()
-            await client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+            # As the UI and `prefect flow-run cancel` do: unforced, so a run that has already
+            # ended refuses it (a forced Cancelling would sit on it, as no process is left).
+            answer = await client.set_flow_run_state(flow_run_id, Cancelling())
+            if answer.status != SetStateStatus.ACCEPT:
+                state = (await client.read_flow_run(flow_run_id)).state
+                assert state is not None and state.is_completed(), (
+                    f"{trial.label} ({phases}) refused the cancel: {state}"
+                )
+                _check_withdrawn(trial, emulator, queued, phases)
+                return phases + ENDED_FIRST
             while True:
                 state = (await client.read_flow_run(flow_run_id)).state
                 if state is not None and state.is_final():
