@@ -52,8 +52,8 @@ async def test_the_hold_spans_the_lanes_only_and_is_skipped_without_items() -> N
     events: list[str] = []
 
     @asynccontextmanager
-    async def slots():
-        events.append("acquired")
+    async def slots(lanes: int):
+        events.append(f"acquired {lanes}")
         yield
         events.append("released")
 
@@ -62,10 +62,10 @@ async def test_the_hold_spans_the_lanes_only_and_is_skipped_without_items() -> N
         await asyncio.sleep(0.01)
         events.append(f"finished {number}")
 
-    await run_in_lanes([1], 2, item, hold=slots())
-    assert events == ["acquired", "released", "finished 1"]
+    await run_in_lanes([1], 2, item, hold=slots)
+    assert events == ["acquired 1", "released", "finished 1"]  # a lane per item, at most
     events.clear()
-    await run_in_lanes([], 2, item, hold=slots())
+    await run_in_lanes([], 2, item, hold=slots)
     assert events == []
 
 
@@ -89,3 +89,31 @@ async def test_cancelling_the_run_cancels_items_still_finishing() -> None:
         await running
     await asyncio.sleep(0)
     assert cancelled == [7]
+
+
+async def test_a_stream_s_items_run_as_it_produces_them() -> None:
+    first_ran = asyncio.Event()
+    ran: list[int] = []
+    held: list[int] = []
+
+    async def stream():
+        yield 0
+        # The rest is produced only once the first item ran: lanes that waited for the
+        # whole stream would wait here forever.
+        await asyncio.wait_for(first_ran.wait(), timeout=5)
+        for number in range(1, 5):
+            yield number
+
+    @asynccontextmanager
+    async def slots(lanes: int):
+        held.append(lanes)
+        yield
+
+    async def item(number: int, request_ended: asyncio.Event) -> None:
+        ran.append(number)
+        first_ran.set()
+        request_ended.set()
+
+    await run_in_lanes(stream(), 3, item, hold=slots)
+    assert ran == [0, 1, 2, 3, 4]
+    assert held == [3]  # a stream's length is unknown: every lane's slot

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,6 +90,47 @@ async def test_a_folder_as_the_batch_pays_only_for_the_new_images_on_rerun(
     third = await batch_edit(**options)
     assert emulator.stats.submits_accepted == 6
     assert [row.id for row in third.rows if row.new] == ["a.png"]
+
+
+async def test_a_listed_batch_pays_for_its_first_images_while_the_rest_are_being_listed(
+    emulator_factory, use_emulator, tmp_path, monkeypatch
+):
+    """A prefix of thousands takes many pages to list: its rows start as the pages come, so
+    the first submit does not wait for the last page (nor the planning of every row)."""
+    from prefect_nanobanana.flows import batch_edit
+    from prefect_nanobanana.flows.batch import sources
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    incoming = tmp_path / "incoming"
+    for index in range(24):
+        _image(incoming / f"img-{index:02d}.png", 10 * index)
+    list_images = sources.list_images
+    paid_while_listing: list[int] = []
+
+    def listing_held_after_twenty(*args: Any, **kwargs: Any) -> Any:
+        # Stands for a listing whose later pages are slow to come: the last images are
+        # listed once a row has been paid for, or after 20 s when none is.
+        for number, image in enumerate(list_images(*args, **kwargs)):
+            if number == 20:
+                deadline = time.monotonic() + 20
+                while not emulator.stats.submits_accepted and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                paid_while_listing.append(emulator.stats.submits_accepted)
+            yield image
+
+    monkeypatch.setattr(sources, "list_images", listing_held_after_twenty)
+    result = await batch_edit(
+        images_uri=str(incoming),
+        prompt="put it on a white background",
+        archive_uri=str(tmp_path / "archive"),
+        concurrency_limit_name="test-incoming-streamed",
+        preview_rows=0,
+        max_concurrency=2,
+    )
+    assert paid_while_listing and paid_while_listing[0] >= 1, paid_while_listing
+    assert (result.archived, result.new) == (24, 24), [row.error for row in result.rows]
+    assert [row.id for row in result.rows] == [f"img-{index:02d}.png" for index in range(24)]
+    assert emulator.stats.submits_accepted == 24
 
 
 async def test_an_s3_prefix_as_the_batch_pays_only_for_the_new_objects_on_rerun(

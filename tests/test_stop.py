@@ -33,6 +33,7 @@ from typing import Any
 
 import prefect
 import pytest
+from PIL import Image
 
 from prefect_nanobanana.emulator import Fault, FaultPlan
 
@@ -45,6 +46,7 @@ STOP_WITHIN_SECONDS = 20.0
 SPAN_SECONDS = 3.5
 NEWEST = tuple(int(part) for part in prefect.__version__.split(".")[:2]) >= (3, 9)
 SIGTERM_MOMENTS = 30 if NEWEST else 10
+LISTED_SIGTERM_MOMENTS = 8 if NEWEST else 4
 CANCEL_MOMENTS = 4 if NEWEST else 2
 # A run that ended before its cancel came: Prefect refuses the cancel, and it stays Completed.
 ENDED_FIRST = ", ended before the cancel"
@@ -54,6 +56,9 @@ ENDED_FIRST = ", ended before the cancel"
 _BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit
+from prefect_nanobanana.flows.batch import plan
+# A listed trial's rows are planned in groups of 2 and 4, so a stop also finds its listing.
+plan.FIRST_GROUP_ROWS = 2
 options, name = json.loads(sys.argv[1]), sys.argv[2]
 if sys.stdin.readline().strip() != "go":
     sys.exit(0)  # the test ended without this trial
@@ -88,16 +93,32 @@ def stopping_emulator(emulator_factory: Callable[..., Any], use_emulator: Callab
 class Trial:
     """One batch of ROWS rows, its own prompts, archive and concurrency limit."""
 
-    def __init__(self, label: str, tmp_path: Path, image_url: str) -> None:
+    def __init__(self, label: str, tmp_path: Path, image_url: str | None) -> None:
+        """`image_url`: every row's input; None: the rows are a folder's images, listed
+        (`images_uri`), each its own, sent inline."""
         self.label = label
         self.archive = tmp_path / label
         self.log = tmp_path / f"{label}.log"
         self.prefix = f"{label}:"
+        if image_url is None:
+            folder = tmp_path / f"{label}-images"
+            folder.mkdir()
+            for index in range(ROWS):
+                Image.new("RGB", (24, 16), (40 * index, 90, 160)).save(folder / f"r{index}.png")
+            rows: dict[str, Any] = {"images_uri": str(folder), "prompt": f"{self.prefix} listed"}
+        else:
+            rows = {
+                "jobs": [
+                    {
+                        "id": f"r{index}",
+                        "prompt": f"{self.prefix} row {index}",
+                        "images": [image_url],
+                    }
+                    for index in range(ROWS)
+                ]
+            }
         self.options = {
-            "jobs": [
-                {"id": f"r{index}", "prompt": f"{self.prefix} row {index}", "images": [image_url]}
-                for index in range(ROWS)
-            ],
+            **rows,
             "archive_uri": str(self.archive),
             "max_concurrency": 3,
             # The slots of a stopped process stay leased until they expire: a limit each.
@@ -209,7 +230,9 @@ async def _rerun_and_check(trial: Trial, emulator: Any) -> None:
     assert rerun.archived + rerun.adopted + rerun.skipped == ROWS
     records = trial.records()
     assert sorted(record["status"] for record in records) == ["archived"] * ROWS, records
-    billed = Counter(job.prompt for job in trial.jobs(emulator) if job.status != "cancelled")
+    billed = Counter(
+        (job.prompt, job.image_urls) for job in trial.jobs(emulator) if job.status != "cancelled"
+    )
     assert sorted(billed.values()) == [1] * ROWS, f"{trial.label}: billed {billed}"
     archived = Counter(
         json.loads(path.read_text())["row_id"] for path in trial.archive.rglob("metadata.json")
@@ -222,9 +245,22 @@ async def test_a_batch_stopped_by_sigterm_at_many_moments(
 ):
     """What a worker sends a flow run it cancels, and Kubernetes an evicted pod."""
     image = image_server.url_for("wide.png")
+    await _sigterm_trials(prefect_harness, stopping_emulator, tmp_path, "sigterm", image)
+
+
+async def test_a_listed_batch_stopped_by_sigterm_at_several_moments(
+    prefect_harness, stopping_emulator, tmp_path
+):
+    """A folder as the batch, its rows running while the rest are still being planned."""
+    await _sigterm_trials(prefect_harness, stopping_emulator, tmp_path, "sigterm-listed", None)
+
+
+async def _sigterm_trials(
+    prefect_harness: Any, emulator: Any, tmp_path: Path, label: str, image: str | None
+) -> None:
     found = []
-    moments = _moments(SIGTERM_MOMENTS)
-    trials = [Trial(f"sigterm-{number}", tmp_path, image) for number in range(1, len(moments) + 1)]
+    moments = _moments(SIGTERM_MOMENTS if image is not None else LISTED_SIGTERM_MOMENTS)
+    trials = [Trial(f"{label}-{number}", tmp_path, image) for number in range(1, len(moments) + 1)]
     trials[0].start(prefect_harness)
     for number, (trial, moment) in enumerate(zip(trials, moments, strict=True), start=1):
         child = trial.go()
@@ -232,11 +268,9 @@ async def test_a_batch_stopped_by_sigterm_at_many_moments(
             trials[number].start(prefect_harness)
         trial.wait_for_first_claim(child)
         time.sleep(moment)
-        phases = _stop_and_check(
-            trial, stopping_emulator, child, partial(child.send_signal, signal.SIGTERM)
-        )
+        phases = _stop_and_check(trial, emulator, child, partial(child.send_signal, signal.SIGTERM))
         found.append(f"{moment:.2f}s:{phases}")
-        await _rerun_and_check(trial, stopping_emulator)
+        await _rerun_and_check(trial, emulator)
     print("stopped while:", ", ".join(found))
 
 

@@ -32,6 +32,9 @@ rows already archived, and together they stay within one API quota.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from functools import partial
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -79,7 +82,7 @@ from ...storage import (
     strip_signature,
 )
 from ...storage.budget import DAILY_BUDGET_NAME, DailyBudget, SharedBudget
-from ...tasks.storage import resolve_location
+from ...tasks.storage import ResolvedLocation, resolve_location
 from ..stopping import RunStop
 from .chunks import credentials_parameter, run_in_chunks, shared_budget_name
 from .lanes import run_in_lanes
@@ -94,7 +97,14 @@ from .models import (
     PlannedRow,
     _RowPlan,
 )
-from .plan import _stage_rows, aplan_batch, aplan_listed_batch, aread_batch_manifest, estimate_rows
+from .plan import (
+    _stage_rows,
+    aplan_batch,
+    aplan_listed_batch,
+    aread_batch_manifest,
+    estimate_rows,
+    plan_location,
+)
 from .report import BatchProgress, _finish_batch, _results_location
 from .row import BatchRun, RowObserver, _run_row, _settled_without_api, not_finished
 
@@ -176,6 +186,20 @@ async def batch_edit(
             `BatchDryRun` (rows to pay, rows done, the estimate).
         resolution_factors: Multipliers of the listed price per resolution for the
             estimate (default: 4K counts double).
+        images_uri: A location whose images are the rows: a local folder, a glob,
+            s3://bucket/prefix or s3-bucket://BLOCK/prefix. Each image is a row whose id
+            is its path relative to the location; a rerun pays only for images not
+            archived yet. The rows run as the listing goes on, unless `max_cost_usd`,
+            `dry_run` or `chunk_size` needs every row first.
+        prompt: The edit every image of `images_uri` gets.
+        include: Glob patterns an image of `images_uri` must match (default: image
+            extensions).
+        exclude: Glob patterns that leave images of `images_uri` out.
+        daily_budget_usd: A cap in USD per UTC day that every run using the same
+            archive draws from; overrides the credentials block's `daily_budget_usd`.
+            A row the cap holds back ends `over_budget`.
+        shared_budget_name: Set by a chunked parent for its chunks: the stored budget
+            they share, `max_cost_usd` in all.
 
     Returns:
         A `BatchEditResult`: a row each (status, request id, outputs, cost, error),
@@ -210,29 +234,14 @@ async def batch_edit(
     if (chunk_size is None) != (chunk_deployment is None):
         raise ValueError("give both `chunk_size` and `chunk_deployment`, or neither")
     listed = None
-    if images_uri is not None:
-        listed = await aplan_listed_batch(
-            images_uri,
-            prompt,
-            include,
-            exclude,
-            options.row_defaults,
-            options.archive_uri,
-            options.aws_credentials,
-        )
+    if images_uri is not None and lists_every_row_first(options, chunk_size):
+        listed = await aplan_listed_batch(options)
+        log_listed(listed, images_uri)
         jobs = [plan.job for plan in listed]
-        get_run_logger().info(
-            "Listed %d images under %s: %d new, %d known to the ledger",
-            len(listed),
-            strip_signature(images_uri),
-            sum(plan.new for plan in listed),
-            sum(not plan.new for plan in listed),
-        )
-    elif jobs is None:
+    elif images_uri is None and jobs is None:
         jobs = await aread_batch_manifest(manifest_uri, aws_credentials)
-    assert jobs is not None
-    chunked = chunk_size is not None and len(jobs) > chunk_size and not dry_run
-    if chunked and chunk_size is not None and chunk_deployment is not None:
+    chunked = jobs is not None and chunk_size is not None and len(jobs) > chunk_size and not dry_run
+    if chunked and jobs is not None and chunk_size is not None and chunk_deployment is not None:
         # The parent pays for nothing: a stop (Prefect's SIGTERM bridge) ends its
         # wait, and each chunk, a run of its own, handles its own stop.
         return await _run_chunked(jobs, chunk_size, chunk_deployment, options)
@@ -244,6 +253,25 @@ async def batch_edit(
         # completing, and it would stay Cancelling).
         await run_stop.settle()
     return run_stop.end(ended)  # type: ignore[return-value]
+
+
+def lists_every_row_first(options: BatchOptions, chunk_size: int | None) -> bool:
+    """Whether a listed batch must know every row before any runs: to split it into chunks,
+    to report a dry run, or to refuse an estimate over `max_cost_usd` before anything is
+    paid. Otherwise its rows run as the listing streams in (`plan_location`), so a
+    prefix of thousands pays for its first image within seconds."""
+    return chunk_size is not None or options.dry_run or options.max_cost_usd is not None
+
+
+def log_listed(plans: list[_RowPlan], images_uri: str) -> None:
+    """Say how many images the location listed, and how many the ledger knew."""
+    get_run_logger().info(
+        "Listed %d images under %s: %d new, %d known to the ledger",
+        len(plans),
+        strip_signature(images_uri),
+        sum(plan.new for plan in plans),
+        sum(not plan.new for plan in plans),
+    )
 
 
 def check_batch_sources(
@@ -334,31 +362,46 @@ async def _run_chunked(
 
 
 async def _run_rows(
-    jobs: list[BatchJob], options: BatchOptions, stop: Stop, listed: list[_RowPlan] | None = None
+    jobs: list[BatchJob] | None,
+    options: BatchOptions,
+    stop: Stop,
+    listed: list[_RowPlan] | None = None,
 ) -> BatchEditResult | BatchDryRun:
     """Every row of an unchunked batch through its lanes, until done or stopped; then the
-    results manifest and the report. `listed`: the rows, planned already from `images_uri`."""
-    if listed is None:
+    results manifest and the report.
+
+    The rows are `jobs`, or `listed` (planned already from `images_uri`), or, with
+    neither, `images_uri` listed as the lanes run (`lists_every_row_first`).
+    """
+    staging = resolve_location(options.staging_uri, options.aws_credentials)
+    plans: list[_RowPlan] | None = listed
+    if jobs is not None and listed is None:
         plans = await _plan(jobs, options, dry_run=options.dry_run)
-    else:
-        plans = listed
-        staging = resolve_location(options.staging_uri, options.aws_credentials)
-        await to_thread.run_sync(_stage_rows, plans, staging, options.dry_run)
+    elif listed is not None:
+        await to_thread.run_sync(_stage_rows, listed, staging, options.dry_run)
     archive = resolve_location(options.archive_uri, options.aws_credentials)
     location, s3_client = archive
     resolved = await aresolve_credentials(options.credentials)
     daily_cap = daily_budget_of(options.daily_budget_usd, resolved)
     async with resolved.get_async_client() as client:
-        estimate = await _estimate_before_paying(
-            client, plans, options.max_cost_usd, options.resolution_factors, daily_cap
-        )
-        if options.dry_run:
-            return _dry_run_of(plans, estimate)
+        if plans is not None:
+            estimate = await _estimate_before_paying(
+                client, plans, options.max_cost_usd, options.resolution_factors, daily_cap
+            )
+            if options.dry_run:
+                return _dry_run_of(plans, estimate)
+            base_price = estimate.base_price_usd if estimate else None
+            groups = _one_group(plans)
+        else:
+            base_price = await _price_for_listing(client, daily_cap)
+            groups = _listed_groups(options, staging, stop)
         shared_limit = await _ensure_concurrency_limit(
             options.concurrency_limit_name, options.max_concurrency
         )
         progress_id = await acreate_progress_artifact(
-            progress=0.0, description=f"Rows of this batch finished, of {len(plans)}."
+            progress=0.0,
+            description="Rows of this batch finished, of "
+            + (f"{len(plans)}." if plans is not None else "those listed so far."),
         )
         run_id = observe.current_flow_run_id()
         batch = BatchRun(
@@ -372,40 +415,53 @@ async def _run_rows(
                 timeout_seconds=options.timeout_seconds,
                 s3_client=s3_client,
             ),
-            staging=resolve_location(options.staging_uri, options.aws_credentials),
+            staging=staging,
             lanes=min(options.max_concurrency, shared_limit),
             preview_rows=options.preview_rows,
             run_id=str(run_id) if run_id else None,
         )
 
-        progress = BatchProgress(len(plans), progress_id)
+        progress = BatchProgress(progress_id)
         outcomes: dict[int, BatchRowResult] = {}
-        runnable: list[_RowPlan] = []
-        for plan in plans:
-            settled = _settled_without_api(plan)
-            if settled is None:
-                runnable.append(plan)
-            else:
-                outcomes[plan.row] = settled
-                progress.row_done()
+        seen: list[_RowPlan] = []
+        learned: list[RunTimeHistory | None] = []  # the run-time history, once read
+
+        async def runnable_rows() -> AsyncIterator[_RowPlan]:
+            """The rows to run, as they are planned; the rest settled on the way."""
+            async for group in groups:
+                seen.extend(group)
+                progress.rows_planned(len(group))
+                estimate_rows(group, base_price, options.resolution_factors)
+                for plan in group:
+                    settled = _settled_without_api(plan)
+                    if settled is not None:
+                        outcomes[plan.row] = settled
+                        progress.row_done()
+                        continue
+                    if not learned:  # read once a row needs its request, not for none
+                        learned.append(await alearn_run_times(client, location, s3_client))
+                    yield plan
 
         async def run_row(plan: _RowPlan, request_ended: asyncio.Event) -> None:
             outcomes[plan.row] = await _run_row(plan, batch, request_ended)
             progress.row_done()
 
-        lanes = min(batch.lanes, len(runnable))
-        history = await alearn_run_times(client, location, s3_client) if runnable else None
-        await run_in_lanes(
-            runnable,
-            lanes,
-            run_row,
-            hold=lane_slots(options.concurrency_limit_name, lanes),
-            stop=stop,
-        )
-        await asave_run_times(client, history)
+        async with aclosing(groups), aclosing(runnable_rows()) as rows_to_run:
+            await run_in_lanes(
+                rows_to_run,
+                batch.lanes,
+                run_row,
+                hold=partial(lane_slots, options.concurrency_limit_name),
+                stop=stop,
+            )
+        if learned:
+            await asave_run_times(client, learned[0])
         await progress.finish()
+        if options.images_uri is not None and plans is None:
+            log_listed(seen, options.images_uri)
+        estimate = estimate_rows(seen, base_price, options.resolution_factors)
         unfinished = f"{not_finished(stop)}; nothing was submitted"
-        rows = [outcomes.get(plan.row) or plan.result("failed", error=unfinished) for plan in plans]
+        rows = [outcomes.get(plan.row) or plan.result("failed", error=unfinished) for plan in seen]
 
     return await _finish_batch(
         rows,
@@ -416,6 +472,51 @@ async def _run_rows(
         options.preview_rows,
         estimated_cost=estimate.estimate_usd if estimate else None,
     )
+
+
+async def _one_group(plans: list[_RowPlan]) -> AsyncGenerator[list[_RowPlan], None]:
+    yield plans
+
+
+async def _listed_groups(
+    options: BatchOptions, staging: ResolvedLocation, stop: Stop
+) -> AsyncGenerator[list[_RowPlan], None]:
+    """The listed rows, planned and staged a group at a time in a worker thread; no group is
+    planned once the run is stopping."""
+    groups = plan_location(options, staging)
+    try:
+        while not stop.is_set:
+            group = await to_thread.run_sync(next, groups, None)
+            if group is None:
+                return
+            yield group
+    finally:
+        await to_thread.run_sync(groups.close)
+
+
+async def _price_for_listing(client: AsyncRunComfyClient, daily_cap: float | None) -> float | None:
+    """The listed price, for rows estimated as the listing streams; refused before anything
+    is listed or paid when the API refuses the token, or the price is unknown under a
+    daily cap (every row would reserve nothing)."""
+    base_price, failure = await _alook_up_price(client)
+    if base_price is None and daily_cap is not None:
+        raise BudgetExceededError(
+            None,
+            daily_cap,
+            0,
+            reason=failure,
+            cap_name=DAILY_BUDGET_NAME,
+            message=(
+                f"No estimate for the listed rows ({failure}), so the budget "
+                f"{DAILY_BUDGET_NAME}={format_usd(daily_cap)} cannot be checked; "
+                "nothing was submitted"
+            ),
+        )
+    if base_price is None:
+        get_run_logger().warning("No cost estimate (%s); going on without one", failure)
+    else:
+        get_run_logger().info("Listed price %s per image", format_usd(base_price))
+    return base_price
 
 
 def run_budget(
@@ -437,6 +538,22 @@ def run_budget(
     return Budget(local_cap, shared=shared)
 
 
+async def _alook_up_price(client: AsyncRunComfyClient) -> tuple[float | None, str | None]:
+    """The model's listed price, or None and why the lookup failed.
+
+    Raises:
+        AuthenticationError, PermissionDeniedError, APIConnectionError: A refused token
+            or an unreachable API would fail every row the same way, each after its own
+            retries (a minute and a screen of warnings): said once, now.
+    """
+    try:
+        return base_price_of(await client.model_info()), None
+    except (AuthenticationError, PermissionDeniedError, APIConnectionError):
+        raise
+    except (RunComfyError, ValueError) as error:
+        return None, f"the price lookup failed: {error}"
+
+
 async def _estimate_before_paying(
     client: AsyncRunComfyClient,
     plans: list[_RowPlan],
@@ -449,15 +566,7 @@ async def _estimate_before_paying(
     batch when the API refuses the token or cannot be reached."""
     logger = get_run_logger()
     rows_to_pay = sum(plan.needs_paid_submit for plan in plans)
-    base_price, failure = None, None
-    try:
-        base_price = base_price_of(await client.model_info())
-    except (AuthenticationError, PermissionDeniedError, APIConnectionError):
-        # A refused token or an unreachable API fails every row the same way, each
-        # after its own retries (a minute and a screen of warnings): say it once, now.
-        raise
-    except (RunComfyError, ValueError) as error:
-        failure = f"the price lookup failed: {error}"
+    base_price, failure = await _alook_up_price(client)
     estimate = estimate_rows(plans, base_price, resolution_factors)
     refuse_over_budget(estimate, max_cost_usd, rows_to_pay=rows_to_pay, lookup_failure=failure)
     if estimate is None and daily_budget_usd is not None and rows_to_pay:

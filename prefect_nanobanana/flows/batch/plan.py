@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import islice
 from typing import Any
 
 from anyio import to_thread
@@ -31,11 +32,15 @@ from ...storage import (
     url_input_problem,
 )
 from ...tasks.storage import SIGNED_RESULT_OPTIONS, ResolvedLocation, resolve_location
-from .models import BatchJob, _RowPlan
+from .models import BatchJob, BatchOptions, _RowPlan
 from .sources import KeyedRow, key_listed_rows, listed_rows
 
 # Ledger entries read at once while planning a listed batch (round trips, not CPU).
 LOOKUP_PARALLELISM = 16
+# A listed batch is planned in groups growing from the first to the last size: its
+# first rows start after a few round trips, the later ones need fewer stagings.
+FIRST_GROUP_ROWS = 16
+LAST_GROUP_ROWS = 512
 # Rows staged at once: uploads are round trips, not CPU; bounded so a batch of
 # thousands opens a pool's worth of connections, not thousands.
 STAGING_PARALLELISM = 16
@@ -74,36 +79,59 @@ def _plan_rows(jobs: list[BatchJob], defaults: dict[str, Any], ledger: Ledger) -
     return plans
 
 
-def _plan_listed(
-    keyed: Iterable[KeyedRow], defaults: dict[str, Any], ledger: Ledger
-) -> list[_RowPlan]:
-    """The rows of a listed batch, keyed as the listing streams against one scan of the
-    ledger (`key_listed_rows`); only the entries of keys the scan knew are read.
+def plan_keyed_rows(
+    keyed: Iterable[KeyedRow],
+    defaults: dict[str, Any],
+    ledger: Ledger,
+    staging: ResolvedLocation | None = None,
+) -> Iterator[list[_RowPlan]]:
+    """The rows of a listed batch, planned a group at a time as the listing streams.
+
+    Rows are keyed against one scan of the ledger (`key_listed_rows`); only the
+    entries of keys the scan knew are read, `LOOKUP_PARALLELISM` at a time. The
+    groups grow from `FIRST_GROUP_ROWS` to `LAST_GROUP_ROWS` rows: the first rows
+    reach their lanes after a few round trips, and the rest are planned while they
+    run. With `staging`, each group is staged (`_stage_rows`) before it is yielded;
+    without, the caller stages them (a chunked batch's chunks do).
 
     The listing already proved each image exists, so nothing here reads the images
     themselves: an S3 input is signed right before its row's submit (`_stage_rows`).
+
+    Args:
+        keyed: From `key_listed_rows`.
+        defaults: The batch's edit options.
+        ledger: The archive's ledger.
+        staging: Where the rows' local inputs go; None: leave the rows unstaged.
+
+    Returns:
+        An iterator of groups of planned rows, numbered from 1 in the listing's order.
     """
-    plans, known = [], []
-    for row, item in enumerate(keyed, start=1):
-        listed = item.row
-        job = listed.job.model_copy(update={"content": listed.content})
-        plan = _RowPlan(row=row, job=job, options=dict(defaults), job_key=item.job_key)
-        plan.new = item.new
-        try:
-            NanoBananaEditInput(prompt=job.prompt, image_urls=job.images, **plan.options)
-        except (ValidationError, ValueError) as error:
-            plan.error = f"row {row} is invalid: {redact_text(str(error))}"
-        plans.append(plan)
-        if not item.new:
-            known.append(plan)
+    rows = enumerate(keyed, start=1)
+    size = FIRST_GROUP_ROWS
     with ThreadPoolExecutor(max_workers=LOOKUP_PARALLELISM) as pool:
-        for plan, versioned in zip(
-            known, pool.map(ledger.read, [p.job_key for p in known]), strict=True
-        ):
-            if versioned is not None:
-                plan.entry, plan.version = versioned
-            plan.new = plan.entry is None
-    return plans
+        while group := [_listed_plan(row, item, defaults) for row, item in islice(rows, size)]:
+            known = [plan for plan in group if not plan.new]
+            for plan, versioned in zip(
+                known, pool.map(ledger.read, [p.job_key for p in known]), strict=True
+            ):
+                if versioned is not None:
+                    plan.entry, plan.version = versioned
+                plan.new = plan.entry is None
+            if staging is not None:
+                _stage_rows(group, staging, dry_run=False)
+            yield group
+            size = min(size * 2, LAST_GROUP_ROWS)
+
+
+def _listed_plan(row: int, item: KeyedRow, defaults: dict[str, Any]) -> _RowPlan:
+    listed = item.row
+    job = listed.job.model_copy(update={"content": listed.content})
+    plan = _RowPlan(row=row, job=job, options=dict(defaults), job_key=item.job_key, new=item.new)
+    try:
+        NanoBananaEditInput(prompt=job.prompt, image_urls=job.images, **plan.options)
+    except (ValidationError, ValueError) as error:
+        plan.error = f"row {row} is invalid: {redact_text(str(error))}"
+    return plan
 
 
 def _stage_rows(plans: list[_RowPlan], staging: ResolvedLocation, dry_run: bool) -> None:
@@ -238,28 +266,49 @@ async def aplan_batch(
     return plans
 
 
-@task(name="plan-listed-batch", **SIGNED_RESULT_OPTIONS)
-async def aplan_listed_batch(
-    images_uri: str,
-    prompt: str,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    defaults: dict[str, Any],
-    archive_uri: str,
-    aws_credentials: str | None,
-) -> list[_RowPlan]:
-    """List `images_uri` into rows (one per image, its relative path as id) and find what
-    earlier runs did with one scan of the ledger; the rows are staged by the run that
-    pays for them (`_stage_rows`), a chunked batch's by its chunks."""
-    location, s3_client = resolve_location(archive_uri, aws_credentials)
+def plan_location(
+    options: BatchOptions, staging: ResolvedLocation | None = None
+) -> Iterator[list[_RowPlan]]:
+    """List the batch's `images_uri` into planned rows, a group at a time (`plan_keyed_rows`).
+
+    Each image is a row whose id is its path relative to the location; the ledger is
+    checked and scanned once. Nothing is listed before the first ``next``.
+
+    Args:
+        options: The batch's options, with `images_uri` and `prompt`.
+        staging: Where the rows' local inputs go (each group staged as it is planned);
+            None: leave the rows unstaged.
+
+    Returns:
+        An iterator of groups of planned rows.
+
+    Raises:
+        LocationError: The location cannot be listed (on the first ``next``).
+        StorageError: The ledger cannot be read.
+    """
+    assert options.images_uri is not None and options.prompt is not None
+    location, s3_client = resolve_location(options.archive_uri, options.aws_credentials)
     ledger = Ledger(location, s3_client=s3_client)
-    await to_thread.run_sync(ledger.check)
+    ledger.check()
+    rows = listed_rows(
+        options.images_uri,
+        options.prompt,
+        include=options.include,
+        exclude=options.exclude,
+        aws_credentials=options.aws_credentials,
+    )
+    defaults = options.row_defaults
+    yield from plan_keyed_rows(key_listed_rows(rows, defaults, ledger), defaults, ledger, staging)
+
+
+@task(name="plan-listed-batch", **SIGNED_RESULT_OPTIONS)
+async def aplan_listed_batch(options: BatchOptions) -> list[_RowPlan]:
+    """List `images_uri` into rows and find what earlier runs did, every row before any
+    runs (for a dry run, a budget checked up front, chunks to split); the rows are staged
+    by the run that pays for them (`_stage_rows`), a chunked batch's by its chunks."""
 
     def plan() -> list[_RowPlan]:
-        rows = listed_rows(
-            images_uri, prompt, include=include, exclude=exclude, aws_credentials=aws_credentials
-        )
-        return _plan_listed(key_listed_rows(rows, defaults, ledger), defaults, ledger)
+        return [plan for group in plan_location(options) for plan in group]
 
     return await to_thread.run_sync(plan)
 

@@ -234,8 +234,8 @@ class BatchProgress:
     At most a hundred updates, however long the batch, and always the latest figure.
     """
 
-    def __init__(self, total: int, artifact_id: UUID | None) -> None:
-        self.total = total
+    def __init__(self, artifact_id: UUID | None) -> None:
+        self.total = 0
         self.artifact_id = artifact_id
         self.done = 0
         self.percent_shown = 0
@@ -248,6 +248,10 @@ class BatchProgress:
             percent = self.percent_shown
             await aupdate_progress_artifact(self.artifact_id, float(percent))
             self.percent_sent = percent
+
+    def rows_planned(self, count: int) -> None:
+        """Count `count` more rows in all (a listed batch's total grows as it is listed)."""
+        self.total += count
 
     def row_done(self) -> None:
         """Count one row; start sending the new percentage if none is on its way."""
