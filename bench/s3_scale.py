@@ -49,8 +49,8 @@ and the ledger are on S3.
 
 Goals: at most 4 S3 requests per row in all; the first submit within 5 s at 5,000 rows;
 the listed flow's first submit within 5 s of its call at 5,000 objects, on a first run
-(issue 25; the `listing` mode's verdict). The whole bench, which does not run the listed
-flow, holds a first listed row ready (the keying alone) to 5 s instead.
+(issue 25; the `listing` mode's verdict). The keying alone is reported, not judged: the
+flow's figure is the one a user waits for.
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ LISTED_OBJECTS = 5000
 LISTED_PREFIX = f"incoming-{LISTED_OBJECTS}/"
 LISTED_PROMPT = "listed scale"  # in every listed row's job key: the flow's must match ours
 NEW_ON_RERUN = 2
-FIRST_LISTED_GOAL = 5.0  # seconds, to a first listed row ready to submit
 LISTED_SUBMIT_GOAL = 5.0  # seconds, from the listed flow's call to its first submit (issue 25)
 # Today's flow plans every row before any lane starts (minutes at 5,000 rows on a busy
 # machine): a run that has not submitted after this long is stopped and reported as such.
@@ -731,7 +730,7 @@ def _listed_flow_lines(flows: list[ListedFlowFigures]) -> tuple[str, bool]:
     )
 
 
-def _listing_lines(listed: list[ListingFigures], whole: Figures) -> tuple[str, bool]:
+def _listing_lines(listed: list[ListingFigures], whole: Figures) -> str:
     kinds = ("GET", "HEAD", "PUT", "LIST")
     rows_out = [
         [
@@ -762,11 +761,10 @@ def _listing_lines(listed: list[ListingFigures], whole: Figures) -> tuple[str, b
         f"checked before the first submit): {whole.seconds:.1f} s, "
         f"{whole.per_row:.2f} S3 requests a row"
     )
-    worst = max(figure.first_ready_seconds for figure in listed)
+    first, rerun = listed
     return (
-        f"first listed row ready {worst:.2f} s at {LISTED_OBJECTS} objects "
-        f"(goal <= {FIRST_LISTED_GOAL:g} s)",
-        worst <= FIRST_LISTED_GOAL,
+        f"first listed row ready {first.first_ready_seconds:.2f} s at {LISTED_OBJECTS} objects, "
+        f"{rerun.first_ready_seconds:.2f} s on the rerun"
     )
 
 
@@ -787,7 +785,7 @@ def run_listing() -> Verdict:
             prefect_server(),
         ):
             flows = measure_listed_flows(proxy, emulator)
-    keying, _ = _listing_lines(listed, whole)
+    keying = _listing_lines(listed, whole)
     detail, met = _listed_flow_lines(flows)
     verdict = Verdict("s3_scale_listing", met, f"{detail}; keying alone: {keying}; load {uptime}")
     first, rerun = flows
@@ -865,12 +863,8 @@ def run() -> Verdict:
         f"(planning {largest.per_row:.2f} + the rest of the run {run_phase:.2f}), "
         f"{total_per_row + api_per_row:.1f} with the API's reads of the inputs; load {uptime}"
     )
-    listing_detail, listing_met = _listing_lines(listed, listed_whole)
-    met = (
-        total_per_row + api_per_row <= REQUESTS_GOAL
-        and first_at_largest <= FIRST_SUBMIT_GOAL
-        and listing_met
-    )
+    listing_detail = _listing_lines(listed, listed_whole)
+    met = total_per_row + api_per_row <= REQUESTS_GOAL and first_at_largest <= FIRST_SUBMIT_GOAL
     verdict = Verdict(
         "s3_scale",
         met,

@@ -57,8 +57,8 @@ _BATCH = """
 import asyncio, json, sys
 from prefect_nanobanana.flows import batch_edit
 from prefect_nanobanana.flows.batch import plan
-# A listed trial's rows are planned in groups of 2 and 4, so a stop also finds its listing.
-plan.FIRST_GROUP_ROWS = 2
+# A listed trial's rows are planned in groups of 2 at most, so a stop also finds its planning.
+plan.GROUP_ROWS = 2
 options, name = json.loads(sys.argv[1]), sys.argv[2]
 if sys.stdin.readline().strip() != "go":
     sys.exit(0)  # the test ended without this trial

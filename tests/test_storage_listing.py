@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +247,40 @@ def test_listed_rows_are_keyed_against_one_scan_of_the_ledger(
     ]
     assert [keyed.job_key for keyed in rerun] == [keyed.job_key for keyed in first]
     assert len(calls) == 1  # the ledger's one listing (the prefix went by the default client)
+
+
+class _SlowLedger:
+    """A ledger that knows some keys and answers no read until released."""
+
+    def __init__(self, known: list[str]) -> None:
+        self.known = set(known)
+        self.released = threading.Event()
+
+    def known_keys(self) -> set[str]:
+        return set(self.known)
+
+    def read(self, job_key: str) -> None:
+        assert self.released.wait(10), "a read was awaited before the new rows were given"
+        return None
+
+
+def test_new_listed_rows_are_planned_before_the_known_rows_entries_are_read(
+    tmp_path: Path,
+) -> None:
+    """A nightly rerun's few new images, listed last, must not wait for the reads of the
+    thousands archived earlier (a read each, to tell archived from failed)."""
+    from prefect_nanobanana.flows.batch.plan import plan_keyed_rows
+    from prefect_nanobanana.flows.batch.sources import key_listed_rows, listed_job_key, listed_rows
+
+    for index in range(6):
+        (tmp_path / f"img-{index}.png").write_bytes(PNG + bytes([index]))
+    defaults = {"aspect_ratio": "auto", "resolution": "1K", "output_format": "png", "num_images": 1}
+    rows = list(listed_rows(str(tmp_path), "make it blue"))
+    ledger = _SlowLedger([listed_job_key(row, defaults) for row in rows[:4]])
+    groups = plan_keyed_rows(key_listed_rows(rows, defaults, ledger), defaults, ledger)  # type: ignore[arg-type]
+    given: list[int] = []
+    while len(given) < 2:
+        given += [plan.row for plan in next(groups)]
+    assert sorted(given) == [5, 6]  # the new rows, while every read still waits
+    ledger.released.set()
+    assert sorted(plan.row for group in groups for plan in group) == [1, 2, 3, 4]

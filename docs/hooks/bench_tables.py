@@ -139,6 +139,23 @@ def _s3_scale(data: dict[str, Any]) -> str:
     return _table(["phase", "rows", "seconds", *methods, "S3 requests / row"], rows)
 
 
+def _s3_scale_listing(data: dict[str, Any]) -> str:
+    rows = [
+        [
+            figure["phase"],
+            f"{figure['objects']:,}",
+            f"{figure['new_rows']:,}",
+            f"**{figure['first_submit_seconds']:.1f} s**",
+            f"{figure['exit_after_sigterm_seconds']:.1f} s",
+            figure["requests_to_first"].get("GET", 0),
+            figure["requests_to_first"].get("LIST", 0),
+        ]
+        for figure in data["listed_flow"]
+    ]
+    header = ["listed batch", "objects", "new", "call to first submit", "SIGTERM to exit"]
+    return _table([*header, "S3 GET before it", "S3 LIST before it"], rows)
+
+
 def _startup(data: dict[str, Any]) -> str:
     rows = [[f"`{name}`", f"{seconds:.3f} s"] for name, seconds in data["median_seconds"].items()]
     return _table(["command", "median"], rows)
@@ -151,6 +168,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "scale": _scale,
     "memory": _memory,
     "s3_scale": _s3_scale,
+    "s3_scale_listing": _s3_scale_listing,
     "startup": _startup,
 }
 

@@ -461,6 +461,7 @@ async def _run_rows(
             log_listed(seen, options.images_uri)
         estimate = estimate_rows(seen, base_price, options.resolution_factors)
         unfinished = f"{not_finished(stop)}; nothing was submitted"
+        seen.sort(key=lambda plan: plan.row)  # a listed batch's rows come as they are ready
         rows = [outcomes.get(plan.row) or plan.result("failed", error=unfinished) for plan in seen]
 
     return await _finish_batch(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from itertools import islice
+from queue import Empty, SimpleQueue
 from typing import Any
 
 from anyio import to_thread
@@ -37,10 +38,9 @@ from .sources import KeyedRow, key_listed_rows, listed_rows
 
 # Ledger entries read at once while planning a listed batch (round trips, not CPU).
 LOOKUP_PARALLELISM = 16
-# A listed batch is planned in groups growing from the first to the last size: its
-# first rows start after a few round trips, the later ones need fewer stagings.
-FIRST_GROUP_ROWS = 16
-LAST_GROUP_ROWS = 512
+# The most rows of a listed batch planned into one group: each group is staged at
+# once, its staging store checked once.
+GROUP_ROWS = 512
 # Rows staged at once: uploads are round trips, not CPU; bounded so a batch of
 # thousands opens a pool's worth of connections, not thousands.
 STAGING_PARALLELISM = 16
@@ -85,17 +85,21 @@ def plan_keyed_rows(
     ledger: Ledger,
     staging: ResolvedLocation | None = None,
 ) -> Iterator[list[_RowPlan]]:
-    """The rows of a listed batch, planned a group at a time as the listing streams.
+    """The rows of a listed batch, planned as the listing streams, in groups of what is ready.
 
-    Rows are keyed against one scan of the ledger (`key_listed_rows`); only the
-    entries of keys the scan knew are read, `LOOKUP_PARALLELISM` at a time. The
-    groups grow from `FIRST_GROUP_ROWS` to `LAST_GROUP_ROWS` rows: the first rows
-    reach their lanes after a few round trips, and the rest are planned while they
-    run. With `staging`, each group is staged (`_stage_rows`) before it is yielded;
-    without, the caller stages them (a chunked batch's chunks do).
+    Rows are keyed against one scan of the ledger (`key_listed_rows`) in a thread of
+    their own. A new row (a key the scan did not know) is ready at once; a known
+    row once its entry is read (archived: skip; submitted: adopt; failed: pay
+    again), `LOOKUP_PARALLELISM` reads at a time. So the new images of a nightly
+    rerun reach their lanes after the listing, not after thousands of reads of
+    images archived earlier; groups come out of the listing's order.
 
-    The listing already proved each image exists, so nothing here reads the images
-    themselves: an S3 input is signed right before its row's submit (`_stage_rows`).
+    Each group is what is ready when it is asked for, at most `GROUP_ROWS` rows.
+    With `staging`, each group is staged (`_stage_rows`) before it is given;
+    without, the caller stages them (a chunked batch's chunks do). The listing
+    proved each image exists, so nothing here reads the images themselves: an S3
+    input is signed right before its row's submit (`_stage_rows`). Closing the
+    iterator stops the listing after its current page and the reads not started.
 
     Args:
         keyed: From `key_listed_rows`.
@@ -104,23 +108,71 @@ def plan_keyed_rows(
         staging: Where the rows' local inputs go; None: leave the rows unstaged.
 
     Returns:
-        An iterator of groups of planned rows, numbered from 1 in the listing's order.
+        An iterator of groups of planned rows, each row numbered in the listing's order.
+
+    Raises:
+        LocationError: The location cannot be listed.
+        StorageError: The ledger cannot be listed or an entry read.
     """
-    rows = enumerate(keyed, start=1)
-    size = FIRST_GROUP_ROWS
-    with ThreadPoolExecutor(max_workers=LOOKUP_PARALLELISM) as pool:
-        while group := [_listed_plan(row, item, defaults) for row, item in islice(rows, size)]:
-            known = [plan for plan in group if not plan.new]
-            for plan, versioned in zip(
-                known, pool.map(ledger.read, [p.job_key for p in known]), strict=True
-            ):
-                if versioned is not None:
-                    plan.entry, plan.version = versioned
-                plan.new = plan.entry is None
-            if staging is not None:
-                _stage_rows(group, staging, dry_run=False)
-            yield group
-            size = min(size * 2, LAST_GROUP_ROWS)
+    ready: SimpleQueue[_RowPlan | BaseException | None] = SimpleQueue()
+    closed = threading.Event()
+
+    def read_entry(plan: _RowPlan) -> None:
+        try:
+            versioned = ledger.read(plan.job_key)  # type: ignore[arg-type]
+        except BaseException as error:  # the consumer raises it
+            ready.put(error)
+            return
+        if versioned is not None:
+            plan.entry, plan.version = versioned
+        plan.new = plan.entry is None
+        ready.put(plan)
+
+    def plan_all() -> None:
+        pool = ThreadPoolExecutor(max_workers=LOOKUP_PARALLELISM)
+        try:
+            for row, item in enumerate(keyed, start=1):
+                if closed.is_set():
+                    return
+                plan = _listed_plan(row, item, defaults)
+                if plan.new:
+                    ready.put(plan)
+                else:
+                    pool.submit(read_entry, plan)
+        except BaseException as error:
+            ready.put(error)
+        finally:
+            if closed.is_set() and hasattr(keyed, "close"):
+                keyed.close()  # its ledger scan, in this thread that iterated it
+            pool.shutdown(wait=not closed.is_set(), cancel_futures=closed.is_set())
+            ready.put(None)
+
+    # A daemon: a run that stops must not wait for its listing's page to end its process.
+    threading.Thread(target=plan_all, name="plan-listed-rows", daemon=True).start()
+    try:
+        ended = False
+        while not ended:
+            group: list[_RowPlan] = []
+            item = ready.get()
+            while True:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    ended = True
+                    break
+                group.append(item)
+                if len(group) == GROUP_ROWS:
+                    break
+                try:
+                    item = ready.get_nowait()
+                except Empty:
+                    break
+            if group:
+                if staging is not None:
+                    _stage_rows(group, staging, dry_run=False)
+                yield group
+    finally:
+        closed.set()
 
 
 def _listed_plan(row: int, item: KeyedRow, defaults: dict[str, Any]) -> _RowPlan:
@@ -308,7 +360,8 @@ async def aplan_listed_batch(options: BatchOptions) -> list[_RowPlan]:
     by the run that pays for them (`_stage_rows`), a chunked batch's by its chunks."""
 
     def plan() -> list[_RowPlan]:
-        return [plan for group in plan_location(options) for plan in group]
+        plans = [plan for group in plan_location(options) for plan in group]
+        return sorted(plans, key=lambda plan: plan.row)
 
     return await to_thread.run_sync(plan)
 
