@@ -133,6 +133,44 @@ async def test_a_listed_batch_pays_for_its_first_images_while_the_rest_are_being
     assert emulator.stats.submits_accepted == 24
 
 
+async def test_a_listed_batch_without_a_price_is_refused_under_a_daily_cap_and_warned_without(
+    emulator_factory, use_emulator, tmp_path, monkeypatch
+):
+    """Its rows are estimated as they are listed, from one price looked up first: without a
+    price a daily cap cannot hold, so the run is refused before anything is listed or paid."""
+    from prefect_nanobanana import BudgetExceededError, RetryPolicy, batch_edit
+    from prefect_nanobanana.flows.batch import sources
+
+    fast = RetryPolicy(max_attempts=2, base_delay=0.01, max_delay=0.02)
+    monkeypatch.setattr("prefect_nanobanana.client.client.RetryPolicy", lambda: fast)
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE, faults="model:server_error"))
+    incoming = tmp_path / "incoming"
+    for index in range(2):
+        _image(incoming / f"img-{index}.png", 60 * index)
+    listings: list[str] = []
+    list_images = sources.list_images
+
+    def counted(location: Any, **kwargs: Any) -> Any:
+        listings.append(str(location))
+        return list_images(location, **kwargs)
+
+    monkeypatch.setattr(sources, "list_images", counted)
+    options = {
+        "images_uri": str(incoming),
+        "prompt": "make it a watercolour",
+        "archive_uri": str(tmp_path / "archive"),
+        "concurrency_limit_name": "test-incoming-no-price",
+        "preview_rows": 0,
+    }
+    with pytest.raises(BudgetExceededError, match="daily_budget_usd=") as refused:
+        await batch_edit(**options, daily_budget_usd=5.0)
+    assert "price lookup failed" in str(refused.value)
+    assert emulator.stats.calls["submit"] == 0 and listings == []
+    result = await batch_edit(**options)
+    assert result.archived == 2 and result.estimated_cost is None
+    assert emulator.stats.calls["submit"] == 2
+
+
 async def test_an_s3_prefix_as_the_batch_pays_only_for_the_new_objects_on_rerun(
     emulator_factory, use_emulator, s3_client, s3_bucket, tmp_path
 ):
