@@ -516,7 +516,10 @@ async def _price_for_listing(client: AsyncRunComfyClient, daily_cap: float | Non
     if base_price is None:
         get_run_logger().warning("No cost estimate (%s); going on without one", failure)
     else:
-        get_run_logger().info("Listed price %s per image", format_usd(base_price))
+        get_run_logger().info(
+            "Price %s per image (listed); each row is estimated as it is listed",
+            format_usd(base_price),
+        )
     return base_price
 
 
