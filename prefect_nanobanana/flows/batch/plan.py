@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from queue import Empty, SimpleQueue
+from queue import SimpleQueue
 from typing import Any
 
 from anyio import to_thread
@@ -150,27 +150,20 @@ def plan_keyed_rows(
     # A daemon: a run that stops must not wait for its listing's page to end its process.
     threading.Thread(target=plan_all, name="plan-listed-rows", daemon=True).start()
     try:
-        ended = False
-        while not ended:
-            group: list[_RowPlan] = []
-            item = ready.get()
-            while True:
+        while True:
+            items = [ready.get()]  # waits for the first; the rest only if already there
+            while len(items) < GROUP_ROWS and not ready.empty():
+                items.append(ready.get())
+            for item in items:
                 if isinstance(item, BaseException):
                     raise item
-                if item is None:
-                    ended = True
-                    break
-                group.append(item)
-                if len(group) == GROUP_ROWS:
-                    break
-                try:
-                    item = ready.get_nowait()
-                except Empty:
-                    break
+            group = [item for item in items if isinstance(item, _RowPlan)]
             if group:
                 if staging is not None:
                     _stage_rows(group, staging, dry_run=False)
                 yield group
+            if len(group) < len(items):  # the end (None): nothing comes after it
+                return
     finally:
         closed.set()
 
