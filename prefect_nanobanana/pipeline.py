@@ -1,10 +1,13 @@
 """The one way a job goes: stage → submit through the guard → wait → archive.
 
-Every surface that edits and archives runs its jobs through `Pipeline.run`: each
-row of `batch_edit`, and the CLI's `edit`. What differs between them comes in as
-values, never as another copy of the steps:
+Every surface runs its jobs through `Pipeline.run`: each row of `batch_edit`,
+`edit_and_archive`, `edit_image` (which has no archive: its job ends with the
+result) and the CLI's `edit`; a surface that only submits (the `submit_edit` task,
+`NanoBananaEditJob.trigger`) takes the first step alone, `Pipeline.submit`. What
+differs between them comes in as values, never as another copy of the steps:
 
-- the record store the guard claims in (the archive's ledger, memory);
+- the record store the guard claims in (the archive's ledger, Prefect's result
+  store, memory);
 - the run's `Budget` (a row is submitted only while it fits; one call settles it
   when the job ends);
 - the run's `Stop` (no claim or submit after it; a request still queued is
@@ -66,7 +69,7 @@ __all__ = ["Budget", "Job", "JobOutcome", "Observer", "Pipeline", "SharedTotal",
 Log = logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
 logger = logging.getLogger(__name__)
 
-OutcomeStatus = Literal["archived", "adopted", "over_budget", "not_started", "stopped"]
+OutcomeStatus = Literal["archived", "adopted", "completed", "over_budget", "not_started", "stopped"]
 
 
 @dataclass
@@ -117,10 +120,13 @@ class JobOutcome:
 
     - "archived": this run's request, its outputs archived (here or by another run);
     - "adopted": another run's request, waited on and archived once;
+    - "completed": the request completed, for a pipeline without an archive (the
+      outputs are in `result`; `request.adopted` tells whose request it was);
     - "over_budget": held back by the budget before its submit; nothing paid;
     - "not_started": the run's stop came first; nothing claimed, sent or paid;
     - "stopped": the stop came while waiting: `withdrawn` says whether the request
-      was still queued (withdrawn, not billed), else it stays recorded for a rerun.
+      was still queued (withdrawn, not billed; also when a cancel from outside the
+      run withdrew it first), else it stays recorded for a rerun.
     """
 
     status: OutcomeStatus
@@ -328,7 +334,8 @@ class Pipeline:
     Args:
         client: Sends, polls and cancels (shared by the run's jobs).
         store: Where the guard keeps the jobs' records.
-        archive_uri: Where outputs and `metadata.json` go.
+        archive_uri: Where outputs and `metadata.json` go; None archives nothing (a
+            job then ends "completed", its outputs in its result).
         stop: The run's stop.
         budget: The run's spend.
         observer: Told what happens.
@@ -341,7 +348,7 @@ class Pipeline:
 
     client: AsyncRunComfyClient
     store: RecordStore
-    archive_uri: str
+    archive_uri: str | None = None
     stop: Stop = field(default_factory=Stop)
     budget: Budget = field(default_factory=Budget)
     observer: Observer = field(default_factory=Observer)
@@ -379,7 +386,7 @@ class Pipeline:
         bill: float | None = None  # unknown until the job tells: the estimate counts
         try:
             try:
-                request = await self._submit(job)
+                request = await self.submit(job)
             except BudgetExceededError as refusal:
                 self.observer.held_back(job, refusal)
                 return JobOutcome("over_budget", refusal=refusal)
@@ -406,8 +413,24 @@ class Pipeline:
         finally:
             await self.budget.end(job.job_key, bill)
 
-    async def _submit(self, job: Job) -> SubmittedRequest:
-        """The job's request, through the guard: recorded, adopted, or one paid submit."""
+    async def submit(self, job: Job) -> SubmittedRequest:
+        """The first step alone: the job's request, through the guard (the one its record
+        names, resumed or adopted, else one paid submit within the budget).
+
+        `run` starts with it; a surface that only submits (a task, a job block) calls it.
+
+        Args:
+            job: The job.
+
+        Returns:
+            Its request: submitted now, or `resumed` / `adopted`.
+
+        Raises:
+            BudgetExceededError: The budget held it back (nothing was sent).
+            RunStopped: The run is stopping (nothing was sent).
+            SubmitOutcomeUnknownError: A claim stopped mid-submit (now or earlier).
+            RunComfyError: The submit was refused, or the API could not be reached.
+        """
         edit, sources = job.edit, job.sources
         if edit is None and job.stage is not None:
             edit, sources = await to_thread.run_sync(job.stage)
@@ -461,6 +484,10 @@ class Pipeline:
             if not request.adopted:
                 self.observer.failed(job, request, error)
             await mark_failed(self.store, job.job_key, error)
+            if isinstance(error, JobCancelledError) and self.stop.is_set:
+                # Withdrawn from outside while this run stopped (a runner's cancellation
+                # hook): what the run's own let-go would have done. Not billed.
+                return JobOutcome("stopped", request, withdrawn=True), 0.0
             raise
         except WaitTimeoutError:
             raise  # `run` lets go of the request
@@ -476,6 +503,8 @@ class Pipeline:
             request_ended.set()  # first: the lane's next submit is the batch's critical path
         if not request.adopted:
             self.observer.ended(job, request, result)
+        if self.archive_uri is None:
+            return JobOutcome("completed", request, result), result.cost
         outcome = await self._archive(job, request, result)
         self.observer.archived(job, outcome)
         return outcome, result.cost
@@ -496,6 +525,7 @@ class Pipeline:
     ) -> JobOutcome:
         """How an output reaches the archive: the archiving claimed once through the guard,
         the outputs and `metadata.json` written, the record marked archived."""
+        assert self.archive_uri is not None
         status: OutcomeStatus = "adopted" if request.adopted else "archived"
         async with archive_claim(
             self.store,

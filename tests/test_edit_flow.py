@@ -451,27 +451,28 @@ def test_an_edit_stopped_before_its_submit_sends_nothing(
     prefect_harness, use_emulator, emulator, image_server
 ):
     from prefect_nanobanana.client import NanoBananaEditInput
-    from prefect_nanobanana.flows.edit import submit_and_wait
+    from prefect_nanobanana.flows.edit import run_edit
     from prefect_nanobanana.stop import Stop
+    from prefect_nanobanana.tasks.requests import edit_job
 
     use_emulator(emulator)
     stop = Stop()
     stop.set("sigint")
 
     @flow
-    def stopped_early() -> tuple[Any, Any]:
-        return submit_and_wait(
+    def stopped_early() -> tuple[str, str | None]:
+        edit = NanoBananaEditInput(prompt="p", image_urls=[image_server.url_for("wide.png")])
+        outcome, _ = run_edit(
             RunComfyCredentials(),
-            NanoBananaEditInput(prompt="p", image_urls=[image_server.url_for("wide.png")]),
+            edit_job(edit, "stopped-early"),
             stop,
-            job_key=None,
             timeout_seconds=60,
             daily_budget_usd=None,
-            estimated_cost=None,
-            archive_uri="unused",
+            archive=None,
         )
+        return outcome.status, outcome.request_id
 
-    assert stopped_early() == (None, None)
+    assert stopped_early() == ("not_started", None)
     assert emulator.stats.submits_received == 0
 
 

@@ -64,6 +64,46 @@ def test_the_command_line_starts_without_prefect() -> None:
     assert not [name for name in modules if name in FOREIGN]
 
 
+def _calls_of(names: set[str]) -> dict[str, set[str]]:
+    """Which of `names` each module of the package calls (or, for a class, makes)."""
+    import ast
+    from pathlib import Path
+
+    import prefect_nanobanana
+
+    root = Path(prefect_nanobanana.__file__).parent
+    found: dict[str, set[str]] = {name: set() for name in names}
+    for path in root.rglob("*.py"):
+        module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = node.func
+                name = (
+                    called.attr if isinstance(called, ast.Attribute) else getattr(called, "id", "")
+                )
+                if name in names:
+                    found[name].add(module.removesuffix(".__init__"))
+    return found
+
+
+def test_the_step_sequence_is_written_once() -> None:
+    """Submit → wait → archive is `Pipeline.run`: the guard's paid submit is called by the
+    pipeline alone (and, blocking, by the CLI's `submit` verb, which only submits), and
+    every surface that edits makes a `Pipeline` rather than composing the steps."""
+    calls = _calls_of({"submit_once", "submit_once_blocking", "Pipeline"})
+    assert calls["submit_once"] == {
+        "prefect_nanobanana.pipeline",
+        "prefect_nanobanana.guard.protocol",  # `submit_once_blocking`, its blocking face
+    }
+    assert calls["submit_once_blocking"] == {"prefect_nanobanana.cli.requests"}
+    assert calls["Pipeline"] == {
+        "prefect_nanobanana.flows.batch.flow",  # every batch row
+        "prefect_nanobanana.flows.edit",  # edit_image, edit_and_archive
+        "prefect_nanobanana.tasks.requests",  # submit_edit, NanoBananaEditJob.trigger
+        "prefect_nanobanana.cli.edit",
+    }
+
+
 def test_public_names_resolve_where_the_readme_documents_them() -> None:
     import prefect_nanobanana
     from prefect_nanobanana import blocks, tasks

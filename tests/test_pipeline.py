@@ -156,6 +156,25 @@ def test_oversized_input_and_unknown_bucket_fail_before_any_submit(
     assert emulator.stats.submits_received == 0
 
 
+def test_an_archive_that_cannot_take_the_outputs_fails_before_any_submit(
+    emulator_factory, use_emulator, sample_images, s3_bucket, tmp_path
+):
+    from prefect_nanobanana.flows import edit_and_archive
+
+    emulator = use_emulator(emulator_factory(time_scale=TIME_SCALE))
+    a_file = tmp_path / "archive.txt"
+    a_file.write_text("not a folder")
+    for archive_uri, expected in (
+        (str(a_file), "archive.txt"),
+        ("s3://no-such-bucket/a", "no-such"),
+    ):
+        with pytest.raises(Exception, match=expected):
+            edit_and_archive(
+                prompt="p", images=[str(sample_images / "a.png")], archive_uri=archive_uri
+            )
+    assert emulator.stats.submits_received == 0
+
+
 def _jobs(sample_images: Path, count: int) -> list[dict]:
     names = ["a.png", "b.jpg", "c.webp"]
     ratios = ["1:1", "16:9", "auto", "3:4"]

@@ -9,10 +9,8 @@ from prefect.blocks.abstract import JobBlock, JobRun
 from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
-from .. import observe
 from ..client import (
     DEFAULT_WAIT_TIMEOUT,
-    NANO_BANANA_EDIT_MODEL_ID,
     AspectRatio,
     CancelResult,
     NanoBananaEditInput,
@@ -20,10 +18,9 @@ from ..client import (
     RequestResult,
     Resolution,
 )
-from ..guard.protocol import log_cancel_outcome, submit_once
+from ..guard.protocol import log_cancel_outcome
 from ..stop import signals_deferred
-from ..tasks.guard import default_job_key, job_scope, run_id
-from ..tasks.records import PrefectRecordStore
+from ..tasks.requests import asubmit_through_pipeline
 from .credentials import RunComfyCredentials
 
 
@@ -239,33 +236,9 @@ class NanoBananaEditJob(JobBlock):
             InsufficientBalanceError: The account balance is too low.
             pydantic.ValidationError: The block's settings are not a valid edit.
         """
-        edit = self.edit_input()
-        store = PrefectRecordStore()
-        if job_key:
-            store.warn_if_machine_local()
-        job_key = job_key or default_job_key(edit, job_scope())
-
-        async with self.credentials.get_async_client() as client:
-            submitted = await submit_once(
-                job_key,
-                store,
-                client,
-                edit,
-                facts={
-                    "model_id": NANO_BANANA_EDIT_MODEL_ID,
-                    "parameters": edit.model_dump(mode="json", exclude={"prompt", "image_urls"}),
-                },
-                run_id=run_id(),
-                log=self.logger,
-            )
-        if not (submitted.resumed or submitted.adopted):
-            await observe.aannounce_submitted(
-                self.logger,
-                submitted.request_id,
-                job_key,
-                result_url=submitted.result_url,
-                model_id=NANO_BANANA_EDIT_MODEL_ID,
-            )
+        submitted = await asubmit_through_pipeline(
+            self.edit_input(), self.credentials, job_key, log=self.logger
+        )
         return NanoBananaEditJobRun(
             request_id=submitted.request_id,
             credentials=self.credentials,
@@ -273,7 +246,7 @@ class NanoBananaEditJob(JobBlock):
             timeout_seconds=self.timeout_seconds,
             result_url=submitted.result_url,
             submitted_at=submitted.submitted_at,
-            job_key=job_key,
+            job_key=submitted.job_key,
             adopted=submitted.adopted or submitted.resumed,
         )
 

@@ -1,5 +1,8 @@
 """The `edit_image` flow: one Nano Banana Pro edit, submitted at most once and followed to its end.
 
+Its job goes through the pipeline (`run_edit`, shared with `edit_and_archive`):
+submit through the guard, wait, and, for `edit_and_archive`, archive.
+
 The remote job follows the Prefect run. A run asked to stop (cancelled from the
 UI or the API, SIGTERM from a worker or Kubernetes, Ctrl-C) handles it as a state,
 the way a batch does (`stopping.RunStop`): the wait ends, a request still queued
@@ -9,7 +12,7 @@ adopt. The run then ends Cancelled when it was cancelled, else as Prefect ends a
 terminated run. Two more ways cover what the run's own process cannot see:
 
 - an ending that is an exception (a flow timeout, a cancelled task) withdraws a
-  queued request as it leaves the wait (`withdrawn_if_abandoned`);
+  queued request as it leaves the pipeline (`withdrawn_if_abandoned`);
 - the `on_cancellation` hook, which Prefect's runner may call in its own process
   after killing the flow's, reads the request ids the run recorded in its labels
   from the API and does the same.
@@ -34,29 +37,25 @@ from ..blocks.credentials import (
 )
 from ..client import (
     AspectRatio,
-    JobCancelledError,
     NanoBananaEditInput,
     OutputFormat,
+    RequestResult,
     Resolution,
     RunComfyError,
+    WaitTimeoutError,
 )
 from ..client.pricing import BudgetExceededError, estimate_edit, format_usd
-from ..pipeline import Budget, bill_after
+from ..guard.protocol import SubmittedRequest, abandons_request
+from ..pipeline import Budget, Job, JobOutcome, Pipeline
 from ..stop import Stop
 from ..storage import DEFAULT_ARCHIVE_URI
 from ..storage.budget import DAILY_BUDGET_NAME, DailyBudget
-from ..tasks import (
-    RequestOutcome,
-    SubmittedRequest,
-    abandons_request,
-    cancel_recorded_requests,
-    let_go_of_request,
-    submit_edit,
-    wait_for_request,
-    withdraw_if_queued,
-)
-from ..tasks.storage import resolve_location
-from .stopping import RunStop, direct_flow_run_id
+from ..tasks import cancel_recorded_requests, withdraw_if_queued
+from ..tasks.guard import default_job_key, job_scope
+from ..tasks.records import PrefectRecordStore
+from ..tasks.requests import RequestObserver, edit_job
+from ..tasks.storage import ResolvedLocation, resolve_location
+from .stopping import RunStop
 
 
 class EditImageResult(BaseModel):
@@ -78,12 +77,12 @@ class EditImageResult(BaseModel):
     )
 
 
-def remote_seconds(submitted: SubmittedRequest, outcome: RequestOutcome) -> float | None:
+def remote_seconds(request: SubmittedRequest, result: RequestResult) -> float | None:
     """Submit to finish, both ends from RunComfy's clock when it reports them: no skew."""
-    started = outcome.created_at or submitted.submitted_at
-    if started is None or outcome.finished_at is None:
+    started = result.created_at or request.submitted_at
+    if started is None or result.finished_at is None:
         return None
-    return (outcome.finished_at - started) / timedelta(seconds=1)
+    return (result.finished_at - started) / timedelta(seconds=1)
 
 
 def estimate_within_budget(
@@ -118,68 +117,26 @@ def estimate_within_budget(
     return estimate.estimate_usd
 
 
-class DailyHold:
-    """An edit's reservation in the archive's daily total; `bill` is what it settles to."""
-
-    def __init__(self) -> None:
-        self.bill: float | None = None  # unknown until told: the estimate keeps counting
-
-
 @contextmanager
-def held_in_daily_budget(
-    daily_budget_usd: float | None,
-    archive_uri: str,
-    aws_credentials: str | None,
-    estimate_usd: float | None,
-) -> Iterator[DailyHold]:
-    """Reserve one edit's estimate in the archive's daily total before its submit, and
-    settle it to the bill when the block ends (`DailyHold.bill`), or release it.
-
-    The same `Budget` a batch row reserves in (`pipeline.Budget`), so edits and batches
-    on one archive draw from one total.
-
-    Raises:
-        BudgetExceededError: The day's total plus the estimate would pass the cap (its
-            message names `daily_budget_usd`); nothing was submitted.
-    """
-    held = DailyHold()
-    if daily_budget_usd is None:
-        yield held
-        return
-    location, s3_client = resolve_location(archive_uri, aws_credentials)
-    assert location is not None
-    budget = Budget(shared=[DailyBudget(location, daily_budget_usd, s3_client=s3_client)])
-    label = f"flow run {direct_flow_run_id() or '?'}"
-    run_coro_as_sync(budget.reserve(_ONE_EDIT, estimate_usd, label=label))
-    try:
-        yield held
-    except BaseException as error:
-        if held.bill is None:
-            held.bill = bill_after(error)
-        raise
-    finally:
-        run_coro_as_sync(budget.end(_ONE_EDIT, held.bill))
-
-
-_ONE_EDIT = "edit"  # the one job of a single-edit run's Budget
-
-
-@contextmanager
-def withdrawn_if_abandoned(credentials: RunComfyCredentials, request_id: str) -> Iterator[None]:
-    """Wrap the wait for `request_id`: if the run ends for good inside, withdraw the request.
+def withdrawn_if_abandoned(credentials: RunComfyCredentials, job: Job) -> Iterator[None]:
+    """Wrap the run of `job`: if the run ends for good inside (a flow timeout, a cancelled
+    task: an exception, not the run's stop), withdraw the job's request.
 
     A queued request is cancelled at RunComfy; a running one is reported with its
-    request id. The exception always propagates: this only tidies up after it.
+    request id. The exception always propagates: this only tidies up after it. (The
+    pipeline lets go of the request itself when its wait times out.)
     """
     try:
         yield
     except BaseException as error:
-        if abandons_request(error):
+        if job.request_id and abandons_request(error) and not isinstance(error, WaitTimeoutError):
             log = get_run_logger()
             log.info(
-                "The run is stopping (%s); releasing request %s", type(error).__name__, request_id
+                "The run is stopping (%s); releasing request %s",
+                type(error).__name__,
+                job.request_id,
             )
-            withdraw_if_queued(credentials, request_id, log=log)
+            withdraw_if_queued(credentials, job.request_id, log=log)
         raise
 
 
@@ -190,73 +147,73 @@ STOPPED_MESSAGE = (
 )
 
 
-def wait_or_let_go(
-    resolved: RunComfyCredentials,
-    submitted: SubmittedRequest,
-    timeout_seconds: float,
-    resolution: str,
-    stop: Stop,
-) -> tuple[RequestOutcome | None, bool]:
-    """Wait for the request until it ends or the run's `stop` is set.
-
-    Returns:
-        The outcome (None when the stop came first) and whether the request was
-        withdrawn (still queued when the run let go of it: nothing billed).
-    """
-    with withdrawn_if_abandoned(resolved, submitted.request_id):
-        try:
-            outcome = wait_for_request(
-                submitted.request_id,
-                resolved,
-                timeout_seconds=timeout_seconds,
-                resolution=resolution,
-                submitted_at=submitted.submitted_at,
-                stop=stop,
-            )
-        except JobCancelledError:
-            if stop.is_set:  # the runner's cancellation hook withdrew it first: not billed
-                return None, True
-            raise
-    if outcome is not None:
-        return outcome, False
-    return None, let_go_of_request(submitted, stop.description, resolved)
-
-
-def submit_and_wait(
-    resolved: RunComfyCredentials,
-    edit: NanoBananaEditInput,
+def run_edit(
+    credentials: RunComfyCredentials,
+    job: Job,
     stop: Stop,
     *,
-    job_key: str | None,
     timeout_seconds: float,
     daily_budget_usd: float | None,
-    estimated_cost: float | None,
-    archive_uri: str,
+    archive: ResolvedLocation | None,
     aws_credentials: str | None = None,
-) -> tuple[SubmittedRequest | None, RequestOutcome | None]:
-    """The steps both edit flows take: reserve the estimate in the daily total, submit at
-    most once, wait until the request ends or `stop` is set (`wait_or_let_go`), and
-    settle the daily total to what was billed.
+) -> tuple[JobOutcome, RequestObserver]:
+    """Both edit flows' job through the pipeline (`Pipeline.run`), from a sync flow: the
+    records in Prefect's result store, the estimate reserved in the daily total right
+    before the paid submit, the wait ended by the run's `stop`, the outputs archived
+    when there is an archive.
+
+    Args:
+        credentials: Who submits and waits.
+        job: The edit (`tasks.edit_job`).
+        stop: The run's stop (`RunStop.handling`).
+        timeout_seconds: How long the job waits for its request.
+        daily_budget_usd: The daily cap, kept beside the archive's ledger (the default
+            archive's without an archive).
+        archive: Where the outputs go; None keeps them in the result.
+        aws_credentials: For an S3 archive or daily total.
 
     Returns:
-        The request (None when the run was stopped before its submit: nothing was sent),
-        and its outcome (None when the run stopped first).
+        How the job ended, and the observer that saw it (its statuses).
+
+    Raises:
+        BudgetExceededError: The budget held the job back (nothing was sent).
+        Whatever `Pipeline.run` raises.
     """
-    with held_in_daily_budget(
-        daily_budget_usd, archive_uri, aws_credentials, estimated_cost
-    ) as held:
-        if stop.is_set:
-            held.bill = 0.0
-            return None, None
-        submitted = submit_edit(edit, resolved, job_key=job_key)
-        outcome, withdrawn = wait_or_let_go(
-            resolved, submitted, timeout_seconds, edit.resolution, stop
+    shared = []
+    if daily_budget_usd is not None:
+        daily_at = archive or resolve_location(DEFAULT_ARCHIVE_URI, aws_credentials)
+        assert daily_at.location is not None
+        shared.append(
+            DailyBudget(daily_at.location, daily_budget_usd, s3_client=daily_at.s3_client)
         )
-        if submitted.resumed or submitted.adopted or withdrawn:
-            held.bill = 0.0  # paid (and counted) by the run that submitted it, or not billed
-        else:
-            held.bill = outcome.cost if outcome is not None else None  # None: may be billed
-    return submitted, outcome
+    log = get_run_logger()
+    store = PrefectRecordStore()
+    observer = RequestObserver(store, log)
+
+    async def run() -> JobOutcome:
+        async with credentials.get_async_client() as client:
+            pipeline = Pipeline(
+                client,
+                store,
+                archive_uri=archive.location if archive else None,
+                stop=stop,
+                budget=Budget(shared=shared),
+                observer=observer,
+                timeout_seconds=timeout_seconds,
+                s3_client=archive.s3_client if archive else None,
+                log=log,
+            )
+            try:
+                return await pipeline.run(job)
+            finally:
+                await observer.arecord_outcome()
+
+    with withdrawn_if_abandoned(credentials, job):
+        outcome = run_coro_as_sync(run())
+    assert outcome is not None
+    if outcome.refusal is not None:
+        raise outcome.refusal  # held back before its submit: nothing paid
+    return outcome, observer
 
 
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
@@ -334,29 +291,32 @@ def edit_image(
     resolved = resolve_credentials(credentials)
     daily = daily_budget_of(daily_budget_usd, resolved)
     estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd, daily)
+    job = edit_job(edit, default_job_key(edit, job_scope()), estimated_cost=estimated_cost)
     run_stop = RunStop(STOPPED_MESSAGE)
     with run_stop.handling() as stop:
-        submitted, outcome = submit_and_wait(
+        outcome, observer = run_edit(
             resolved,
-            edit,
+            job,
             stop,
-            job_key=None,
             timeout_seconds=timeout_seconds,
             daily_budget_usd=daily,
-            estimated_cost=estimated_cost,
-            archive_uri=DEFAULT_ARCHIVE_URI,
+            archive=None,
         )
         run_stop.settle_sync()
-    result = outcome and EditImageResult(
-        request_id=submitted.request_id,
-        job_key=submitted.job_key,
-        resumed=submitted.resumed,
-        statuses=outcome.statuses,
-        output_urls=outcome.output_urls,
-        cost=outcome.cost,
-        estimated_cost=estimated_cost,
-        submitted_at=submitted.submitted_at or outcome.created_at,
-        finished_at=outcome.finished_at,
-        seconds=remote_seconds(submitted, outcome),
-    )
+    result = None
+    if outcome.result is not None:
+        assert outcome.request is not None
+        request, ended = outcome.request, observer.trail.outcome(outcome.result)
+        result = EditImageResult(
+            request_id=request.request_id,
+            job_key=request.job_key,
+            resumed=request.resumed,
+            statuses=ended.statuses,
+            output_urls=ended.output_urls,
+            cost=ended.cost,
+            estimated_cost=estimated_cost,
+            submitted_at=request.submitted_at or ended.created_at,
+            finished_at=ended.finished_at,
+            seconds=remote_seconds(request, outcome.result),
+        )
     return run_stop.end(result)  # type: ignore[return-value]

@@ -1,8 +1,9 @@
-"""The `edit_and_archive` flow: stage inputs → edit → archive outputs, each step its own task.
+"""The `edit_and_archive` flow: stage inputs → edit → archive outputs.
 
-It runs the same submit and wait tasks as `edit_image`, and stops the same way
-(`stopping.RunStop`): a queued request is withdrawn when the run is cancelled or
-told to stop, and outputs already produced are archived before the run ends.
+Its job goes through the pipeline as `edit_image`'s does (`edit.run_edit`), with
+the archive as its last step, and it stops the same way (`stopping.RunStop`): a
+queued request is withdrawn when the run is cancelled or told to stop, and outputs
+already produced are archived before the run ends.
 The job key is made from the sources as the user gave them, not from
 the staged URLs, whose signatures change every time they are made: a retry of
 the flow run restages, and still resumes the same request.
@@ -10,13 +11,13 @@ the flow run restages, and still resumes the same request.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from prefect import flow
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, Field
 
-from .. import observe, previews
+from .. import previews
 from ..blocks.credentials import (
     DEFAULT_CREDENTIALS_BLOCK,
     RunComfyCredentials,
@@ -31,11 +32,14 @@ from ..client import (
     OutputFormat,
     Resolution,
 )
-from ..storage import DEFAULT_ARCHIVE_URI, ArchiveMetadata, StagedAsset, job_key_for
-from ..tasks import RequestOutcome, cancel_recorded_requests
+from ..pipeline import Job, JobOutcome
+from ..storage import DEFAULT_ARCHIVE_URI, StagedAsset, job_key_for
+from ..storage.backends import open_backend
+from ..tasks import cancel_recorded_requests
 from ..tasks.guard import job_scope
-from ..tasks.storage import archive_request, stage_images
-from .edit import STOPPED_MESSAGE, estimate_within_budget, remote_seconds, submit_and_wait
+from ..tasks.requests import RequestObserver, edit_job
+from ..tasks.storage import resolve_location, stage_images
+from .edit import STOPPED_MESSAGE, estimate_within_budget, remote_seconds, run_edit
 from .stopping import RunStop
 
 
@@ -130,101 +134,78 @@ def edit_and_archive(
     resolved = resolve_credentials(credentials)
     daily = daily_budget_of(daily_budget_usd, resolved)
     estimated_cost = estimate_within_budget(resolved, checked, max_cost_usd, daily)
+    archive = resolve_location(archive_uri, aws_credentials)
+    assert archive.location is not None
+    # The archive must take the outputs before the edit is paid for.
+    open_backend(archive.location, archive.s3_client).check()
     staged = stage_images(images, staging_uri, aws_credentials)
     edit = NanoBananaEditInput(prompt=prompt, image_urls=[asset.url for asset in staged], **options)
     # The sources as given, not the staged URLs (new signatures on every retry).
-    job_key = job_key_for(prompt, images, options, scope=job_scope())
+    job = edit_job(
+        edit,
+        job_key_for(prompt, images, options, scope=job_scope()),
+        sources=[asset.provenance for asset in staged],
+        estimated_cost=estimated_cost,
+    )
     run_stop = RunStop(STOPPED_MESSAGE)
     with run_stop.handling() as stop:
-        submitted, outcome = submit_and_wait(
+        # Outputs that were produced are archived even when the run is stopping: paid for.
+        outcome, observer = run_edit(
             resolved,
-            edit,
+            job,
             stop,
-            job_key=job_key,
             timeout_seconds=timeout_seconds,
             daily_budget_usd=daily,
-            estimated_cost=estimated_cost,
-            archive_uri=archive_uri,
+            archive=archive,
             aws_credentials=aws_credentials,
-        )
-        # Outputs that were produced are archived even when the run is stopping: paid for.
-        result = outcome and _archive(
-            submitted.request_id,
-            outcome,
-            staged,
-            prompt=prompt,
-            options=options,
-            archive_uri=archive_uri,
-            aws_credentials=aws_credentials,
-            resolved=resolved,
-            estimated_cost=estimated_cost,
-            resumed=submitted.resumed,
-            seconds=remote_seconds(submitted, outcome),
         )
         run_stop.settle_sync()
+    result = None
+    if outcome.result is not None:
+        result = _archived(outcome, observer, job, staged, archive_uri, aws_credentials)
+        result.estimated_cost = estimated_cost
     return run_stop.end(result)  # type: ignore[return-value]
 
 
-def _archive(
-    request_id: str,
-    outcome: RequestOutcome,
+def _archived(
+    outcome: JobOutcome,
+    observer: RequestObserver,
+    job: Job,
     staged: list[StagedAsset],
-    *,
-    prompt: str,
-    options: dict[str, Any],
     archive_uri: str,
     aws_credentials: str | None,
-    resolved: RunComfyCredentials,
-    estimated_cost: float | None,
-    resumed: bool,
-    seconds: float | None,
 ) -> EditAndArchiveResult:
-    """Archive the outputs with their `metadata.json`, and show them in the run."""
-    record = archive_request(
-        request_id,
-        outcome.output_urls,
-        archive_uri,
-        ArchiveMetadata(
-            prompt=prompt,
-            parameters=options,
+    """Where the job's outputs went, shown in the run (when this run archived them)."""
+    request, result = outcome.request, outcome.result
+    assert request is not None and result is not None
+    archived = outcome.record or outcome.archived_elsewhere
+    assert archived is not None and archived.metadata_location is not None
+    if outcome.record is not None:
+        sources = [asset.source for asset in staged]
+        previews.announce_archived(
+            get_run_logger(),
+            "Edit",
+            outcome.record,
+            sources=sources,
             model_id=NANO_BANANA_EDIT_MODEL_ID,
-            sources=[asset.provenance for asset in staged],
-            created_at=outcome.created_at,
-            finished_at=outcome.finished_at,
-            cost=outcome.cost,
-            flow_run_id=str(observe.current_flow_run_id()),
-        ),
-        outcome.created_at,
-        aws_credentials,
-        resolved.allowed_output_hosts(),
-    )
-    assert record.metadata_location is not None  # set whenever every output was archived
-    sources = [asset.source for asset in staged]
-    previews.announce_archived(
-        get_run_logger(),
-        "Edit",
-        record,
-        sources=sources,
-        model_id=NANO_BANANA_EDIT_MODEL_ID,
-        prompt=prompt,
-        cost=outcome.cost,
-        resolution=options["resolution"],
-    )
-    previews.show_edit(
-        record,
-        sources=sources,
-        prompt=prompt,
-        cost=outcome.cost,
-        archive_uri=archive_uri,
-        aws_credentials=aws_credentials,
-    )
+            prompt=job.prompt,
+            cost=result.cost,
+            resolution=job.options["resolution"],
+        )
+        previews.show_edit(
+            outcome.record,
+            sources=sources,
+            prompt=job.prompt,
+            cost=result.cost,
+            archive_uri=archive_uri,
+            aws_credentials=aws_credentials,
+        )
     return EditAndArchiveResult(
-        request_id=request_id,
-        output_locations=record.output_locations,
-        metadata_location=record.metadata_location,
-        statuses=outcome.statuses,
+        request_id=request.request_id,
+        output_locations=archived.output_locations,
+        metadata_location=archived.metadata_location,
+        statuses=observer.trail.outcome(result).statuses,
         cost=outcome.cost,
-        estimated_cost=estimated_cost,
-        seconds=seconds,
-        resumed=resumed,
+        seconds=remote_seconds(request, result),
+        resumed=request.resumed,
     )

@@ -24,6 +24,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from prefect.client.orchestration import get_client
+from prefect.filesystems import NullFileSystem
 from prefect.results import ResultStore, get_result_store
 
 from .. import observe
@@ -119,9 +120,15 @@ class PrefectRecordStore:
     def __init__(self, result_store: ResultStore | None = None) -> None:
         store = result_store or get_result_store()
         # Never from memory: another process may have written since.
-        self.result_store = store.model_copy(
-            update={"cache_result_in_memory": False, "lock_manager": record_lock_manager(store)}
-        )
+        update: dict[str, Any] = {
+            "cache_result_in_memory": False,
+            "lock_manager": record_lock_manager(store),
+        }
+        if isinstance(store.metadata_storage, NullFileSystem):
+            # A flow's store (a task's has none): a record is kept with its metadata, in
+            # the same place as a task's records.
+            update["metadata_storage"] = None
+        self.result_store = store.model_copy(update=update)
         self.flow_run_id: UUID | None = observe.current_flow_run_id()
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex}"
 

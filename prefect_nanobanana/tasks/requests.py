@@ -1,8 +1,9 @@
 """Prefect tasks for RunComfy requests: submit at most once, poll, fetch, cancel, wait.
 
-`submit_edit` goes through the one submit guard (`guard.py`), with its records in
-Prefect's result store and the flow run's labels (`records.PrefectRecordStore`), so a
-retry, a rerun or another run with the same `job_key` never pays twice.
+`submit_edit` is the pipeline's submit step (`Pipeline.submit`, through the one
+submit guard), with its records in Prefect's result store and the flow run's
+labels (`records.PrefectRecordStore`), so a retry, a rerun or another run with the
+same `job_key` never pays twice.
 
 Every task has one async body; `submit_edit` and `asubmit_edit` (and each other
 pair) are its sync and async faces (`options.sync_and_async_tasks`). Status and
@@ -12,6 +13,7 @@ auth, validation and balance errors fail at once.
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -31,7 +33,8 @@ from ..client import (
     RequestStatus,
     RunComfyError,
 )
-from ..guard.protocol import SubmittedRequest, let_go, log_cancel_outcome, submit_once
+from ..guard.protocol import SubmittedRequest, let_go, log_cancel_outcome
+from ..pipeline import Job, Observer, Pipeline
 from ..stop import Stop
 from .guard import default_job_key, job_scope, run_id, run_log, submit_run_name
 from .options import TASK_OPTIONS, retry_if_transient, sync_and_async_tasks
@@ -91,34 +94,120 @@ async def _submit_edit_once(
             return wait_for_request(submitted.request_id).output_urls
         ```
     """
-    edit = NanoBananaEditInput.model_validate(edit)
-    credentials = credentials or RunComfyCredentials()
+    return await asubmit_through_pipeline(
+        NanoBananaEditInput.model_validate(edit),
+        credentials or RunComfyCredentials(),
+        job_key,
+        log=run_log(),
+    )
+
+
+async def asubmit_through_pipeline(
+    edit: NanoBananaEditInput,
+    credentials: RunComfyCredentials,
+    job_key: str | None,
+    *,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> SubmittedRequest:
+    """The submit step alone (`Pipeline.submit`), with its records in Prefect's result
+    store: what `submit_edit` and `NanoBananaEditJob.trigger` do.
+
+    Args:
+        edit: The edit, validated.
+        credentials: Who submits it.
+        job_key: The job's name across runs; None: a key scoped to this run
+            (`default_job_key`), so a retry of the run resumes its request.
+        log: Where the guard and the announcement of a fresh submit say what they do.
+
+    Returns:
+        The request the job owns: submitted now, or `resumed` / `adopted`.
+
+    Raises:
+        SubmitOutcomeUnknownError: A submit with this key may have been billed and its
+            outcome is unknown; it is never resent.
+        RunComfyError: The submit was refused, or the API could not be reached.
+    """
     store = PrefectRecordStore()
     if job_key:
         store.warn_if_machine_local()
-    job_key = job_key or default_job_key(edit, job_scope())
+    job = edit_job(edit, job_key or default_job_key(edit, job_scope()))
     async with credentials.get_async_client() as client:
-        submitted = await submit_once(
-            job_key,
-            store,
-            client,
-            edit,
-            facts={"model_id": NANO_BANANA_EDIT_MODEL_ID, "parameters": _parameters(edit)},
-            run_id=run_id(),
-            log=run_log(),
-        )
-    if submitted.resumed or submitted.adopted:
-        # This run's cancellation hook looks for its requests in its own labels.
-        store.ensure_label(job_key, submitted.request_id)
-        return submitted
-    await observe.aannounce_submitted(
-        run_log(),
-        submitted.request_id,
-        job_key,
-        result_url=submitted.result_url,
-        model_id=NANO_BANANA_EDIT_MODEL_ID,
+        pipeline = Pipeline(client, store, observer=RequestObserver(store, log), log=log)
+        return await pipeline.submit(job)
+
+
+def edit_job(edit: NanoBananaEditInput, job_key: str, **fields: Any) -> Job:
+    """A single edit as the pipeline's `Job`, for this run.
+
+    Args:
+        edit: The edit to send (its inputs staged).
+        job_key: The job's key.
+        **fields: More of the job's fields (`sources`, `estimated_cost`).
+
+    Returns:
+        The `Job`.
+    """
+    return Job(
+        job_key=job_key,
+        prompt=edit.prompt,
+        options=_parameters(edit),
+        edit=edit,
+        run_id=run_id(),
+        **fields,
     )
-    return submitted
+
+
+class RequestObserver(Observer):
+    """A single edit's notices as Prefect sees them (a task, a job block, an edit flow).
+
+    A fresh submit is announced (log line, event, the request's note artifact); a
+    request resumed or adopted is named in this run's labels, where the run's
+    cancellation hook looks for its requests; the statuses seen are collected
+    (`trail`), and how the request ended is kept for `arecord_outcome`.
+
+    Args:
+        store: The run's record store.
+        log: The run's logger.
+    """
+
+    def __init__(
+        self, store: PrefectRecordStore, log: logging.Logger | logging.LoggerAdapter
+    ) -> None:
+        self.store = store
+        self.log = log
+        self.trail = _StatusTrail()
+        self._outcome_row: dict[str, Any] | None = None
+
+    def holding(self, job: Job, request: SubmittedRequest) -> None:
+        if request.resumed or request.adopted:
+            self.store.ensure_label(job.job_key, request.request_id)
+
+    async def submitted(self, job: Job, request: SubmittedRequest) -> None:
+        await observe.aannounce_submitted(
+            self.log,
+            request.request_id,
+            job.job_key,
+            result_url=request.result_url,
+            model_id=NANO_BANANA_EDIT_MODEL_ID,
+        )
+
+    def status(self, job: Job, status: RequestStatus) -> None:
+        self.trail(status)
+
+    def ended(self, job: Job, request: SubmittedRequest, result: RequestResult) -> None:
+        self._outcome_row = _success_row(self.trail.outcome(result))
+
+    def failed(self, job: Job, request: SubmittedRequest, error: RunComfyError) -> None:
+        self._outcome_row = self.trail.failure_row(request.request_id, error)
+
+    def withdrawn(self, job: Job, request: SubmittedRequest) -> None:
+        observe.emit_request_event(observe.EVENT_CANCELLED, request.request_id)
+
+    async def arecord_outcome(self) -> None:
+        """The final event and outcome table of the request this run paid for, once it ended
+        (an adopted request's are its submitter's)."""
+        if self._outcome_row is not None:
+            await observe.arecord_outcome(self._outcome_row)
 
 
 def _parameters(edit: NanoBananaEditInput) -> dict[str, Any]:
