@@ -438,7 +438,10 @@ class Pipeline:
 
         async def before_submit() -> None:
             self.stop.check()
-            label = f"row {job.row} ({job.row_id})" if job.row_id else job.job_key[:12]
+            if job.row_id:
+                label = f"row {job.row} ({job.row_id})"
+            else:
+                label = f"flow run {job.run_id}" if job.run_id else job.job_key[:12]
             await self.budget.reserve(job.job_key, job.estimated_cost, label=label)
 
         known, job.known = job.known, Unread  # a retry reads the record afresh

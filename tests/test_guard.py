@@ -31,20 +31,24 @@ SLOW_SUBMITS = FaultPlan([Fault("slow", endpoint="submit", delay_seconds=0.3)])
 
 # Each process waits for the start file, then claims at once: the claims overlap.
 _CLAIMANT = """
-import json, os, sys, time
+import asyncio, json, os, sys, time
 from pathlib import Path
-from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
+from prefect_nanobanana.client import AsyncRunComfyClient, NanoBananaEditInput
 from prefect_nanobanana.storage import Ledger
-from prefect_nanobanana.guard.protocol import submit_once_blocking
+from prefect_nanobanana.guard.protocol import submit_once
 
 archive, job_key, image_url, start = sys.argv[1:5]
 edit = NanoBananaEditInput(prompt="race", image_urls=[image_url])
 while not Path(start).exists():
     time.sleep(0.005)
-with RunComfyClient() as client:
-    # known=None: every claimant read "no record" before any claimed (as batch plans do),
-    # so each goes straight to the atomic create, which only one may win.
-    held = submit_once_blocking(job_key, Ledger(archive), client, edit, known=None)
+
+async def claim():
+    async with AsyncRunComfyClient() as client:
+        # known=None: every claimant read "no record" before any claimed (as batch plans
+        # do), so each goes straight to the atomic create, which only one may win.
+        return await submit_once(job_key, Ledger(archive), client, edit, known=None)
+
+held = asyncio.run(claim())
 print(json.dumps(held.model_dump(mode="json")))
 """
 
@@ -190,11 +194,13 @@ async def test_a_refused_submit_releases_the_claim_and_keeps_the_history(emulato
 
 
 # The record of the request id is slow to write (in its thread); SIGTERM lands meanwhile.
+# Blocking code submits as the CLI's `submit` does: the guard inside `signals_deferred`.
 _TERMINATED_WHILE_RECORDING = """
-import sys, threading, time
-from prefect_nanobanana.client import NanoBananaEditInput, RunComfyClient
+import asyncio, sys, threading, time
+from prefect_nanobanana.client import AsyncRunComfyClient, NanoBananaEditInput
 from prefect_nanobanana.storage import Ledger
-from prefect_nanobanana.guard.protocol import submit_once_blocking
+from prefect_nanobanana.guard.protocol import submit_once
+from prefect_nanobanana.stop import signals_deferred
 
 class SlowLedger(Ledger):
     def replace(self, entry, version):
@@ -206,8 +212,13 @@ class SlowLedger(Ledger):
 
 archive, image_url = sys.argv[1:3]
 edit = NanoBananaEditInput(prompt="stop", image_urls=[image_url])
-with RunComfyClient() as client:
-    submit_once_blocking("stopped-job", SlowLedger(archive), client, edit)
+
+async def claim():
+    async with AsyncRunComfyClient() as client:
+        await submit_once("stopped-job", SlowLedger(archive), client, edit)
+
+with signals_deferred():
+    asyncio.run(claim())
 print("finished", flush=True)
 """
 

@@ -88,19 +88,16 @@ def _calls_of(names: set[str]) -> dict[str, set[str]]:
 
 def test_the_step_sequence_is_written_once() -> None:
     """Submit → wait → archive is `Pipeline.run`: the guard's paid submit is called by the
-    pipeline alone (and, blocking, by the CLI's `submit` verb, which only submits), and
-    every surface that edits makes a `Pipeline` rather than composing the steps."""
-    calls = _calls_of({"submit_once", "submit_once_blocking", "Pipeline"})
-    assert calls["submit_once"] == {
-        "prefect_nanobanana.pipeline",
-        "prefect_nanobanana.guard.protocol",  # `submit_once_blocking`, its blocking face
-    }
-    assert calls["submit_once_blocking"] == {"prefect_nanobanana.cli.requests"}
+    pipeline alone, and every surface that edits or submits makes a `Pipeline` rather
+    than composing the steps."""
+    calls = _calls_of({"submit_once", "Pipeline"})
+    assert calls["submit_once"] == {"prefect_nanobanana.pipeline"}
     assert calls["Pipeline"] == {
         "prefect_nanobanana.flows.batch.flow",  # every batch row
         "prefect_nanobanana.flows.edit",  # edit_image, edit_and_archive
         "prefect_nanobanana.tasks.requests",  # submit_edit, NanoBananaEditJob.trigger
         "prefect_nanobanana.cli.edit",
+        "prefect_nanobanana.cli.requests",  # `nanobanana submit`
     }
 
 

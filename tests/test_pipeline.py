@@ -72,7 +72,13 @@ def test_local_folder_staged_to_s3_edited_and_archived_to_s3(
     metadata = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=metadata_key)["Body"].read())
     assert metadata["request_id"] == result.request_id
     assert metadata["prompt"] == "make it look like a watercolour"
-    assert metadata["parameters"]["aspect_ratio"] == "4:3"
+    # The same parameters a batch row's metadata.json has (the schema's, nothing more).
+    assert metadata["parameters"] == {
+        "aspect_ratio": "4:3",
+        "resolution": "1K",
+        "output_format": "png",
+        "num_images": 2,
+    }
     assert [output["width"] for output in metadata["outputs"]] == [1200, 1200]
     assert len(metadata["outputs"][0]["sha256"]) == 64
     assert metadata["flow_run_id"]

@@ -27,12 +27,11 @@ from ..pipeline import Budget, Job, JobOutcome, Observer, Pipeline
 from ..stop import Stop, stop_on_signals
 from .connection import client_for, daily_budget_cap
 from .exit_codes import EXIT_OK, UsageError
-from .requests import format_cost
 
 DEFAULT_OUT = "nanobanana-output"
 
 
-class _StatusDisplay:
+class StatusDisplay:
     """One live line on a terminal; one plain line per change otherwise (logs, CI)."""
 
     def __init__(self, stream: Any = None) -> None:
@@ -62,11 +61,11 @@ class _StatusDisplay:
         self._stream.flush()
 
 
-def _refuse_over_budget(
+def refuse_over_budget(
     client: RunComfyClient,
     edit: NanoBananaEditInput,
     max_cost_usd: float | None,
-    display: _StatusDisplay,
+    display: StatusDisplay,
     daily_budget_usd: float | None = None,
 ) -> float | None:
     """`--max-cost`, `--daily-budget`: the listed price, and `BudgetExceededError` before
@@ -104,18 +103,9 @@ def daily_budget_for(daily_budget_usd: float | None, archive: str | None) -> Bud
     return Budget(shared=[DailyBudget(archive or DEFAULT_ARCHIVE_URI, daily_budget_usd)])
 
 
-def reserve_daily(budget: Budget, job_key: str, estimate: float | None) -> Any:
-    """The guard's `before_submit` for `--daily-budget`: reserve right before the paid POST."""
-
-    async def reserve() -> None:
-        await budget.reserve(job_key, estimate, label="nanobanana CLI")
-
-    return reserve
-
-
-def settle_daily(budget: Budget, job_key: str, bill: float | None) -> None:
-    """The edit ended: its reservation in the daily total settles to `bill` (0: released)."""
-    asyncio.run(budget.end(job_key, bill))
+def format_cost(cost: float | None) -> str:
+    """The billed cost as people read it; the API reports it once a request completed."""
+    return "cost: not reported (yet)" if cost is None else f"cost ${cost:.2f}"
 
 
 def _refuse_another_edits_request(handle: SubmittedRequest, facts: dict[str, Any]) -> None:
@@ -144,7 +134,7 @@ class _EditObserver(Observer):
     """The CLI's view of its one job: the request named at once, then its status line."""
 
     def __init__(
-        self, args: argparse.Namespace, display: _StatusDisplay, facts: dict[str, Any]
+        self, args: argparse.Namespace, display: StatusDisplay, facts: dict[str, Any]
     ) -> None:
         self._args = args
         self._display = display
@@ -185,12 +175,12 @@ def run_edit_command(args: argparse.Namespace) -> int:
         "num_images": args.num_images,
     }
     checked = NanoBananaEditInput(prompt=args.prompt, image_urls=args.images, **options)
-    display = _StatusDisplay()
+    display = StatusDisplay()
     estimate = None
     daily_cap = daily_budget_cap(args)
     if args.max_cost is not None or daily_cap is not None:
         with client_for(args) as client:
-            estimate = _refuse_over_budget(client, checked, args.max_cost, display, daily_cap)
+            estimate = refuse_over_budget(client, checked, args.max_cost, display, daily_cap)
     staged = stage_assets(args.images, args.staging)
     check_urls(staged)  # a URL that is no image would fail only after the submit is billed
     archive_uri = args.archive or args.out or DEFAULT_OUT

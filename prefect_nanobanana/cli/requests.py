@@ -7,25 +7,27 @@ block), print text for people or `--json` for scripts.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from ..client import RequestResult
 from .connection import client_for, daily_budget_cap
 from .exit_codes import EXIT_JOB_FAILED, EXIT_OK
+
+if TYPE_CHECKING:
+    from ..guard.protocol import SubmittedRequest
+    from ..pipeline import Budget, Job
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     print(json.dumps(payload, default=str) if args.json else text)
 
 
-def format_cost(cost: float | None) -> str:
-    """The billed cost as people read it; the API reports it once a request completed."""
-    return "cost: not reported (yet)" if cost is None else f"cost ${cost:.2f}"
-
-
 def submit(args: argparse.Namespace) -> int:
-    """One paid submit, through the submit guard (its record lives in this process only).
+    """One paid submit: the pipeline's first step alone (`Pipeline.submit`, through the
+    submit guard; its record lives in this process only).
 
     With a daily cap (`--daily-budget`, else the `--credentials` block's
     `daily_budget_usd`) it reserves its estimate in the archive's daily total right
@@ -34,9 +36,10 @@ def submit(args: argparse.Namespace) -> int:
     from uuid import uuid4
 
     from ..client import NanoBananaEditInput
-    from ..guard.protocol import submit_once_blocking
-    from ..guard.records import MemoryRecordStore
+    from ..pipeline import Job
+    from ..stop import signals_deferred
     from ..storage import stage_assets
+    from .edit import StatusDisplay, daily_budget_for, refuse_over_budget
 
     NanoBananaEditInput(prompt=args.prompt, image_urls=args.images)  # the count, before any file
     # URLs go as they are; a local image goes inline, as `edit` sends it without --staging.
@@ -49,40 +52,44 @@ def submit(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         sync_mode=args.sync_mode,
     )
-    job_key = uuid4().hex
-    from .edit import (
-        _refuse_over_budget,
-        _StatusDisplay,
-        daily_budget_for,
-        reserve_daily,
-        settle_daily,
-    )
-
     estimate = None
     daily_cap = daily_budget_cap(args)
     if daily_cap is not None:
         with client_for(args) as client:
-            estimate = _refuse_over_budget(client, edit, None, _StatusDisplay(), daily_cap)
-    daily = daily_budget_for(daily_cap, args.archive)
-    with client_for(args) as client:
-        try:
-            handle = submit_once_blocking(
-                job_key,
-                MemoryRecordStore(),
-                client,
-                edit,
-                before_submit=reserve_daily(daily, job_key, estimate),
-            )
-        except BaseException as error:
-            from ..pipeline import bill_after
-
-            settle_daily(daily, job_key, bill_after(error))
-            raise
-    # Not waited for here: its estimate stays in the day's total (the bill is unknown).
-    settle_daily(daily, job_key, None)
+            estimate = refuse_over_budget(client, edit, None, StatusDisplay(), daily_cap)
+    job = Job(
+        job_key=uuid4().hex,
+        prompt=edit.prompt,
+        options=edit.model_dump(mode="json", exclude={"prompt", "image_urls"}),
+        edit=edit,
+        estimated_cost=estimate,
+    )
+    with signals_deferred():  # a stop takes effect once the request id is recorded
+        handle = asyncio.run(_submit(args, job, daily_budget_for(daily_cap, args.archive)))
     payload = handle.model_dump(include={"request_id", "status_url", "result_url", "cancel_url"})
     _emit(args, payload, handle.request_id)
     return EXIT_OK
+
+
+async def _submit(args: argparse.Namespace, job: Job, budget: Budget) -> SubmittedRequest:
+    """`job`'s submit through the pipeline; its reservation in the day's total then keeps
+    its estimate (not waited for: the bill is unknown), or is given back when provably
+    nothing was billed."""
+    from ..guard.records import MemoryRecordStore
+    from ..pipeline import Pipeline, bill_after
+
+    bill: float | None = None
+    async with client_for(args, asynchronous=True) as client:  # type: ignore[attr-defined]
+        pipeline = Pipeline(
+            client=client, store=MemoryRecordStore(), budget=budget, log=logging.getLogger(__name__)
+        )
+        try:
+            return await pipeline.submit(job)
+        except BaseException as error:
+            bill = bill_after(error)
+            raise
+        finally:
+            await budget.end(job.job_key, bill)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -144,6 +151,8 @@ def result(args: argparse.Namespace) -> int:
     else:
         lines.extend(f"output {_shown(url)}" for url in result.output_urls)
     if result.status == "completed":
+        from .edit import format_cost
+
         lines.append(format_cost(result.cost))
     _emit(args, payload, "\n".join(lines))
     # A script branches on the job's end as it would after `edit`.

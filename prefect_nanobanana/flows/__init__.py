@@ -1,5 +1,6 @@
-"""The package's flows: `edit_image` (`edit.py`), `edit_and_archive` (`pipeline.py`),
-`batch_edit` (`batch/`), each with its result model.
+"""The package's flows: `edit_image` (`edit.py`), `edit_and_archive`
+(`edit_and_archive.py`), `batch_edit` (`batch/`), each with its result model; every
+job of each goes through `prefect_nanobanana.pipeline`.
 
 Not to be confused with the top-level `flows/` folder of the repository: those are
 the small entry-point scripts deployments point at, which import these.

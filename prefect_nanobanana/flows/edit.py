@@ -18,13 +18,15 @@ terminated run. Two more ways cover what the run's own process cannot see:
   from the API and does the same.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.states import State
 from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
@@ -56,6 +58,8 @@ from ..tasks.records import PrefectRecordStore
 from ..tasks.requests import RequestObserver, edit_job
 from ..tasks.storage import ResolvedLocation, resolve_location
 from .stopping import RunStop
+
+Result = TypeVar("Result")
 
 
 class EditImageResult(BaseModel):
@@ -216,6 +220,67 @@ def run_edit(
     return outcome, observer
 
 
+def edit_in_this_run(
+    credentials: RunComfyCredentials,
+    job: Job,
+    result_of: Callable[[JobOutcome, RequestObserver], Result],
+    *,
+    timeout_seconds: float,
+    daily_budget_usd: float | None,
+    archive: ResolvedLocation | None,
+    aws_credentials: str | None = None,
+) -> Result | State[Any] | None:
+    """What an edit flow returns: its job run (`run_edit`) while the run's stop is handled
+    (`RunStop`), then `result_of` the outcome when the request completed, or the state a
+    stopped run ends in.
+
+    Args:
+        credentials: Who submits and waits.
+        job: The edit.
+        result_of: The flow's result, from a completed job's outcome and its observer.
+        timeout_seconds: How long the job waits for its request.
+        daily_budget_usd: The daily cap (see `run_edit`).
+        archive: Where the outputs go; None keeps them in the result.
+        aws_credentials: For an S3 archive or daily total.
+
+    Returns:
+        The flow's result; its Cancelled state when the run was cancelled; None when a
+        signal stopped it (the signal then goes on to Prefect's handler).
+    """
+    run_stop = RunStop(STOPPED_MESSAGE)
+    with run_stop.handling() as stop:
+        outcome, observer = run_edit(
+            credentials,
+            job,
+            stop,
+            timeout_seconds=timeout_seconds,
+            daily_budget_usd=daily_budget_usd,
+            archive=archive,
+            aws_credentials=aws_credentials,
+        )
+        run_stop.settle_sync()
+    result = result_of(outcome, observer) if outcome.result is not None else None
+    return run_stop.end(result)
+
+
+def _edit_image_result(job: Job, outcome: JobOutcome, observer: RequestObserver) -> EditImageResult:
+    request, result = outcome.request, outcome.result
+    assert request is not None and result is not None
+    ended = observer.trail.outcome(result)
+    return EditImageResult(
+        request_id=request.request_id,
+        job_key=request.job_key,
+        resumed=request.resumed,
+        statuses=ended.statuses,
+        output_urls=ended.output_urls,
+        cost=ended.cost,
+        estimated_cost=job.estimated_cost,
+        submitted_at=request.submitted_at or ended.created_at,
+        finished_at=ended.finished_at,
+        seconds=remote_seconds(request, result),
+    )
+
+
 @flow(name="nano-banana-edit", on_cancellation=[cancel_recorded_requests])
 def edit_image(
     prompt: Annotated[str, Field(min_length=1)],
@@ -292,31 +357,11 @@ def edit_image(
     daily = daily_budget_of(daily_budget_usd, resolved)
     estimated_cost = estimate_within_budget(resolved, edit, max_cost_usd, daily)
     job = edit_job(edit, default_job_key(edit, job_scope()), estimated_cost=estimated_cost)
-    run_stop = RunStop(STOPPED_MESSAGE)
-    with run_stop.handling() as stop:
-        outcome, observer = run_edit(
-            resolved,
-            job,
-            stop,
-            timeout_seconds=timeout_seconds,
-            daily_budget_usd=daily,
-            archive=None,
-        )
-        run_stop.settle_sync()
-    result = None
-    if outcome.result is not None:
-        assert outcome.request is not None
-        request, ended = outcome.request, observer.trail.outcome(outcome.result)
-        result = EditImageResult(
-            request_id=request.request_id,
-            job_key=request.job_key,
-            resumed=request.resumed,
-            statuses=ended.statuses,
-            output_urls=ended.output_urls,
-            cost=ended.cost,
-            estimated_cost=estimated_cost,
-            submitted_at=request.submitted_at or ended.created_at,
-            finished_at=ended.finished_at,
-            seconds=remote_seconds(request, outcome.result),
-        )
-    return run_stop.end(result)  # type: ignore[return-value]
+    return edit_in_this_run(  # type: ignore[return-value]
+        resolved,
+        job,
+        partial(_edit_image_result, job),
+        timeout_seconds=timeout_seconds,
+        daily_budget_usd=daily,
+        archive=None,
+    )

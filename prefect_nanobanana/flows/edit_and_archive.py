@@ -39,8 +39,7 @@ from ..tasks import cancel_recorded_requests
 from ..tasks.guard import job_scope
 from ..tasks.requests import RequestObserver, edit_job
 from ..tasks.storage import resolve_location, stage_images
-from .edit import STOPPED_MESSAGE, estimate_within_budget, remote_seconds, run_edit
-from .stopping import RunStop
+from .edit import edit_in_this_run, estimate_within_budget, remote_seconds
 
 
 class EditAndArchiveResult(BaseModel):
@@ -144,27 +143,21 @@ def edit_and_archive(
     job = edit_job(
         edit,
         job_key_for(prompt, images, options, scope=job_scope()),
+        options=options,
         sources=[asset.provenance for asset in staged],
         estimated_cost=estimated_cost,
     )
-    run_stop = RunStop(STOPPED_MESSAGE)
-    with run_stop.handling() as stop:
-        # Outputs that were produced are archived even when the run is stopping: paid for.
-        outcome, observer = run_edit(
-            resolved,
-            job,
-            stop,
-            timeout_seconds=timeout_seconds,
-            daily_budget_usd=daily,
-            archive=archive,
-            aws_credentials=aws_credentials,
-        )
-        run_stop.settle_sync()
-    result = None
-    if outcome.result is not None:
-        result = _archived(outcome, observer, job, staged, archive_uri, aws_credentials)
-        result.estimated_cost = estimated_cost
-    return run_stop.end(result)  # type: ignore[return-value]
+    return edit_in_this_run(  # type: ignore[return-value]
+        resolved,
+        job,
+        lambda outcome, observer: _archived(
+            outcome, observer, job, staged, archive_uri, aws_credentials
+        ),
+        timeout_seconds=timeout_seconds,
+        daily_budget_usd=daily,
+        archive=archive,
+        aws_credentials=aws_credentials,
+    )
 
 
 def _archived(
@@ -206,6 +199,7 @@ def _archived(
         metadata_location=archived.metadata_location,
         statuses=observer.trail.outcome(result).statuses,
         cost=outcome.cost,
+        estimated_cost=job.estimated_cost,
         seconds=remote_seconds(request, result),
         resumed=request.resumed,
     )

@@ -80,7 +80,7 @@ from ..client import (
 )
 from ..client.pricing import BudgetExceededError
 from ..redaction import redact, redact_text
-from ..stop import RunStopped, signals_deferred
+from ..stop import RunStopped
 from .records import ClaimOwner, LedgerEntry, RecordStore, VersionedEntry
 
 __all__ = [
@@ -105,7 +105,6 @@ __all__ = [
     "outcome_unknown",
     "release_archiving",
     "submit_once",
-    "submit_once_blocking",
     "withdraw",
 ]
 
@@ -423,31 +422,6 @@ async def submit_once(
         )
     finally:
         _LIVE_CLAIMS.discard(me.token)
-
-
-def submit_once_blocking(
-    job_key: str,
-    store: RecordStore,
-    client: RunComfyClient,
-    edit: NanoBananaEditInput,
-    *,
-    facts: Mapping[str, Any] | None = None,
-    known: VersionedEntry | object | None = Unread,
-    before_submit: Callable[[], Awaitable[None]] | None = None,
-) -> SubmittedRequest:
-    """`submit_once` for blocking code outside any event loop (the CLI): the same guard,
-    sending with a blocking client."""
-    claiming = submit_once(
-        job_key,
-        store,
-        client,  # type: ignore[arg-type]
-        edit,
-        facts=facts,
-        known=known,
-        before_submit=before_submit,
-    )
-    with signals_deferred():  # a stop takes effect once the request id is recorded
-        return asyncio.run(claiming)
 
 
 async def _claim(

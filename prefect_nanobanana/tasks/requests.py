@@ -142,18 +142,21 @@ def edit_job(edit: NanoBananaEditInput, job_key: str, **fields: Any) -> Job:
     Args:
         edit: The edit to send (its inputs staged).
         job_key: The job's key.
-        **fields: More of the job's fields (`sources`, `estimated_cost`).
+        **fields: More of the job's fields (`sources`, `estimated_cost`), or other
+            `options` than every field of the edit but its prompt and images.
 
     Returns:
         The `Job`.
     """
     return Job(
-        job_key=job_key,
-        prompt=edit.prompt,
-        options=_parameters(edit),
-        edit=edit,
-        run_id=run_id(),
-        **fields,
+        **{
+            "job_key": job_key,
+            "prompt": edit.prompt,
+            "options": _parameters(edit),
+            "edit": edit,
+            "run_id": run_id(),
+            **fields,
+        }
     )
 
 
