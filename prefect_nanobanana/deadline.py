@@ -17,6 +17,8 @@ it; it knows nothing of either.
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
 import ssl
 import time
 from collections.abc import Iterable, Iterator
@@ -127,9 +129,24 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         self._backend.sleep(seconds)
 
 
+def _is_readable(sock: socket.socket) -> bool:
+    """Whether a read of ``sock`` would not wait: data, or the peer's close (how httpcore
+    tells an idle connection the server dropped); a closed socket counts as readable."""
+    descriptor = sock.fileno()
+    if descriptor < 0:
+        return True
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
     def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
         self._stream = stream
+        # httpcore asks each idle connection of the pool whether it is readable, on every
+        # request; anyio answers by making all of the socket's attributes afresh, a
+        # getpeername() each time. The socket itself does not change: kept once.
+        self._socket: socket.socket | None = stream.get_extra_info("socket")
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         return await self._stream.read(max_bytes, _budget(timeout, httpcore.ReadTimeout))
@@ -153,6 +170,8 @@ class _AsyncDeadlineStream(httpcore.AsyncNetworkStream):
         )
 
     def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._socket is not None:
+            return _is_readable(self._socket)
         return self._stream.get_extra_info(info)
 
 

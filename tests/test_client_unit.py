@@ -559,3 +559,33 @@ def test_a_deadline_inside_another_only_shortens_it():
             assert shorter < outer
     with call_deadline(None) as unbounded:
         assert unbounded is None
+
+
+async def test_an_idle_connection_the_server_closed_is_seen_without_asking_for_its_socket_again():
+    """httpcore asks every idle pooled connection `is_readable` on each request: the answer
+    must follow the socket (the server's close makes it readable), from the socket kept
+    when the connection was made."""
+    import socket
+
+    import httpcore
+
+    from prefect_nanobanana.deadline import _AsyncDeadlineStream
+
+    ours, server_side = socket.socketpair()
+
+    class Stream(httpcore.AsyncNetworkStream):
+        asked: list[str] = []
+
+        def get_extra_info(self, info: str) -> object:
+            self.asked.append(info)
+            return ours if info == "socket" else None
+
+    stream = _AsyncDeadlineStream(Stream())
+    try:
+        assert [stream.get_extra_info("is_readable") for _ in range(3)] == [False] * 3
+        server_side.close()
+        assert stream.get_extra_info("is_readable") is True
+        assert Stream.asked == ["socket"]
+    finally:
+        ours.close()
+    assert stream.get_extra_info("is_readable") is True  # closed: as if it ended
