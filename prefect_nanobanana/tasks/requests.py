@@ -148,16 +148,8 @@ def edit_job(edit: NanoBananaEditInput, job_key: str, **fields: Any) -> Job:
     Returns:
         The `Job`.
     """
-    return Job(
-        **{
-            "job_key": job_key,
-            "prompt": edit.prompt,
-            "options": _parameters(edit),
-            "edit": edit,
-            "run_id": run_id(),
-            **fields,
-        }
-    )
+    fields.setdefault("options", _parameters(edit))
+    return Job(job_key=job_key, prompt=edit.prompt, edit=edit, run_id=run_id(), **fields)
 
 
 class RequestObserver(Observer):
