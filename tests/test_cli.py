@@ -383,6 +383,7 @@ def test_the_paying_verbs_keep_to_the_credentials_blocks_daily_budget(
             timeout=120,
         )
         assert run.returncode == 0, (verb, run.stdout, run.stderr)
+        assert "budget daily cap $5.00)" in run.stderr, run.stderr
     assert emulator.stats.submits_received == 2
 
 

@@ -338,4 +338,5 @@ def test_cli_edit_refuses_over_the_budget(
     assert "$0.30" in capsys.readouterr().err
     assert emulator.stats.calls["submit"] == 0
     assert main([*argv, "--max-cost", "0.3"]) == EXIT_OK
-    assert "Estimated cost $0.30" in capsys.readouterr().err
+    assert "Estimated cost $0.30" in (err := capsys.readouterr().err)
+    assert "budget max cost $0.30)" in err

@@ -83,10 +83,14 @@ def refuse_over_budget(
         raise BudgetExceededError(
             None, daily_budget_usd or 0.0, 1, reason=failure, cap_name=DAILY_BUDGET_NAME
         )
-    budget = format_usd(max_cost_usd) if max_cost_usd is not None else "none"
+    caps = [
+        f"{name} {format_usd(cap)}"
+        for name, cap in (("max cost", max_cost_usd), ("daily cap", daily_budget_usd))
+        if cap is not None
+    ]
     display.say(
         f"Estimated cost {format_usd(estimate.estimate_usd)} (an estimate from the listed "
-        f"price; budget {budget})"
+        f"price; budget {', '.join(caps) or 'none'})"
     )
     return estimate.estimate_usd
 

@@ -128,7 +128,8 @@ _FAILURES: list[tuple[tuple[type[BaseException], ...], int, Hint]] = [
     (
         (BudgetExceededError,),
         EXIT_OVER_BUDGET,
-        "Raise --max-cost or run fewer rows; `nanobanana batch ... --dry-run` shows the estimate.",
+        "Raise --max-cost or --daily-budget, or run fewer rows; "
+        "`nanobanana batch ... --dry-run` shows the estimate.",
     ),
     (
         (errors.SubmitOutcomeUnknownError,),

@@ -142,8 +142,8 @@ class BudgetExceededError(NanoBananaError):
         elif message is None and spent_usd is not None:
             message = (
                 f"held back by the budget: spent {format_usd(spent_usd)} (billed, plus estimates "
-                f"of requests in flight) and this row's estimated {format_usd(estimate_usd)} "
-                f"would pass {budget}; nothing was submitted for it"
+                f"of requests in flight) and the next submit's estimated "
+                f"{format_usd(estimate_usd)} would pass {budget}; nothing was submitted for it"
             )
         elif message is None:
             message = (

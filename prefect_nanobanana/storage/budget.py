@@ -125,7 +125,7 @@ class BudgetRefusal(BaseModel):
         day = " for the UTC day" if self.key.startswith("daily/") else ""
         return (
             f"{self.cap_name} ${self.cap_usd:.2f} reached{day} {where}: ${self.total_usd:.2f} "
-            f"spent or in flight, this row's estimate ${self.estimate_usd:.2f} would pass it"
+            f"spent or in flight, the next submit's estimate ${self.estimate_usd:.2f} would pass it"
         )
 
 
