@@ -373,6 +373,42 @@ def test_bounds_centre_the_fit_where_the_runs_lie():
     assert exact.stdev == pytest.approx(abs(math.log(20) - math.log(10)) / math.sqrt(2))
 
 
+def test_the_fit_stops_once_it_has_converged_with_the_fit_it_would_reach(monkeypatch):
+    """The fit runs on the event loop after every finished job of a batch: rounds that
+    change nothing are not run."""
+    import math
+    import random
+    from statistics import NormalDist
+
+    from prefect_nanobanana.client import polling
+
+    rng = random.Random(7)
+    runs = []
+    for _ in range(200):
+        seconds = math.exp(rng.gauss(3.0, 0.3))
+        if rng.random() < 0.2:
+            runs.append((seconds, seconds))
+        else:
+            low = seconds * rng.uniform(0.85, 1.0)
+            runs.append((low, low * rng.uniform(1.02, 1.3)))
+    passes = [0]
+
+    class Counted(NormalDist):
+        def cdf(self, x: float) -> float:
+            passes[0] += 1
+            return super().cdf(x)
+
+    monkeypatch.setattr(polling, "NormalDist", Counted)
+    fitted = polling._fit_log_normal(runs)
+    converging = passes[0]
+    monkeypatch.setattr(polling, "_EM_TOLERANCE", 0.0)
+    passes[0] = 0
+    every_round = polling._fit_log_normal(runs)
+    assert fitted.mean == pytest.approx(every_round.mean, abs=1e-8)
+    assert fitted.stdev == pytest.approx(every_round.stdev, abs=1e-8)
+    assert converging * 3 < passes[0], (converging, passes[0])
+
+
 def test_a_queued_job_that_slept_through_its_start_gives_its_runs_bounds():
     import logging
     from datetime import datetime, timedelta, timezone

@@ -471,6 +471,9 @@ def _as_bounds(sample: float | Sequence[float]) -> RunBounds:
 
 
 _EM_ROUNDS = 30
+# A fit moves less than this (in log seconds) once converged, a few rounds in: the rounds
+# left would change nothing, and each costs a pass over every run on the event loop.
+_EM_TOLERANCE = 1e-9
 _EM_MIN_EXACT = 3
 
 
@@ -513,8 +516,11 @@ def _fit_log_normal(runs: Sequence[RunBounds]) -> NormalDist:
             mean = mu + sigma * shift
             variance = sigma**2 * (1 + (a * pdf_a - b * pdf_b) / mass - shift**2)
             first, second = first + mean, second + variance + mean * mean
+        previous = mu, sigma
         mu = first / len(bounds)
         sigma = max(math.sqrt(max(second / len(bounds) - mu * mu, 0.0)), 1e-6)
+        if max(abs(mu - previous[0]), abs(sigma - previous[1])) < _EM_TOLERANCE:
+            break
     return NormalDist(mu, sigma * correction)
 
 
