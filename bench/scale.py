@@ -99,18 +99,35 @@ def _pace(finished: list[float], fraction: float, first: bool) -> float:
     return (count - 1) / max(window[-1] - window[0], 1e-9)
 
 
-def _task_runs(flow_run_id: str) -> tuple[int, int]:
-    """(task runs, completed task runs) the server has recorded for a flow run."""
-    from prefect.settings import PREFECT_API_URL
+def _task_runs(flow_run_id: str, expected: int) -> tuple[int, int]:
+    """(task runs, completed task runs) the server has recorded for a flow run, once it
+    has recorded `expected` completed ones or its task-run recorder's periodic flush has
+    passed with nothing new (a recorder batching its writes holds the last few until then).
+    """
+    from prefect.settings import PREFECT_API_URL, get_current_settings
 
+    flush = get_current_settings().server.services.task_run_recorder.flush_interval
     runs = {"id": {"any_": [flow_run_id]}}
     completed = {"state": {"type": {"any_": ["COMPLETED"]}}}
     with httpx.Client(base_url=str(PREFECT_API_URL.value()), timeout=60) as client:
-        total = client.post("/task_runs/count", json={"flow_runs": runs}).json()
-        done = client.post(
-            "/task_runs/count", json={"flow_runs": runs, "task_runs": completed}
-        ).json()
-    return int(total), int(done)
+
+        def count(**criteria: object) -> int:
+            return int(client.post("/task_runs/count", json={"flow_runs": runs, **criteria}).json())
+
+        done, unchanged_since = count(task_runs=completed), time.monotonic()
+        while done < expected and time.monotonic() - unchanged_since < flush + 1.0:
+            time.sleep(0.5)
+            if (now := count(task_runs=completed)) != done:
+                done, unchanged_since = now, time.monotonic()
+        return count(), done
+
+
+def _recorder_batch_size() -> int:
+    """Task-run states the server writes a transaction (Prefect's default: 1), from
+    `PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE`, which the server inherits."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().server.services.task_run_recorder.batch_size
 
 
 def measure(rows: int, stack: Stack) -> ScaleRun:
@@ -133,7 +150,8 @@ def measure(rows: int, stack: Stack) -> ScaleRun:
     head = asyncio.run(first_submit(emulator.base_url, request_ids)) - started_wall
     metadata = list(archive.rglob("metadata.json"))
     flow_run_id = json_flow_run_id(metadata[0]) if metadata else None
-    task_runs, completed = _task_runs(flow_run_id) if flow_run_id else (0, 0)
+    expected = TASK_RUNS_PER_ROW * rows + 1
+    task_runs, completed = _task_runs(flow_run_id, expected) if flow_run_id else (0, 0)
     return ScaleRun(
         rows=rows,
         wall=wall,
@@ -161,9 +179,11 @@ def json_flow_run_id(path: Path) -> str | None:
 
 def run() -> Verdict:
     """Each size RUNS times (medians), smallest first; print, verdict, JSON."""
+    recorder_batch = _recorder_batch_size()
     print_header(
         f"scale: batch_edit over {', '.join(map(str, SIZES))} rows, D = {DURATION:g} s, "
-        f"{WORKERS} workers and lanes (API alone: {WORKERS / DURATION:g} rows/s)"
+        f"{WORKERS} workers and lanes (API alone: {WORKERS / DURATION:g} rows/s); the "
+        f"server's task-run recorder writes {recorder_batch} state(s) a transaction"
     )
     began = time.perf_counter()
     runs: list[ScaleRun] = []
@@ -282,6 +302,7 @@ def run() -> Verdict:
             "not_repeated": skipped,
             "workers": WORKERS,
             "duration_seconds": DURATION,
+            "task_run_recorder_batch_size": recorder_batch,
             "medians": medians,
             "ms_per_row_growth": growth,
             "knee_job_seconds": knee_seconds,

@@ -93,6 +93,9 @@ def _batch_overhead(data: dict[str, Any]) -> str:
 
 
 def _scale(data: dict[str, Any]) -> str:
+    def dropped(size: int) -> int:
+        return max(run["dropped_events"] for run in data["runs"] if run["rows"] == size)
+
     rows = [
         [
             rows_,
@@ -100,11 +103,20 @@ def _scale(data: dict[str, Any]) -> str:
             f"{m['rows_per_second']:.1f}",
             f"{m['ms_per_row']:.1f}",
             f"{m['drain']:.1f} s",
+            dropped(int(rows_)),
             m["runs"],
         ]
         for rows_, m in sorted(data["medians"].items(), key=lambda item: int(item[0]))
     ]
-    header = ["rows", "wall", "rows/s", "ms/row", "server busy after the flow returned", "runs"]
+    header = [
+        "rows",
+        "wall",
+        "rows/s",
+        "ms/row",
+        "server busy after the flow returned",
+        "events the server dropped (worst run)",
+        "runs",
+    ]
     return _table(header, rows)
 
 
