@@ -4,8 +4,8 @@ Every surface runs its jobs through `Pipeline.run`: each row of `batch_edit`,
 `edit_and_archive`, `edit_image` (which has no archive: its job ends with the
 result) and the CLI's `edit`; a surface that only submits (the `submit_edit` task,
 `NanoBananaEditJob.trigger`, the CLI's `submit`) takes the first step alone,
-`Pipeline.submit`. What
-differs between them comes in as values, never as another copy of the steps:
+`Pipeline.submit`. What differs between them comes in as values, never as another
+copy of the steps:
 
 - the record store the guard claims in (the archive's ledger, Prefect's result
   store, memory);
