@@ -425,10 +425,13 @@ async def test_an_archiving_held_on_a_machine_that_went_quiet_is_taken_over_afte
     current = store.read("job-away")
     begun = current.entry.model_copy(update={"status": "archiving", "archiver": elsewhere})
     store.replace(begun, current.version)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(1.5):
-            async with guard.archive_claim(store, "job-away"):
-                pass
+
+    async def claim() -> None:
+        async with guard.archive_claim(store, "job-away"):
+            pass
+
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(claim(), 1.5)
 
 
 async def test_a_stale_known_record_only_costs_a_read_and_keeps_archiving_once(
